@@ -1,0 +1,83 @@
+// Welford statistics: per-thread accumulation and Chan's pairwise merge, combined across a warp and
+// a block in a fixed order so results are bitwise repeatable. Framework-free (cuda only).
+#pragma once
+#include <cuda_runtime.h>
+
+namespace fastnorm {
+
+template <typename acc_t>
+struct Welford {
+  acc_t mean;
+  acc_t m2;     // sum of squared deviations from the mean
+  acc_t count;  // acc_t, not int: counts merge as real weights and never overflow 2^31
+
+  __device__ __forceinline__ Welford() : mean(0), m2(0), count(0) {}
+  __device__ __forceinline__ Welford(acc_t mean_, acc_t m2_, acc_t count_)
+      : mean(mean_), m2(m2_), count(count_) {}
+
+  __device__ __forceinline__ void add(acc_t x) {
+    count += acc_t(1);
+    acc_t delta = x - mean;
+    mean += delta / count;
+    m2 += delta * (x - mean);
+  }
+
+  // Chan et al.: merge two partial states. Safe when either side is empty.
+  __device__ __forceinline__ void merge(const Welford& b) {
+    if (b.count == acc_t(0)) return;
+    if (count == acc_t(0)) { *this = b; return; }
+    acc_t n = count + b.count;
+    acc_t nb_over_n = b.count / n;
+    acc_t delta = b.mean - mean;
+    mean += delta * nb_over_n;
+    m2 += b.m2 + delta * delta * count * nb_over_n;
+    count = n;
+  }
+
+  __device__ __forceinline__ acc_t var_biased() const {
+    return count > acc_t(0) ? m2 / count : acc_t(0);
+  }
+};
+
+// Butterfly merge over the lanes of a warp (or of `width` lanes): every lane ends with the total.
+// The merge order depends only on lane ids, never on timing.
+template <typename acc_t>
+__device__ __forceinline__ Welford<acc_t> warp_merge(Welford<acc_t> w, int width = 32) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset >>= 1) {
+    Welford<acc_t> o(__shfl_xor_sync(0xffffffffu, w.mean, offset, width),
+                     __shfl_xor_sync(0xffffffffu, w.m2, offset, width),
+                     __shfl_xor_sync(0xffffffffu, w.count, offset, width));
+    w.merge(o);
+  }
+  return w;
+}
+
+// Merge across a 1-D block. `shared` holds at least blockDim.x / 32 states. Every thread returns
+// the total. Must be called by all threads of the block.
+template <typename acc_t>
+__device__ __forceinline__ Welford<acc_t> block_merge(Welford<acc_t> w, Welford<acc_t>* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int num_warps = (blockDim.x + 31) >> 5;
+  w = warp_merge(w);
+  __syncthreads();  // `shared` may still be read by a previous call
+  if (lane == 0) shared[warp] = w;
+  __syncthreads();
+  if (warp == 0) {
+    w = lane < num_warps ? shared[lane] : Welford<acc_t>();
+    w = warp_merge(w);
+    if (lane == 0) shared[0] = w;
+  }
+  __syncthreads();
+  return shared[0];
+}
+
+// Plain sums with the same fixed order (for the backward's sum(dy) and sum(dy * xhat)).
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v, int width = 32) {
+#pragma unroll
+  for (int offset = width / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset, width);
+  return v;
+}
+
+}  // namespace fastnorm
