@@ -1,0 +1,20 @@
+"""fastnorm: fused BatchNorm, LayerNorm, InstanceNorm and GroupNorm for PyTorch.
+
+    import fastnorm
+    bn = fastnorm.BatchNorm2d(64)          # drop-in for torch.nn.BatchNorm2d
+    model = fastnorm.convert(model)        # swap the torch.nn norm layers of a built model
+"""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (defines the fastnorm:: ops: schemas, reference and fake kernels)
+from . import autograd  # noqa: F401
+from . import _ext
+
+_ext.load()  # after the schemas exist: the extension registers CUDA kernels under them
+
+from . import functional  # noqa: E402
+from .convert import convert, converted_modules, revert  # noqa: E402
+from .modules import *  # noqa: E402,F401,F403
+from .modules import __all__ as _modules_all  # noqa: E402
+
+__all__ = ["functional", "convert", "revert", "converted_modules", *_modules_all]

@@ -1,0 +1,200 @@
+"""torch.nn.functional-compatible normalisation functions on the fastnorm:: ops.
+
+Every check runs before any op: a call that raises leaves running statistics and
+num_batches_tracked untouched (torch has already incremented num_batches_tracked by then).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .autograd import BatchNormFunction
+from .ops import memory_format_of
+
+_fn = torch.ops.fastnorm
+
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
+
+
+# ----------------------------------------------------------------------------------------------
+# checks (shared by the four norms)
+# ----------------------------------------------------------------------------------------------
+def _check_floating(name: str, input: Tensor, exc=RuntimeError) -> None:
+    if not input.is_floating_point():
+        raise exc(f"{name}: expected a floating-point input (float16, bfloat16, float32 or "
+                  f"float64), but got dtype {input.dtype}")
+
+
+def _check_min_dim(name: str, input: Tensor, dims: int = 2) -> None:
+    if input.dim() < dims:
+        raise RuntimeError(f"{name}: expected an input with at least {dims} dimensions "
+                           f"(N, C, *), but got input of shape {tuple(input.shape)}")
+
+
+def _check_vector(name: str, what: str, t: Optional[Tensor], input: Tensor, numel: int,
+                  shape_desc: str) -> None:
+    """Parameters and buffers: the right number of elements, floating dtype, the input's device."""
+    if t is None:
+        return
+    if t.numel() != numel:
+        raise RuntimeError(f"{name}: expected {what} with {numel} elements ({shape_desc}), but got "
+                           f"{what} of shape {tuple(t.shape)} for input of shape {tuple(input.shape)}")
+    if not t.is_floating_point():
+        raise RuntimeError(f"{name}: expected {what} of a floating-point dtype, but got {t.dtype}")
+    if t.device != input.device:
+        raise RuntimeError(f"{name}: expected {what} on the input's device {input.device}, "
+                           f"but got {what} on {t.device}")
+
+
+def _autocast_dtype(input: Tensor) -> Optional[torch.dtype]:
+    """CUDA autocast runs layer_norm and group_norm in float32: torch casts the input first; here
+    the kernel reads the half input and writes float32 (the cast is fused)."""
+    if (input.device.type == "cuda" and input.dtype in (torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled("cuda")):
+        return torch.float32
+    return None
+
+
+def _verify_batch_size(input: Tensor) -> None:
+    if input.numel() == 0:
+        return
+    values_per_channel = input.shape[0] * math.prod(input.shape[2:])
+    if values_per_channel == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{input.size()}")
+
+
+def _verify_spatial_size(input: Tensor) -> None:
+    if input.numel() == 0:
+        return
+    if math.prod(input.shape[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size "
+                         f"{input.size()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm
+# ----------------------------------------------------------------------------------------------
+def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
+                momentum: Optional[float], eps: float,
+                num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """batch_norm with the module's extras: num_batches_tracked (incremented in place by the op,
+    on the device) and momentum=None (cumulative average, factor 1/num_batches_tracked)."""
+    name = "batch_norm"
+    _check_floating(name, input, NotImplementedError)
+    _check_min_dim(name, input)
+    c = input.shape[1]
+    desc = f"one per channel, C={c}"
+    for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_vector(name, what, t, input, c, desc)
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError(f"{name}: running_mean and running_var must be given together, but got "
+                           f"running_mean={'None' if running_mean is None else 'Tensor'} and "
+                           f"running_var={'None' if running_var is None else 'Tensor'}")
+    if not training and running_mean is None:
+        raise RuntimeError(f"{name}: running_mean and running_var are required when training=False")
+    if training:
+        _verify_batch_size(input)
+    if momentum is None and num_batches_tracked is None and training and running_mean is not None:
+        raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                   num_batches_tracked, training, momentum, eps)
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Same as torch.nn.functional.batch_norm: running statistics are updated in place when
+    training and given."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm
+# ----------------------------------------------------------------------------------------------
+def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """Same as torch.nn.functional.layer_norm."""
+    name = "layer_norm"
+    shape: List[int] = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    _check_floating(name, input)
+    k = len(shape)
+    if k == 0 or input.dim() < k or list(input.shape[input.dim() - k:]) != shape:
+        raise RuntimeError(f"{name}: given normalized_shape={shape}, expected input with shape "
+                           f"[*, {', '.join(map(str, shape))}], but got input of shape {list(input.shape)}")
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and list(t.shape) != shape:
+            raise RuntimeError(f"{name}: expected {what} of shape {shape} (normalized_shape), but "
+                               f"got {what} of shape {list(t.shape)}")
+        _check_vector(name, what, t, input, math.prod(shape), f"normalized_shape={shape}")
+    y, _, _ = _fn.layer_norm_fwd(input, shape, weight, bias, eps, _autocast_dtype(input))
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# GroupNorm and InstanceNorm
+# ----------------------------------------------------------------------------------------------
+def _group_norm_checks(name: str, input: Tensor, num_groups: int, weight, bias) -> None:
+    _check_floating(name, input)
+    _check_min_dim(name, input)
+    c = input.shape[1]
+    if num_groups <= 0 or c % num_groups != 0:
+        raise RuntimeError(f"{name}: expected the number of channels C={c} of input of shape "
+                           f"{tuple(input.shape)} to be divisible by num_groups={num_groups}")
+    for what, t in (("weight", weight), ("bias", bias)):
+        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+
+
+def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """Same as torch.nn.functional.group_norm (channels_last input gives channels_last output)."""
+    _group_norm_checks("group_norm", input, num_groups, weight, bias)
+    y, _, _ = _fn.group_norm_fwd(input, weight, bias, num_groups, eps, _autocast_dtype(input))
+    return y
+
+
+def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None,
+                  running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None, use_input_stats: bool = True,
+                  momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """Same as torch.nn.functional.instance_norm."""
+    name = "instance_norm"
+    _check_floating(name, input)
+    _check_min_dim(name, input)
+    c = input.shape[1]
+    for what, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+    if use_input_stats:
+        _verify_spatial_size(input)
+    if not use_input_stats:
+        # Frozen running statistics: exactly BatchNorm's eval (one affine pass per channel).
+        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    if running_mean is None and running_var is None:
+        # Per-instance statistics: GroupNorm with one group per channel.
+        _group_norm_checks(name, input, c, weight, bias)
+        y, _, _ = _fn.group_norm_fwd(input, weight, bias, c, eps, None)
+        return y
+    # Tracked running statistics in training: as torch does, a BatchNorm over (1, N*C, *) whose
+    # running buffers are the module's repeated N times, then averaged back into the module's.
+    n = input.shape[0]
+    for what, t in (("weight", weight), ("bias", bias)):
+        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+    if (running_mean is None) != (running_var is None):
+        raise RuntimeError(f"{name}: running_mean and running_var must be given together")
+    fmt = memory_format_of(input)
+    x = input.reshape(1, n * c, *input.shape[2:])
+    rm, rv = running_mean.repeat(n), running_var.repeat(n)
+    w = weight.repeat(n) if weight is not None else None
+    b = bias.repeat(n) if bias is not None else None
+    y = _batch_norm(x, rm, rv, w, b, True, momentum, eps)
+    if n > 0:
+        with torch.no_grad():
+            running_mean.copy_(rm.view(n, c).mean(0))
+            running_var.copy_(rv.view(n, c).mean(0))
+    return y.reshape(input.shape).contiguous(memory_format=fmt)

@@ -1,0 +1,49 @@
+"""`python -m fastnorm.info`: versions, GPU, the build record, and which path each op takes."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import _ext
+from .ops import OP_NAMES
+
+
+def cuda_kernel_registered(op: str) -> bool:
+    """True when a compiled CUDA kernel (not the reference path) serves `op` on CUDA tensors."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+
+
+def report() -> str:
+    import fastnorm
+
+    lines = [f"fastnorm {fastnorm.__version__}",
+             f"python   {platform.python_version()} ({sys.executable})",
+             f"torch    {torch.__version__} (CUDA {torch.version.cuda})"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"gpu {i}    {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+    else:
+        lines.append("gpu      none visible")
+    info = _ext.build_info()
+    lines.append("build    " + (", ".join(f"{k}={v}" for k, v in info.items()) if info else
+                                "no build record (not installed with setup.py?)"))
+    lines.append("extension " + ("loaded" if _ext.loaded else f"not loaded ({_ext.load_error})"))
+    mismatch = _ext._torch_mismatch(info)
+    if mismatch:
+        lines.append(f"WARNING  {mismatch}")
+    lines.append("ops (CUDA path / other devices):")
+    for op in OP_NAMES:
+        cuda = "compiled CUDA kernel" if cuda_kernel_registered(op) else "reference (ATen)"
+        lines.append(f"  {op:<28} {cuda:<22} / reference (ATen)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Drop-in torch.nn normalisation layers running on the fastnorm:: ops.
+
+Each class subclasses its torch.nn counterpart and replaces only the computation, so
+isinstance checks, state_dict keys and versioning, constructor signatures, extra_repr and lazy
+initialisation are torch's own.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as FN
+
+__all__ = [
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
+    "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+    "LayerNorm", "GroupNorm",
+    "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
+    "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
+]
+
+
+class _BatchNormForward:
+    """torch.nn's _BatchNorm.forward, on fastnorm's op: num_batches_tracked is incremented by the
+    op itself (on the device, after every check), and momentum=None reads it on the device
+    rather than with a host sync."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        nbt = self.num_batches_tracked if tracking else None
+        momentum = self.momentum
+        if momentum is None and nbt is None:
+            momentum = 0.0  # nothing is updated: the factor is unused
+        return FN._batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight, self.bias, bn_training, momentum, self.eps, nbt)
+
+
+class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):
+    __doc__ = nn.BatchNorm1d.__doc__
+
+
+class BatchNorm2d(_BatchNormForward, nn.BatchNorm2d):
+    __doc__ = nn.BatchNorm2d.__doc__
+
+
+class BatchNorm3d(_BatchNormForward, nn.BatchNorm3d):
+    __doc__ = nn.BatchNorm3d.__doc__
+
+
+class LazyBatchNorm1d(_BatchNormForward, nn.LazyBatchNorm1d):
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_BatchNormForward, nn.LazyBatchNorm2d):
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_BatchNormForward, nn.LazyBatchNorm3d):
+    cls_to_become = BatchNorm3d
+
+
+class _InstanceNormApply:
+    """torch.nn's _InstanceNorm.forward (input checks, unbatched input, the channel-count warning)
+    stays; only the computation is replaced."""
+
+    def _apply_instance_norm(self, input: Tensor) -> Tensor:
+        return FN.instance_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps)
+
+
+class InstanceNorm1d(_InstanceNormApply, nn.InstanceNorm1d):
+    __doc__ = nn.InstanceNorm1d.__doc__
+
+
+class InstanceNorm2d(_InstanceNormApply, nn.InstanceNorm2d):
+    __doc__ = nn.InstanceNorm2d.__doc__
+
+
+class InstanceNorm3d(_InstanceNormApply, nn.InstanceNorm3d):
+    __doc__ = nn.InstanceNorm3d.__doc__
+
+
+class LazyInstanceNorm1d(_InstanceNormApply, nn.LazyInstanceNorm1d):
+    cls_to_become = InstanceNorm1d
+
+
+class LazyInstanceNorm2d(_InstanceNormApply, nn.LazyInstanceNorm2d):
+    cls_to_become = InstanceNorm2d
+
+
+class LazyInstanceNorm3d(_InstanceNormApply, nn.LazyInstanceNorm3d):
+    cls_to_become = InstanceNorm3d
+
+
+class LayerNorm(nn.LayerNorm):
+    __doc__ = nn.LayerNorm.__doc__
+
+    def forward(self, input: Tensor) -> Tensor:
+        return FN.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    __doc__ = nn.GroupNorm.__doc__
+
+    def forward(self, input: Tensor) -> Tensor:
+        return FN.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+# torch.nn class -> fastnorm class; convert() and revert() use it both ways.
+TORCH_TO_FASTNORM = {
+    getattr(nn, name): globals()[name] for name in __all__
+}
+FASTNORM_TO_TORCH = {v: k for k, v in TORCH_TO_FASTNORM.items()}
