@@ -75,6 +75,15 @@ def _verify_spatial_size(input: Tensor) -> None:
                          f"{input.size()}")
 
 
+def in_checkpoint_recomputation() -> bool:
+    """True while autograd is running a backward pass. A module's forward runs then only when
+    torch.utils.checkpoint recomputes a segment (reentrant or not); running statistics must not
+    be updated a second time (torch updates them twice: pytorch issue 96136)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 # ----------------------------------------------------------------------------------------------
 # BatchNorm
 # ----------------------------------------------------------------------------------------------
@@ -164,6 +173,15 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, use_input_stats: bool = True,
                   momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """Same as torch.nn.functional.instance_norm."""
+    return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                          momentum, eps)
+
+
+def _instance_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor], bias: Optional[Tensor], use_input_stats: bool,
+                   momentum: float, eps: float, update_running_stats: bool = True) -> Tensor:
+    """instance_norm; update_running_stats=False computes exactly the same graph (a checkpoint
+    recomputation must save the same tensors) but leaves the running buffers alone."""
     name = "instance_norm"
     _check_floating(name, input)
     _check_min_dim(name, input)
@@ -193,7 +211,7 @@ def instance_norm(input: Tensor, running_mean: Optional[Tensor] = None,
     w = weight.repeat(n) if weight is not None else None
     b = bias.repeat(n) if bias is not None else None
     y = _batch_norm(x, rm, rv, w, b, True, momentum, eps)
-    if n > 0:
+    if n > 0 and update_running_stats:
         with torch.no_grad():
             running_mean.copy_(rm.view(n, c).mean(0))
             running_var.copy_(rv.view(n, c).mean(0))

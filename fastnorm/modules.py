@@ -22,12 +22,15 @@ __all__ = [
 
 class _BatchNormForward:
     """torch.nn's _BatchNorm.forward, on fastnorm's op: num_batches_tracked is incremented by the
-    op itself (on the device, after every check), and momentum=None reads it on the device
-    rather than with a host sync."""
+    op itself (on the device, after every check), momentum=None reads it on the device rather
+    than with a host sync, and a checkpoint recomputation updates nothing."""
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats
+        if tracking and FN.in_checkpoint_recomputation():
+            # the first forward already updated the buffers: normalise with batch statistics only
+            return FN._batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
         nbt = self.num_batches_tracked if tracking else None
@@ -67,13 +70,15 @@ class LazyBatchNorm3d(_BatchNormForward, nn.LazyBatchNorm3d):
 
 class _InstanceNormApply:
     """torch.nn's _InstanceNorm.forward (input checks, unbatched input, the channel-count warning)
-    stays; only the computation is replaced."""
+    stays; only the computation is replaced (and a checkpoint recomputation updates nothing)."""
 
     def _apply_instance_norm(self, input: Tensor) -> Tensor:
-        return FN.instance_norm(
-            input, self.running_mean, self.running_var, self.weight, self.bias,
-            self.training or not self.track_running_stats,
-            self.momentum if self.momentum is not None else 0.0, self.eps)
+        use_input_stats = self.training or not self.track_running_stats
+        recompute = self.training and self.track_running_stats and FN.in_checkpoint_recomputation()
+        return FN._instance_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps,
+            update_running_stats=not recompute)
 
 
 class InstanceNorm1d(_InstanceNormApply, nn.InstanceNorm1d):
