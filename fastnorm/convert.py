@@ -11,7 +11,11 @@ from typing import List, Tuple
 
 from torch import nn
 
-from .modules import FASTNORM_TO_TORCH, TORCH_TO_FASTNORM
+from .modules import TORCH_TO_FASTNORM
+from .sync_batchnorm import SyncBatchNorm
+
+_TO_FASTNORM = {**TORCH_TO_FASTNORM, nn.SyncBatchNorm: SyncBatchNorm}
+_TO_TORCH = {v: k for k, v in _TO_FASTNORM.items()}
 
 __all__ = ["convert", "revert", "converted_modules"]
 
@@ -28,16 +32,17 @@ def _swap(model: nn.Module, table) -> nn.Module:
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace, in place, every module whose type is exactly a torch.nn BatchNorm*, LazyBatchNorm*,
-    LayerNorm, GroupNorm, InstanceNorm* or LazyInstanceNorm* by its fastnorm counterpart.
+    SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm* or LazyInstanceNorm* by its fastnorm
+    counterpart.
     Returns the model. `converted_modules(model)` lists what was swapped."""
-    return _swap(model, TORCH_TO_FASTNORM)
+    return _swap(model, _TO_FASTNORM)
 
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo convert(): fastnorm layers become the torch.nn classes again, in place."""
-    return _swap(model, FASTNORM_TO_TORCH)
+    return _swap(model, _TO_TORCH)
 
 
 def converted_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """(qualified name, module) of every fastnorm layer in the model."""
-    return [(name, m) for name, m in model.named_modules() if type(m) in FASTNORM_TO_TORCH]
+    return [(name, m) for name, m in model.named_modules() if type(m) in _TO_TORCH]

@@ -8,6 +8,7 @@ import torch
 
 from . import _ext
 from .ops import OP_NAMES
+from .sync_batchnorm import OP_NAMES as SYNC_OP_NAMES
 
 
 def cuda_kernel_registered(op: str) -> bool:
@@ -35,7 +36,7 @@ def report() -> str:
     if mismatch:
         lines.append(f"WARNING  {mismatch}")
     lines.append("ops (CUDA path / other devices):")
-    for op in OP_NAMES:
+    for op in OP_NAMES + SYNC_OP_NAMES:
         cuda = "compiled CUDA kernel" if cuda_kernel_registered(op) else "reference (ATen)"
         lines.append(f"  {op:<28} {cuda:<22} / reference (ATen)")
     return "\n".join(lines)
