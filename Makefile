@@ -13,8 +13,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.stamp:
 	$(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip setuptools wheel
-	$(PY) -m pip install "$(TORCH_SPEC)" ninja pybind11 pytest numpy
+	$(PY) -m pip install "$(TORCH_SPEC)" ninja pybind11 pytest numpy matplotlib setuptools wheel
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -34,6 +33,7 @@ bench: build
 
 bench-quick: build
 	$(PY) bench/run.py --quick
+	$(PY) bench/e2e.py --quick
 
 # On a GPU machine with no network: build with what is there, CUDA tests, benchmarks -> OUT
 gpu-check:
