@@ -193,7 +193,8 @@ def _batch_norm_fwd_ref(input, weight, bias, running_mean, running_var, num_batc
     if not training:
         y, _, _ = torch.ops.aten._native_batch_norm_legit_no_training(
             input, weight, bias, running_mean, running_var, 0.0, eps)
-        return (y.contiguous(memory_format=fmt), running_mean.to(sd),
+        # a copy: op outputs must not alias inputs
+        return (y.contiguous(memory_format=fmt), running_mean.to(sd, copy=True),
                 torch.rsqrt(running_var.to(sd) + eps))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)

@@ -1,0 +1,497 @@
+// BatchNorm forward/backward: host side (checks, device guard, layout, dtype dispatch, launch).
+// Kernels and their design: kernels/batch_norm.cuh. Op contract: docs/ops.md.
+#include <ATen/ops/add.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "common.h"
+#include "kernels/batch_norm.cuh"
+
+namespace fastnorm {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kMaxGridY = 65535;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+int param_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return bn::kF32;
+    case at::kHalf: return bn::kF16;
+    case at::kBFloat16: return bn::kBF16;
+    case at::kDouble: return bn::kF64;
+    default: TORCH_CHECK(false, "fastnorm batch_norm: unsupported parameter dtype ", t);
+  }
+  return bn::kAbsent;
+}
+
+bn::ParamRef param_ref(const Tensor& t) {
+  if (!t.defined()) return bn::ParamRef{nullptr, bn::kAbsent};
+  return bn::ParamRef{t.data_ptr(), param_kind(t.scalar_type())};
+}
+
+// A per-channel [C] tensor: same device as the input, C elements, a kernel dtype.
+void check_channel_tensor(const Tensor& t, const Tensor& input, int64_t C, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), "fastnorm batch_norm: ", name,
+              " is on ", t.device(), " but the input is on ", input.device());
+  TORCH_CHECK(t.numel() == C, "fastnorm batch_norm: ", name, " should have ", C,
+              " elements (one per channel), got shape ", t.sizes());
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), "fastnorm batch_norm: ", name,
+              " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+}
+
+Tensor defined_or_empty(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? *t : Tensor();
+}
+
+// The input as one of the two dense views the kernels take.
+struct Layout {
+  Tensor x;               // dense, in `format`
+  at::MemoryFormat format;  // memory format of x and of the outputs
+  bool nhwc;              // [R, C] view (channels_last, or S == 1); else [N, C, S]
+  int64_t N, C, S;
+};
+
+Layout make_layout(const Tensor& input) {
+  Layout l;
+  const int64_t dim = input.dim();
+  l.N = input.size(0);
+  l.C = input.size(1);
+  l.S = 1;
+  for (int64_t d = 2; d < dim; ++d) l.S *= input.size(d);
+  const bool cl = (dim == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                  (dim == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  if (cl && !input.is_contiguous()) {
+    l.x = input;
+    l.format = dim == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+    l.nhwc = true;
+  } else {
+    // Contiguous (including the shapes that are both contiguous and channels_last: the memory
+    // order is the same then), or any other strides: a contiguous copy.
+    l.x = input.is_contiguous() ? input : input.contiguous();
+    l.format = at::MemoryFormat::Contiguous;
+    l.nhwc = l.S == 1;  // (N, C), (N, C, 1, ...): rows of C
+  }
+  return l;
+}
+
+// A tensor with x's sizes laid out like x (for dy).
+Tensor like_layout(const Tensor& t, const Layout& l) {
+  return t.is_contiguous(l.format) ? t : t.contiguous(l.format);
+}
+
+int64_t target_blocks() { return static_cast<int64_t>(sm_count()) * (2048 / bn::kThreads); }
+
+// NCHW: blocks per channel for M vectors per channel.
+int64_t nchw_chunks(int64_t M, int64_t C) {
+  const int64_t per_block = static_cast<int64_t>(bn::kThreads) * bn::kUnroll * 2;
+  const int64_t g_work = std::max<int64_t>(1, ceil_div(M, per_block));
+  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(), std::min(C, kMaxGridY)));
+  return std::min<int64_t>(std::min(g_work, g_fill), kMaxGridY);
+}
+
+struct NhwcCfg {
+  int tx, ty;
+  int64_t tiles;  // grid.x
+  int64_t G;      // grid.y
+};
+
+NhwcCfg nhwc_cfg(int64_t R, int64_t C, int V) {
+  NhwcCfg k;
+  const int64_t Cv = C / V;
+  k.tx = 1;
+  while (k.tx < 32 && k.tx < Cv) k.tx <<= 1;
+  k.ty = bn::kThreads / k.tx;
+  k.tiles = ceil_div(Cv, k.tx);
+  TORCH_CHECK(k.tiles <= std::numeric_limits<int32_t>::max(), "fastnorm batch_norm: too many channels");
+  const int64_t g_work = std::max<int64_t>(1, ceil_div(R, static_cast<int64_t>(k.ty) * bn::kUnroll * 2));
+  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(), k.tiles));
+  k.G = std::min<int64_t>(std::min(g_work, g_fill), kMaxGridY);
+  return k;
+}
+
+template <typename scalar_t>
+constexpr int vec_width() {
+  return static_cast<int>(16 / sizeof(scalar_t));
+}
+
+// Vector access is legal when every vector lies inside one channel's run (NCHW: V | S) or one
+// row (NHWC: V | C), and every pointer is 16-byte aligned.
+bool vec_ok(const Layout& l, int V, std::initializer_list<const Tensor*> ts) {
+  if (V <= 1) return false;
+  if ((l.nhwc ? l.C : l.S) % V != 0) return false;
+  for (const Tensor* t : ts)
+    if (t->defined() && t->numel() > 0 && !is_aligned(t->data_ptr(), 16)) return false;
+  return true;
+}
+
+// One block per channel (tile) when the chunk count is 1 anyway, or the per-thread work is small:
+// the fused single-launch path.
+constexpr int64_t kFuseVectorsPerThread = 4 * bn::kUnroll;
+
+bool fuse_nchw(int64_t M, int64_t G) {
+  return G == 1 || M <= static_cast<int64_t>(bn::kThreads) * kFuseVectorsPerThread;
+}
+
+bool fuse_nhwc(int64_t R, const NhwcCfg& k) {
+  return k.G == 1 || R <= static_cast<int64_t>(k.ty) * kFuseVectorsPerThread;
+}
+
+// Finalize kernels: threadIdx.x picks the channel, ty threads share its G1 partials (~4 each).
+struct FinCfg {
+  dim3 grid, block;
+};
+
+FinCfg finalize_cfg(int64_t C, int64_t G1) {
+  int ty = 1;
+  while (ty < bn::kThreads && static_cast<int64_t>(ty) * 4 < G1) ty <<= 1;
+  const int tx = bn::kThreads / ty;
+  const int64_t blocks = ceil_div(C, tx);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastnorm batch_norm: too many channels");
+  return FinCfg{dim3(static_cast<unsigned>(blocks)), dim3(tx, ty)};
+}
+
+dim3 nchw_grid(int64_t G, int64_t C) {
+  return dim3(static_cast<unsigned>(G), static_cast<unsigned>(std::min(C, kMaxGridY)));
+}
+
+dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
+  return dim3(static_cast<unsigned>(k.tiles), static_cast<unsigned>(G));
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward launches.
+
+template <typename scalar_t, typename acc_t, int V>
+void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs<acc_t> a) {
+  const cudaStream_t stream = current_stream();
+  const scalar_t* x = l.x.const_data_ptr<scalar_t>();
+  scalar_t* yp = y.numel() > 0 ? y.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t C = l.C, R = l.N * l.S;
+  const auto ws_opts = l.x.options().dtype(stat_dtype(l.x.scalar_type()));
+  Tensor ws;  // lives until the launches are queued (stream-ordered reuse after that)
+
+  bool fused = false;
+  int64_t G = 1;
+  NhwcCfg k{};
+  if (!l.nhwc) {
+    a.Sv = l.S / V;
+    G = nchw_chunks(l.N * a.Sv, C);
+    fused = fuse_nchw(l.N * a.Sv, G);
+  } else {
+    a.Sv = 0;
+    k = nhwc_cfg(R, C, V);
+    G = k.G;
+    fused = fuse_nhwc(R, k);
+  }
+  const size_t smem = l.nhwc ? 3 * static_cast<size_t>(bn::kThreads) * V * sizeof(acc_t) : 0;
+  auto apply = [&](int64_t grid_chunks) {
+    if (!l.nhwc) {
+      bn::bn_fwd_apply_nchw<scalar_t, acc_t, V>
+          <<<nchw_grid(grid_chunks, C), bn::kThreads, 0, stream>>>(x, yp, a);
+    } else {
+      bn::bn_fwd_apply_nhwc<scalar_t, acc_t, V>
+          <<<nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), smem, stream>>>(x, yp, a);
+    }
+    FASTNORM_LAUNCH_CHECK();
+  };
+
+  if (!a.training) {
+    a.mode = bn::kModeEval;
+    apply(G);
+    return;
+  }
+  if (fused) {
+    // The kernel's blocks all read num_batches_tracked: increment it first, read the new value.
+    if (a.nbt != nullptr) nbt.add_(1);
+    a.nbt_offset = 0;
+    a.bump_nbt = false;
+    a.mode = bn::kModeFused;
+    apply(1);
+    return;
+  }
+  a.G1 = G;
+  ws = at::empty({3 * G * C + 3 * C}, ws_opts);
+  a.part = ws.mutable_data_ptr<acc_t>();
+  a.coef = a.part + 3 * G * C;
+  a.nbt_offset = 1;  // the finalize kernel reads nbt before the apply kernel increments it
+  a.bump_nbt = a.nbt != nullptr;
+  if (!l.nhwc) {
+    bn::bn_fwd_stats_nchw<scalar_t, acc_t, V><<<nchw_grid(G, C), bn::kThreads, 0, stream>>>(x, a);
+  } else {
+    bn::bn_fwd_stats_nhwc<scalar_t, acc_t, V>
+        <<<nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream>>>(x, a);
+  }
+  FASTNORM_LAUNCH_CHECK();
+  const FinCfg f = finalize_cfg(C, G);
+  bn::bn_fwd_finalize<acc_t>
+      <<<f.grid, f.block, 3 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream>>>(a);
+  FASTNORM_LAUNCH_CHECK();
+  a.mode = bn::kModeFinal;
+  apply(G);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
+    const Tensor& input, const std::optional<Tensor>& weight_opt,
+    const std::optional<Tensor>& bias_opt, const std::optional<Tensor>& running_mean_opt,
+    const std::optional<Tensor>& running_var_opt,
+    const std::optional<Tensor>& num_batches_tracked_opt, bool training,
+    std::optional<double> momentum, double eps) {
+  // Every check before anything is written: a call that raises leaves the buffers untouched.
+  TORCH_CHECK(input.is_cuda(), "fastnorm batch_norm_fwd: the input must be a CUDA tensor");
+  TORCH_CHECK(input.dim() >= 2, "fastnorm batch_norm_fwd: expected an input (N, C, *), got shape ",
+              input.sizes());
+  TORCH_CHECK(is_kernel_dtype(input.scalar_type()),
+              "fastnorm batch_norm_fwd: expected a floating input (float32, float16, bfloat16, "
+              "float64), got ", input.scalar_type());
+  const int64_t C = input.size(1);
+  Tensor weight = defined_or_empty(weight_opt);
+  Tensor bias = defined_or_empty(bias_opt);
+  Tensor running_mean = defined_or_empty(running_mean_opt);
+  Tensor running_var = defined_or_empty(running_var_opt);
+  Tensor nbt = defined_or_empty(num_batches_tracked_opt);
+  if (weight.defined()) check_channel_tensor(weight, input, C, "weight");
+  if (bias.defined()) check_channel_tensor(bias, input, C, "bias");
+  for (const Tensor* t : {&running_mean, &running_var}) {
+    if (!t->defined()) continue;
+    const char* name = t == &running_mean ? "running_mean" : "running_var";
+    check_channel_tensor(*t, input, C, name);
+    TORCH_CHECK(t->is_contiguous(), "fastnorm batch_norm_fwd: ", name,
+                " must be contiguous (it is updated in place)");
+  }
+  if (nbt.defined()) {
+    TORCH_CHECK(nbt.device() == input.device(),
+                "fastnorm batch_norm_fwd: num_batches_tracked is on ", nbt.device(),
+                " but the input is on ", input.device());
+    TORCH_CHECK(nbt.scalar_type() == at::kLong && nbt.numel() == 1,
+                "fastnorm batch_norm_fwd: num_batches_tracked must be a one-element int64 tensor, "
+                "got ", nbt.scalar_type(), " of shape ", nbt.sizes());
+  }
+  if (!training) {
+    TORCH_CHECK(running_mean.defined() && running_var.defined(),
+                "fastnorm batch_norm_fwd: running_mean and running_var are required when not "
+                "training");
+  }
+  const bool update_running = training && (running_mean.defined() || running_var.defined());
+  if (update_running && !momentum.has_value()) {
+    TORCH_CHECK(nbt.defined(),
+                "fastnorm batch_norm_fwd: momentum=None (cumulative average) needs "
+                "num_batches_tracked");
+  }
+
+  c10::cuda::CUDAGuard guard(input.device());
+  weight = weight.defined() ? weight.contiguous() : weight;
+  bias = bias.defined() ? bias.contiguous() : bias;
+  const Layout l = make_layout(input);
+  const auto stat_opts = input.options().dtype(stat_dtype(input.scalar_type()));
+  Tensor y = at::empty(input.sizes(), input.options().memory_format(l.format));
+
+  if (training && l.x.numel() == 0) {
+    // No statistics: zeros, running stats untouched, the batch still counted.
+    if (nbt.defined()) nbt.add_(1);
+    return {y, at::zeros({C}, stat_opts), at::zeros({C}, stat_opts)};
+  }
+  Tensor save_mean = at::empty({C}, stat_opts);
+  Tensor save_rstd = at::empty({C}, stat_opts);
+  if (C == 0) return {y, save_mean, save_rstd};  // (eval: nothing to compute)
+
+  FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm_batch_norm_fwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    bn::FwdArgs<acc_t> a{};
+    a.N = l.N;
+    a.C = C;
+    a.S = l.S;
+    a.Sv = 0;
+    a.G1 = 0;
+    a.part = nullptr;
+    a.coef = nullptr;
+    a.save_mean = save_mean.mutable_data_ptr<acc_t>();
+    a.save_rstd = save_rstd.mutable_data_ptr<acc_t>();
+    a.weight = param_ref(weight);
+    a.bias = param_ref(bias);
+    a.running_mean = param_ref(running_mean);
+    a.running_var = param_ref(running_var);
+    a.nbt = training && nbt.defined() ? nbt.mutable_data_ptr<int64_t>() : nullptr;
+    a.nbt_offset = 1;
+    a.bump_nbt = false;
+    a.mode = bn::kModeEval;
+    a.momentum = momentum.value_or(0.0);
+    a.has_momentum = momentum.has_value();
+    a.eps = eps;
+    a.n = static_cast<double>(l.N) * static_cast<double>(l.S);
+    a.training = training;
+    a.update_running = update_running;
+    constexpr int VW = vec_width<scalar_t>();
+    if (vec_ok(l, VW, {&l.x, &y})) {
+      launch_fwd<scalar_t, acc_t, VW>(l, y, nbt, a);
+    } else {
+      launch_fwd<scalar_t, acc_t, 1>(l, y, nbt, a);
+    }
+  });
+  return {y, save_mean, save_rstd};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward launches.
+
+template <typename scalar_t, typename acc_t, int V>
+void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_sums,
+                bn::BwdArgs<acc_t> a) {
+  const cudaStream_t stream = current_stream();
+  const scalar_t* x = l.x.const_data_ptr<scalar_t>();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  scalar_t* dxp = a.need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+  const int64_t C = l.C, R = l.N * l.S;
+  const auto ws_opts = l.x.options().dtype(stat_dtype(l.x.scalar_type()));
+  Tensor ws;
+
+  bool fused = false;
+  int64_t G = 1;
+  NhwcCfg k{};
+  if (!l.nhwc) {
+    a.Sv = l.S / V;
+    G = nchw_chunks(l.N * a.Sv, C);
+    fused = fuse_nchw(l.N * a.Sv, G);
+  } else {
+    a.Sv = 0;
+    k = nhwc_cfg(R, C, V);
+    G = k.G;
+    fused = fuse_nhwc(R, k);
+  }
+  const size_t smem = l.nhwc ? 2 * static_cast<size_t>(bn::kThreads) * V * sizeof(acc_t) : 0;
+  auto apply = [&](int64_t grid_chunks) {
+    if (!l.nhwc) {
+      bn::bn_bwd_apply_nchw<scalar_t, acc_t, V>
+          <<<nchw_grid(grid_chunks, C), bn::kThreads, 0, stream>>>(dyp, x, dxp, a);
+    } else {
+      bn::bn_bwd_apply_nhwc<scalar_t, acc_t, V>
+          <<<nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), smem, stream>>>(dyp, x, dxp, a);
+    }
+    FASTNORM_LAUNCH_CHECK();
+  };
+
+  if (!need_sums) {  // eval, dx only: dx = dy * w * rstd
+    a.mode = bn::kModeEval;
+    apply(G);
+    return;
+  }
+  if (fused) {
+    a.mode = bn::kModeFused;
+    apply(1);
+    return;
+  }
+  a.G1 = G;
+  ws = at::empty({2 * G * C + 4 * C}, ws_opts);
+  a.part = ws.mutable_data_ptr<acc_t>();
+  a.coef = a.part + 2 * G * C;
+  if (!l.nhwc) {
+    bn::bn_bwd_sums_nchw<scalar_t, acc_t, V><<<nchw_grid(G, C), bn::kThreads, 0, stream>>>(dyp, x, a);
+  } else {
+    bn::bn_bwd_sums_nhwc<scalar_t, acc_t, V>
+        <<<nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream>>>(dyp, x, a);
+  }
+  FASTNORM_LAUNCH_CHECK();
+  const FinCfg f = finalize_cfg(C, G);
+  bn::bn_bwd_finalize<acc_t>
+      <<<f.grid, f.block, 2 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream>>>(a);
+  FASTNORM_LAUNCH_CHECK();
+  if (!a.need_dx) return;
+  a.mode = bn::kModeFinal;
+  apply(G);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const Tensor& input,
+                                                  const Tensor& mean, const Tensor& rstd,
+                                                  const std::optional<Tensor>& weight_opt,
+                                                  bool training, std::array<bool, 3> output_mask) {
+  TORCH_CHECK(input.is_cuda(), "fastnorm batch_norm_bwd: the input must be a CUDA tensor");
+  TORCH_CHECK(input.dim() >= 2, "fastnorm batch_norm_bwd: expected an input (N, C, *), got shape ",
+              input.sizes());
+  TORCH_CHECK(is_kernel_dtype(input.scalar_type()),
+              "fastnorm batch_norm_bwd: expected a floating input, got ", input.scalar_type());
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), "fastnorm batch_norm_bwd: grad_out has shape ",
+              grad_out.sizes(), " but the input has shape ", input.sizes());
+  TORCH_CHECK(grad_out.device() == input.device(), "fastnorm batch_norm_bwd: grad_out is on ",
+              grad_out.device(), " but the input is on ", input.device());
+  TORCH_CHECK(is_kernel_dtype(grad_out.scalar_type()),
+              "fastnorm batch_norm_bwd: expected a floating grad_out, got ", grad_out.scalar_type());
+  const int64_t C = input.size(1);
+  check_channel_tensor(mean, input, C, "mean");
+  check_channel_tensor(rstd, input, C, "rstd");
+  Tensor weight = defined_or_empty(weight_opt);
+  if (weight.defined()) check_channel_tensor(weight, input, C, "weight");
+
+  c10::cuda::CUDAGuard guard(input.device());
+  const auto acc_type = stat_dtype(input.scalar_type());
+  const at::ScalarType w_dtype = weight.defined() ? weight.scalar_type() : input.scalar_type();
+  const Layout l = make_layout(input);
+  const bool need_dx = output_mask[0];
+  const bool need_sums = (training && need_dx) || output_mask[1] || output_mask[2];
+
+  Tensor dx = need_dx ? at::empty(input.sizes(), input.options().memory_format(l.format))
+                      : at::empty({0}, input.options());
+  const auto w_opts = input.options().dtype(w_dtype);
+  if (l.x.numel() == 0 || C == 0) {
+    return {dx, output_mask[1] ? at::zeros({C}, w_opts) : at::empty({0}, w_opts),
+            output_mask[2] ? at::zeros({C}, w_opts) : at::empty({0}, w_opts)};
+  }
+  Tensor dweight = at::empty({output_mask[1] ? C : 0}, w_opts);
+  Tensor dbias = at::empty({output_mask[2] ? C : 0}, w_opts);
+  if (!need_dx && !need_sums) return {dx, dweight, dbias};
+
+  Tensor dy = grad_out.scalar_type() == input.scalar_type() ? grad_out
+                                                           : grad_out.to(input.scalar_type());
+  dy = like_layout(dy, l);
+  const Tensor mean_c = mean.to(acc_type).contiguous();
+  const Tensor rstd_c = rstd.to(acc_type).contiguous();
+  weight = weight.defined() ? weight.contiguous() : weight;
+
+  FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm_batch_norm_bwd", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    bn::BwdArgs<acc_t> a{};
+    a.N = l.N;
+    a.C = C;
+    a.S = l.S;
+    a.Sv = 0;
+    a.G1 = 0;
+    a.part = nullptr;
+    a.coef = nullptr;
+    a.mode = bn::kModeEval;
+    a.mean = mean_c.const_data_ptr<acc_t>();
+    a.rstd = rstd_c.const_data_ptr<acc_t>();
+    a.weight = param_ref(weight);
+    a.dweight = output_mask[1] ? param_ref(dweight) : bn::ParamRef{nullptr, bn::kAbsent};
+    a.dbias = output_mask[2] ? param_ref(dbias) : bn::ParamRef{nullptr, bn::kAbsent};
+    a.n = static_cast<double>(l.N) * static_cast<double>(l.S);
+    a.training = training;
+    a.need_dx = need_dx;
+    constexpr int VW = vec_width<scalar_t>();
+    if (vec_ok(l, VW, {&l.x, &dy, &dx})) {
+      launch_bwd<scalar_t, acc_t, VW>(l, dy, dx, need_sums, a);
+    } else {
+      launch_bwd<scalar_t, acc_t, 1>(l, dy, dx, need_sums, a);
+    }
+  });
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+}  // namespace fastnorm
+
+TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
+  m.impl("batch_norm_fwd", &fastnorm::batch_norm_fwd);
+  m.impl("batch_norm_bwd", &fastnorm::batch_norm_bwd);
+}

@@ -1,0 +1,568 @@
+"""CUDA kernels of fastnorm::batch_norm_fwd / batch_norm_bwd, called directly through torch.ops.
+
+References: torch.nn.functional.batch_norm in float64 on the GPU (and torch in the input's dtype
+where the running statistics are compared). Skips without a GPU or without the compiled kernels.
+
+The shapes cover every kernel path: NCHW and NHWC views, 16-byte vector and scalar access, the
+fused single-launch path (one block per channel) and the general path (stats, finalize, apply).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnorm  # noqa: F401  (defines the op schemas and loads the compiled CUDA kernels)
+
+
+def _has_cuda_kernel():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fastnorm::batch_norm_fwd", "CUDA")
+    except RuntimeError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _has_cuda_kernel(),
+                                reason="needs a GPU and the compiled fastnorm CUDA kernels")
+
+DEV = "cuda"
+EPS = 1e-5
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# max |actual - ref| <= TOL * max(1, max |ref|)
+TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-9}
+# Statistics are fp32 (fp64 for double input) whatever the input dtype.
+STAT_TOL = {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4, torch.float64: 1e-9}
+# dweight/dbias: fp32 (fp64) sums, then rounded to the weight's dtype.
+GRAD_TOL = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-8}
+# Running stats are stored in their own dtype.
+BUF_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-9}
+
+M2M = 2 ** 21
+LAYOUTS = ["nc", "ncl", "nchw", "nhwc", "ncdhw", "ndhwc"]
+# 12544 = 256 x 7 x 7: odd spatial size (no vector loads in NCHW) with enough elements per channel
+# for the multi-block (general) path.
+SHAPES = {  # N * spatial -> (N, *spatial)
+    "nc": {2: (2,), 7: (7,), 49: (49,), 3136: (3136,), 12544: (12544,), M2M: (M2M,)},
+    "ncl": {2: (1, 2), 7: (1, 7), 49: (7, 7), 3136: (4, 784), 12544: (256, 49),
+            M2M: (2, 2 ** 20)},
+    "nchw": {2: (1, 1, 2), 7: (7, 1, 1), 49: (1, 7, 7), 3136: (4, 28, 28), 12544: (256, 7, 7),
+             M2M: (2, 1024, 1024)},
+    "ncdhw": {2: (2, 1, 1, 1), 7: (1, 7, 1, 1), 49: (1, 1, 7, 7), 3136: (4, 4, 14, 14),
+              12544: (256, 1, 7, 7), M2M: (2, 16, 256, 256)},
+}
+SHAPES["nhwc"] = SHAPES["nchw"]
+SHAPES["ndhwc"] = SHAPES["ncdhw"]
+FORMAT = {"nhwc": torch.channels_last, "ndhwc": torch.channels_last_3d}
+
+CASES = ([(c, m) for c in (1, 3, 64, 2048, 4097) for m in (2, 7, 49, 3136)]
+         + [(3, 12544), (64, 12544), (1, M2M), (3, M2M)])
+
+
+def fwd(x, w, b, rm, rv, nbt, training, momentum, eps=EPS):
+    return torch.ops.fastnorm.batch_norm_fwd(x, w, b, rm, rv, nbt, training, momentum, eps)
+
+
+def bwd(dy, x, mean, rstd, w, training, mask=(True, True, True)):
+    return torch.ops.fastnorm.batch_norm_bwd(dy, x, mean, rstd, w, training, list(mask))
+
+
+def make_input(layout, C, M, dtype, seed=0, offset=0.0):
+    N, *spatial = SHAPES[layout][M]
+    shape = (N, C, *spatial)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    x = (torch.randn(shape, device=DEV, generator=g) * 2 + 0.5 + offset).to(dtype)
+    if layout in FORMAT:
+        x = x.contiguous(memory_format=FORMAT[layout])
+    return x
+
+
+def make_params(C, dtype, seed=1):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = (torch.rand(C, device=DEV, generator=g) + 0.5).to(dtype)
+    b = torch.randn(C, device=DEV, generator=g).to(dtype)
+    rm = (torch.randn(C, device=DEV, generator=g) * 0.1).to(dtype)
+    rv = (torch.rand(C, device=DEV, generator=g) + 0.5).to(dtype)
+    return w, b, rm, rv
+
+
+def assert_close(actual, ref, tol, what=""):
+    assert actual.shape == ref.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref.shape)}"
+    if ref.numel() == 0:
+        return
+    a = actual.double()
+    r = ref.double()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    scale = max(1.0, r.abs().max().item())
+    err = (a - r).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3e}"
+
+
+def red_dims(x):
+    return [0] + list(range(2, x.dim()))
+
+
+def bshape(x):
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def ref_stats(x):
+    """float64 batch mean, biased var, unbiased var per channel."""
+    x64 = x.double()
+    dims = red_dims(x)
+    var, mean = torch.var_mean(x64, dim=dims, correction=0)
+    n = x.numel() // x.shape[1]
+    return mean, var, var * n / max(n - 1, 1)
+
+
+def ref_fwd_bwd(x, w, b, dy, training=True, rm=None, rv=None):
+    """float64 (y, dx, dw, db) from torch autograd."""
+    x64 = x.double().requires_grad_(True)
+    w64 = w.double().requires_grad_(True) if w is not None else None
+    b64 = b.double().requires_grad_(True) if b is not None else None
+    rm64 = rm.double() if rm is not None else None
+    rv64 = rv.double() if rv is not None else None
+    y = F.batch_norm(x64, rm64, rv64, w64, b64, training, 0.0, EPS)
+    inputs = [t for t in (x64, w64, b64) if t is not None]
+    grads = torch.autograd.grad(y, inputs, dy.double())
+    dx = grads[0]
+    dw = grads[1] if w is not None else None
+    db = grads[-1] if b is not None else None
+    return y.detach(), dx, dw, db
+
+
+def check_format(t, x, layout):
+    if layout in FORMAT:
+        assert t.is_contiguous(memory_format=FORMAT[layout]), "output lost channels_last"
+    else:
+        assert t.is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training forward + backward over shapes, layouts and dtypes.
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("C,M", CASES, ids=[f"C{c}-M{m}" for c, m in CASES])
+def test_training_fwd_bwd(C, M, layout, dtype):
+    x = make_input(layout, C, M, dtype)
+    w, b, rm, rv = make_params(C, dtype)
+    rm0, rv0 = rm.clone(), rv.clone()
+    nbt = torch.zeros((), dtype=torch.long, device=DEV)
+    y, mean, rstd = fwd(x, w, b, rm, rv, nbt, True, 0.1)
+
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    assert y.dtype == dtype and y.shape == x.shape
+    assert mean.dtype == stat and rstd.dtype == stat and mean.shape == (C,)
+    check_format(y, x, layout)
+
+    m64, v64, vu64 = ref_stats(x)
+    assert_close(mean, m64, STAT_TOL[dtype], "mean")
+    assert_close(rstd, 1 / torch.sqrt(v64 + EPS), STAT_TOL[dtype], "rstd")
+    assert_close(rm, 0.9 * rm0.double() + 0.1 * m64, BUF_TOL[dtype], "running_mean")
+    assert_close(rv, 0.9 * rv0.double() + 0.1 * vu64, BUF_TOL[dtype], "running_var")
+    assert nbt.item() == 1
+
+    dy = torch.randn(x.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(7))
+    dy = dy.to(dtype)
+    if layout in FORMAT:
+        dy = dy.contiguous(memory_format=FORMAT[layout])
+    y64, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
+    assert_close(y, y64, TOL[dtype], "y")
+
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+    assert dx.dtype == dtype and dw.dtype == dtype and db.dtype == dtype
+    check_format(dx, x, layout)
+    assert_close(dx, dx64, TOL[dtype], "dx")
+    assert_close(dw, dw64, GRAD_TOL[dtype], "dweight")
+    assert_close(db, db64, GRAD_TOL[dtype], "dbias")
+
+
+# ---------------------------------------------------------------------------------------------
+# AMP: half/bf16 activations, fp32 params and buffers (dweight/dbias in fp32).
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("C,M", [(3, 49), (64, 3136), (4097, 7)])
+def test_amp_fp32_params(C, M, layout, dtype):
+    x = make_input(layout, C, M, dtype, seed=3)
+    w, b, rm, rv = make_params(C, torch.float32)
+    rm0, rv0 = rm.clone(), rv.clone()
+    nbt = torch.zeros((), dtype=torch.long, device=DEV)
+    y, mean, rstd = fwd(x, w, b, rm, rv, nbt, True, 0.1)
+    assert y.dtype == dtype and rm.dtype == torch.float32
+    m64, v64, vu64 = ref_stats(x)
+    assert_close(rm, 0.9 * rm0.double() + 0.1 * m64, 1e-5, "running_mean")
+    assert_close(rv, 0.9 * rv0.double() + 0.1 * vu64, 1e-5, "running_var")
+    # torch accepts the same mixed dtypes: compare with it too
+    rm_t, rv_t = rm0.clone(), rv0.clone()
+    y_t = F.batch_norm(x, rm_t, rv_t, w, b, True, 0.1, EPS)
+    assert_close(y, y_t.float(), TOL[dtype] * 2, "y vs torch")
+    assert_close(rm, rm_t, 1e-5, "running_mean vs torch")
+    assert_close(rv, rv_t, 1e-5, "running_var vs torch")
+
+    dy = torch.randn_like(x)
+    _, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+    assert dx.dtype == dtype and dw.dtype == torch.float32 and db.dtype == torch.float32
+    assert_close(dx, dx64, TOL[dtype], "dx")
+    assert_close(dw, dw64, 1e-3, "dweight")
+    assert_close(db, db64, 1e-3, "dbias")
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval forward/backward, running statistics over two training steps, momentum None.
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["nc", "nchw", "nhwc", "ndhwc"])
+def test_two_steps_then_eval(layout, dtype):
+    C, M = 64, 3136
+    w, b, rm, rv = make_params(C, dtype)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    nbt = torch.zeros((), dtype=torch.long, device=DEV)
+    for step in range(2):
+        x = make_input(layout, C, M, dtype, seed=10 + step)
+        fwd(x, w, b, rm, rv, nbt, True, 0.1)
+        F.batch_norm(x, rm_t, rv_t, w, b, True, 0.1, EPS)
+    assert nbt.item() == 2
+    assert_close(rm, rm_t, BUF_TOL[dtype] * 2, "running_mean")
+    assert_close(rv, rv_t, BUF_TOL[dtype] * 2, "running_var")
+
+    x = make_input(layout, C, M, dtype, seed=20)
+    rm_before, rv_before, nbt_before = rm.clone(), rv.clone(), nbt.clone()
+    y, mean, rstd = fwd(x, w, b, rm, rv, nbt, False, 0.1)
+    assert torch.equal(rm, rm_before) and torch.equal(rv, rv_before) and torch.equal(nbt, nbt_before)
+    check_format(y, x, layout)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == stat and rstd.dtype == stat
+    assert_close(mean, rm.double(), 1e-12, "eval mean")
+    assert_close(rstd, 1 / torch.sqrt(rv.double() + EPS), STAT_TOL[dtype], "eval rstd")
+    y64, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, torch.ones_like(x), training=False, rm=rm, rv=rv)
+    assert_close(y, y64, TOL[dtype], "eval y")
+    y_t = F.batch_norm(x, rm, rv, w, b, False, 0.1, EPS)
+    assert_close(y, y_t, TOL[dtype], "eval y vs torch")
+
+    # eval backward: dx = dy * w * rstd, and the dweight/dbias sums with the frozen statistics
+    dy = torch.randn_like(x)
+    _, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy, training=False, rm=rm, rv=rv)
+    dx, dw, db = bwd(dy, x, mean, rstd, w, False)
+    check_format(dx, x, layout)
+    assert_close(dx, dx64, TOL[dtype], "eval dx")
+    assert_close(dw, dw64, GRAD_TOL[dtype], "eval dweight")
+    assert_close(db, db64, GRAD_TOL[dtype], "eval dbias")
+    dx_only, e1, e2 = bwd(dy, x, mean, rstd, w, False, (True, False, False))
+    assert torch.equal(dx_only, dx) and e1.shape == (0,) and e2.shape == (0,)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_momentum_none_cumulative_average(layout):
+    C, M = 3, 3136
+    w, b, rm, rv = make_params(C, torch.float32)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    nbt = torch.full((), 5, dtype=torch.long, device=DEV)
+    for step in range(3):
+        x = make_input(layout, C, M, torch.float32, seed=30 + step)
+        fwd(x, w, b, rm, rv, nbt, True, None)
+        assert nbt.item() == 6 + step  # incremented on the device
+        F.batch_norm(x, rm_t, rv_t, w, b, True, 1.0 / (6 + step), EPS)
+        assert_close(rm, rm_t, 1e-5, f"running_mean step {step}")
+        assert_close(rv, rv_t, 1e-5, f"running_var step {step}")
+
+
+def test_training_without_running_stats_and_affine():
+    x = make_input("nhwc", 64, 3136, torch.float32)
+    y, mean, rstd = fwd(x, None, None, None, None, None, True, 0.1)
+    y64, dx64, _, _ = ref_fwd_bwd(x, None, None, torch.ones_like(x))
+    assert_close(y, y64, TOL[torch.float32], "y")
+    dy = torch.randn_like(x)
+    _, dx64, _, _ = ref_fwd_bwd(x, None, None, dy)
+    dx, dw, db = bwd(dy, x, mean, rstd, None, True, (True, False, False))
+    assert_close(dx, dx64, TOL[torch.float32], "dx")
+    assert dw.shape == (0,) and db.shape == (0,)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, True), (False, True, False),
+                                  (False, False, True), (True, True, False)])
+@pytest.mark.parametrize("layout", ["ncl", "nhwc"])
+def test_output_mask(mask, layout):
+    x = make_input(layout, 64, 3136, torch.float32)
+    w, b, _, _ = make_params(64, torch.float32)
+    y, mean, rstd = fwd(x, w, b, None, None, None, True, 0.1)
+    dy = torch.randn_like(x)
+    _, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True, mask)
+    for got, ref, on, name in ((dx, dx64, mask[0], "dx"), (dw, dw64, mask[1], "dweight"),
+                               (db, db64, mask[2], "dbias")):
+        if on:
+            assert_close(got, ref, 1e-3, name)
+        else:
+            assert got.shape == (0,), f"{name} should be empty when masked off"
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout corner cases: other strides, unaligned pointers (scalar path), many channels (> 65535
+# channels in NCHW loops over grid.y), dy in another memory format than x.
+
+def test_non_contiguous_input_gives_contiguous_output():
+    base = torch.randn(8, 32, 30, 30, device=DEV)
+    x = base[:, :, ::2, 1::2]  # neither contiguous nor channels_last
+    w, b, _, _ = make_params(32, torch.float32)
+    y, mean, rstd = fwd(x, w, b, None, None, None, True, 0.1)
+    assert y.is_contiguous()
+    dy = torch.randn_like(x).transpose(2, 3).contiguous().transpose(2, 3)
+    y64, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
+    assert_close(y, y64, TOL[torch.float32], "y")
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+    assert dx.is_contiguous()
+    assert_close(dx, dx64, TOL[torch.float32], "dx")
+    assert_close(dw, dw64, 1e-3, "dweight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
+def test_unaligned_storage_offset(layout, dtype):
+    C, M = 64, 12544
+    ref = make_input(layout, C, M, dtype)
+    fmt = FORMAT.get(layout, torch.contiguous_format)
+    storage = torch.empty(ref.numel() + 1, dtype=dtype, device=DEV)
+    x = storage[1:].view(ref.permute(0, 2, 3, 1).shape if layout == "nhwc" else ref.shape)
+    if layout == "nhwc":
+        x = x.permute(0, 3, 1, 2)
+    x.copy_(ref)
+    assert x.is_contiguous(memory_format=fmt) and x.data_ptr() % 16 != 0
+    w, b, _, _ = make_params(C, dtype)
+    y, mean, rstd = fwd(x, w, b, None, None, None, True, 0.1)
+    dy = torch.randn_like(ref)
+    y64, dx64, dw64, db64 = ref_fwd_bwd(ref, w, b, dy)
+    assert_close(y, y64, TOL[dtype], "y")
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+    assert_close(dx, dx64, TOL[dtype], "dx")
+    assert_close(db, db64, GRAD_TOL[dtype], "dbias")
+
+
+def test_more_than_65535_channels_nchw():
+    x = torch.randn(2, 70001, 3, device=DEV)
+    w, b, rm, rv = make_params(70001, torch.float32)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y, mean, rstd = fwd(x, w, b, rm, rv, None, True, 0.1)
+    dy = torch.randn_like(x)
+    y64, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
+    assert_close(y, y64, 1e-4, "y")
+    m64, _, vu64 = ref_stats(x)
+    assert_close(rv, 0.9 * rv0.double() + 0.1 * vu64, 1e-5, "running_var")
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+    assert_close(dx, dx64, 1e-4, "dx")
+    assert_close(dw, dw64, 1e-4, "dweight")
+    assert_close(db, db64, 1e-4, "dbias")
+
+
+def test_dy_in_other_memory_format():
+    x = make_input("nhwc", 64, 3136, torch.float16)
+    w, b, _, _ = make_params(64, torch.float16)
+    y, mean, rstd = fwd(x, w, b, None, None, None, True, 0.1)
+    dy = torch.randn(x.shape, device=DEV, dtype=torch.float16)  # contiguous, x is channels_last
+    _, dx64, dw64, _ = ref_fwd_bwd(x, w, b, dy)
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert_close(dx, dx64, TOL[torch.float16], "dx")
+    assert_close(dw, dw64, 1e-3, "dweight")
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy far from zero: Welford/Chan on deviations, never E[x^2] - E[x]^2.
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
+def test_large_mean_fp32(layout):
+    C, M = 3, M2M
+    g = torch.Generator(device=DEV).manual_seed(5)
+    N, *sp = SHAPES[layout][M]
+    x = 1e4 + torch.randn((N, C, *sp), device=DEV, generator=g)
+    if layout in FORMAT:
+        x = x.contiguous(memory_format=FORMAT[layout])
+    w, b, rm, rv = make_params(C, torch.float32)
+    rv0 = rv.clone()
+    y, mean, rstd = fwd(x, w, b, rm, rv, None, True, 0.1)
+    m64, v64, vu64 = ref_stats(x)
+    assert (mean.double() - m64).abs().max().item() < 1e-3  # one fp32 ulp of 1e4 is ~1e-3
+    assert ((rstd.double() - 1 / torch.sqrt(v64 + EPS)).abs() / (1 / torch.sqrt(v64 + EPS))).max() < 1e-4
+    assert ((rv.double() - (0.9 * rv0.double() + 0.1 * vu64)).abs()).max() < 1e-4
+    dy = torch.randn_like(x)
+    y64, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
+    assert (y.double() - y64).abs().max().item() < 2e-3
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+    assert_close(dx, dx64, 2e-3, "dx")
+    assert_close(dw, dw64, 2e-3, "dweight")
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, CUDA graphs, unwritten outputs, empty batches.
+
+@pytest.mark.parametrize("shape,fmt", [((2, 3, 1024, 1024), torch.contiguous_format),
+                                       ((32, 64, 28, 28), torch.channels_last),
+                                       ((3136, 2048), torch.contiguous_format),
+                                       ((8, 4097, 7, 7), torch.channels_last)],
+                         ids=["nchw", "nhwc", "nc", "nhwc-odd-C"])
+def test_bitwise_repeatable(shape, fmt):
+    x = torch.randn(shape, device=DEV).contiguous(memory_format=fmt)
+    C = shape[1]
+    w, b, rm, rv = make_params(C, torch.float32)
+    dy = torch.randn_like(x)
+    outs = []
+    for _ in range(2):
+        rm_i, rv_i = rm.clone(), rv.clone()
+        y, mean, rstd = fwd(x, w, b, rm_i, rv_i, None, True, 0.1)
+        dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+        outs.append((y, mean, rstd, rm_i, rv_i, dx, dw, db))
+    for a, b_ in zip(*outs):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_cuda_graph_training_step(layout, momentum):
+    C, M = 64, 3136
+    x = make_input(layout, C, M, torch.float32)
+    dy = torch.randn_like(x)
+    w, b, rm0, rv0 = make_params(C, torch.float32)
+    nbt0 = torch.full((), 3, dtype=torch.long, device=DEV)
+    rm, rv, nbt = rm0.clone(), rv0.clone(), nbt0.clone()
+
+    def step():
+        y, mean, rstd = fwd(x, w, b, rm, rv, nbt, True, momentum)
+        dx, dw, db = bwd(dy, x, mean, rstd, w, True)
+        return y, dx, dw, db
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    rm.copy_(rm0)
+    rv.copy_(rv0)
+    nbt.copy_(nbt0)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    rm_e, rv_e, nbt_e = rm0.clone(), rv0.clone(), nbt0.clone()
+    for _ in range(2):
+        y_e, mean_e, rstd_e = fwd(x, w, b, rm_e, rv_e, nbt_e, True, momentum)
+        dx_e, dw_e, db_e = bwd(dy, x, mean_e, rstd_e, w, True)
+    assert nbt.item() == 5 and nbt_e.item() == 5
+    assert torch.equal(rm, rm_e) and torch.equal(rv, rv_e)
+    for got, ref in zip(outs, (y_e, dx_e, dw_e, db_e)):
+        assert torch.equal(got, ref)
+
+
+def _poison(*specs):
+    """Fill the caching allocator with NaN blocks of the given (numel, dtype), then free them."""
+    junk = []
+    for numel, dtype in specs:
+        for _ in range(3):
+            junk.append(torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=DEV))
+    del junk
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layout,C,M", [("nchw", 3, 3136), ("nchw", 3, 12544), ("nchw", 3, M2M),
+                                        ("nhwc", 4097, 49), ("nhwc", 3, 3136), ("nc", 64, 7),
+                                        ("ndhwc", 64, 3136), ("ncl", 2048, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_poisoned_outputs_fully_written(layout, C, M, dtype, training):
+    x = make_input(layout, C, M, dtype)
+    w, b, rm, rv = make_params(C, dtype)
+    dy = torch.randn_like(x)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    _poison((x.numel(), dtype), (C, stat), (C, dtype))
+    y, mean, rstd = fwd(x, w, b, rm, rv, None, training, 0.1)
+    assert torch.isfinite(y).all() and torch.isfinite(mean).all() and torch.isfinite(rstd).all()
+    _poison((x.numel(), dtype), (C, dtype), (C, stat))
+    dx, dw, db = bwd(dy, x, mean, rstd, w, training)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
+def test_empty_batch(layout):
+    C = 5
+    shape = {"nchw": (0, C, 4, 4), "nhwc": (0, C, 4, 4), "nc": (0, C)}[layout]
+    x = torch.randn(shape, device=DEV)
+    if layout in FORMAT:
+        x = x.contiguous(memory_format=FORMAT[layout])
+    w, b, rm, rv = make_params(C, torch.float32)
+    rm0, rv0 = rm.clone(), rv.clone()
+    nbt = torch.zeros((), dtype=torch.long, device=DEV)
+    y, mean, rstd = fwd(x, w, b, rm, rv, nbt, True, 0.1)
+    assert y.shape == x.shape and y.numel() == 0
+    assert torch.equal(mean, torch.zeros(C, device=DEV)) and torch.equal(rstd, torch.zeros(C, device=DEV))
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert nbt.item() == 1
+    dx, dw, db = bwd(torch.empty_like(x), x, mean, rstd, w, True)
+    assert dx.shape == x.shape
+    assert torch.equal(dw, torch.zeros(C, device=DEV)) and torch.equal(db, torch.zeros(C, device=DEV))
+    # eval with an empty batch: the running statistics are returned
+    y, mean, rstd = fwd(x, w, b, rm, rv, nbt, False, 0.1)
+    assert y.numel() == 0 and nbt.item() == 1
+    assert_close(mean, rm.double(), 0, "eval mean")
+    assert_close(rstd, 1 / torch.sqrt(rv.double() + EPS), 1e-6, "eval rstd")
+
+
+# ---------------------------------------------------------------------------------------------
+# More than 2^31 elements (int64 indexing). Needs ~14 GB of free GPU memory.
+
+def _free_gb():
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2 ** 30
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nc"])
+def test_more_than_2_31_elements(layout):
+    if _free_gb() < 20:
+        pytest.skip("needs 20 GB of free GPU memory")
+    if layout == "nchw":
+        shape = (2, 2, 32768, 16400)  # 2.15e9 elements, 2 channels
+    else:
+        shape = (2 ** 29 + 16, 4)     # rows of 4 channels
+    numel = math.prod(shape)
+    assert numel > 2 ** 31
+    g = torch.Generator(device=DEV).manual_seed(11)
+    x = torch.randn(shape, device=DEV, dtype=torch.float16, generator=g)
+    C = shape[1]
+    w = torch.ones(C, device=DEV)  # fp32 params: dbias (= n) in fp32
+    b = torch.zeros(C, device=DEV)
+    y, mean, rstd = fwd(x, w, b, None, None, None, True, 0.1)
+    # per-channel statistics, reduced in float64 chunk by chunk
+    for c in range(C):
+        rows = [x[n, c].reshape(-1) for n in range(shape[0])] if layout == "nchw" else [x[:, c]]
+        s = torch.zeros((), dtype=torch.float64, device=DEV)
+        q = torch.zeros((), dtype=torch.float64, device=DEV)
+        n = 0
+        for row in rows:
+            n += row.numel()
+            for part in row.split(2 ** 26):
+                p = part.double()
+                s += p.sum()
+                q += (p * p).sum()
+        m = s / n
+        v = q / n - m * m
+        assert abs(mean[c].item() - m.item()) < 1e-3
+        assert abs(rstd[c].item() - (1 / torch.sqrt(v + EPS)).item()) < 1e-3
+    # the last elements (offsets beyond 2^31) are normalised
+    flat_x = x.reshape(-1)
+    flat_y = y.reshape(-1)
+    tail = flat_x[-4096:].float()
+    ytail = flat_y[-4096:].float()
+    S = math.prod(shape[2:])  # 1 for (N, C)
+    ch = (torch.arange(numel - 4096, numel, device=DEV) // S) % C
+    expect = (tail - mean[ch]) * rstd[ch]
+    assert (ytail - expect).abs().max().item() < 1e-2
+    del y, flat_y
+    dy = torch.ones_like(x)
+    dx, dw, db = bwd(dy, x, mean, rstd, w, True, (True, False, True))
+    # dy constant: dx = 0 up to rounding, dbias = n per channel
+    assert db.dtype == torch.float32 and db.shape == (C,)
+    assert (db.double() - numel / C).abs().max().item() < numel / C * 1e-5
+    assert dx.reshape(-1)[-4096:].float().abs().max().item() < 1e-2
