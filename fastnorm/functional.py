@@ -22,7 +22,7 @@ __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
 # ----------------------------------------------------------------------------------------------
 # checks (shared by the four norms)
 # ----------------------------------------------------------------------------------------------
-def _check_floating(name: str, input: Tensor, exc=RuntimeError) -> None:
+def _check_floating(name: str, input: Tensor, exc=NotImplementedError) -> None:
     if not input.is_floating_point():
         raise exc(f"{name}: expected a floating-point input (float16, bfloat16, float32 or "
                   f"float64), but got dtype {input.dtype}")
@@ -94,7 +94,7 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
     """batch_norm with the module's extras: num_batches_tracked (incremented in place by the op,
     on the device) and momentum=None (cumulative average, factor 1/num_batches_tracked)."""
     name = "batch_norm"
-    _check_floating(name, input, NotImplementedError)
+    _check_floating(name, input)
     _check_min_dim(name, input)
     c = input.shape[1]
     desc = f"one per channel, C={c}"

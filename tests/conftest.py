@@ -1,0 +1,214 @@
+"""Shared fixtures and helpers for the fastnorm test suite.
+
+Every test that takes the `device` fixture runs on "cpu" and, when a GPU is visible, on "cuda":
+the same assertions then validate the compiled CUDA kernels against torch.nn.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import fastnorm
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------
+# tolerances
+# ----------------------------------------------------------------------------------------------
+# (rtol, atol) per dtype; atol is scaled by the reference's magnitude in assert_close_scaled.
+TOL = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def assert_close_scaled(actual, expected, dtype=None, factor=1.0, msg=""):
+    """assert_close with per-dtype tolerances; atol is relative to max(1, |expected|_max) so
+    that gradients (sums over many elements) are compared "relative-ish"."""
+    if expected is None or actual is None:
+        assert actual is None and expected is None, f"{msg}: one is None ({actual!r} vs {expected!r})"
+        return
+    dtype = dtype or expected.dtype
+    rtol, atol = TOL[dtype]
+    scale = 1.0
+    if expected.numel() and expected.is_floating_point():
+        scale = max(1.0, float(expected.detach().abs().max()))
+    torch.testing.assert_close(actual, expected, rtol=rtol * factor, atol=atol * factor * scale,
+                               msg=lambda m: f"{msg}\n{m}")
+
+
+def mentions_shape(message: str, shape) -> bool:
+    """True when `message` names `shape` in any of the usual spellings: (2, 4, 5), [2, 4, 5],
+    torch.Size([2, 4, 5]), 2x4x5."""
+    dims = [str(int(d)) for d in shape]
+    sep = r"\s*,\s*"
+    pats = [r"\(" + sep.join(dims) + r",?\)", r"\[" + sep.join(dims) + r"\]"]
+    if len(dims) > 1:
+        pats.append(r"\b" + "x".join(dims) + r"\b")
+    return any(re.search(p, message) for p in pats)
+
+
+# ----------------------------------------------------------------------------------------------
+# module registry: (fastnorm class, torch class) pairs and sensible inputs
+# ----------------------------------------------------------------------------------------------
+MODULE_NAMES = list(fastnorm.modules.__all__)
+
+
+def torch_twin_class(name):
+    return getattr(nn, name)
+
+
+def fastnorm_class(name):
+    return getattr(fastnorm, name)
+
+
+def is_lazy(name):
+    return name.startswith("Lazy")
+
+
+def base_kind(name):
+    """"bn", "in", "ln" or "gn"."""
+    n = name.replace("Lazy", "")
+    if n.startswith("BatchNorm"):
+        return "bn"
+    if n.startswith("InstanceNorm"):
+        return "in"
+    if n == "LayerNorm":
+        return "ln"
+    return "gn"
+
+
+def spatial_rank(name):
+    """1/2/3 for the *Norm{1,2,3}d classes, None otherwise."""
+    m = re.search(r"(\d)d$", name)
+    return int(m.group(1)) if m else None
+
+
+def ctor_args(name, c, **kwargs):
+    """Positional constructor arguments for a module with C channels (LayerNorm: last dim)."""
+    kind = base_kind(name)
+    if is_lazy(name):
+        return (), kwargs
+    if kind == "gn":
+        groups = kwargs.pop("num_groups", 1 if c % 2 else 2)
+        return (groups, c), kwargs
+    return (c,), kwargs
+
+
+def make_pair(name, c, device, dtype=torch.float32, randomize=True, **kwargs):
+    """A torch.nn module and its fastnorm twin with identical parameters and buffers (weights
+    drawn in [0.5, 1.5), biases and running statistics random, unless randomize=False).
+    Lazy modules are built with device/dtype factory kwargs (they initialise on first call)."""
+    args, kw = ctor_args(name, c, **dict(kwargs))
+    if is_lazy(name):
+        kw.update(device=device, dtype=dtype)
+        return torch_twin_class(name)(*args, **kw), fastnorm_class(name)(*args, **kw)
+    t = torch_twin_class(name)(*args, **kw)
+    f = fastnorm_class(name)(*args, **kw)
+    if randomize:
+        with torch.no_grad():
+            if getattr(t, "weight", None) is not None:
+                t.weight.uniform_(0.5, 1.5)
+            if getattr(t, "bias", None) is not None:
+                t.bias.normal_()
+            if getattr(t, "running_mean", None) is not None:
+                t.running_mean.normal_(0, 0.5)
+                t.running_var.uniform_(0.5, 2.0)
+    f.load_state_dict(t.state_dict())
+    t.to(device=device, dtype=dtype)
+    f.to(device=device, dtype=dtype)
+    return t, f
+
+
+def default_input_shape(name, n=4, c=3, spatial=None):
+    kind = base_kind(name)
+    r = spatial_rank(name)
+    if kind == "ln":
+        return (n, 5, c)
+    if kind == "gn":
+        return (n, c, *(spatial or (3, 5)))
+    sp = spatial or {1: (7,), 2: (3, 5), 3: (2, 3, 5)}[r]
+    return (n, c, *sp)
+
+
+# ----------------------------------------------------------------------------------------------
+# the twin protocol: run a torch.nn module and its fastnorm twin on the same inputs
+# ----------------------------------------------------------------------------------------------
+def make_input(shape, device, dtype=torch.float32, memory_format=None, scale=2.0, offset=0.5):
+    x = (torch.randn(shape, device=device, dtype=torch.float64) * scale + offset).to(dtype)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    return x
+
+
+def compare_buffers(t, f, tol_dtype, msg=""):
+    st, sf = t.state_dict(), f.state_dict()
+    assert list(st) == list(sf), f"{msg}: state_dict keys differ: {list(st)} vs {list(sf)}"
+    for k in st:
+        if k.endswith("num_batches_tracked"):
+            assert sf[k].dtype == st[k].dtype == torch.long
+            assert torch.equal(sf[k], st[k]), f"{msg}: {k}: fastnorm {sf[k]} vs torch {st[k]}"
+        else:
+            assert sf[k].dtype == st[k].dtype, f"{msg}: {k} dtype"
+            assert_close_scaled(sf[k], st[k], tol_dtype, msg=f"{msg}: {k}")
+
+
+def twin_step(t, f, x, tol_dtype=None, factor=1.0, msg=""):
+    """One forward+backward of both modules on x; compares output, input grad, parameter grads
+    and all buffers. Returns the fastnorm output."""
+    tol_dtype = tol_dtype or x.dtype
+    xt = x.detach().clone().requires_grad_()
+    xf = x.detach().clone().requires_grad_()
+    yt = t(xt)
+    yf = f(xf)
+    assert yf.shape == yt.shape, msg
+    assert yf.dtype == yt.dtype == x.dtype, f"{msg}: dtype {yf.dtype} vs torch {yt.dtype}, input {x.dtype}"
+    assert yf.device == x.device
+    assert yf.grad_fn is not None, msg
+    assert_close_scaled(yf, yt, tol_dtype, factor, msg=f"{msg}: output")
+    g = torch.randn(yt.shape, device=x.device).to(yt.dtype)
+    yt.backward(g)
+    yf.backward(g)
+    assert_close_scaled(xf.grad, xt.grad, tol_dtype, factor, msg=f"{msg}: input grad")
+    pt, pf = dict(t.named_parameters()), dict(f.named_parameters())
+    assert list(pt) == list(pf), msg
+    for k in pt:
+        assert_close_scaled(pf[k].grad, pt[k].grad, tol_dtype, factor, msg=f"{msg}: {k}.grad")
+        pt[k].grad = None
+        pf[k].grad = None
+    compare_buffers(t, f, tol_dtype, msg)
+    return yf
+
+
+def run_protocol(t, f, shape, device, in_dtype=torch.float32, tol_dtype=None, memory_format=None,
+                 train_steps=2, eval_step=True, factor=1.0):
+    """Two training steps then an eval step (fresh inputs each time), everything compared."""
+    outs = []
+    t.train()
+    f.train()
+    for i in range(train_steps):
+        x = make_input(shape, device, in_dtype, memory_format, offset=0.5 + i)
+        outs.append((x, twin_step(t, f, x, tol_dtype, factor, msg=f"train step {i}")))
+    if eval_step:
+        t.eval()
+        f.eval()
+        x = make_input(shape, device, in_dtype, memory_format, offset=-0.25)
+        outs.append((x, twin_step(t, f, x, tol_dtype, factor, msg="eval step")))
+    return outs

@@ -1,0 +1,546 @@
+"""The row-family CUDA kernels (LayerNorm, GroupNorm / InstanceNorm), called as ops.
+
+torch.ops.fastnorm.{layer,group}_norm_{fwd,bwd} are compared with a float64 reference (and with
+torch's own kernel on the same device: ours may not be much worse than torch), for every dtype,
+layout and the shapes that pick each kernel path (a sub-warp / warp / block per row, rows split
+across blocks, scalar and 16-byte vector access). Also: bitwise repeatability, CUDA graphs,
+outputs poisoned through the caching allocator, misaligned and non-contiguous inputs, empty
+inputs, fp16 values whose squares overflow fp16, constant rows.
+
+Skipped without a GPU or without the compiled kernels. FASTNORM_ROW_TEST_DEVICE=cpu runs the same
+tests on the CPU against a build that registers these kernels under the CPU key (an emulation
+harness); the CUDA-only tests (graphs, allocator poisoning) then skip.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnorm  # noqa: F401  (defines the ops, loads the extension)
+
+DEVICE = os.environ.get("FASTNORM_ROW_TEST_DEVICE", "cuda")
+_KEY = "CUDA" if DEVICE == "cuda" else "CPU"
+
+
+def _registered() -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", _KEY)
+               for op in ("layer_norm_fwd", "layer_norm_bwd", "group_norm_fwd", "group_norm_bwd"))
+
+
+pytestmark = pytest.mark.skipif(
+    (DEVICE == "cuda" and not torch.cuda.is_available()) or not _registered(),
+    reason=f"needs the compiled fastnorm row kernels on {DEVICE}")
+
+cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA-only behaviour")
+
+ops = torch.ops.fastnorm
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# absolute tolerance, scaled by max(1, |reference|): (forward, backward)
+TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4),
+       torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
+EPS = 1e-5
+
+
+def _stat(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _randn(shape, dtype, scale=1.0, shift=0.0, gen=None):
+    t = torch.randn(shape, dtype=torch.float64, generator=gen) * scale + shift
+    return t.to(dtype).to(DEVICE)
+
+
+def _check(actual, ref64, dtype, kind=0, torch_val=None, what=""):
+    """|actual - ref64| <= max(tol * max(1, |ref|), 2 * |torch_val - ref64|)."""
+    assert actual.shape == ref64.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(ref64.shape)}"
+    if actual.numel() == 0:
+        return
+    a = actual.detach().to("cpu", torch.float64)
+    r = ref64.detach().to("cpu", torch.float64)
+    finite = torch.isfinite(r)
+    assert torch.equal(torch.isfinite(a), finite), f"{what}: non-finite values where the reference has none"
+    err = (a - r)[finite].abs().max().item() if finite.any() else 0.0
+    bound = TOL[dtype][kind] * max(1.0, r[finite].abs().max().item() if finite.any() else 1.0)
+    if torch_val is not None:
+        t = torch_val.detach().to("cpu", torch.float64)
+        bound = max(bound, 2.0 * (t - r)[finite].abs().max().item())
+    assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e} ({dtype})"
+
+
+def _poison_allocator(*tensors_like, extra=(1 << 20,)):
+    """Fill the caching allocator with NaN bytes (0xFF) in blocks of the sizes about to be
+    allocated, so any output element a kernel leaves unwritten shows up as NaN."""
+    if DEVICE != "cuda":
+        return
+    sizes = set(extra)
+    for t in tensors_like:
+        n = t.numel() * t.element_size()
+        sizes.update({n, 2 * n, max(1, n // 2), 4 * max(1, t.numel())})
+    blocks = [torch.full((s,), 255, dtype=torch.uint8, device=DEVICE) for s in sorted(sizes) for _ in range(2)]
+    del blocks
+
+
+# ------------------------------------------------------------------------------------------------
+# references (float64, CPU)
+# ------------------------------------------------------------------------------------------------
+def _ln_ref(x, shape, w, b, dy=None):
+    x64 = x.detach().to("cpu", torch.float64).requires_grad_(dy is not None)
+    w64 = None if w is None else w.detach().to("cpu", torch.float64).requires_grad_(dy is not None)
+    b64 = None if b is None else b.detach().to("cpu", torch.float64).requires_grad_(dy is not None)
+    y = F.layer_norm(x64, shape, w64, b64, EPS)
+    k = len(shape)
+    dims = tuple(range(x.dim() - k, x.dim()))
+    m = x.numel() // max(1, math.prod(shape))
+    mean = x64.detach().mean(dims).reshape(m)
+    rstd = (x64.detach().var(dims, unbiased=False) + EPS).rsqrt().reshape(m)
+    grads = (None, None, None)
+    if dy is not None:
+        y.backward(dy.detach().to("cpu", torch.float64))
+        grads = (x64.grad, None if w64 is None else w64.grad, None if b64 is None else b64.grad)
+    return y.detach(), mean, rstd, grads
+
+
+def _gn_ref(x, G, w, b, dy=None):
+    x64 = x.detach().to("cpu", torch.float64).contiguous().requires_grad_(dy is not None)
+    w64 = None if w is None else w.detach().to("cpu", torch.float64).requires_grad_(dy is not None)
+    b64 = None if b is None else b.detach().to("cpu", torch.float64).requires_grad_(dy is not None)
+    y = F.group_norm(x64, G, w64, b64, EPS)
+    xg = x64.detach().reshape(x.shape[0], G, -1)
+    mean = xg.mean(-1)
+    rstd = (xg.var(-1, unbiased=False) + EPS).rsqrt()
+    grads = (None, None, None)
+    if dy is not None:
+        y.backward(dy.detach().to("cpu", torch.float64))
+        grads = (x64.grad, None if w64 is None else w64.grad, None if b64 is None else b64.grad)
+    return y.detach(), mean, rstd, grads
+
+
+def _torch_ln(x, shape, w, b):
+    try:
+        wc = None if w is None else w.to(x.dtype)
+        bc = None if b is None else b.to(x.dtype)
+        return F.layer_norm(x, shape, wc, bc, EPS)
+    except RuntimeError:
+        return None
+
+
+def _torch_gn(x, G, w, b):
+    try:
+        wc = None if w is None else w.to(x.dtype)
+        bc = None if b is None else b.to(x.dtype)
+        return F.group_norm(x, G, wc, bc, EPS)
+    except RuntimeError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------
+# LayerNorm
+# ------------------------------------------------------------------------------------------------
+LN_N = [1, 31, 32, 33, 1023, 1024, 1025, 4096, 4097, 65536, 1048577]
+
+
+def _ln_rows(n):
+    return max(1, min(300, (1 << 21) // n))
+
+
+def _params(shape, dtype, param_dtype, affine):
+    if affine == "none":
+        return None, None
+    w = _randn(shape, param_dtype or dtype, 0.5, 1.0)
+    b = _randn(shape, param_dtype or dtype, 0.5) if affine == "wb" else None
+    return w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", LN_N)
+def test_layer_norm_fwd_bwd(dtype, n):
+    m = _ln_rows(n)
+    x = _randn((m, n), dtype, 2.0, 0.5)
+    w, b = _params((n,), dtype, None, "wb")
+    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
+    assert y.dtype == dtype and y.is_contiguous() and mean.dtype == _stat(dtype) and mean.shape == (m,)
+    dy = _randn((m, n), dtype)
+    ry, rmean, rrstd, (rdx, rdw, rdb) = _ln_ref(x, [n], w, b, dy)
+    _check(y, ry, dtype, 0, _torch_ln(x, [n], w, b), "y")
+    _check(mean, rmean, dtype, 0, None, "mean")
+    _check(rstd / rrstd.to(rstd.device, rstd.dtype), torch.ones_like(rrstd), dtype, 0, None, "rstd (relative)")
+    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
+    assert dx.dtype == dtype and dw.dtype == w.dtype and dw.shape == (n,)
+    _check(dx, rdx, dtype, 1, None, "dx")
+    _check(dw, rdw, dtype, 1, None, "dweight")
+    _check(db, rdb, dtype, 1, None, "dbias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [33, 1024, 4097, 65536])
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_layer_norm_mixed_params_and_out_dtype(dtype, n, affine):
+    """fp32 parameters with a half input (AMP), out_dtype=float32 (autocast), affine variants."""
+    m = _ln_rows(n) // 4 + 1
+    x = _randn((m, n), dtype, 1.5, -0.3)
+    w, b = _params((n,), dtype, torch.float32, affine)
+    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS, torch.float32)
+    assert y.dtype == torch.float32
+    dy = _randn((m, n), torch.float32)
+    ry, _, _, (rdx, rdw, rdb) = _ln_ref(x, [n], w, b, dy)
+    _check(y, ry, torch.float32 if dtype != torch.float64 else dtype, 0, None, "y(f32 out)")
+    mask = [True, w is not None, b is not None]
+    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], mask)
+    assert dx.dtype == dtype
+    _check(dx, rdx, dtype, 1, None, "dx")
+    if w is not None:
+        assert dw.dtype == torch.float32
+        _check(dw, rdw, torch.float32 if dtype != torch.float64 else dtype, 1, None, "dweight")
+    else:
+        assert dw.numel() == 0
+    if b is not None:
+        _check(db, rdb, torch.float32 if dtype != torch.float64 else dtype, 1, None, "dbias")
+    else:
+        assert db.numel() == 0
+    # output mask: dx only / params only
+    dx2, dw2, db2 = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, False, False])
+    assert dw2.numel() == 0 and db2.numel() == 0 and torch.equal(dx2, dx)
+    if w is not None:
+        dx3, dw3, _ = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [False, True, False])
+        assert dx3.numel() == 0 and torch.equal(dw3, dw)
+
+
+def test_layer_norm_multi_dim_shape_and_many_rows():
+    x = _randn((3, 5, 7, 6, 4), torch.float32)
+    w, b = _params((6, 4), torch.float32, None, "wb")
+    y, mean, rstd = ops.layer_norm_fwd(x, [6, 4], w, b, EPS)
+    dy = _randn(x.shape, torch.float32)
+    ry, rmean, _, (rdx, rdw, rdb) = _ln_ref(x, [6, 4], w, b, dy)
+    _check(y, ry, torch.float32, 0, None, "y")
+    assert mean.shape == (105,)
+    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [6, 4], [True, True, True])
+    assert dw.shape == (6, 4)
+    _check(dx, rdx, torch.float32, 1, None, "dx")
+    _check(dw, rdw, torch.float32, 1, None, "dw")
+    _check(db, rdb, torch.float32, 1, None, "db")
+    # tiny rows, many of them: several rows per warp
+    for n in (1, 2, 3, 8):
+        x = _randn((5000, n), torch.float16)
+        w, b = _params((n,), torch.float16, None, "wb")
+        y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
+        dy = _randn(x.shape, torch.float16)
+        ry, _, _, (rdx, rdw, rdb) = _ln_ref(x, [n], w, b, dy)
+        _check(y, ry, torch.float16, 0, None, f"y n={n}")
+        dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
+        _check(dx, rdx, torch.float16, 1, None, f"dx n={n}")
+        _check(dw, rdw, torch.float16, 1, None, f"dw n={n}")
+        _check(db, rdb, torch.float16, 1, None, f"db n={n}")
+
+
+@pytest.mark.parametrize("n", [1000, 1024, 65536])
+def test_layer_norm_misaligned_and_noncontiguous(n):
+    m = 7
+    buf = _randn((m * n + 8,), torch.float16)
+    x = buf[1:1 + m * n].view(m, n)  # 2-byte offset: scalar path
+    w, b = _params((n,), torch.float16, None, "wb")
+    wbuf = _randn((n + 1,), torch.float32)
+    w32 = wbuf[1:]  # misaligned fp32 weight
+    y, mean, rstd = ops.layer_norm_fwd(x, [n], w32, b, EPS)
+    ry, _, _, _ = _ln_ref(x, [n], w32, b)
+    _check(y, ry, torch.float16, 0, None, "y misaligned")
+    dybuf = _randn((m * n + 8,), torch.float16)
+    dy = dybuf[3:3 + m * n].view(m, n)
+    _, _, _, (rdx, rdw, rdb) = _ln_ref(x, [n], w32, b, dy)
+    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w32, [n], [True, True, True])
+    _check(dx, rdx, torch.float16, 1, None, "dx misaligned")
+    _check(dw, rdw, torch.float32, 1, None, "dw misaligned")
+    # non-contiguous input and grad (a transpose)
+    xt = _randn((n, m), torch.float32).t()
+    dyt = _randn((n, m), torch.float32).t()
+    y, mean, rstd = ops.layer_norm_fwd(xt, [n], None, None, EPS)
+    ry, _, _, (rdx, _, _) = _ln_ref(xt, [n], None, None, dyt)
+    _check(y, ry, torch.float32, 0, None, "y transposed")
+    dx, _, _ = ops.layer_norm_bwd(dyt, xt, mean, rstd, None, [n], [True, False, False])
+    _check(dx, rdx, torch.float32, 1, None, "dx transposed")
+    # expanded (stride 0) grad
+    dye = torch.ones((1, n), dtype=torch.float32, device=DEVICE).expand(m, n)
+    dx, _, _ = ops.layer_norm_bwd(dye, xt, mean, rstd, None, [n], [True, False, False])
+    _, _, _, (rdx, _, _) = _ln_ref(xt, [n], None, None, dye)
+    _check(dx, rdx, torch.float32, 1, None, "dx expanded grad")
+
+
+def test_layer_norm_empty():
+    for shape, ns in (((0, 16), [16]), ((4, 0), [0]), ((2, 0, 3), [3])):
+        x = torch.randn(shape, device=DEVICE)
+        w = torch.randn(ns, device=DEVICE)
+        y, mean, rstd = ops.layer_norm_fwd(x, ns, w, w, EPS)
+        m = x.numel() // max(1, math.prod(ns)) if math.prod(ns) else math.prod(shape[:x.dim() - len(ns)])
+        assert y.shape == x.shape and mean.shape == (m,) and rstd.shape == (m,)
+        dx, dw, db = ops.layer_norm_bwd(torch.randn_like(x), x, mean, rstd, w, ns, [True, True, True])
+        assert dx.shape == x.shape and dw.shape == tuple(ns) and db.shape == tuple(ns)
+        if x.numel() == 0 and math.prod(ns) > 0:
+            assert (dw == 0).all() and (db == 0).all()
+
+
+@pytest.mark.parametrize("n", [64, 1000, 4096, 100000])
+def test_layer_norm_fp16_large_values_and_constant_rows(n):
+    m = 9
+    x = _randn((m, n), torch.float16, 10.0, 300.0)  # x*x overflows fp16
+    w, b = _params((n,), torch.float16, None, "wb")
+    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
+    ry, rmean, _, _ = _ln_ref(x, [n], w, b)
+    assert torch.isfinite(y).all()
+    _check(y, ry, torch.float16, 0, None, "y (values ~300)")
+    _check(mean, rmean, torch.float32, 0, None, "mean (values ~300)")
+    # constant rows: xhat == 0 exactly, y == bias, no NaN
+    c = torch.full((m, n), 0.1, dtype=torch.float16, device=DEVICE)
+    c[3] = 300.0
+    y, mean, rstd = ops.layer_norm_fwd(c, [n], w, b, EPS)
+    assert torch.equal(y, b.expand(m, n)), "constant rows must give exactly the bias"
+    assert torch.equal(mean, c[:, 0].float())
+    dx, dw, db = ops.layer_norm_bwd(torch.ones_like(c), c, mean, rstd, w, [n], [True, True, True])
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+
+
+@pytest.mark.parametrize("n,m", [(32, 3000), (1024, 700), (4097, 64), (65536, 4), (1048577, 2)])
+def test_layer_norm_backward_bitwise_repeatable(n, m):
+    x = _randn((m, n), torch.float32)
+    w, b = _params((n,), torch.float32, None, "wb")
+    dy = _randn((m, n), torch.float32)
+    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
+    r1 = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
+    _poison_allocator(x, w)
+    y2, mean2, rstd2 = ops.layer_norm_fwd(x, [n], w, b, EPS)
+    r2 = ops.layer_norm_bwd(dy, x, mean2, rstd2, w, [n], [True, True, True])
+    assert torch.equal(y, y2) and torch.equal(mean, mean2) and torch.equal(rstd, rstd2)
+    for a, c in zip(r1, r2):
+        assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# GroupNorm / InstanceNorm
+# ------------------------------------------------------------------------------------------------
+def _layout(x, layout):
+    if layout == "cl":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "cl3d":
+        return x.contiguous(memory_format=torch.channels_last_3d)
+    return x.contiguous()
+
+
+def _fmt(layout):
+    return {"cl": torch.channels_last, "cl3d": torch.channels_last_3d}.get(layout, torch.contiguous_format)
+
+
+GN_CASES = [
+    # (shape, groups, layout)
+    ((2, 6, 7, 9), 3, "nchw"),
+    ((2, 6, 7, 9), 3, "cl"),
+    ((3, 64, 8, 8), 32, "nchw"),
+    ((3, 64, 8, 8), 32, "cl"),
+    ((2, 96, 64, 64), 32, "cl"),      # HW 4096
+    ((2, 96, 64, 64), 32, "nchw"),
+    ((2, 7, 5, 5), 7, "cl"),          # InstanceNorm, odd C, odd HW
+    ((2, 7, 5, 5), 7, "nchw"),
+    ((2, 7, 5, 5), 1, "nchw"),
+    ((2, 7, 5, 5), 1, "cl"),
+    ((4, 10, 1, 1), 2, "cl"),         # HW = 1
+    ((4, 10, 1, 1), 5, "nchw"),
+    ((5, 12), 4, "nchw"),             # rank 2: HW = 1
+    ((3, 9, 7), 3, "nchw"),           # rank 3
+    ((2, 16, 4, 6, 5), 4, "cl3d"),
+    ((2, 16, 4, 6, 5), 16, "cl3d"),
+    ((2, 16, 4, 6, 5), 2, "nchw"),
+    ((1, 8, 16, 16, 16), 8, "cl3d"),  # one sample, long instance rows
+    ((1, 8, 16, 16, 16), 8, "nchw"),
+    ((2, 3, 40, 40), 1, "cl"),        # C = 3: scalar channels_last path
+    ((2, 24, 1024), 2, "nchw"),       # long rows, few of them
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,G,layout", GN_CASES)
+def test_group_norm_fwd_bwd(dtype, shape, G, layout):
+    x = _layout(_randn(shape, dtype, 1.5, 0.25), layout)
+    C = shape[1]
+    w, b = _params((C,), dtype, None, "wb")
+    _poison_allocator(x)
+    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=_fmt(layout))
+    assert mean.shape == (shape[0], G) and mean.dtype == _stat(dtype)
+    dy = _layout(_randn(shape, dtype), layout)
+    ry, rmean, rrstd, (rdx, rdw, rdb) = _gn_ref(x, G, w, b, dy)
+    _check(y, ry, dtype, 0, _torch_gn(x, G, w, b), "y")
+    _check(mean, rmean, dtype, 0, None, "mean")
+    _check(rstd / rrstd.to(rstd.device, rstd.dtype), torch.ones_like(rrstd), dtype, 0, None, "rstd (relative)")
+    _poison_allocator(x)
+    dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
+    assert dx.dtype == dtype and dx.is_contiguous(memory_format=_fmt(layout))
+    _check(dx, rdx, dtype, 1, None, "dx")
+    _check(dw, rdw, dtype, 1, None, "dweight")
+    _check(db, rdb, dtype, 1, None, "dbias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("affine", ["wb", "w", "none"])
+def test_group_norm_mixed_params_and_out_dtype(dtype, layout, affine):
+    shape, G = (2, 40, 12, 12), 8
+    x = _layout(_randn(shape, dtype, 1.0, 0.5), layout)
+    w, b = _params((40,), dtype, torch.float32, affine)
+    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS, torch.float32)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=_fmt(layout))
+    dy = _layout(_randn(shape, torch.float32), layout)
+    ry, _, _, (rdx, rdw, rdb) = _gn_ref(x, G, w, b, dy)
+    _check(y, ry, torch.float32, 0, None, "y f32 out")
+    mask = [True, w is not None, b is not None]
+    dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, w, G, mask)
+    assert dx.dtype == dtype
+    _check(dx, rdx, dtype, 1, None, "dx")
+    if w is not None:
+        assert dw.dtype == torch.float32
+        _check(dw, rdw, torch.float32, 1, None, "dweight")
+    if b is not None:
+        _check(db, rdb, torch.float32, 1, None, "dbias")
+    # masks
+    dx2, dw2, db2 = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, False, False])
+    assert torch.equal(dx2, dx) and dw2.numel() == 0 and db2.numel() == 0
+    if w is not None:
+        dx3, dw3, _ = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [False, True, False])
+        assert dx3.numel() == 0 and torch.equal(dw3, dw)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_group_norm_fp16_large_values_and_constant_groups(layout):
+    shape, G = (2, 16, 10, 10), 4
+    x = _layout(_randn(shape, torch.float16, 8.0, 300.0), layout)
+    w, b = _params((16,), torch.float16, None, "wb")
+    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+    ry, rmean, _, _ = _gn_ref(x, G, w, b)
+    assert torch.isfinite(y).all()
+    _check(y, ry, torch.float16, 0, None, "y (values ~300)")
+    c = _layout(torch.full(shape, 0.1, dtype=torch.float16, device=DEVICE), layout)
+    y, mean, rstd = ops.group_norm_fwd(c, w, b, G, EPS)
+    assert torch.equal(y, b.view(1, -1, 1, 1).expand(shape)), "constant groups must give exactly the bias"
+    dx, dw, db = ops.group_norm_bwd(torch.ones_like(c), c, mean, rstd, w, G, [True, True, True])
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_group_norm_misaligned(layout):
+    shape, G = (2, 16, 6, 6), 4
+    n = math.prod(shape)
+    buf = _randn((n + 8,), torch.float16)
+    if layout == "cl":
+        N, C, H, W = shape
+        x = buf[1:1 + n].as_strided(shape, (H * W * C, 1, W * C, C))
+        assert x.is_contiguous(memory_format=torch.channels_last)
+    else:
+        x = buf[1:1 + n].view(shape)
+    w, b = _params((16,), torch.float16, None, "wb")
+    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+    assert y.is_contiguous(memory_format=_fmt(layout))
+    dy = _layout(_randn(shape, torch.float16), layout)
+    ry, _, _, (rdx, rdw, rdb) = _gn_ref(x, G, w, b, dy)
+    _check(y, ry, torch.float16, 0, None, "y misaligned")
+    dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
+    _check(dx, rdx, torch.float16, 1, None, "dx misaligned")
+    _check(dw, rdw, torch.float16, 1, None, "dw misaligned")
+    # other strides (a permuted view that is neither layout): contiguous output
+    xp = _randn((2, 6, 6, 16), torch.float32).permute(0, 3, 2, 1)
+    assert not xp.is_contiguous() and not xp.is_contiguous(memory_format=torch.channels_last)
+    y, _, _ = ops.group_norm_fwd(xp, None, None, G, EPS)
+    assert y.is_contiguous()
+    _check(y, _gn_ref(xp, G, None, None)[0], torch.float32, 0, None, "y permuted")
+
+
+def test_group_norm_empty():
+    x = torch.randn((0, 8, 4, 4), device=DEVICE)
+    w = torch.randn(8, device=DEVICE)
+    y, mean, rstd = ops.group_norm_fwd(x, w, w, 4, EPS)
+    assert y.shape == x.shape and mean.shape == (0, 4)
+    dx, dw, db = ops.group_norm_bwd(torch.randn_like(x), x, mean, rstd, w, 4, [True, True, True])
+    assert dx.shape == x.shape and (dw == 0).all() and (db == 0).all() and dw.shape == (8,)
+    x = torch.randn((2, 8, 0, 4), device=DEVICE)
+    y, mean, rstd = ops.group_norm_fwd(x, w, w, 4, EPS)
+    assert y.shape == x.shape and mean.shape == (2, 4)
+
+
+@pytest.mark.parametrize("shape,G,layout", [((8, 64, 32, 32), 32, "nchw"), ((8, 64, 32, 32), 32, "cl"),
+                                            ((2, 8, 16, 16, 16), 8, "cl3d"), ((2, 8, 16, 16, 16), 8, "nchw")])
+def test_group_norm_backward_bitwise_repeatable(shape, G, layout):
+    x = _layout(_randn(shape, torch.float32), layout)
+    w, b = _params((shape[1],), torch.float32, None, "wb")
+    dy = _layout(_randn(shape, torch.float32), layout)
+    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+    r1 = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
+    _poison_allocator(x)
+    y2, mean2, rstd2 = ops.group_norm_fwd(x, w, b, G, EPS)
+    r2 = ops.group_norm_bwd(dy, x, mean2, rstd2, w, G, [True, True, True])
+    assert torch.equal(y, y2) and torch.equal(mean, mean2) and torch.equal(rstd, rstd2)
+    for a, c in zip(r1, r2):
+        assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA only: graphs, realistic sizes
+# ------------------------------------------------------------------------------------------------
+@cuda_only
+@pytest.mark.parametrize("which", ["ln_small", "ln_long", "gn_nchw", "gn_cl"])
+def test_cuda_graph_capture_and_replay(which):
+    if which.startswith("ln"):
+        n = 1024 if which == "ln_small" else 65536
+        x = _randn((64, n), torch.float16)
+        w, b = _params((n,), torch.float32, None, "wb")
+        dy = _randn((64, n), torch.float16)
+        fwd = lambda: ops.layer_norm_fwd(x, [n], w, b, EPS)  # noqa: E731
+        bwd = lambda m, r: ops.layer_norm_bwd(dy, x, m, r, w, [n], [True, True, True])  # noqa: E731
+    else:
+        layout = "nchw" if which == "gn_nchw" else "cl"
+        x = _layout(_randn((4, 64, 24, 24), torch.bfloat16), layout)
+        w, b = _params((64,), torch.float32, None, "wb")
+        dy = _layout(_randn((4, 64, 24, 24), torch.bfloat16), layout)
+        fwd = lambda: ops.group_norm_fwd(x, w, b, 16, EPS)  # noqa: E731
+        bwd = lambda m, r: ops.group_norm_bwd(dy, x, m, r, w, 16, [True, True, True])  # noqa: E731
+
+    def step():
+        y, m, r = fwd()
+        return (y, m, r) + tuple(bwd(m, r))
+
+    expected = step()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        for a, e in zip(out, expected):
+            assert torch.equal(a, e)
+
+
+@cuda_only
+def test_realistic_shapes():
+    """The shapes the issue names: SD-UNet GroupNorm (few long rows) and InstanceNorm3d."""
+    for shape, G, layout, dtype in [((8, 320, 64, 64), 32, "nchw", torch.float16),
+                                    ((8, 320, 64, 64), 32, "cl", torch.float16),
+                                    ((2, 32, 64, 64, 64), 32, "nchw", torch.float32),
+                                    ((2, 32, 64, 64, 64), 32, "cl3d", torch.float32)]:
+        x = _layout(_randn(shape, dtype), layout)
+        w, b = _params((shape[1],), torch.float32, None, "wb")
+        y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+        ref = _torch_gn(x.float(), G, w, b)
+        _check(y, ref.double(), dtype, 0, None, f"y {shape} {layout}")
+        dy = _layout(_randn(shape, dtype), layout)
+        dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
+        xr = x.float().detach().requires_grad_()
+        wr = w.detach().clone().requires_grad_()
+        br = b.detach().clone().requires_grad_()
+        F.group_norm(xr, G, wr, br, EPS).backward(dy.float())
+        _check(dx, xr.grad.double(), dtype, 1, None, f"dx {shape} {layout}")
+        _check(dw, wr.grad.double(), torch.float32, 1, None, f"dw {shape} {layout}")
+        _check(db, br.grad.double(), torch.float32, 1, None, f"db {shape} {layout}")
