@@ -203,8 +203,11 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs
       bn::bn_fwd_apply_nchw<scalar_t, acc_t, V>
           <<<nchw_grid(grid_chunks, C), bn::kThreads, 0, stream>>>(x, yp, a);
     } else {
+      // Only the fused mode uses the shared memory (tree merge); the others take none, so the
+      // elementwise pass keeps full occupancy on parts with less shared memory per SM.
+      const size_t apply_smem = a.mode == bn::kModeFused ? smem : 0;
       bn::bn_fwd_apply_nhwc<scalar_t, acc_t, V>
-          <<<nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), smem, stream>>>(x, yp, a);
+          <<<nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream>>>(x, yp, a);
     }
     FASTNORM_LAUNCH_CHECK();
   };
@@ -377,8 +380,9 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
       bn::bn_bwd_apply_nchw<scalar_t, acc_t, V>
           <<<nchw_grid(grid_chunks, C), bn::kThreads, 0, stream>>>(dyp, x, dxp, a);
     } else {
+      const size_t apply_smem = a.mode == bn::kModeFused ? smem : 0;  // (as in the forward)
       bn::bn_bwd_apply_nhwc<scalar_t, acc_t, V>
-          <<<nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), smem, stream>>>(dyp, x, dxp, a);
+          <<<nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream>>>(dyp, x, dxp, a);
     }
     FASTNORM_LAUNCH_CHECK();
   };
