@@ -111,8 +111,9 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         _verify_batch_size(input)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                   num_batches_tracked, training, momentum, eps)
+    y, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                      num_batches_tracked, training, momentum, eps)
+    return y
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
