@@ -1,0 +1,401 @@
+// fastnorm::group_norm_fwd / group_norm_bwd on CUDA (InstanceNorm is num_groups == C): host side.
+// NCHW (contiguous) input: rows (n, g) of Cg*HW elements -> the row kernels of row_norm.cuh.
+// channels_last / channels_last_3d input: native kernels of row_gn.cuh that read NHWC directly
+// and write the output in the same memory format. Any other strides: .contiguous() first.
+#include "common.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+
+#include <array>
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "kernels/row_gn.cuh"
+#include "kernels/row_launch.cuh"
+
+namespace fastnorm {
+namespace {
+
+using row::acc_of;
+using row::ceil_div;
+using row::grid_of;
+
+bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_float_dtype(at::ScalarType dt, const char* op) {
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": expected a floating input (float32, float64, float16, bfloat16), got ", dt);
+}
+
+at::Tensor param(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t n, const char* op,
+                 const char* name) {
+  if (!has(t)) return at::Tensor();
+  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
+              x.device());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, op, ": ", name,
+              " must have the input's dtype (", x.scalar_type(), ") or float32, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->numel() == n, op, ": ", name, " must have ", n, " elements (one per channel), got ",
+              t->numel());
+  return t->contiguous();
+}
+
+struct Dims {
+  int64_t N = 0, C = 0, HW = 1, G = 1, Cg = 0;
+};
+
+Dims dims_of(const at::Tensor& x, int64_t num_groups, const char* op) {
+  TORCH_CHECK(x.dim() >= 2, op, ": expected an input of rank >= 2 (N, C, *), got shape ", x.sizes());
+  Dims d;
+  d.N = x.size(0);
+  d.C = x.size(1);
+  for (int64_t i = 2; i < x.dim(); ++i) d.HW *= x.size(i);
+  TORCH_CHECK(num_groups > 0 && d.C % num_groups == 0, op, ": num_groups (", num_groups,
+              ") must be positive and divide the number of channels (", d.C, ")");
+  d.G = num_groups;
+  d.Cg = d.C / num_groups;
+  return d;
+}
+
+// The layout the kernels read: channels_last(_3d) natively, plain contiguous, or a contiguous copy.
+bool channels_last_layout(const at::Tensor& input, at::MemoryFormat& fmt) {
+  if (input.is_contiguous()) {
+    fmt = at::MemoryFormat::Contiguous;
+    return false;
+  }
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    fmt = at::MemoryFormat::ChannelsLast;
+    return true;
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    fmt = at::MemoryFormat::ChannelsLast3d;
+    return true;
+  }
+  fmt = at::MemoryFormat::Contiguous;
+  return false;
+}
+
+// channels_last blocks: bx channel packs x by rows; the HW rows of each n split into K chunks so
+// that about 4 blocks per SM run, with at least 16 rows per chunk (the per-chunk partials stay a
+// small fraction of the data).
+row::ClShape plan_cl(const Dims& d, int vec, int sm) {
+  row::ClShape s;
+  s.N = d.N;
+  s.HW = d.HW;
+  s.C = d.C;
+  s.G = d.G;
+  s.Cg = d.Cg;
+  const int64_t Cp = d.C / vec;
+  s.bx = static_cast<int>(std::min<int64_t>(Cp, row::kClThreads));
+  s.CT = ceil_div(Cp, s.bx);
+  s.by = std::max(1, row::kClThreads / s.bx);
+  const int64_t want = ceil_div(4 * static_cast<int64_t>(sm), d.N * s.CT);
+  const int64_t min_rows = std::max<int64_t>(s.by, 16);
+  const int64_t kmax = std::max<int64_t>(1, d.HW / min_rows);
+  const int64_t K = std::max<int64_t>(1, std::min(want, kmax));
+  s.rpc = ceil_div(d.HW, K);
+  s.K = ceil_div(d.HW, s.rpc);
+  return s;
+}
+
+// ---- forward -------------------------------------------------------------------------------------
+template <typename T, int VEC>
+void cl_forward_vec(row::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T>* mean, acc_of<T>* rstd,
+                    const at::Tensor& like) {
+  using A = acc_of<T>;
+  const cudaStream_t stream = current_stream();
+  p.s = plan_cl(d, VEC, sm_count());
+  const row::ClShape& s = p.s;
+  const int64_t blocks = s.N * s.K * s.CT;
+  at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, row::acc_options(like));
+  row::cl_welford_partial_kernel<T, VEC><<<grid_of(blocks), s.bx * s.by, 0, stream>>>(
+      p.x, s, ws.data_ptr<A>());
+  FASTNORM_LAUNCH_CHECK();
+  row::cl_welford_finalize_kernel<A><<<grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream>>>(
+      ws.data_ptr<A>(), s, eps, mean, rstd);
+  FASTNORM_LAUNCH_CHECK();
+  p.mean = mean;
+  p.rstd = rstd;
+  row::cl_apply_kernel<T, VEC><<<grid_of(blocks), s.bx * s.by, 0, stream>>>(p);
+  FASTNORM_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t num_groups, double eps,
+    std::optional<at::ScalarType> out_dtype) {
+  constexpr const char* op = "fastnorm::group_norm_fwd";
+  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got device ", input.device());
+  c10::cuda::CUDAGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  check_float_dtype(dt, op);
+  const at::ScalarType odt = out_dtype.value_or(dt);
+  TORCH_CHECK(odt == dt || odt == at::kFloat, op, ": out_dtype must be the input's dtype (", dt,
+              ") or float32, got ", odt);
+  const Dims d = dims_of(input, num_groups, op);
+  const at::Tensor w = param(weight, input, d.C, op, "weight");
+  const at::Tensor b = param(bias, input, d.C, op, "bias");
+  at::MemoryFormat fmt;
+  const bool cl = channels_last_layout(input, fmt);
+  const at::Tensor x = cl ? input : input.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(odt).memory_format(fmt));
+  const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
+  if (d.N == 0) return {y, at::empty({0, d.G}, ao), at::empty({0, d.G}, ao)};
+  if (d.HW == 0 || d.Cg == 0)  // empty groups: as ATen's LayerNorm, mean 0 and rstd NaN
+    return {y, at::zeros({d.N, d.G}, ao), at::full({d.N, d.G}, NAN, ao)};
+  at::Tensor mean = at::empty({d.N, d.G}, ao);
+  at::Tensor rstd = at::empty({d.N, d.G}, ao);
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::group_norm_fwd", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    const void* wp = w.defined() ? w.data_ptr() : nullptr;
+    const void* bp = b.defined() ? b.data_ptr() : nullptr;
+    const bool w32 = w.defined() && w.scalar_type() == at::kFloat;
+    const bool b32 = b.defined() && b.scalar_type() == at::kFloat;
+    if (!cl) {
+      row::RowFwd<T> p;
+      p.x = x.data_ptr<T>();
+      p.y = y.data_ptr();
+      p.y_f32 = odt == at::kFloat;
+      p.w = wp;
+      p.w_f32 = w32;
+      p.b = bp;
+      p.b_f32 = b32;
+      p.mean = mean.data_ptr<A>();
+      p.rstd = rstd.data_ptr<A>();
+      p.M = d.N * d.G;
+      p.L = d.Cg * d.HW;
+      p.eps = static_cast<A>(eps);
+      p.gn.G = d.G;
+      p.gn.Cg = d.Cg;
+      p.gn.HW = d.HW;
+      row::row_forward<T, true>(p, x);
+    } else {
+      row::ClFwd<T> p;
+      p.x = x.data_ptr<T>();
+      p.y = y.data_ptr();
+      p.y_f32 = odt == at::kFloat;
+      p.w = wp;
+      p.w_f32 = w32;
+      p.b = bp;
+      p.b_f32 = b32;
+      constexpr int V = row::kVec16<T>;
+      const bool vec = d.C % V == 0 && is_aligned(p.x, 16) && is_aligned(p.y, 16);
+      if (vec)
+        cl_forward_vec<T, V>(p, d, static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>(), x);
+      else
+        cl_forward_vec<T, 1>(p, d, static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>(), x);
+    }
+  });
+  return {y, mean, rstd};
+}
+
+// ---- backward ------------------------------------------------------------------------------------
+// Per-(n, c) sums S = sum(dy * xhat), B = sum(dy) -> [N*C] each (pointers into `keep`).
+template <typename T, int VEC>
+void nchw_channel_sums(const row::RowSums<T>& base, const Dims& d, at::Tensor& keep,
+                       const acc_of<T>*& S, const acc_of<T>*& B, const at::Tensor& like) {
+  using A = acc_of<T>;
+  const cudaStream_t stream = current_stream();
+  const int sm = sm_count();
+  const row::Items it = row::plan_items(d.N * d.C, d.HW, VEC, static_cast<int64_t>(sm) * 64);
+  const int64_t items = it.M * it.S;
+  at::Tensor ws = at::empty({2 * items}, row::acc_options(like));
+  row::RowSums<T> p = base;
+  p.w = nullptr;
+  p.stat_div = d.Cg;
+  p.ws = ws.data_ptr<A>();
+  row::row_sums_partial_kernel<T, VEC><<<row::item_grid(it), row::kItemThreads, 0, stream>>>(p, it);
+  FASTNORM_LAUNCH_CHECK();
+  // row_sums_partial: ws[0] = sum(dy) (= B), ws[1] = sum(dy * xhat) (= S)
+  if (it.S == 1) {
+    keep = ws;
+    B = p.ws;
+    S = p.ws + items;
+    return;
+  }
+  const int64_t nc = d.N * d.C;
+  keep = at::empty({2 * nc}, row::acc_options(like));
+  A* o = keep.data_ptr<A>();
+  row::row_sums_finalize_kernel<A><<<grid_of(ceil_div(nc, 8)), 256, 0, stream>>>(
+      p.ws, nc, it.S, 1, it.S, 0, 1, items, o, o + nc);
+  FASTNORM_LAUNCH_CHECK();
+  B = o;
+  S = o + nc;
+}
+
+template <typename T, int VEC>
+void nchw_dx(row::GnDx<T> p, const Dims& d) {
+  const int64_t L = d.Cg * d.HW;
+  p.gn.G = d.G;
+  p.gn.Cg = d.Cg;
+  p.gn.HW = d.HW;
+  p.gn.pack_in_channel = d.HW % VEC == 0;
+  p.gn.div64 = L >= (int64_t(1) << 31);
+  if (!p.gn.div64) p.gn.hw_div = row::FastDiv(static_cast<uint32_t>(d.HW));
+  const row::Items it = row::plan_items(d.N * d.G, L, VEC, static_cast<int64_t>(sm_count()) * 64);
+  row::gn_dx_nchw_kernel<T, VEC><<<row::item_grid(it), row::kItemThreads, 0, current_stream()>>>(p, it);
+  FASTNORM_LAUNCH_CHECK();
+}
+
+template <typename T, int VEC>
+void cl_channel_sums(const row::ClBwd<T>& base, const Dims& d, at::Tensor& keep,
+                     const acc_of<T>*& S, const acc_of<T>*& B, const at::Tensor& like) {
+  using A = acc_of<T>;
+  const cudaStream_t stream = current_stream();
+  row::ClBwd<T> p = base;
+  p.s = plan_cl(d, VEC, sm_count());
+  const row::ClShape& s = p.s;
+  const int64_t plane = s.N * s.K * s.C;
+  at::Tensor ws = at::empty({2 * plane}, row::acc_options(like));
+  row::cl_bwd_sums_kernel<T, VEC><<<grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream>>>(
+      p, ws.data_ptr<A>());
+  FASTNORM_LAUNCH_CHECK();
+  // cl_bwd_sums: ws[0] = S, ws[1] = B, laid out [N, K, C]
+  if (s.K == 1) {
+    keep = ws;
+    S = ws.data_ptr<A>();
+    B = S + plane;
+    return;
+  }
+  const int64_t nc = d.N * d.C;
+  keep = at::empty({2 * nc}, row::acc_options(like));
+  A* o = keep.data_ptr<A>();
+  row::row_sums_finalize_kernel<A><<<grid_of(ceil_div(nc, 8)), 256, 0, stream>>>(
+      ws.data_ptr<A>(), nc, s.K, s.C, s.K * s.C, 1, s.C, plane, o, o + nc);
+  FASTNORM_LAUNCH_CHECK();
+  S = o;
+  B = o + nc;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, int64_t num_groups,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "fastnorm::group_norm_bwd";
+  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got device ", input.device());
+  c10::cuda::CUDAGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  check_float_dtype(dt, op);
+  const at::ScalarType sd = stat_dtype(dt);
+  for (const at::Tensor* t : {&grad_out, &mean, &rstd})
+    TORCH_CHECK(t->device() == input.device(), op, ": all tensors must be on ", input.device(),
+                ", got one on ", t->device());
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but input has shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == dt || grad_out.scalar_type() == at::kFloat, op,
+              ": grad_out must have the input's dtype (", dt, ") or float32, got ",
+              grad_out.scalar_type());
+  const Dims d = dims_of(input, num_groups, op);
+  const at::Tensor w = param(weight, input, d.C, op, "weight");
+  const at::ScalarType wd = w.defined() ? w.scalar_type() : dt;
+  at::MemoryFormat fmt;
+  const bool cl = channels_last_layout(input, fmt);
+  const at::Tensor x = cl ? input : input.contiguous();
+  const at::TensorOptions wo = x.options().dtype(wd);
+  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(fmt))
+                                 : at::empty({0}, x.options());
+  if (d.N == 0 || d.HW == 0 || d.Cg == 0) {  // nothing to reduce
+    at::Tensor dw = output_mask[1] ? at::zeros({d.C}, wo) : at::empty({0}, wo);
+    at::Tensor db = output_mask[2] ? at::zeros({d.C}, wo) : at::empty({0}, wo);
+    return {dx, dw, db};
+  }
+  at::Tensor dw = output_mask[1] ? at::empty({d.C}, wo) : at::empty({0}, wo);
+  at::Tensor db = output_mask[2] ? at::empty({d.C}, wo) : at::empty({0}, wo);
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {dx, dw, db};
+  TORCH_CHECK(mean.numel() == d.N * d.G && rstd.numel() == d.N * d.G, op,
+              ": mean and rstd must have N * num_groups = ", d.N * d.G, " elements, got ",
+              mean.numel(), " and ", rstd.numel());
+  const at::Tensor mu = mean.to(sd).contiguous();
+  const at::Tensor rs = rstd.to(sd).contiguous();
+  const at::Tensor dy = grad_out.contiguous(fmt);
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::group_norm_bwd", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    constexpr int V = row::kVec16<T>;
+    const cudaStream_t stream = current_stream();
+    const T* xp = x.data_ptr<T>();
+    const void* dyp = dy.data_ptr();
+    const bool dy32 = dy.scalar_type() == at::kFloat;
+    const A* mup = mu.data_ptr<A>();
+    const A* rsp = rs.data_ptr<A>();
+    at::Tensor keep;
+    const A* S = nullptr;
+    const A* B = nullptr;
+    // 1. per-(n, c) sums
+    if (!cl) {
+      row::RowSums<T> p;
+      p.x = xp;
+      p.dy = dyp;
+      p.dy_f32 = dy32;
+      p.mean = mup;
+      p.rstd = rsp;
+      const bool vec = d.HW % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16);
+      if (vec) nchw_channel_sums<T, V>(p, d, keep, S, B, x);
+      else nchw_channel_sums<T, 1>(p, d, keep, S, B, x);
+    } else {
+      row::ClBwd<T> p;
+      p.x = xp;
+      p.dy = dyp;
+      p.dy_f32 = dy32;
+      p.mean = mup;
+      p.rstd = rsp;
+      const bool vec = d.C % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16);
+      if (vec) cl_channel_sums<T, V>(p, d, keep, S, B, x);
+      else cl_channel_sums<T, 1>(p, d, keep, S, B, x);
+    }
+    // 2. dweight = sum_n S[n, c], dbias = sum_n B[n, c]
+    if (output_mask[1] || output_mask[2])
+      row::launch_col_sums<T>(output_mask[1] ? S : nullptr, output_mask[2] ? B : nullptr, d.N, d.C,
+                              output_mask[1] ? dw.data_ptr() : nullptr,
+                              output_mask[2] ? db.data_ptr() : nullptr, wd == at::kFloat);
+    if (!output_mask[0]) return;
+    // 3. per-(n, g) coefficients, then dx
+    at::Tensor coef = at::empty({2 * d.N * d.G}, row::acc_options(x));
+    A* c1 = coef.data_ptr<A>();
+    A* c2 = c1 + d.N * d.G;
+    const A invD = A(1) / static_cast<A>(d.Cg * d.HW);
+    row::gn_bwd_coef_kernel<T><<<grid_of(ceil_div(d.N * d.G, 8)), 256, 0, stream>>>(
+        S, B, w.defined() ? w.data_ptr() : nullptr, w.defined() && w.scalar_type() == at::kFloat,
+        d.N, d.C, d.G, d.Cg, invD, c1, c2);
+    FASTNORM_LAUNCH_CHECK();
+    row::GnDx<T> p;
+    p.x = xp;
+    p.dy = dyp;
+    p.dy_f32 = dy32;
+    p.mean = mup;
+    p.rstd = rsp;
+    p.c1 = c1;
+    p.c2 = c2;
+    p.w = w.defined() ? w.data_ptr() : nullptr;
+    p.w_f32 = w.defined() && w.scalar_type() == at::kFloat;
+    p.dx = dx.data_ptr<T>();
+    if (!cl) {
+      const bool vec = (d.Cg * d.HW) % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16) &&
+                       is_aligned(p.dx, 16);
+      if (vec) nchw_dx<T, V>(p, d);
+      else nchw_dx<T, 1>(p, d);
+    } else {
+      const bool vec = d.C % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16) &&
+                       is_aligned(p.dx, 16);
+      const row::ClShape sd2 = plan_cl(d, vec ? V : 1, sm_count());
+      if (vec)
+        row::cl_dx_kernel<T, V><<<grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream>>>(p, sd2);
+      else
+        row::cl_dx_kernel<T, 1><<<grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream>>>(p, sd2);
+      FASTNORM_LAUNCH_CHECK();
+    }
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace fastnorm
+
+TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
+  m.impl("group_norm_fwd", TORCH_FN(fastnorm::group_norm_fwd));
+  m.impl("group_norm_bwd", TORCH_FN(fastnorm::group_norm_bwd));
+}

@@ -1,0 +1,224 @@
+// Host side of the row family: launch plans (which kernel for which shape) and launchers shared by
+// layer_norm.cu and group_norm.cu. Raw pointers in, kernels out on the current stream; workspaces
+// come from the caching allocator (at::empty). Include after common.h.
+#pragma once
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common.h"
+#include "kernels/row_norm.cuh"
+
+namespace fastnorm {
+namespace row {
+
+constexpr int64_t kMaxGrid = int64_t(1) << 20;  // kernels loop (grid-stride) beyond this
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+inline int pow2_ceil(int64_t v) {
+  int p = 1;
+  while (p < v && p < (1 << 30)) p <<= 1;
+  return p;
+}
+inline unsigned grid_of(int64_t blocks) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxGrid)));
+}
+
+template <typename T>
+inline bool aligned16(const T* p) {
+  return p == nullptr || is_aligned(p, 16);
+}
+
+// ---- cached (rows in registers) plans ---------------------------------------------------------
+struct CachedPlan {
+  bool ok = false;
+  int tpr = 1;       // threads per row, a power of two
+  int threads = 0;   // block size
+  int64_t row_blocks = 0;
+};
+
+// packs_per_thread: the kernel's register capacity; sub_warp_threads: block size when tpr <= 32.
+inline CachedPlan plan_cached(int64_t M, int64_t L, int vec, int packs_per_thread, int max_tpr,
+                              int sub_warp_threads, int sm) {
+  CachedPlan c;
+  const int64_t packs = L / vec;
+  const int64_t need = std::max<int64_t>(1, ceil_div(packs, packs_per_thread));
+  if (need > max_tpr) return c;
+  int tpr = pow2_ceil(need);
+  // more threads per row while rows are too few to fill the GPU and every thread keeps a pack
+  const int64_t target = static_cast<int64_t>(sm) * 2048;
+  while (tpr < max_tpr && tpr < packs && M * tpr < target) tpr <<= 1;
+  c.ok = true;
+  c.tpr = tpr;
+  c.threads = tpr <= 32 ? sub_warp_threads : tpr;
+  c.row_blocks = ceil_div(M, c.threads / tpr);
+  return c;
+}
+
+// ---- (row, chunk) items ---------------------------------------------------------------------------
+// About target_items items: rows split into chunks of whole warp iterations when rows are long or
+// few, whole rows otherwise; tpr lanes per item.
+inline Items plan_items(int64_t M, int64_t L, int vec, int64_t target_items) {
+  Items it;
+  it.M = M;
+  it.L = L;
+  const int64_t Lp = std::max<int64_t>(1, L / vec);
+  const int64_t step = 32 * kUnroll;  // packs a full warp covers per iteration
+  int64_t cp = std::max<int64_t>(ceil_div(M * Lp, std::max<int64_t>(1, target_items)), 4 * step);
+  if (cp >= Lp) {
+    cp = Lp;
+  } else {
+    cp = round_up(cp, step);
+    if (cp >= Lp) cp = Lp;
+  }
+  it.S = ceil_div(Lp, cp);
+  it.chunk = cp * vec;
+  it.tpr = std::min(32, pow2_ceil(ceil_div(cp, kUnroll)));
+  return it;
+}
+
+inline unsigned item_grid(const Items& it) {
+  return grid_of(ceil_div(it.M * it.S, kItemThreads / it.tpr));
+}
+
+inline at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(stat_dtype(like.scalar_type()));
+}
+
+// ---- forward: LayerNorm rows and GroupNorm NCHW rows ----------------------------------------------
+template <typename T, int VEC, bool GN>
+void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
+  using A = acc_of<T>;
+  const int sm = sm_count();
+  const cudaStream_t stream = current_stream();
+  if constexpr (GN) {
+    p.gn.pack_in_channel = p.gn.HW % VEC == 0;
+    p.gn.div64 = p.L >= (int64_t(1) << 31);
+    if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(p.gn.HW));
+  }
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, kFwdPacks<T, VEC>, 1024, 128, sm);
+  const bool split = !c.ok || (p.L >= 8192 && p.M * c.tpr < static_cast<int64_t>(sm) * 512);
+  if (!split) {
+    row_fwd_cached_kernel<T, VEC, GN><<<grid_of(c.row_blocks), c.threads, 0, stream>>>(p, c.tpr);
+    FASTNORM_LAUNCH_CHECK();
+    return;
+  }
+  const Items it = plan_items(p.M, p.L, VEC, static_cast<int64_t>(sm) * 64);
+  const int64_t items = it.M * it.S;
+  at::Tensor ws = at::empty({3 * items}, acc_options(like));
+  A* wsp = ws.data_ptr<A>();
+  row_welford_partial_kernel<T, VEC><<<item_grid(it), kItemThreads, 0, stream>>>(p.x, it, wsp);
+  FASTNORM_LAUNCH_CHECK();
+  row_welford_finalize_kernel<A><<<grid_of(ceil_div(p.M, 8)), 256, 0, stream>>>(
+      wsp, p.M, it.S, p.eps, p.mean, p.rstd);
+  FASTNORM_LAUNCH_CHECK();
+  row_apply_kernel<T, VEC, GN><<<item_grid(it), kItemThreads, 0, stream>>>(p, it);
+  FASTNORM_LAUNCH_CHECK();
+}
+
+// Packs of 16 bytes when the row length and every pointer allow, single elements otherwise.
+template <typename T, bool GN>
+void row_forward(const RowFwd<T>& p, const at::Tensor& like) {
+  constexpr int V = kVec16<T>;
+  const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.w) &&
+                   aligned16(p.b);
+  if (vec) row_forward_vec<T, V, GN>(p, like);
+  else row_forward_vec<T, 1, GN>(p, like);
+}
+
+// ---- column sums of partials -> dweight / dbias ---------------------------------------------------
+template <typename T>
+void launch_col_sums(const acc_of<T>* ws1, const acc_of<T>* ws2, int64_t K, int64_t ncols,
+                     void* out1, void* out2, bool out_f32) {
+  if ((ws1 == nullptr || out1 == nullptr) && (ws2 == nullptr || out2 == nullptr)) return;
+  const int ky = std::min(32, pow2_ceil(K));
+  const dim3 grid(grid_of(ceil_div(ncols, 1024 / ky)), 2);
+  col_sum_finalize_kernel<T><<<grid, 1024, 0, current_stream()>>>(ws1, ws2, K, ncols, ky, out1,
+                                                                   out2, out_f32);
+  FASTNORM_LAUNCH_CHECK();
+}
+
+// ---- LayerNorm backward ----------------------------------------------------------------------------
+// p.ws_dw / p.ws_db are set here (non-null means "wanted"); dw_out / db_out [L] in T or float32.
+template <typename T, int VEC>
+void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void* db_out,
+                     bool dwb_f32, const at::Tensor& like) {
+  using A = acc_of<T>;
+  const int sm = sm_count();
+  const cudaStream_t stream = current_stream();
+  const at::TensorOptions ao = acc_options(like);
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, kBwdPacks<VEC>, kBwdCachedMaxThreads<T>, 256, sm);
+  const bool split = !c.ok || (p.L >= 4096 && p.M * c.tpr < static_cast<int64_t>(sm) * 512);
+  at::Tensor ws_dw, ws_db;
+  if (!split) {
+    // one wave of resident blocks: each handles many rows, so the [grid, L] column partials
+    // stay a small fraction of the traffic
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, ln_bwd_cached_kernel<T, VEC>, c.threads, 0));
+    const int64_t grid =
+        std::max<int64_t>(1, std::min<int64_t>(c.row_blocks, int64_t(sm) * std::max(1, per_sm)));
+    if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
+    if (want_db) ws_db = at::empty({grid, p.L}, ao);
+    p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
+    p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
+    ln_bwd_cached_kernel<T, VEC><<<static_cast<unsigned>(grid), c.threads, 0, stream>>>(p, c.tpr);
+    FASTNORM_LAUNCH_CHECK();
+    launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out, dwb_f32);
+    return;
+  }
+  // long rows: row sums by (row, chunk) items, then a column-chunked pass
+  const Items it = plan_items(p.M, p.L, VEC, static_cast<int64_t>(sm) * 64);
+  const int64_t items = it.M * it.S;
+  at::Tensor ws1 = at::empty({2 * items}, ao);
+  RowSums<T> rsp;
+  rsp.x = p.x;
+  rsp.dy = p.dy;
+  rsp.dy_f32 = p.dy_f32;
+  rsp.mean = p.mean;
+  rsp.rstd = p.rstd;
+  rsp.w = p.w;
+  rsp.w_f32 = p.w_f32;
+  rsp.stat_div = 1;
+  rsp.ws = ws1.data_ptr<A>();
+  row_sums_partial_kernel<T, VEC><<<item_grid(it), kItemThreads, 0, stream>>>(rsp, it);
+  FASTNORM_LAUNCH_CHECK();
+  const A* rs1 = rsp.ws;
+  const A* rs2 = rsp.ws + items;
+  at::Tensor rs;
+  if (it.S > 1) {
+    rs = at::empty({2 * p.M}, ao);
+    A* r = rs.data_ptr<A>();
+    row_sums_finalize_kernel<A><<<grid_of(ceil_div(p.M, 8)), 256, 0, stream>>>(
+        rsp.ws, p.M, it.S, 1, it.S, 0, 1, items, r, r + p.M);
+    FASTNORM_LAUNCH_CHECK();
+    rs1 = r;
+    rs2 = r + p.M;
+  }
+  int threads = kBwdSplitMaxThreads;
+  while (threads > 128 && ceil_div(p.L, int64_t(threads) * kBwdElems) * p.M < 2 * sm) threads /= 2;
+  const int64_t S2 = ceil_div(p.L, int64_t(threads) * kBwdElems);
+  const int64_t RG = std::max<int64_t>(1, std::min<int64_t>(p.M, ceil_div(2 * sm, S2)));
+  if (want_dw) ws_dw = at::empty({RG, p.L}, ao);
+  if (want_db) ws_db = at::empty({RG, p.L}, ao);
+  p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
+  p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
+  ln_bwd_split_kernel<T, VEC><<<grid_of(RG * S2), threads, 0, stream>>>(p, rs1, rs2, S2, RG);
+  FASTNORM_LAUNCH_CHECK();
+  launch_col_sums<T>(p.ws_dw, p.ws_db, RG, p.L, dw_out, db_out, dwb_f32);
+}
+
+template <typename T>
+void ln_backward(const RowBwd<T>& p, bool want_dw, bool want_db, void* dw_out, void* db_out,
+                 bool dwb_f32, const at::Tensor& like) {
+  constexpr int V = kVec16<T>;
+  const bool vec = p.L % V == 0 && aligned16(p.x) && is_aligned(p.dy, 16) && aligned16(p.dx) &&
+                   (p.w == nullptr || is_aligned(p.w, 16));
+  if (vec) ln_backward_vec<T, V>(p, want_dw, want_db, dw_out, db_out, dwb_f32, like);
+  else ln_backward_vec<T, 1>(p, want_dw, want_db, dw_out, db_out, dwb_f32, like);
+}
+
+}  // namespace row
+}  // namespace fastnorm

@@ -1,0 +1,150 @@
+// Vector load/store of packs, dtype helpers and a fast 32-bit divider for the row-family kernels.
+// Framework-free device code (cuda + c10's Half/BFloat16 value types only).
+#pragma once
+#include <cuda_runtime.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace fastnorm {
+namespace row {
+
+// Accumulation type: fp64 for fp64 data, fp32 otherwise.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_of = typename AccOf<T>::type;
+
+// Elements per 16-byte access.
+template <typename T> inline constexpr int kVec16 = 16 / int(sizeof(T));
+
+__device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
+__device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }
+
+// Loads VEC consecutive elements. p must be aligned to min(16, VEC * sizeof(T)) bytes (the host
+// checks the base pointer; offsets are multiples of VEC elements).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_raw(const T* __restrict__ p, T (&v)[VEC]) {
+  constexpr int kBytes = int(sizeof(T)) * VEC;
+  if constexpr (VEC == 1) {
+    v[0] = p[0];
+  } else if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      const uint4 u = reinterpret_cast<const uint4*>(p)[i];
+      memcpy(reinterpret_cast<char*>(v) + 16 * i, &u, 16);
+    }
+  } else if constexpr (kBytes == 8) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    memcpy(v, &u, 8);
+  } else if constexpr (kBytes == 4) {
+    const uint32_t u = *reinterpret_cast<const uint32_t*>(p);
+    memcpy(v, &u, 4);
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = p[i];
+  }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_raw(T* __restrict__ p, const T (&v)[VEC]) {
+  constexpr int kBytes = int(sizeof(T)) * VEC;
+  if constexpr (VEC == 1) {
+    p[0] = v[0];
+  } else if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      uint4 u;
+      memcpy(&u, reinterpret_cast<const char*>(v) + 16 * i, 16);
+      reinterpret_cast<uint4*>(p)[i] = u;
+    }
+  } else if constexpr (kBytes == 8) {
+    uint2 u;
+    memcpy(&u, v, 8);
+    *reinterpret_cast<uint2*>(p) = u;
+  } else if constexpr (kBytes == 4) {
+    uint32_t u;
+    memcpy(&u, v, 4);
+    *reinterpret_cast<uint32_t*>(p) = u;
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) p[i] = v[i];
+  }
+}
+
+template <typename A, typename T, int VEC>
+__device__ __forceinline__ void load_acc(const T* __restrict__ p, A (&a)[VEC]) {
+  T v[VEC];
+  load_raw<T, VEC>(p, v);
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) a[i] = static_cast<A>(v[i]);
+}
+
+// Tensors whose dtype is either T or float32 (parameters in the AMP case, a float32 grad_out, a
+// float32 output under autocast): `f32` picks at run time; one kernel serves both.
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void load_tf(const void* base, bool f32, int64_t i, A (&a)[VEC]) {
+  if constexpr (std::is_same_v<T, float>) {
+    load_acc<A, float, VEC>(static_cast<const float*>(base) + i, a);
+  } else {
+    if (f32) load_acc<A, float, VEC>(static_cast<const float*>(base) + i, a);
+    else load_acc<A, T, VEC>(static_cast<const T*>(base) + i, a);
+  }
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ A load1_tf(const void* base, bool f32, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) {
+    return static_cast<A>(static_cast<const float*>(base)[i]);
+  } else {
+    return f32 ? static_cast<A>(static_cast<const float*>(base)[i])
+               : static_cast<A>(static_cast<const T*>(base)[i]);
+  }
+}
+
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void store_as(T* p, const A (&a)[VEC]) {
+  T v[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) v[i] = static_cast<T>(a[i]);
+  store_raw<T, VEC>(p, v);
+}
+
+template <typename T, int VEC, typename A>
+__device__ __forceinline__ void store_tf(void* base, bool f32, int64_t i, const A (&a)[VEC]) {
+  if constexpr (std::is_same_v<T, float>) {
+    store_as<float, VEC, A>(static_cast<float*>(base) + i, a);
+  } else {
+    if (f32) store_as<float, VEC, A>(static_cast<float*>(base) + i, a);
+    else store_as<T, VEC, A>(static_cast<T*>(base) + i, a);
+  }
+}
+
+template <typename T, typename A>
+__device__ __forceinline__ void store1_tf(void* base, bool f32, int64_t i, A a) {
+  if constexpr (std::is_same_v<T, float>) {
+    static_cast<float*>(base)[i] = static_cast<float>(a);
+  } else {
+    if (f32) static_cast<float*>(base)[i] = static_cast<float>(a);
+    else static_cast<T*>(base)[i] = static_cast<T>(a);
+  }
+}
+
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 with a multiply and a shift (the round-up method
+// PyTorch's IntDivider uses).
+struct FastDiv {
+  uint32_t d = 1, m = 1, s = 0;
+  FastDiv() = default;
+  __host__ explicit FastDiv(uint32_t divisor) : d(divisor) {
+    s = 0;
+    while (s < 32 && (uint64_t(1) << s) < divisor) ++s;
+    const uint64_t one = 1;
+    m = static_cast<uint32_t>(((one << 32) * ((one << s) - divisor)) / divisor + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
+};
+
+}  // namespace row
+}  // namespace fastnorm
