@@ -17,13 +17,11 @@ namespace fastnorm {
 namespace {
 
 using row::acc_of;
+using row::has;
+using row::check_float_dtype;
+using row::param;
+using row::check_backward_inputs;
 
-bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-void check_float_dtype(at::ScalarType dt, const char* op) {
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": expected a floating input (float32, float64, float16, bfloat16), got ", dt);
-}
 
 // N = prod(normalized_shape), which must be the trailing dims of x.
 int64_t row_length(const at::Tensor& x, at::IntArrayRef ns, const char* op) {
@@ -45,17 +43,6 @@ int64_t leading_rows(const at::Tensor& x, int64_t k) {
   return m;
 }
 
-at::Tensor param(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t n, const char* op,
-                 const char* name) {
-  if (!has(t)) return at::Tensor();
-  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
-              x.device());
-  TORCH_CHECK(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, op, ": ", name,
-              " must have the input's dtype (", x.scalar_type(), ") or float32, got ",
-              t->scalar_type());
-  TORCH_CHECK(t->numel() == n, op, ": ", name, " must have ", n, " elements, got ", t->numel());
-  return t->contiguous();
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& input, at::IntArrayRef normalized_shape,
@@ -111,14 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   const at::ScalarType dt = input.scalar_type();
   check_float_dtype(dt, op);
   const at::ScalarType sd = stat_dtype(dt);
-  for (const at::Tensor* t : {&grad_out, &mean, &rstd})
-    TORCH_CHECK(t->device() == input.device(), op, ": all tensors must be on ", input.device(),
-                ", got one on ", t->device());
-  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
-              " but input has shape ", input.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == dt || grad_out.scalar_type() == at::kFloat, op,
-              ": grad_out must have the input's dtype (", dt, ") or float32, got ",
-              grad_out.scalar_type());
+  check_backward_inputs(grad_out, input, mean, rstd, op);
   const int64_t N = row_length(input, normalized_shape, op);
   const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
   const at::Tensor w = param(weight, input, N, op, "weight");

@@ -165,34 +165,6 @@ struct NchwCursor {
 // ---------------------------------------------------------------------------------------------
 // Block-level reductions with a fixed order.
 
-// Two sums over a 1-D block (blockDim.x a multiple of 32, at most 1024). `sh` holds 64 values.
-template <typename acc_t>
-__device__ __forceinline__ void block_sum2(acc_t& a, acc_t& b, acc_t* sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int num_warps = blockDim.x >> 5;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  __syncthreads();  // `sh` may still be read by a previous call
-  if (lane == 0) {
-    sh[warp] = a;
-    sh[32 + warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    acc_t x = lane < num_warps ? sh[lane] : acc_t(0);
-    acc_t y = lane < num_warps ? sh[32 + lane] : acc_t(0);
-    x = warp_sum(x);
-    y = warp_sum(y);
-    if (lane == 0) {
-      sh[0] = x;
-      sh[32] = y;
-    }
-  }
-  __syncthreads();
-  a = sh[0];
-  b = sh[32];
-}
-
 // NHWC blocks are (tx, ty): threadIdx.x picks V channels, threadIdx.y a row lane. Merge the
 // states of the ty row lanes per channel with a tree over threadIdx.y (ty a power of two).
 // Every thread returns the total for its V channels. `smem`: 3 * blockDim.x * blockDim.y * V.

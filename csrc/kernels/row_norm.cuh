@@ -107,34 +107,6 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
   }
 }
 
-// Two sums over a block (blockDim.x a multiple of 32) in a fixed order; every thread gets both.
-// sh holds 64 values.
-template <typename A>
-__device__ __forceinline__ void block_sum2(A& a, A& b, A* sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nw = (blockDim.x + 31) >> 5;
-  a = warp_sum(a);
-  b = warp_sum(b);
-  __syncthreads();  // sh may still be read by a previous call
-  if (lane == 0) {
-    sh[warp] = a;
-    sh[32 + warp] = b;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    A u = lane < nw ? sh[lane] : A(0);
-    A v = lane < nw ? sh[32 + lane] : A(0);
-    u = warp_sum(u);
-    v = warp_sum(v);
-    if (lane == 0) {
-      sh[0] = u;
-      sh[32] = v;
-    }
-  }
-  __syncthreads();
-  a = sh[0];
-  b = sh[32];
-}
 
 // ------------------------------------------------------------------------------------------------
 // Forward, rows in registers. tpr threads per row (a power of two): tpr <= 32 -> blockDim/tpr rows

@@ -80,4 +80,33 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v, int width = 32) {
   return v;
 }
 
+// Two sums over a block (blockDim.x a multiple of 32) in a fixed order; every thread gets both.
+// sh holds 64 values. Must be called by all threads of the block.
+template <typename acc_t>
+__device__ __forceinline__ void block_sum2(acc_t& a, acc_t& b, acc_t* sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int num_warps = (blockDim.x + 31) >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();  // `sh` may still be read by a previous call
+  if (lane == 0) {
+    sh[warp] = a;
+    sh[32 + warp] = b;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    acc_t x = lane < num_warps ? sh[lane] : acc_t(0);
+    acc_t y = lane < num_warps ? sh[32 + lane] : acc_t(0);
+    x = warp_sum(x);
+    y = warp_sum(y);
+    if (lane == 0) {
+      sh[0] = x;
+      sh[32] = y;
+    }
+  }
+  __syncthreads();
+  a = sh[0];
+  b = sh[32];
+}
+
 }  // namespace fastnorm
