@@ -1,19 +1,32 @@
 """Autograd for the fastnorm:: ops.
 
-LayerNorm and GroupNorm ops are functional: `torch.library.register_autograd`.
-BatchNorm's forward op updates the running statistics in place, which register_autograd refuses,
-so it is wrapped in a `torch.autograd.Function` (traced by torch.compile without graph breaks).
+Each norm is a `torch.autograd.Function` written the way torch.func needs it: `forward` (the op)
+and `setup_context` separate, `generate_vmap_rule = True` (the ops carry their own batching rules,
+fastnorm/ops.py, and everything else here is plain torch ops), and a `jvp` for forward-mode AD.
+So `torch.func.grad`, `vjp`, `jacrev`, `jacfwd`, `jvp`, `vmap` and their compositions (per-sample
+gradients: `vmap(grad(...))`) work, and plain autograd and forward AD (`torch.autograd.forward_ad`)
+too. BatchNorm's forward op updates the running statistics in place (state, not differentiable).
+
+The LayerNorm and GroupNorm ops also keep a `torch.library.register_autograd` registration, so a
+direct call of `torch.ops.fastnorm.layer_norm_fwd` / `group_norm_fwd` is differentiable; the
+library's generated Function has no setup_context, so torch.func transforms refuse that one: the
+functional API uses the Functions below.
+
+torch.compile refuses an autograd.Function with a custom `jvp` (graph break "Unsupported custom
+jvp"), so each Function comes twice: the base class without `jvp`, used while compiling, and a
+subclass with `jvp`, used eagerly. The `apply_*` functions at the end pick.
 
 Backward: the fused backward op; but when the backward itself must be differentiable (double
-backward: grad mode is on inside backward) it is written out with differentiable torch ops,
-recomputing the statistics from x so that second derivatives through mean and rstd are right.
+backward, or any torch.func transform: grad mode is on inside backward) it is written out with
+differentiable torch ops, recomputing the statistics from x so that second derivatives through
+mean and rstd are right.
 """
 from __future__ import annotations
 
 import torch
 
 from . import ops as _ops  # noqa: F401  (defines the ops)
-from .ops import stat_dtype
+from .ops import memory_format_of, stat_dtype
 
 _fn = torch.ops.fastnorm
 
@@ -45,18 +58,67 @@ def _normalization_grads(x, dy, weight, eps, group, group_dims, affine_shape, pa
     return dx, dw, db
 
 
+def _normalization_jvp(x, mean, rstd, weight, tx, tw, tb, group, group_dims, stat_shape,
+                       affine_shape, out_dtype):
+    """Tangent of y = xhat * weight + bias (xhat normalised over `group_dims` of group(x), with
+    the forward's statistics mean/rstd, viewed as `stat_shape` against group(x)) for tangents
+    tx, tw, tb of x, weight, bias (each may be None)."""
+    sd = stat_dtype(x.dtype)
+    xg = group(x.to(sd))
+    r = rstd.reshape(stat_shape)
+    xhat_g = (xg - mean.reshape(stat_shape)) * r
+    out = None
+    if tx is not None:
+        tg = group(tx.to(sd))
+        t = r * (tg - tg.mean(group_dims, keepdim=True)
+                 - xhat_g * (tg * xhat_g).mean(group_dims, keepdim=True))
+        t = t.reshape(x.shape)
+        out = t if weight is None else t * weight.to(sd).reshape(affine_shape)
+    if tw is not None:
+        t = xhat_g.reshape(x.shape) * tw.to(sd).reshape(affine_shape)
+        out = t if out is None else out + t
+    if tb is not None:
+        t = tb.to(sd).reshape(affine_shape)
+        out = t.expand(x.shape) if out is None else out + t
+    return _tangent(out, x, out_dtype)
+
+
+def _tangent(t, x, out_dtype):
+    """The output tangent in y's dtype and memory format (zeros when no input has one)."""
+    if t is None:
+        return torch.zeros_like(x, dtype=out_dtype)
+    return t.to(out_dtype).contiguous(memory_format=memory_format_of(x))
+
+
 def _channel_dims(x):
     """(N, C, *spatial): the dims other than C, and the broadcast shape of a per-channel vector."""
     return [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
 
 
+def _save(ctx, *tensors):
+    """Saved for backward and for forward-mode AD (jvp) alike."""
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
+def _applier(eager_cls, compiled_cls):
+    """eager_cls.apply, or compiled_cls.apply (the same Function without jvp) while torch.compile
+    traces: dynamo refuses a custom jvp, and forward-mode AD does not run under torch.compile."""
+    def apply(*args):
+        if torch.compiler.is_compiling():
+            return compiled_cls.apply(*args)
+        return eager_cls.apply(*args)
+    apply.__name__ = apply.__qualname__ = f"apply_{eager_cls.__name__}"
+    return apply
+
+
 # ----------------------------------------------------------------------------------------------
 # LayerNorm
 # ----------------------------------------------------------------------------------------------
-def _ln_setup(ctx, inputs, output):
+def _ln_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
     input, normalized_shape, weight, bias, eps, *_ = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    save(ctx, input, weight, bias, mean, rstd)
     ctx.normalized_shape = list(normalized_shape)
     ctx.eps = eps
 
@@ -78,16 +140,49 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     return dx, None, dw, db, None, None
 
 
+# A direct call of the op stays differentiable (plain autograd only, see the module docstring).
 torch.library.register_autograd("fastnorm::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
+
+
+class _LayerNormFunction(torch.autograd.Function):
+    """(y, mean, rstd) = layer_norm(x); mean and rstd are not differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, normalized_shape, weight, bias, eps, out_dtype):
+        return _fn.layer_norm_fwd(input, normalized_shape, weight, bias, eps, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _ln_setup(ctx, inputs, output, _save)
+        ctx.y_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, dmean, drstd):
+        return _ln_backward(ctx, dy, dmean, drstd)
+
+
+class LayerNormFunction(_LayerNormFunction):
+    @staticmethod
+    def jvp(ctx, tx, _tshape, tw, tb, _teps, _tdtype):
+        x, w, _, mean, rstd = ctx.saved_tensors
+        k = len(ctx.normalized_shape)
+        ty = _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t,
+                                list(range(x.dim() - k, x.dim())),
+                                list(x.shape[: x.dim() - k]) + [1] * k, ctx.normalized_shape,
+                                ctx.y_dtype)
+        return ty, None, None
 
 
 # ----------------------------------------------------------------------------------------------
 # GroupNorm / InstanceNorm
 # ----------------------------------------------------------------------------------------------
-def _gn_setup(ctx, inputs, output):
+def _gn_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
     input, weight, bias, num_groups, eps, *_ = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    save(ctx, input, weight, bias, mean, rstd)
     ctx.num_groups = num_groups
     ctx.eps = eps
 
@@ -106,10 +201,90 @@ def _gn_backward(ctx, dy, _dmean, _drstd):
         mask = [needs[0], needs[1] and w is not None, needs[2] and b is not None]
         dx, dw, db = _fn.group_norm_bwd(dy, x, mean, rstd, w, ctx.num_groups, mask)
         dx, dw, db = (t if m else None for t, m in zip((dx, dw, db), mask))
-    return dx, dw, db, None, None, None
+    return dx, dw, db
 
 
-torch.library.register_autograd("fastnorm::group_norm_fwd", _gn_backward, setup_context=_gn_setup)
+torch.library.register_autograd(
+    "fastnorm::group_norm_fwd",
+    lambda ctx, dy, dm, dr: (*_gn_backward(ctx, dy, dm, dr), None, None, None),
+    setup_context=_gn_setup)
+
+
+def _gn_jvp(ctx, tx, tw, tb):
+    x, w, _, mean, rstd = ctx.saved_tensors
+    n, g = x.shape[0], ctx.num_groups
+    _, affine_shape = _channel_dims(x)
+    return _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t.reshape(n, g, -1), [2],
+                              [n, g, 1], affine_shape, ctx.y_dtype)
+
+
+class _GroupNormFunction(torch.autograd.Function):
+    """(y, mean, rstd) = group_norm(x); mean and rstd are not differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, num_groups, eps, out_dtype):
+        return _fn.group_norm_fwd(input, weight, bias, num_groups, eps, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _gn_setup(ctx, inputs, output, _save)
+        ctx.y_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, dmean, drstd):
+        return (*_gn_backward(ctx, dy, dmean, drstd), None, None, None)
+
+
+class GroupNormFunction(_GroupNormFunction):
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, _tgroups, _teps, _tdtype):
+        return _gn_jvp(ctx, tx, tw, tb), None, None
+
+
+class _InstanceNormTrackedFunction(torch.autograd.Function):
+    """Instance normalisation in training with tracked running statistics, as torch computes it:
+    BatchNorm over (1, N*C, *) with the running buffers repeated N times, then averaged back into
+    the module's buffers (in place, here in forward: below every torch.func level, as torch's own
+    instance_norm does it in C++). Per-instance statistics: the backward and jvp are GroupNorm's
+    with one group per channel; (y, mean [N, C], rstd [N, C])."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, momentum, eps, update):
+        n, c = input.shape[0], input.shape[1]
+        x = input.reshape(1, n * c, *input.shape[2:])
+        rm, rv = running_mean.repeat(n), running_var.repeat(n)
+        w = weight.repeat(n) if weight is not None else None
+        b = bias.repeat(n) if bias is not None else None
+        y, mean, rstd = _fn.batch_norm_fwd(x, w, b, rm, rv, None, True, momentum, eps)
+        if n > 0 and update:
+            running_mean.copy_(rm.view(n, c).mean(0))
+            running_var.copy_(rv.view(n, c).mean(0))
+        y = y.reshape(input.shape).contiguous(memory_format=memory_format_of(input))
+        return y, mean.view(n, c), rstd.view(n, c)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, _, _, _, eps, _ = inputs
+        y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _save(ctx, input, weight, bias, mean, rstd)
+        ctx.num_groups = input.shape[1]
+        ctx.eps = eps
+        ctx.y_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, dmean, drstd):
+        return (*_gn_backward(ctx, dy, dmean, drstd), None, None, None, None, None)
+
+
+class InstanceNormTrackedFunction(_InstanceNormTrackedFunction):
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_):
+        return _gn_jvp(ctx, tx, tw, tb), None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,9 +303,10 @@ def _frozen_statistics_grads(x, dy, w, mean, rstd, dims, shape, needs):
     return dx, dw, db
 
 
-class BatchNormFunction(torch.autograd.Function):
+class _BatchNormFunction(torch.autograd.Function):
     """(y, mean, rstd) = batch_norm(x); the op also updates running statistics (state, not
     differentiable). forward/setup_context are separate so torch.func transforms accept it."""
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -143,7 +319,7 @@ class BatchNormFunction(torch.autograd.Function):
         input, weight, bias, _, _, _, training, _, eps = inputs
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(input, weight, bias, mean, rstd)
+        _save(ctx, input, weight, bias, mean, rstd)
         ctx.training = training
         ctx.eps = eps
 
@@ -165,3 +341,33 @@ class BatchNormFunction(torch.autograd.Function):
             dx, dw, db = _fn.batch_norm_bwd(dy, x, mean, rstd, w, ctx.training, mask)
             dx, dw, db = (t if m else None for t, m in zip((dx, dw, db), mask))
         return dx, dw, db, None, None, None, None, None, None
+
+
+class BatchNormFunction(_BatchNormFunction):
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, *_):
+        x, w, _, mean, rstd = ctx.saved_tensors
+        dims, shape = _channel_dims(x)
+        if ctx.training:
+            ty = _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t, dims, shape, shape,
+                                    x.dtype)
+        else:  # frozen statistics: y = (x - mean) * rstd * weight + bias
+            sd = stat_dtype(x.dtype)
+            r = rstd.reshape(shape)
+            ty = None
+            if tx is not None:
+                ty = tx.to(sd) * (r if w is None else r * w.to(sd).reshape(shape))
+            if tw is not None:
+                t = (x.to(sd) - mean.reshape(shape)) * r * tw.to(sd).reshape(shape)
+                ty = t if ty is None else ty + t
+            if tb is not None:
+                t = tb.to(sd).reshape(shape)
+                ty = t.expand(x.shape) if ty is None else ty + t
+            ty = _tangent(ty, x, x.dtype)
+        return ty, None, None
+
+
+apply_layer_norm = _applier(LayerNormFunction, _LayerNormFunction)
+apply_group_norm = _applier(GroupNormFunction, _GroupNormFunction)
+apply_instance_norm_tracked = _applier(InstanceNormTrackedFunction, _InstanceNormTrackedFunction)
+apply_batch_norm = _applier(BatchNormFunction, _BatchNormFunction)

@@ -11,10 +11,8 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .autograd import BatchNormFunction
-from .ops import memory_format_of
-
-_fn = torch.ops.fastnorm
+from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
+                       apply_layer_norm)
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
 
@@ -111,8 +109,8 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         _verify_batch_size(input)
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
-    y, _, _ = BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                      num_batches_tracked, training, momentum, eps)
+    y, _, _ = apply_batch_norm(input, weight, bias, running_mean, running_var,
+                               num_batches_tracked, training, momentum, eps)
     return y
 
 
@@ -143,7 +141,7 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
             raise RuntimeError(f"{name}: expected {what} of shape {shape} (normalized_shape), but "
                                f"got {what} of shape {list(t.shape)}")
         _check_vector(name, what, t, input, math.prod(shape), f"normalized_shape={shape}")
-    y, _, _ = _fn.layer_norm_fwd(input, shape, weight, bias, eps, _autocast_dtype(input))
+    y, _, _ = apply_layer_norm(input, shape, weight, bias, eps, _autocast_dtype(input))
     return y
 
 
@@ -165,7 +163,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Same as torch.nn.functional.group_norm (channels_last input gives channels_last output)."""
     _group_norm_checks("group_norm", input, num_groups, weight, bias)
-    y, _, _ = _fn.group_norm_fwd(input, weight, bias, num_groups, eps, _autocast_dtype(input))
+    y, _, _ = apply_group_norm(input, weight, bias, num_groups, eps, _autocast_dtype(input))
     return y
 
 
@@ -197,23 +195,14 @@ def _instance_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
     if running_mean is None and running_var is None:
         # Per-instance statistics: GroupNorm with one group per channel.
         _group_norm_checks(name, input, c, weight, bias)
-        y, _, _ = _fn.group_norm_fwd(input, weight, bias, c, eps, None)
+        y, _, _ = apply_group_norm(input, weight, bias, c, eps, None)
         return y
     # Tracked running statistics in training: as torch does, a BatchNorm over (1, N*C, *) whose
     # running buffers are the module's repeated N times, then averaged back into the module's.
-    n = input.shape[0]
     for what, t in (("weight", weight), ("bias", bias)):
         _check_vector(name, what, t, input, c, f"one per channel, C={c}")
     if (running_mean is None) != (running_var is None):
         raise RuntimeError(f"{name}: running_mean and running_var must be given together")
-    fmt = memory_format_of(input)
-    x = input.reshape(1, n * c, *input.shape[2:])
-    rm, rv = running_mean.repeat(n), running_var.repeat(n)
-    w = weight.repeat(n) if weight is not None else None
-    b = bias.repeat(n) if bias is not None else None
-    y = _batch_norm(x, rm, rv, w, b, True, momentum, eps)
-    if n > 0 and update_running_stats:
-        with torch.no_grad():
-            running_mean.copy_(rm.view(n, c).mean(0))
-            running_var.copy_(rv.view(n, c).mean(0))
-    return y.reshape(input.shape).contiguous(memory_format=fmt)
+    y, _, _ = apply_instance_norm_tracked(input, weight, bias, running_mean, running_var,
+                                          momentum, eps, update_running_stats)
+    return y

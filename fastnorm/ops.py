@@ -262,3 +262,223 @@ def _batch_norm_bwd_fake(grad_out, input, mean, rstd, weight, training, output_m
     return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
             input.new_empty((c,), dtype=wd) if output_mask[1] else _empty(input, wd),
             input.new_empty((c,), dtype=wd) if output_mask[2] else _empty(input, wd))
+
+
+# ----------------------------------------------------------------------------------------------
+# vmap (torch.func.vmap) batching rules: every op folds the vmapped dimension into a dimension
+# the op already has (rows, samples or channels) and runs once, so functorch never takes its
+# slow per-sample fallback. Each rule gets the physical tensors and `in_dims` (the vmapped
+# dimension of each argument, None when that argument is not batched).
+# ----------------------------------------------------------------------------------------------
+def _to_front(t: Optional[torch.Tensor], bdim: Optional[int], b: int) -> Optional[torch.Tensor]:
+    """t with the vmapped dimension first; an unbatched t is expanded to b copies (a view)."""
+    if t is None:
+        return None
+    if bdim is None:
+        return t.expand(b, *t.shape)
+    return t.movedim(bdim, 0)
+
+
+def _channels_folded(t: torch.Tensor) -> torch.Tensor:
+    """(B, N, C, *) -> (N, B*C, *): the vmapped dimension becomes B blocks of channels, so
+    per-channel (BatchNorm) and per-group (GroupNorm) statistics stay per vmapped sample."""
+    b, n, c = t.shape[:3]
+    return t.movedim(0, 1).reshape(n, b * c, *t.shape[3:])
+
+
+def _channels_unfolded(t: torch.Tensor, b: int) -> torch.Tensor:
+    """(N, B*C, *) -> (N, B, C, *): the inverse of _channels_folded (the vmapped dim is 1)."""
+    n, bc = t.shape[:2]
+    return t.reshape(n, b, bc // b, *t.shape[2:])
+
+
+def _per_sample_vector(t: Optional[torch.Tensor], bdim: Optional[int], b: int) -> Optional[torch.Tensor]:
+    """A per-channel vector [C] (batched: [B, C]) as one [B*C] vector matching _channels_folded."""
+    if t is None:
+        return None
+    if bdim is None:
+        return t.repeat(b)
+    return t.movedim(bdim, 0).reshape(-1)
+
+
+@torch.library.register_vmap("fastnorm::layer_norm_fwd")
+def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, eps, out_dtype=None):
+    xd, _, wd, bd = in_dims[:4]
+    b = info.batch_size
+    if wd is None and bd is None:
+        # The vmapped dimension is one more row dimension.
+        x = input.movedim(xd, 0)
+        y, mean, rstd = _fn_ops.layer_norm_fwd(x, normalized_shape, weight, bias, eps, out_dtype)
+        return (y, mean.view(b, -1), rstd.view(b, -1)), (0, 0, 0)
+    # Batched affine parameters: normalise once, then apply each sample's weight and bias.
+    x = input if xd is None else input.movedim(xd, 0)
+    y, mean, rstd = _fn_ops.layer_norm_fwd(x, normalized_shape, None, None, eps, out_dtype)
+    lead = x.dim() - len(normalized_shape) - (0 if xd is None else 1)
+    out = y if xd is not None else y.unsqueeze(0)
+
+    def param(t, d):
+        t = _to_front(t, d, b)
+        return t.reshape(b, *([1] * lead), *t.shape[1:])
+
+    if weight is not None:
+        out = out * param(weight, wd)
+    if bias is not None:
+        out = out + param(bias, bd)
+    out = out.to(y.dtype).expand(b, *out.shape[1:]).contiguous()
+    if xd is None:
+        return (out, mean, rstd), (0, None, None)
+    return (out, mean.view(b, -1), rstd.view(b, -1)), (0, 0, 0)
+
+
+@torch.library.register_vmap("fastnorm::layer_norm_bwd")
+def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, normalized_shape,
+                         output_mask):
+    b = info.batch_size
+    gd, xd, md, rd, wd = in_dims[:5]
+    dy, x = _to_front(grad_out, gd, b), _to_front(input, xd, b)
+    m, r = _to_front(mean, md, b).reshape(-1), _to_front(rstd, rd, b).reshape(-1)
+    k = len(normalized_shape)
+    dx = _empty(input)
+    if output_mask[0]:
+        if wd is None:
+            dx = _fn_ops.layer_norm_bwd(dy, x, m, r, weight, normalized_shape, [True, False, False])[0]
+        else:  # dx depends on the weight only through dy * weight
+            w = _to_front(weight, wd, b).reshape(b, *([1] * (x.dim() - 1 - k)), *normalized_shape)
+            dx = _fn_ops.layer_norm_bwd((dy * w).to(dy.dtype), x, m, r, None, normalized_shape,
+                                        [True, False, False])[0]
+    wdt = weight.dtype if weight is not None else input.dtype
+    dw = db = _empty(input, wdt)
+    if output_mask[1] or output_mask[2]:
+        # Per-sample parameter gradients: sums over each sample's rows only.
+        sd = stat_dtype(input.dtype)
+        rows = list(range(1, x.dim() - k))
+        g = dy.to(sd)
+        if output_mask[1]:
+            stat_shape = list(x.shape[: x.dim() - k]) + [1] * k
+            xhat = (x.to(sd) - m.view(stat_shape)) * r.view(stat_shape)
+            dw = (g * xhat).sum(rows).to(wdt)
+        if output_mask[2]:
+            db = g.sum(rows).to(wdt)
+    return (dx, dw, db), (0 if output_mask[0] else None, 0 if output_mask[1] else None,
+                          0 if output_mask[2] else None)
+
+
+@torch.library.register_vmap("fastnorm::group_norm_fwd")
+def _group_norm_fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, out_dtype=None):
+    xd, wd, bd = in_dims[:3]
+    b = info.batch_size
+    if wd is None and bd is None:
+        # The vmapped dimension is one more sample dimension.
+        x = input.movedim(xd, 0)
+        y, mean, rstd = _fn_ops.group_norm_fwd(x.reshape(-1, *x.shape[2:]), weight, bias,
+                                               num_groups, eps, out_dtype)
+        return (y.reshape(x.shape), mean.view(b, -1, num_groups), rstd.view(b, -1, num_groups)), (0, 0, 0)
+    # Batched affine parameters: B blocks of channels, B * num_groups groups.
+    x = _channels_folded(_to_front(input, xd, b))
+    y, mean, rstd = _fn_ops.group_norm_fwd(x, _per_sample_vector(weight, wd, b),
+                                           _per_sample_vector(bias, bd, b), b * num_groups, eps,
+                                           out_dtype)
+    return (_channels_unfolded(y, b), _channels_unfolded(mean, b),
+            _channels_unfolded(rstd, b)), (1, 1, 1)
+
+
+@torch.library.register_vmap("fastnorm::group_norm_bwd")
+def _group_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, num_groups,
+                         output_mask):
+    b = info.batch_size
+    gd, xd, md, rd, wd = in_dims[:5]
+    dy = _channels_folded(_to_front(grad_out, gd, b))
+    x = _channels_folded(_to_front(input, xd, b))
+    m = _channels_folded(_to_front(mean, md, b))
+    r = _channels_folded(_to_front(rstd, rd, b))
+    dx, dw, db = _fn_ops.group_norm_bwd(dy, x, m, r, _per_sample_vector(weight, wd, b),
+                                        b * num_groups, output_mask)
+    return ((_channels_unfolded(dx, b) if output_mask[0] else dx,
+             dw.view(b, -1) if output_mask[1] else dw,
+             db.view(b, -1) if output_mask[2] else db),
+            (1 if output_mask[0] else None, 0 if output_mask[1] else None,
+             0 if output_mask[2] else None))
+
+
+_VMAP_STATS_ERROR = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which will "
+    "be updated in place, were not batched.\nIf you are using a module and do not need eval mode, "
+    "please set `track_running_stats` to be False. If you are using a prebuilt module and do not "
+    "need eval mode, please see the functorch website for resources on how to patch your module "
+    "to work with vmap")
+
+
+@torch.library.register_vmap("fastnorm::batch_norm_fwd")
+def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
+                         num_batches_tracked, training, momentum, eps):
+    xd, wd, bd, rmd, rvd, nd = in_dims[:6]
+    b = info.batch_size
+    updates = training and running_mean is not None
+    if updates and (xd is not None or rmd is not None or rvd is not None or nd is not None) and (
+            rmd is None or rvd is None):
+        # torch.nn refuses the same: vmap cannot write B sets of statistics into one buffer.
+        raise RuntimeError(_VMAP_STATS_ERROR)
+    if xd is None and rmd is None and rvd is None and nd is None:
+        # Only the affine parameters are batched: normalise once, then apply each sample's.
+        y, mean, rstd = _fn_ops.batch_norm_fwd(input, None, None, running_mean, running_var,
+                                               num_batches_tracked, training, momentum, eps)
+        shape = [b, 1, -1] + [1] * (input.dim() - 2)
+        out = y.unsqueeze(0)
+        if weight is not None:
+            out = out * _to_front(weight, wd, b).reshape(shape)
+        if bias is not None:
+            out = out + _to_front(bias, bd, b).reshape(shape)
+        out = out.to(y.dtype).expand(b, *y.shape).contiguous()
+        return (out, mean, rstd), (0, None, None)
+    if updates and nd is not None:
+        # One counter per sample: increment them all, and with momentum=None each sample has its
+        # own averaging factor, which one op call cannot take: one call per sample.
+        nbt = num_batches_tracked.movedim(nd, 0)
+        rm, rv = running_mean.movedim(rmd, 0), running_var.movedim(rvd, 0)
+        x = _to_front(input, xd, b)
+        w, bb = _to_front(weight, wd, b), _to_front(bias, bd, b)
+        if momentum is not None:
+            nbt.add_(1)
+            nbt = [None] * b
+        outs = [_fn_ops.batch_norm_fwd(x[i], None if w is None else w[i], None if bb is None else bb[i],
+                                       rm[i], rv[i], nbt[i], training, momentum, eps) for i in range(b)]
+        return tuple(torch.stack(t) for t in zip(*outs)), (0, 0, 0)
+    # B blocks of channels: one op call normalises every vmapped sample with its own statistics.
+    x = _channels_folded(_to_front(input, xd, b))
+    stats = []
+    for t, d in ((running_mean, rmd), (running_var, rvd)):
+        if t is None:
+            stats.append((None, None))
+        elif d is None:
+            stats.append((t.repeat(b), None))  # read only (eval)
+        else:
+            src = t.movedim(d, 0)
+            flat = src.reshape(-1)
+            stats.append((flat, src))
+    y, mean, rstd = _fn_ops.batch_norm_fwd(
+        x, _per_sample_vector(weight, wd, b), _per_sample_vector(bias, bd, b), stats[0][0],
+        stats[1][0], num_batches_tracked, training, momentum, eps)
+    if updates:
+        for flat, src in stats:  # write back when reshape had to copy
+            if flat.data_ptr() != src.data_ptr() or not src.is_contiguous():
+                src.copy_(flat.view(src.shape))
+    return (_channels_unfolded(y, b), mean.view(b, -1), rstd.view(b, -1)), (1, 0, 0)
+
+
+@torch.library.register_vmap("fastnorm::batch_norm_bwd")
+def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, training, output_mask):
+    b = info.batch_size
+    gd, xd, md, rd, wd = in_dims[:5]
+    dy = _channels_folded(_to_front(grad_out, gd, b))
+    x = _channels_folded(_to_front(input, xd, b))
+    dx, dw, db = _fn_ops.batch_norm_bwd(dy, x, _per_sample_vector(mean, md, b),
+                                        _per_sample_vector(rstd, rd, b),
+                                        _per_sample_vector(weight, wd, b), training, output_mask)
+    return ((_channels_unfolded(dx, b) if output_mask[0] else dx,
+             dw.view(b, -1) if output_mask[1] else dw,
+             db.view(b, -1) if output_mask[2] else db),
+            (1 if output_mask[0] else None, 0 if output_mask[1] else None,
+             0 if output_mask[2] else None))
+
+
+_fn_ops = torch.ops.fastnorm

@@ -231,10 +231,8 @@ def test_double_backward_matches_torch(name, shape, mode, dtype, device):
 # ----------------------------------------------------------------------------------------------
 # torch.func transforms (per-sample gradients, jacobians): torch.nn's norms support them
 # ----------------------------------------------------------------------------------------------
-FUNC_GAP = ("known gap: torch.func.grad/jacrev of the register_autograd ops (LayerNorm, GroupNorm, "
-            "InstanceNorm) fail ('autograd.Function ... must override the setup_context "
-            "staticmethod', raised from torch.library's generated Function), and BatchNorm's ops "
-            "have no vmap rule")
+# (the full matrix, with forward mode, vmap without the batching fallback and per-sample
+# gradients, is tests/test_func_transforms.py)
 FUNC_MODULES = {
     "LayerNorm": lambda M: M.LayerNorm(3),
     "GroupNorm": lambda M: M.GroupNorm(2, 4),
@@ -242,13 +240,8 @@ FUNC_MODULES = {
     "BatchNorm1d-notrack": lambda M: M.BatchNorm1d(4, track_running_stats=False),
     "BatchNorm1d-eval": lambda M: M.BatchNorm1d(4).eval(),
 }
-FUNC_CASES = []
-for _mod in FUNC_MODULES:
-    for _tr in ("grad", "jacrev", "vmap"):
-        _fails = (_tr == "vmap") == _mod.startswith("BatchNorm")
-        FUNC_CASES.append(pytest.param(_mod, _tr, id=f"{_mod}-{_tr}",
-                                       marks=[pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                                                reason=FUNC_GAP)] if _fails else []))
+FUNC_CASES = [pytest.param(_mod, _tr, id=f"{_mod}-{_tr}")
+              for _mod in FUNC_MODULES for _tr in ("grad", "jacrev", "vmap")]
 
 
 @pytest.mark.parametrize("mod,transform", FUNC_CASES)
