@@ -200,16 +200,17 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs
   const size_t smem = l.nhwc ? 3 * static_cast<size_t>(bn::kThreads) * V * sizeof(acc_t) : 0;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      bn::bn_fwd_apply_nchw<scalar_t, acc_t, V>
-          <<<nchw_grid(grid_chunks, C), bn::kThreads, 0, stream>>>(x, yp, a);
+      launch(bn::bn_fwd_apply_nchw<scalar_t,
+          acc_t, V>, nchw_grid(grid_chunks, C), bn::kThreads, 0, stream,
+          x, yp, a);
     } else {
       // Only the fused mode uses the shared memory (tree merge); the others take none, so the
       // elementwise pass keeps full occupancy on parts with less shared memory per SM.
       const size_t apply_smem = a.mode == bn::kModeFused ? smem : 0;
-      bn::bn_fwd_apply_nhwc<scalar_t, acc_t, V>
-          <<<nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream>>>(x, yp, a);
+      launch(bn::bn_fwd_apply_nhwc<scalar_t,
+          acc_t, V>, nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
+          x, yp, a);
     }
-    FASTNORM_LAUNCH_CHECK();
   };
 
   if (!a.training) {
@@ -233,16 +234,17 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs
   a.nbt_offset = 1;  // the finalize kernel reads nbt before the apply kernel increments it
   a.bump_nbt = a.nbt != nullptr;
   if (!l.nhwc) {
-    bn::bn_fwd_stats_nchw<scalar_t, acc_t, V><<<nchw_grid(G, C), bn::kThreads, 0, stream>>>(x, a);
+    launch(bn::bn_fwd_stats_nchw<scalar_t, acc_t, V>, nchw_grid(G, C), bn::kThreads, 0, stream,
+        x, a);
   } else {
-    bn::bn_fwd_stats_nhwc<scalar_t, acc_t, V>
-        <<<nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream>>>(x, a);
+    launch(bn::bn_fwd_stats_nhwc<scalar_t,
+        acc_t, V>, nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
+        x, a);
   }
-  FASTNORM_LAUNCH_CHECK();
   const FinCfg f = finalize_cfg(C, G);
-  bn::bn_fwd_finalize<acc_t>
-      <<<f.grid, f.block, 3 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream>>>(a);
-  FASTNORM_LAUNCH_CHECK();
+  launch(bn::bn_fwd_finalize<acc_t>,
+      f.grid, f.block, 3 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream,
+      a);
   a.mode = bn::kModeFinal;
   apply(G);
 }
@@ -254,7 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
     const std::optional<Tensor>& num_batches_tracked_opt, bool training,
     std::optional<double> momentum, double eps) {
   // Every check before anything is written: a call that raises leaves the buffers untouched.
-  TORCH_CHECK(input.is_cuda(), "fastnorm batch_norm_fwd: the input must be a CUDA tensor");
+  check_kernel_device(input, "fastnorm batch_norm_fwd");
   TORCH_CHECK(input.dim() >= 2, "fastnorm batch_norm_fwd: expected an input (N, C, *), got shape ",
               input.sizes());
   TORCH_CHECK(is_kernel_dtype(input.scalar_type()),
@@ -295,7 +297,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
                 "num_batches_tracked");
   }
 
-  c10::cuda::CUDAGuard guard(input.device());
+  DeviceGuard guard(input.device());
   weight = weight.defined() ? weight.contiguous() : weight;
   bias = bias.defined() ? bias.contiguous() : bias;
   const Layout l = make_layout(input);
@@ -377,14 +379,15 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   const size_t smem = l.nhwc ? 2 * static_cast<size_t>(bn::kThreads) * V * sizeof(acc_t) : 0;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      bn::bn_bwd_apply_nchw<scalar_t, acc_t, V>
-          <<<nchw_grid(grid_chunks, C), bn::kThreads, 0, stream>>>(dyp, x, dxp, a);
+      launch(bn::bn_bwd_apply_nchw<scalar_t,
+          acc_t, V>, nchw_grid(grid_chunks, C), bn::kThreads, 0, stream,
+          dyp, x, dxp, a);
     } else {
       const size_t apply_smem = a.mode == bn::kModeFused ? smem : 0;  // (as in the forward)
-      bn::bn_bwd_apply_nhwc<scalar_t, acc_t, V>
-          <<<nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream>>>(dyp, x, dxp, a);
+      launch(bn::bn_bwd_apply_nhwc<scalar_t,
+          acc_t, V>, nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
+          dyp, x, dxp, a);
     }
-    FASTNORM_LAUNCH_CHECK();
   };
 
   if (!need_sums) {  // eval, dx only: dx = dy * w * rstd
@@ -402,16 +405,17 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   a.part = ws.mutable_data_ptr<acc_t>();
   a.coef = a.part + 2 * G * C;
   if (!l.nhwc) {
-    bn::bn_bwd_sums_nchw<scalar_t, acc_t, V><<<nchw_grid(G, C), bn::kThreads, 0, stream>>>(dyp, x, a);
+    launch(bn::bn_bwd_sums_nchw<scalar_t, acc_t, V>, nchw_grid(G, C), bn::kThreads, 0, stream,
+        dyp, x, a);
   } else {
-    bn::bn_bwd_sums_nhwc<scalar_t, acc_t, V>
-        <<<nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream>>>(dyp, x, a);
+    launch(bn::bn_bwd_sums_nhwc<scalar_t,
+        acc_t, V>, nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
+        dyp, x, a);
   }
-  FASTNORM_LAUNCH_CHECK();
   const FinCfg f = finalize_cfg(C, G);
-  bn::bn_bwd_finalize<acc_t>
-      <<<f.grid, f.block, 2 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream>>>(a);
-  FASTNORM_LAUNCH_CHECK();
+  launch(bn::bn_bwd_finalize<acc_t>,
+      f.grid, f.block, 2 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream,
+      a);
   if (!a.need_dx) return;
   a.mode = bn::kModeFinal;
   apply(G);
@@ -421,7 +425,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
                                                   const Tensor& mean, const Tensor& rstd,
                                                   const std::optional<Tensor>& weight_opt,
                                                   bool training, std::array<bool, 3> output_mask) {
-  TORCH_CHECK(input.is_cuda(), "fastnorm batch_norm_bwd: the input must be a CUDA tensor");
+  check_kernel_device(input, "fastnorm batch_norm_bwd");
   TORCH_CHECK(input.dim() >= 2, "fastnorm batch_norm_bwd: expected an input (N, C, *), got shape ",
               input.sizes());
   TORCH_CHECK(is_kernel_dtype(input.scalar_type()),
@@ -438,7 +442,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
   Tensor weight = defined_or_empty(weight_opt);
   if (weight.defined()) check_channel_tensor(weight, input, C, "weight");
 
-  c10::cuda::CUDAGuard guard(input.device());
+  DeviceGuard guard(input.device());
   const auto acc_type = stat_dtype(input.scalar_type());
   const at::ScalarType w_dtype = weight.defined() ? weight.scalar_type() : input.scalar_type();
   const Layout l = make_layout(input);
@@ -495,7 +499,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
 }  // namespace
 }  // namespace fastnorm
 
-TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
   m.impl("batch_norm_fwd", &fastnorm::batch_norm_fwd);
   m.impl("batch_norm_bwd", &fastnorm::batch_norm_bwd);
 }

@@ -97,16 +97,13 @@ void cl_forward_vec(row::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T>* me
   const row::ClShape& s = p.s;
   const int64_t blocks = s.N * s.K * s.CT;
   at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, row::acc_options(like));
-  row::cl_welford_partial_kernel<T, VEC><<<grid_of(blocks), s.bx * s.by, 0, stream>>>(
+  launch(row::cl_welford_partial_kernel<T, VEC>, grid_of(blocks), s.bx * s.by, 0, stream,
       p.x, s, ws.data_ptr<A>());
-  FASTNORM_LAUNCH_CHECK();
-  row::cl_welford_finalize_kernel<A><<<grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream>>>(
+  launch(row::cl_welford_finalize_kernel<A>, grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream,
       ws.data_ptr<A>(), s, eps, mean, rstd);
-  FASTNORM_LAUNCH_CHECK();
   p.mean = mean;
   p.rstd = rstd;
-  row::cl_apply_kernel<T, VEC><<<grid_of(blocks), s.bx * s.by, 0, stream>>>(p);
-  FASTNORM_LAUNCH_CHECK();
+  launch(row::cl_apply_kernel<T, VEC>, grid_of(blocks), s.bx * s.by, 0, stream, p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
@@ -114,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
     const std::optional<at::Tensor>& bias, int64_t num_groups, double eps,
     std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "fastnorm::group_norm_fwd";
-  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got device ", input.device());
-  c10::cuda::CUDAGuard guard(input.device());
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
   check_float_dtype(dt, op);
   const at::ScalarType odt = out_dtype.value_or(dt);
@@ -194,8 +191,8 @@ void nchw_channel_sums(const row::RowSums<T>& base, const Dims& d, at::Tensor& k
   p.w = nullptr;
   p.stat_div = d.Cg;
   p.ws = ws.data_ptr<A>();
-  row::row_sums_partial_kernel<T, VEC><<<row::item_grid(it), row::kItemThreads, 0, stream>>>(p, it);
-  FASTNORM_LAUNCH_CHECK();
+  launch(row::row_sums_partial_kernel<T, VEC>, row::item_grid(it), row::kItemThreads, 0, stream,
+      p, it);
   // row_sums_partial: ws[0] = sum(dy) (= B), ws[1] = sum(dy * xhat) (= S)
   if (it.S == 1) {
     keep = ws;
@@ -206,9 +203,8 @@ void nchw_channel_sums(const row::RowSums<T>& base, const Dims& d, at::Tensor& k
   const int64_t nc = d.N * d.C;
   keep = at::empty({2 * nc}, row::acc_options(like));
   A* o = keep.data_ptr<A>();
-  row::row_sums_finalize_kernel<A><<<grid_of(ceil_div(nc, 8)), 256, 0, stream>>>(
+  launch(row::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
       p.ws, nc, it.S, 1, it.S, 0, 1, items, o, o + nc);
-  FASTNORM_LAUNCH_CHECK();
   B = o;
   S = o + nc;
 }
@@ -223,8 +219,8 @@ void nchw_dx(row::GnDx<T> p, const Dims& d) {
   p.gn.div64 = L >= (int64_t(1) << 31);
   if (!p.gn.div64) p.gn.hw_div = row::FastDiv(static_cast<uint32_t>(d.HW));
   const row::Items it = row::plan_items(d.N * d.G, L, VEC, static_cast<int64_t>(sm_count()) * 64);
-  row::gn_dx_nchw_kernel<T, VEC><<<row::item_grid(it), row::kItemThreads, 0, current_stream()>>>(p, it);
-  FASTNORM_LAUNCH_CHECK();
+  launch(row::gn_dx_nchw_kernel<T, VEC>, row::item_grid(it), row::kItemThreads, 0, current_stream(),
+      p, it);
 }
 
 template <typename T, int VEC>
@@ -237,9 +233,8 @@ void cl_channel_sums(const row::ClBwd<T>& base, const Dims& d, at::Tensor& keep,
   const row::ClShape& s = p.s;
   const int64_t plane = s.N * s.K * s.C;
   at::Tensor ws = at::empty({2 * plane}, row::acc_options(like));
-  row::cl_bwd_sums_kernel<T, VEC><<<grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream>>>(
+  launch(row::cl_bwd_sums_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
       p, ws.data_ptr<A>());
-  FASTNORM_LAUNCH_CHECK();
   // cl_bwd_sums: ws[0] = S, ws[1] = B, laid out [N, K, C]
   if (s.K == 1) {
     keep = ws;
@@ -250,9 +245,8 @@ void cl_channel_sums(const row::ClBwd<T>& base, const Dims& d, at::Tensor& keep,
   const int64_t nc = d.N * d.C;
   keep = at::empty({2 * nc}, row::acc_options(like));
   A* o = keep.data_ptr<A>();
-  row::row_sums_finalize_kernel<A><<<grid_of(ceil_div(nc, 8)), 256, 0, stream>>>(
+  launch(row::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
       ws.data_ptr<A>(), nc, s.K, s.C, s.K * s.C, 1, s.C, plane, o, o + nc);
-  FASTNORM_LAUNCH_CHECK();
   S = o;
   B = o + nc;
 }
@@ -262,8 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight, int64_t num_groups,
     std::array<bool, 3> output_mask) {
   constexpr const char* op = "fastnorm::group_norm_bwd";
-  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got device ", input.device());
-  c10::cuda::CUDAGuard guard(input.device());
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
   check_float_dtype(dt, op);
   const at::ScalarType sd = stat_dtype(dt);
@@ -337,10 +331,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     A* c1 = coef.data_ptr<A>();
     A* c2 = c1 + d.N * d.G;
     const A invD = A(1) / static_cast<A>(d.Cg * d.HW);
-    row::gn_bwd_coef_kernel<T><<<grid_of(ceil_div(d.N * d.G, 8)), 256, 0, stream>>>(
+    launch(row::gn_bwd_coef_kernel<T>, grid_of(ceil_div(d.N * d.G, 8)), 256, 0, stream,
         S, B, w.defined() ? w.data_ptr() : nullptr, w.defined() && w.scalar_type() == at::kFloat,
         d.N, d.C, d.G, d.Cg, invD, c1, c2);
-    FASTNORM_LAUNCH_CHECK();
     row::GnDx<T> p;
     p.x = xp;
     p.dy = dyp;
@@ -362,10 +355,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
                        is_aligned(p.dx, 16);
       const row::ClShape sd2 = plan_cl(d, vec ? V : 1, sm_count());
       if (vec)
-        row::cl_dx_kernel<T, V><<<grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream>>>(p, sd2);
+        launch(row::cl_dx_kernel<T, V>, grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream,
+            p, sd2);
       else
-        row::cl_dx_kernel<T, 1><<<grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream>>>(p, sd2);
-      FASTNORM_LAUNCH_CHECK();
+        launch(row::cl_dx_kernel<T, 1>, grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream,
+            p, sd2);
     }
   });
   return {dx, dw, db};
@@ -374,7 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
 }  // namespace
 }  // namespace fastnorm
 
-TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
   m.impl("group_norm_fwd", TORCH_FN(fastnorm::group_norm_fwd));
   m.impl("group_norm_bwd", TORCH_FN(fastnorm::group_norm_bwd));
 }

@@ -49,8 +49,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
     std::optional<at::ScalarType> out_dtype) {
   constexpr const char* op = "fastnorm::layer_norm_fwd";
-  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got device ", input.device());
-  c10::cuda::CUDAGuard guard(input.device());
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
   check_float_dtype(dt, op);
   const at::ScalarType odt = out_dtype.value_or(dt);
@@ -93,8 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     at::IntArrayRef normalized_shape, std::array<bool, 3> output_mask) {
   constexpr const char* op = "fastnorm::layer_norm_bwd";
-  TORCH_CHECK(input.is_cuda(), op, ": expected a CUDA input, got device ", input.device());
-  c10::cuda::CUDAGuard guard(input.device());
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
   check_float_dtype(dt, op);
   const at::ScalarType sd = stat_dtype(dt);
@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
 }  // namespace
 }  // namespace fastnorm
 
-TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
+TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
   m.impl("layer_norm_fwd", TORCH_FN(fastnorm::layer_norm_fwd));
   m.impl("layer_norm_bwd", TORCH_FN(fastnorm::layer_norm_bwd));
 }

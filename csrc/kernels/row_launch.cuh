@@ -139,21 +139,18 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
   const CachedPlan c = plan_cached(p.M, p.L, VEC, kFwdPacks<T, VEC>, 1024, 128, sm);
   const bool split = !c.ok || (p.L >= 8192 && p.M * c.tpr < static_cast<int64_t>(sm) * 512);
   if (!split) {
-    row_fwd_cached_kernel<T, VEC, GN><<<grid_of(c.row_blocks), c.threads, 0, stream>>>(p, c.tpr);
-    FASTNORM_LAUNCH_CHECK();
+    launch(row_fwd_cached_kernel<T, VEC, GN>, grid_of(c.row_blocks), c.threads, 0, stream,
+        p, c.tpr);
     return;
   }
   const Items it = plan_items(p.M, p.L, VEC, static_cast<int64_t>(sm) * 64);
   const int64_t items = it.M * it.S;
   at::Tensor ws = at::empty({3 * items}, acc_options(like));
   A* wsp = ws.data_ptr<A>();
-  row_welford_partial_kernel<T, VEC><<<item_grid(it), kItemThreads, 0, stream>>>(p.x, it, wsp);
-  FASTNORM_LAUNCH_CHECK();
-  row_welford_finalize_kernel<A><<<grid_of(ceil_div(p.M, 8)), 256, 0, stream>>>(
+  launch(row_welford_partial_kernel<T, VEC>, item_grid(it), kItemThreads, 0, stream, p.x, it, wsp);
+  launch(row_welford_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
       wsp, p.M, it.S, p.eps, p.mean, p.rstd);
-  FASTNORM_LAUNCH_CHECK();
-  row_apply_kernel<T, VEC, GN><<<item_grid(it), kItemThreads, 0, stream>>>(p, it);
-  FASTNORM_LAUNCH_CHECK();
+  launch(row_apply_kernel<T, VEC, GN>, item_grid(it), kItemThreads, 0, stream, p, it);
 }
 
 // Packs of 16 bytes when the row length and every pointer allow, single elements otherwise.
@@ -173,9 +170,8 @@ void launch_col_sums(const acc_of<T>* ws1, const acc_of<T>* ws2, int64_t K, int6
   if ((ws1 == nullptr || out1 == nullptr) && (ws2 == nullptr || out2 == nullptr)) return;
   const int ky = std::min(32, pow2_ceil(K));
   const dim3 grid(grid_of(ceil_div(ncols, 1024 / ky)), 2);
-  col_sum_finalize_kernel<T><<<grid, 1024, 0, current_stream()>>>(ws1, ws2, K, ncols, ky, out1,
-                                                                   out2, out_f32);
-  FASTNORM_LAUNCH_CHECK();
+  launch(col_sum_finalize_kernel<T>, grid, 1024, 0, current_stream(),
+      ws1, ws2, K, ncols, ky, out1, out2, out_f32);
 }
 
 // ---- LayerNorm backward ----------------------------------------------------------------------------
@@ -194,7 +190,7 @@ void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void
     // one wave of resident blocks: each handles many rows, so the [grid, L] column partials
     // stay a small fraction of the traffic
     int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+    FASTNORM_DEVICE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &per_sm, ln_bwd_cached_kernel<T, VEC>, c.threads, 0));
     const int64_t grid =
         std::max<int64_t>(1, std::min<int64_t>(c.row_blocks, int64_t(sm) * std::max(1, per_sm)));
@@ -202,8 +198,8 @@ void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void
     if (want_db) ws_db = at::empty({grid, p.L}, ao);
     p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
     p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-    ln_bwd_cached_kernel<T, VEC><<<static_cast<unsigned>(grid), c.threads, 0, stream>>>(p, c.tpr);
-    FASTNORM_LAUNCH_CHECK();
+    launch(ln_bwd_cached_kernel<T, VEC>, static_cast<unsigned>(grid), c.threads, 0, stream,
+        p, c.tpr);
     launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out, dwb_f32);
     return;
   }
@@ -221,17 +217,15 @@ void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void
   rsp.w_f32 = p.w_f32;
   rsp.stat_div = 1;
   rsp.ws = ws1.data_ptr<A>();
-  row_sums_partial_kernel<T, VEC><<<item_grid(it), kItemThreads, 0, stream>>>(rsp, it);
-  FASTNORM_LAUNCH_CHECK();
+  launch(row_sums_partial_kernel<T, VEC>, item_grid(it), kItemThreads, 0, stream, rsp, it);
   const A* rs1 = rsp.ws;
   const A* rs2 = rsp.ws + items;
   at::Tensor rs;
   if (it.S > 1) {
     rs = at::empty({2 * p.M}, ao);
     A* r = rs.data_ptr<A>();
-    row_sums_finalize_kernel<A><<<grid_of(ceil_div(p.M, 8)), 256, 0, stream>>>(
+    launch(row_sums_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
         rsp.ws, p.M, it.S, 1, it.S, 0, 1, items, r, r + p.M);
-    FASTNORM_LAUNCH_CHECK();
     rs1 = r;
     rs2 = r + p.M;
   }
@@ -243,8 +237,7 @@ void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void
   if (want_db) ws_db = at::empty({RG, p.L}, ao);
   p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
   p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-  ln_bwd_split_kernel<T, VEC><<<grid_of(RG * S2), threads, 0, stream>>>(p, rs1, rs2, S2, RG);
-  FASTNORM_LAUNCH_CHECK();
+  launch(ln_bwd_split_kernel<T, VEC>, grid_of(RG * S2), threads, 0, stream, p, rs1, rs2, S2, RG);
   launch_col_sums<T>(p.ws_dw, p.ws_db, RG, p.L, dw_out, db_out, dwb_f32);
 }
 

@@ -1,0 +1,205 @@
+"""Build and load the CPU emulation of fastnorm's CUDA kernels (a test artifact).
+
+    python tools/cuda_emu/emu.py build plain asan    # build (cached by ninja under build/)
+    FASTNORM_EMU=plain pytest tests/cuda             # the kernel tests on the emulated target
+
+load(variant) registers the kernels as torch.ops.fastnorm_emu.* (CPU tensors), with the schemas
+of fastnorm/ops.py, and returns a handle with the emulator's controls: schedule(...) (thread and
+block order, device size) and coverage().
+
+Variants: "plain" (-O1) and "asan" (AddressSanitizer + UndefinedBehaviorSanitizer: exact-size
+buffers, misaligned vector accesses). The asan variant must run in a process that starts with
+the sanitizer runtime: LD_PRELOAD=$(python tools/cuda_emu/emu.py asan-runtime).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
+HOST_SOURCES = ("layer_norm.cu", "group_norm.cu", "batch_norm.cu")
+VARIANTS = {
+    "plain": [],
+    "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+             "-fno-omit-frame-pointer"],
+}
+
+
+def _cuda_include() -> str:
+    """The toolkit's include folder, as nvcc itself reports it (the nvcc on PATH may be a wrapper
+    in a folder with no headers beside it)."""
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env and os.path.exists(os.path.join(env, "include", "cuda_runtime.h")):
+        return os.path.join(env, "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        r = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                           capture_output=True, text=True)
+        for m in re.finditer(r'INCLUDES="([^"]*)"', r.stdout + r.stderr):
+            for inc in re.findall(r"-I\s*\"?([^\s\"]+)", m.group(1)):
+                if os.path.exists(os.path.join(inc, "cuda_runtime.h")):
+                    return os.path.realpath(inc)
+    for c in ["/usr/local/cuda/include"]:
+        if os.path.exists(os.path.join(c, "cuda_runtime.h")):
+            return c
+    raise RuntimeError("fastnorm emulation: no CUDA toolkit headers found (cuda_runtime.h); set "
+                       "CUDA_HOME. The emulation needs the toolkit's headers, not a GPU.")
+
+
+def build_dir(variant: str) -> str:
+    return os.path.join(os.environ.get("FASTNORM_EMU_BUILD", os.path.join(ROOT, "build")),
+                        f"emu-{variant}")
+
+
+def build(variant: str, src: str = CSRC, verbose: bool = False) -> str:
+    """Rewrite csrc/ (tools/cuda_emu/rewrite.py) and compile it with g++; returns the .so path."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown emulation variant {variant!r}: expected one of {sorted(VARIANTS)}")
+    sys.path.insert(0, HERE)
+    import rewrite  # noqa: E402
+
+    import torch.utils.cpp_extension as ext
+
+    out = build_dir(variant)
+    gen = os.path.join(out, "src")
+    rewrite.rewrite_tree(src, gen, os.path.relpath(src, ROOT) if src.startswith(ROOT) else src)
+    sources = [os.path.join(gen, s[:-3] + ".cpp") for s in HOST_SOURCES]
+    sources.append(os.path.join(HERE, "cuda_emu.cpp"))
+    flags = ["-O1", "-std=c++20", "-DFASTNORM_EMULATION", "-include",
+             os.path.join(HERE, "cuda_emu.h"), "-Wno-unknown-pragmas", "-Wno-attributes",
+             "-fno-strict-aliasing"] + VARIANTS[variant]
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
+    name = f"fastnorm_emu_{variant}"
+    # -Bsymbolic: the host code's cudaGetDevice & co. bind to the emulator's definitions, not to
+    # the CUDA runtime that torch may have loaded into the process.
+    ext.load(name=name, sources=sources, extra_cflags=flags,
+             extra_ldflags=VARIANTS[variant] + ["-Wl,-Bsymbolic"],
+             extra_include_paths=[gen, _cuda_include(), HERE], build_directory=out,
+             is_python_module=False, with_cuda=False, verbose=verbose)
+    return os.path.join(out, f"{name}.so")
+
+
+def asan_runtime() -> str:
+    return subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _asan_preloaded() -> bool:
+    return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
+@dataclass
+class Emulator:
+    variant: str
+    path: str
+    lib: ctypes.CDLL
+    ops: object
+
+    def configure(self, thread_order="forward", block_order="forward", seed=0, sm_count=132,
+                  blocks_per_sm=0):
+        orders = {"forward": 0, "reverse": 1, "random": 2}
+        self.lib.fastnorm_emu_configure(orders[thread_order], orders[block_order], seed, sm_count,
+                                        blocks_per_sm)
+
+    @contextlib.contextmanager
+    def schedule(self, **kw):
+        """Calls inside run with this schedule / device size; the default afterwards."""
+        self.configure(**kw)
+        try:
+            yield
+        finally:
+            self.configure()
+
+    def coverage(self) -> dict:
+        """{kernel signature with its template arguments: blocks-launches count}."""
+        n = self.lib.fastnorm_emu_coverage(None, 0)
+        buf = ctypes.create_string_buffer(n)
+        self.lib.fastnorm_emu_coverage(buf, n)
+        out = {}
+        for line in buf.value.decode().splitlines():
+            count, sig = line.split("\t", 1)
+            out[sig] = int(count)
+        return out
+
+    @property
+    def sanitized(self) -> bool:
+        return bool(self.lib.fastnorm_emu_sanitized())
+
+
+_LOADED: dict = {}
+
+
+def _define_schemas():
+    import torch
+
+    import fastnorm.ops as fops
+
+    if "lib" in _LOADED:
+        return
+    lib = torch.library.Library("fastnorm_emu", "FRAGMENT")  # noqa: TOR901
+    for name, schema in fops.SCHEMAS.items():
+        lib.define(name + schema)
+    _LOADED["lib"] = lib
+
+
+def load(variant: str) -> Emulator:
+    """Build if needed (not under a preloaded sanitizer runtime) and load the emulation."""
+    if variant in _LOADED:
+        return _LOADED[variant]
+    import torch
+
+    path = os.path.join(build_dir(variant), f"fastnorm_emu_{variant}.so")
+    if variant == "asan" and not _asan_preloaded():
+        raise RuntimeError("the asan emulation needs the sanitizer runtime loaded first: run with "
+                           f"LD_PRELOAD={asan_runtime()} ASAN_OPTIONS=detect_leaks=0 (make test-kernels)")
+    if not _asan_preloaded():
+        path = build(variant)
+    elif not os.path.exists(path):
+        raise RuntimeError(f"{path} is missing: build it first (python tools/cuda_emu/emu.py build {variant})")
+    _define_schemas()
+    torch.ops.load_library(path)
+    lib = ctypes.CDLL(path)
+    lib.fastnorm_emu_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong,
+                                           ctypes.c_int, ctypes.c_int]
+    lib.fastnorm_emu_coverage.argtypes = [ctypes.c_char_p, ctypes.c_long]
+    lib.fastnorm_emu_coverage.restype = ctypes.c_long
+    emu = Emulator(variant, path, lib, torch.ops.fastnorm_emu)
+    emu.configure()
+    _LOADED[variant] = emu
+    return emu
+
+
+def defined_kernels(src: str = CSRC) -> list[str]:
+    """Names of the __global__ functions defined under csrc/kernels."""
+    names = []
+    kdir = os.path.join(src, "kernels")
+    for f in sorted(os.listdir(kdir)):
+        with open(os.path.join(kdir, f)) as fh:
+            text = re.sub(r"//[^\n]*", "", fh.read())
+        names += re.findall(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(", text)
+    return sorted(set(names))
+
+
+def kernel_base_name(signature: str) -> str:
+    """'void fastnorm::row::k(...) [with T = float]' -> 'k'."""
+    head = signature.split("(", 1)[0]
+    return head.split("::")[-1].split()[-1]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 2 and sys.argv[1] == "asan-runtime":
+        print(asan_runtime())
+    elif len(sys.argv) >= 3 and sys.argv[1] == "build":
+        for v in sys.argv[2:]:
+            print(build(v, verbose="-v" in os.environ.get("FASTNORM_EMU_VERBOSE", "")))
+    else:
+        print(__doc__)
+        sys.exit(2)
