@@ -145,7 +145,7 @@ std::string where(const State& s, const Fiber* f) {
     << s.bidx.x << ", " << s.bidx.y << ", " << s.bidx.z << ") of (" << s.grid.x << ", "
     << s.grid.y << ", " << s.grid.z << ")";
   if (f) o << ", thread (" << f->tid.x << ", " << f->tid.y << ", " << f->tid.z << ")";
-  o << ", block (" << s.block.x << ", " << s.block.y << ", " << s.block.z << ")";
+  o << ", blockDim (" << s.block.x << ", " << s.block.y << ", " << s.block.z << ")";
   return o.str();
 }
 
@@ -429,6 +429,16 @@ std::string launch_error(const State& s) {
          std::to_string(s.grid.z) + "), block (" + std::to_string(s.block.x) + ", " +
          std::to_string(s.block.y) + ", " + std::to_string(s.block.z) + "))";
 }
+
+#if FASTNORM_EMU_ASAN
+// A sanitizer report ends the process: say which kernel, block and thread were running.
+void on_sanitizer_death() {
+  State& s = st();
+  if (s.cur != nullptr)
+    std::fprintf(stderr, "fastnorm emulator: the sanitizer stopped %s\n", where(s, s.cur).c_str());
+}
+const bool kDeathCallback = (__sanitizer_set_death_callback(on_sanitizer_death), true);
+#endif
 
 }  // namespace
 

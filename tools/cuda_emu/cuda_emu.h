@@ -157,3 +157,9 @@ inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
 inline unsigned int __umulhi(unsigned int a, unsigned int b) {
   return static_cast<unsigned int>((static_cast<unsigned long long>(a) * b) >> 32);
 }
+
+// cuda_runtime.h's typed overload of cudaFuncSetAttribute exists only under nvcc.
+template <typename... Params>
+inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), attr, value);
+}

@@ -71,8 +71,10 @@ def build(variant: str, src: str = CSRC, verbose: bool = False) -> str:
     out = build_dir(variant)
     gen = os.path.join(out, "src")
     rewrite.rewrite_tree(src, gen, os.path.relpath(src, ROOT) if src.startswith(ROOT) else src)
-    sources = [os.path.join(gen, s[:-3] + ".cpp") for s in HOST_SOURCES]
-    sources.append(os.path.join(HERE, "cuda_emu.cpp"))
+    sources = [os.path.join(gen, rewrite.cpp_name(s)) for s in HOST_SOURCES]
+    selftest = os.path.join(out, "selftest", "selftest.cpp")
+    rewrite.rewrite_file(os.path.join(HERE, "selftest.cu"), selftest, "tools/cuda_emu/selftest.cu")
+    sources += [selftest, os.path.join(HERE, "cuda_emu.cpp")]
     flags = ["-O1", "-std=c++20", "-DFASTNORM_EMULATION", "-include",
              os.path.join(HERE, "cuda_emu.h"), "-Wno-unknown-pragmas", "-Wno-attributes",
              "-fno-strict-aliasing"] + VARIANTS[variant]

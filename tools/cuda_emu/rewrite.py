@@ -86,6 +86,33 @@ def _rewrite_shared(text: str) -> tuple[str, int]:
     return text, a + b
 
 
+def rewrite_file(path: str, out: str, display: str) -> dict:
+    """Rewrite one file to `out` (written only when it changes: ninja then rebuilds only what
+    changed); `display` is the name file:line messages give."""
+    with open(path) as fh:
+        text = fh.read()
+    text, k = _rewrite_kernels(text, display)
+    text, s = _rewrite_shared(text)
+    code = re.sub(r"//[^\n]*", "", text)
+    if "__launch_bounds__" in code or re.search(r"\b__shared__\b", code):
+        raise ValueError(f"{display}: a __launch_bounds__ or __shared__ declaration the rewrite "
+                         f"does not understand")
+    body = f'#line 1 "{display}"\n' + text
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    old = None
+    if os.path.exists(out):
+        with open(out) as fh:
+            old = fh.read()
+    if old != body:
+        with open(out, "w") as fh:
+            fh.write(body)
+    return {"kernels": k, "shared": s}
+
+
+def cpp_name(rel: str) -> str:
+    return rel[:-3] + ".cpp" if rel.endswith(".cu") else rel
+
+
 def rewrite_tree(src: str, dst: str, display_root: str) -> dict:
     """Copy src (csrc/) to dst with the rewrites; returns counts per file."""
     counts = {}
@@ -95,24 +122,8 @@ def rewrite_tree(src: str, dst: str, display_root: str) -> dict:
                 continue
             p = os.path.join(dirpath, f)
             rel = os.path.relpath(p, src)
-            with open(p) as fh:
-                text = fh.read()
-            text, k = _rewrite_kernels(text, rel)
-            text, s = _rewrite_shared(text)
-            if "__launch_bounds__" in re.sub(r"//.*", "", text) or re.search(r"(?<!//)[^/\n]*\b__shared__\s+\w", re.sub(r"//.*", "", text)):
-                raise ValueError(f"{rel}: a __launch_bounds__ or __shared__ declaration the rewrite does not understand")
-            out_rel = rel[:-3] + ".cpp" if rel.endswith(".cu") else rel
-            q = os.path.join(dst, out_rel)
-            os.makedirs(os.path.dirname(q), exist_ok=True)
-            body = f'#line 1 "{os.path.join(display_root, rel)}"\n' + text
-            old = None
-            if os.path.exists(q):
-                with open(q) as fh:
-                    old = fh.read()
-            if old != body:  # untouched files keep their mtime: ninja rebuilds only what changed
-                with open(q, "w") as fh:
-                    fh.write(body)
-            counts[rel] = {"kernels": k, "shared": s}
+            counts[rel] = rewrite_file(p, os.path.join(dst, cpp_name(rel)),
+                                       os.path.join(display_root, rel))
     return counts
 
 
