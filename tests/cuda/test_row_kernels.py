@@ -1,57 +1,59 @@
-"""The row-family CUDA kernels (LayerNorm, GroupNorm / InstanceNorm), called as ops.
+"""The row-family kernels (LayerNorm, GroupNorm / InstanceNorm), called as ops through the `target`
+fixture (tests/cuda/conftest.py): the CUDA kernels on a GPU, the same kernel sources in the CPU
+emulation (FASTNORM_EMU), or the ATen reference (FASTNORM_KERNEL_TARGETS=reference).
 
-torch.ops.fastnorm.{layer,group}_norm_{fwd,bwd} are compared with a float64 reference (and with
-torch's own kernel on the same device: ours may not be much worse than torch), for every dtype,
-layout and the shapes that pick each kernel path (a sub-warp / warp / block per row, rows split
-across blocks, scalar and 16-byte vector access). Also: bitwise repeatability, CUDA graphs,
-outputs poisoned through the caching allocator, misaligned and non-contiguous inputs, empty
-inputs, fp16 values whose squares overflow fp16, constant rows.
+{layer,group}_norm_{fwd,bwd} are compared with a float64 reference (and with torch's own kernel on
+the same device: ours may not be much worse than torch), for every dtype, layout and the shapes
+that pick each kernel path. Also: bitwise repeatability, CUDA graphs, outputs poisoned through the
+caching allocator (on the emulated target every allocation of an op is NaN-filled instead),
+misaligned and non-contiguous inputs, empty inputs (as torch), fp16 values whose squares overflow
+fp16, constant rows.
 
-Skipped without a GPU or without the compiled kernels. FASTNORM_ROW_TEST_DEVICE=cpu runs the same
-tests on the CPU against a build that registers these kernels under the CPU key (an emulation
-harness); the CUDA-only tests (graphs, allocator poisoning) then skip.
+The CUDA target runs every case. The emulated one (every CUDA thread a fiber: slow) skips cases
+above EMU_LIMIT elements; the small cases added for it cross every host decision of
+csrc/layer_norm.cu, csrc/group_norm.cu and kernels/row_launch.cuh (sm_count = 132, 16-byte packs
+of V = 4 fp32, 8 fp16/bf16, 2 fp64 elements; "split" = Welford partials + finalize + apply):
+
+  LayerNorm (n, m)  forward                               backward
+  (1, 300)          cached, sub-warp, scalar              cached, sub-warp, scalar
+  (31, 300)         cached, one warp per row, scalar      cached, scalar
+  (32, 300)         cached, sub-warp, vector              cached, sub-warp, vector
+  (33, 300)         cached, block per row, scalar         cached, scalar
+  (1024, 8)         cached, block per row, vector         cached, block per row, vector
+  (4096, 3)         cached, vector                        split, vector: S > 1 (fp32/fp64),
+                                                          S == 1 (fp16/bf16: no row finalize)
+  (4097, 2)         cached, scalar, 1024 threads          split, scalar, S > 1
+  (8192, 2)         split, vector, S > 1                  split, vector, S > 1
+  (8193, 2)         split, scalar (no cached plan fits)   split, scalar (no cached plan fits)
+
+  GroupNorm: NCHW rows use the same plans with L = Cg*HW (vector packs inside one channel when
+  HW % V == 0, else straddling channels); channels_last: plan_cl (K > 1 row chunks + finalize, or
+  K == 1; several channel tiles when C/V > 256). See the comments on GN_CASES.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fastnorm  # noqa: F401  (defines the ops, loads the extension)
-
-DEVICE = os.environ.get("FASTNORM_ROW_TEST_DEVICE", "cuda")
-_KEY = "CUDA" if DEVICE == "cuda" else "CPU"
-
-
-def _registered() -> bool:
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", _KEY)
-               for op in ("layer_norm_fwd", "layer_norm_bwd", "group_norm_fwd", "group_norm_bwd"))
-
-
-pytestmark = pytest.mark.skipif(
-    (DEVICE == "cuda" and not torch.cuda.is_available()) or not _registered(),
-    reason=f"needs the compiled fastnorm row kernels on {DEVICE}")
-
-cuda_only = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA-only behaviour")
-
-ops = torch.ops.fastnorm
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # absolute tolerance, scaled by max(1, |reference|): (forward, backward)
 TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4),
        torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
 EPS = 1e-5
+EMU_LIMIT = 150_000  # elements: larger cases run on the CUDA target only
 
 
 def _stat(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _randn(shape, dtype, scale=1.0, shift=0.0, gen=None):
-    t = torch.randn(shape, dtype=torch.float64, generator=gen) * scale + shift
-    return t.to(dtype).to(DEVICE)
+def _randn(dev, shape, dtype, scale=1.0, shift=0.0):
+    """Values drawn on the CPU (the global generator, seeded per test), then moved to `dev`."""
+    t = torch.randn(shape, dtype=torch.float64) * scale + shift
+    return t.to(dtype).to(dev)
 
 
 def _check(actual, ref64, dtype, kind=0, torch_val=None, what=""):
@@ -71,11 +73,13 @@ def _check(actual, ref64, dtype, kind=0, torch_val=None, what=""):
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e} ({dtype})"
 
 
-def _poison_allocator(*tensors_like, extra=(1 << 20,)):
-    """Fill the caching allocator with NaN bytes (0xFF) in blocks of the sizes about to be
-    allocated, so any output element a kernel leaves unwritten shows up as NaN."""
-    if DEVICE != "cuda":
+def _poison_allocator(target, *tensors_like, extra=(1 << 20,)):
+    """CUDA: fill the caching allocator with NaN bytes (0xFF) in blocks of the sizes about to be
+    allocated, so any output element a kernel leaves unwritten shows up as NaN. The emulated target
+    needs nothing: the conftest NaN-fills every allocation of an op there."""
+    if not target.is_cuda:
         return
+    DEVICE = target.device
     sizes = set(extra)
     for t in tensors_like:
         n = t.numel() * t.element_size()
@@ -147,49 +151,60 @@ def _ln_rows(n):
     return max(1, min(300, (1 << 21) // n))
 
 
-def _params(shape, dtype, param_dtype, affine):
+def _params(dev, shape, dtype, param_dtype, affine):
     if affine == "none":
         return None, None
-    w = _randn(shape, param_dtype or dtype, 0.5, 1.0)
-    b = _randn(shape, param_dtype or dtype, 0.5) if affine == "wb" else None
+    w = _randn(dev, shape, param_dtype or dtype, 0.5, 1.0)
+    b = _randn(dev, shape, param_dtype or dtype, 0.5) if affine == "wb" else None
     return w, b
 
 
+# (n, m): the rows of LN_N, and the small cases that cross the same plans on the emulated target
+# (table in the module docstring)
+LN_CASES = [(n, _ln_rows(n)) for n in LN_N] + [(1024, 8), (4096, 3), (4097, 2), (8192, 2), (8193, 2)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", LN_N)
-def test_layer_norm_fwd_bwd(dtype, n):
-    m = _ln_rows(n)
-    x = _randn((m, n), dtype, 2.0, 0.5)
-    w, b = _params((n,), dtype, None, "wb")
-    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
+@pytest.mark.parametrize("n,m", LN_CASES, ids=[f"n{n}-m{m}" for n, m in LN_CASES])
+def test_layer_norm_fwd_bwd(target, dtype, n, m):
+    dev = target.device
+    target.skip_if_emulated_above(m * n, EMU_LIMIT)
+    x = _randn(dev, (m, n), dtype, 2.0, 0.5)
+    w, b = _params(dev, (n,), dtype, None, "wb")
+    y, mean, rstd = target.ops.layer_norm_fwd(x, [n], w, b, EPS)
     assert y.dtype == dtype and y.is_contiguous() and mean.dtype == _stat(dtype) and mean.shape == (m,)
-    dy = _randn((m, n), dtype)
+    dy = _randn(dev, (m, n), dtype)
     ry, rmean, rrstd, (rdx, rdw, rdb) = _ln_ref(x, [n], w, b, dy)
     _check(y, ry, dtype, 0, _torch_ln(x, [n], w, b), "y")
     _check(mean, rmean, dtype, 0, None, "mean")
     _check(rstd / rrstd.to(rstd.device, rstd.dtype), torch.ones_like(rrstd), dtype, 0, None, "rstd (relative)")
-    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
+    dx, dw, db = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
     assert dx.dtype == dtype and dw.dtype == w.dtype and dw.shape == (n,)
     _check(dx, rdx, dtype, 1, None, "dx")
     _check(dw, rdw, dtype, 1, None, "dweight")
     _check(db, rdb, dtype, 1, None, "dbias")
 
 
+# 33, 1024: cached plans (scalar / vector); 4097, 65536 and (emulation-sized) 8192: split plans
+MIXED_LN = [(n, _ln_rows(n) // 4 + 1) for n in (33, 1024, 4097, 65536)] + [(8192, 2)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("n", [33, 1024, 4097, 65536])
+@pytest.mark.parametrize("n,m", MIXED_LN, ids=[f"n{n}-m{m}" for n, m in MIXED_LN])
 @pytest.mark.parametrize("affine", ["wb", "w", "none"])
-def test_layer_norm_mixed_params_and_out_dtype(dtype, n, affine):
+def test_layer_norm_mixed_params_and_out_dtype(target, dtype, n, m, affine):
     """fp32 parameters with a half input (AMP), out_dtype=float32 (autocast), affine variants."""
-    m = _ln_rows(n) // 4 + 1
-    x = _randn((m, n), dtype, 1.5, -0.3)
-    w, b = _params((n,), dtype, torch.float32, affine)
-    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS, torch.float32)
+    dev = target.device
+    target.skip_if_emulated_above(m * n, EMU_LIMIT)
+    x = _randn(dev, (m, n), dtype, 1.5, -0.3)
+    w, b = _params(dev, (n,), dtype, torch.float32, affine)
+    y, mean, rstd = target.ops.layer_norm_fwd(x, [n], w, b, EPS, torch.float32)
     assert y.dtype == torch.float32
-    dy = _randn((m, n), torch.float32)
+    dy = _randn(dev, (m, n), torch.float32)
     ry, _, _, (rdx, rdw, rdb) = _ln_ref(x, [n], w, b, dy)
     _check(y, ry, torch.float32, 0, None, "y(f32 out)")
     mask = [True, w is not None, b is not None]
-    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], mask)
+    dx, dw, db = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], mask)
     assert dx.dtype == dtype
     _check(dx, rdx, dtype, 1, None, "dx")
     if w is not None:
@@ -202,115 +217,133 @@ def test_layer_norm_mixed_params_and_out_dtype(dtype, n, affine):
     else:
         assert db.numel() == 0
     # output mask: dx only / params only
-    dx2, dw2, db2 = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, False, False])
+    dx2, dw2, db2 = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, False, False])
     assert dw2.numel() == 0 and db2.numel() == 0 and torch.equal(dx2, dx)
     if w is not None:
-        dx3, dw3, _ = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [False, True, False])
+        dx3, dw3, _ = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [False, True, False])
         assert dx3.numel() == 0 and torch.equal(dw3, dw)
 
 
-def test_layer_norm_multi_dim_shape_and_many_rows():
-    x = _randn((3, 5, 7, 6, 4), torch.float32)
-    w, b = _params((6, 4), torch.float32, None, "wb")
-    y, mean, rstd = ops.layer_norm_fwd(x, [6, 4], w, b, EPS)
-    dy = _randn(x.shape, torch.float32)
+def test_layer_norm_multi_dim_shape_and_many_rows(target):
+    dev = target.device
+    x = _randn(dev, (3, 5, 7, 6, 4), torch.float32)
+    w, b = _params(dev, (6, 4), torch.float32, None, "wb")
+    y, mean, rstd = target.ops.layer_norm_fwd(x, [6, 4], w, b, EPS)
+    dy = _randn(dev, x.shape, torch.float32)
     ry, rmean, _, (rdx, rdw, rdb) = _ln_ref(x, [6, 4], w, b, dy)
     _check(y, ry, torch.float32, 0, None, "y")
     assert mean.shape == (105,)
-    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [6, 4], [True, True, True])
+    dx, dw, db = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [6, 4], [True, True, True])
     assert dw.shape == (6, 4)
     _check(dx, rdx, torch.float32, 1, None, "dx")
     _check(dw, rdw, torch.float32, 1, None, "dw")
     _check(db, rdb, torch.float32, 1, None, "db")
     # tiny rows, many of them: several rows per warp
     for n in (1, 2, 3, 8):
-        x = _randn((5000, n), torch.float16)
-        w, b = _params((n,), torch.float16, None, "wb")
-        y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
-        dy = _randn(x.shape, torch.float16)
+        x = _randn(dev, (5000, n), torch.float16)
+        w, b = _params(dev, (n,), torch.float16, None, "wb")
+        y, mean, rstd = target.ops.layer_norm_fwd(x, [n], w, b, EPS)
+        dy = _randn(dev, x.shape, torch.float16)
         ry, _, _, (rdx, rdw, rdb) = _ln_ref(x, [n], w, b, dy)
         _check(y, ry, torch.float16, 0, None, f"y n={n}")
-        dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
+        dx, dw, db = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
         _check(dx, rdx, torch.float16, 1, None, f"dx n={n}")
         _check(dw, rdw, torch.float16, 1, None, f"dw n={n}")
         _check(db, rdb, torch.float16, 1, None, f"db n={n}")
 
 
-@pytest.mark.parametrize("n", [1000, 1024, 65536])
-def test_layer_norm_misaligned_and_noncontiguous(n):
+@pytest.mark.parametrize("n", [1000, 1024, 8192, 65536])  # 8192: split forward and backward
+def test_layer_norm_misaligned_and_noncontiguous(target, n):
+    dev = target.device
     m = 7
-    buf = _randn((m * n + 8,), torch.float16)
+    target.skip_if_emulated_above(m * n, EMU_LIMIT)
+    buf = _randn(dev, (m * n + 8,), torch.float16)
     x = buf[1:1 + m * n].view(m, n)  # 2-byte offset: scalar path
-    w, b = _params((n,), torch.float16, None, "wb")
-    wbuf = _randn((n + 1,), torch.float32)
+    w, b = _params(dev, (n,), torch.float16, None, "wb")
+    wbuf = _randn(dev, (n + 1,), torch.float32)
     w32 = wbuf[1:]  # misaligned fp32 weight
-    y, mean, rstd = ops.layer_norm_fwd(x, [n], w32, b, EPS)
+    y, mean, rstd = target.ops.layer_norm_fwd(x, [n], w32, b, EPS)
     ry, _, _, _ = _ln_ref(x, [n], w32, b)
     _check(y, ry, torch.float16, 0, None, "y misaligned")
-    dybuf = _randn((m * n + 8,), torch.float16)
+    dybuf = _randn(dev, (m * n + 8,), torch.float16)
     dy = dybuf[3:3 + m * n].view(m, n)
     _, _, _, (rdx, rdw, rdb) = _ln_ref(x, [n], w32, b, dy)
-    dx, dw, db = ops.layer_norm_bwd(dy, x, mean, rstd, w32, [n], [True, True, True])
+    dx, dw, db = target.ops.layer_norm_bwd(dy, x, mean, rstd, w32, [n], [True, True, True])
     _check(dx, rdx, torch.float16, 1, None, "dx misaligned")
     _check(dw, rdw, torch.float32, 1, None, "dw misaligned")
     # non-contiguous input and grad (a transpose)
-    xt = _randn((n, m), torch.float32).t()
-    dyt = _randn((n, m), torch.float32).t()
-    y, mean, rstd = ops.layer_norm_fwd(xt, [n], None, None, EPS)
+    xt = _randn(dev, (n, m), torch.float32).t()
+    dyt = _randn(dev, (n, m), torch.float32).t()
+    y, mean, rstd = target.ops.layer_norm_fwd(xt, [n], None, None, EPS)
     ry, _, _, (rdx, _, _) = _ln_ref(xt, [n], None, None, dyt)
     _check(y, ry, torch.float32, 0, None, "y transposed")
-    dx, _, _ = ops.layer_norm_bwd(dyt, xt, mean, rstd, None, [n], [True, False, False])
+    dx, _, _ = target.ops.layer_norm_bwd(dyt, xt, mean, rstd, None, [n], [True, False, False])
     _check(dx, rdx, torch.float32, 1, None, "dx transposed")
     # expanded (stride 0) grad
-    dye = torch.ones((1, n), dtype=torch.float32, device=DEVICE).expand(m, n)
-    dx, _, _ = ops.layer_norm_bwd(dye, xt, mean, rstd, None, [n], [True, False, False])
+    dye = torch.ones((1, n), dtype=torch.float32, device=dev).expand(m, n)
+    dx, _, _ = target.ops.layer_norm_bwd(dye, xt, mean, rstd, None, [n], [True, False, False])
     _, _, _, (rdx, _, _) = _ln_ref(xt, [n], None, None, dye)
     _check(dx, rdx, torch.float32, 1, None, "dx expanded grad")
 
 
-def test_layer_norm_empty():
-    for shape, ns in (((0, 16), [16]), ((4, 0), [0]), ((2, 0, 3), [3])):
-        x = torch.randn(shape, device=DEVICE)
-        w = torch.randn(ns, device=DEVICE)
-        y, mean, rstd = ops.layer_norm_fwd(x, ns, w, w, EPS)
-        m = x.numel() // max(1, math.prod(ns)) if math.prod(ns) else math.prod(shape[:x.dim() - len(ns)])
-        assert y.shape == x.shape and mean.shape == (m,) and rstd.shape == (m,)
-        dx, dw, db = ops.layer_norm_bwd(torch.randn_like(x), x, mean, rstd, w, ns, [True, True, True])
-        assert dx.shape == x.shape and dw.shape == tuple(ns) and db.shape == tuple(ns)
-        if x.numel() == 0 and math.prod(ns) > 0:
-            assert (dw == 0).all() and (db == 0).all()
+@pytest.mark.parametrize("shape,ns", [((0, 16), [16]), ((4, 0), [0]), ((2, 0, 3), [3]),
+                                      ((2, 3, 0), [3, 0]), ((2, 3, 0), [0])],
+                         ids=["no-rows", "empty-rows", "no-rows-3d", "empty-rows-2d-shape", "empty-rows-3d"])
+def test_layer_norm_empty(target, shape, ns):
+    """Shapes and statistics as torch.native_layer_norm on the CPU: no rows give empty mean/rstd;
+    rows of zero elements give mean 0 and rstd NaN there (torch 2.14)."""
+    dev = target.device
+    x = torch.randn(shape, device=dev)
+    w = torch.randn(ns, device=dev)
+    y, mean, rstd = target.ops.layer_norm_fwd(x, ns, w, w, EPS)
+    _, tmean, trstd = torch.native_layer_norm(x.cpu(), ns, w.cpu(), w.cpu(), EPS)
+    m = math.prod(shape[:x.dim() - len(ns)])
+    assert y.shape == x.shape and mean.shape == (m,) and rstd.shape == (m,)
+    assert mean.dtype == tmean.dtype and rstd.dtype == trstd.dtype
+    torch.testing.assert_close(mean.cpu(), tmean.reshape(m), rtol=0, atol=0, equal_nan=True,
+                               msg=lambda e: f"mean differs from torch.native_layer_norm: {e}")
+    torch.testing.assert_close(rstd.cpu(), trstd.reshape(m), rtol=0, atol=0, equal_nan=True,
+                               msg=lambda e: f"rstd differs from torch.native_layer_norm: {e}")
+    dx, dw, db = target.ops.layer_norm_bwd(torch.randn_like(x), x, mean, rstd, w, ns, [True, True, True])
+    assert dx.shape == x.shape and dw.shape == tuple(ns) and db.shape == tuple(ns)
+    assert (dw == 0).all() and (db == 0).all()
 
 
-@pytest.mark.parametrize("n", [64, 1000, 4096, 100000])
-def test_layer_norm_fp16_large_values_and_constant_rows(n):
+@pytest.mark.parametrize("n", [64, 1000, 4096, 8192, 100000])  # 8192: split forward
+def test_layer_norm_fp16_large_values_and_constant_rows(target, n):
+    dev = target.device
     m = 9
-    x = _randn((m, n), torch.float16, 10.0, 300.0)  # x*x overflows fp16
-    w, b = _params((n,), torch.float16, None, "wb")
-    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
+    target.skip_if_emulated_above(m * n, EMU_LIMIT)
+    x = _randn(dev, (m, n), torch.float16, 10.0, 300.0)  # x*x overflows fp16
+    w, b = _params(dev, (n,), torch.float16, None, "wb")
+    y, mean, rstd = target.ops.layer_norm_fwd(x, [n], w, b, EPS)
     ry, rmean, _, _ = _ln_ref(x, [n], w, b)
     assert torch.isfinite(y).all()
     _check(y, ry, torch.float16, 0, None, "y (values ~300)")
     _check(mean, rmean, torch.float32, 0, None, "mean (values ~300)")
     # constant rows: xhat == 0 exactly, y == bias, no NaN
-    c = torch.full((m, n), 0.1, dtype=torch.float16, device=DEVICE)
+    c = torch.full((m, n), 0.1, dtype=torch.float16, device=dev)
     c[3] = 300.0
-    y, mean, rstd = ops.layer_norm_fwd(c, [n], w, b, EPS)
+    y, mean, rstd = target.ops.layer_norm_fwd(c, [n], w, b, EPS)
     assert torch.equal(y, b.expand(m, n)), "constant rows must give exactly the bias"
     assert torch.equal(mean, c[:, 0].float())
-    dx, dw, db = ops.layer_norm_bwd(torch.ones_like(c), c, mean, rstd, w, [n], [True, True, True])
+    dx, dw, db = target.ops.layer_norm_bwd(torch.ones_like(c), c, mean, rstd, w, [n], [True, True, True])
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
 
 
-@pytest.mark.parametrize("n,m", [(32, 3000), (1024, 700), (4097, 64), (65536, 4), (1048577, 2)])
-def test_layer_norm_backward_bitwise_repeatable(n, m):
-    x = _randn((m, n), torch.float32)
-    w, b = _params((n,), torch.float32, None, "wb")
-    dy = _randn((m, n), torch.float32)
-    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
-    r1 = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
-    _poison_allocator(x, w)
-    y2, mean2, rstd2 = ops.layer_norm_fwd(x, [n], w, b, EPS)
-    r2 = ops.layer_norm_bwd(dy, x, mean2, rstd2, w, [n], [True, True, True])
+@pytest.mark.parametrize("n,m", [(32, 3000), (1024, 700), (4097, 64), (65536, 4), (1048577, 2),
+                                 (1024, 8), (4096, 3)])  # emulation-sized: cached / split backward
+def test_layer_norm_backward_bitwise_repeatable(target, n, m):
+    dev = target.device
+    target.skip_if_emulated_above(m * n, EMU_LIMIT)
+    x = _randn(dev, (m, n), torch.float32)
+    w, b = _params(dev, (n,), torch.float32, None, "wb")
+    dy = _randn(dev, (m, n), torch.float32)
+    y, mean, rstd = target.ops.layer_norm_fwd(x, [n], w, b, EPS)
+    r1 = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
+    _poison_allocator(target, x, w)
+    y2, mean2, rstd2 = target.ops.layer_norm_fwd(x, [n], w, b, EPS)
+    r2 = target.ops.layer_norm_bwd(dy, x, mean2, rstd2, w, [n], [True, True, True])
     assert torch.equal(y, y2) and torch.equal(mean, mean2) and torch.equal(rstd, rstd2)
     for a, c in zip(r1, r2):
         assert torch.equal(a, c)
@@ -352,29 +385,44 @@ GN_CASES = [
     ((2, 16, 4, 6, 5), 2, "nchw"),
     ((1, 8, 16, 16, 16), 8, "cl3d"),  # one sample, long instance rows
     ((1, 8, 16, 16, 16), 8, "nchw"),
-    ((2, 3, 40, 40), 1, "cl"),        # C = 3: scalar channels_last path
-    ((2, 24, 1024), 2, "nchw"),       # long rows, few of them
+    ((2, 3, 40, 40), 1, "cl"),        # C = 3: scalar channels_last path, K > 1 row chunks
+    ((2, 24, 1024), 2, "nchw"),       # long rows, few of them: split forward
+    # emulation-sized (every dtype):
+    ((2, 16, 3, 3), 2, "nchw"),       # 16-byte packs straddling channels (HW = 9, Cg * HW = 72)
+    ((1, 8, 33, 33), 1, "nchw"),      # split forward, packs straddling channels (L = 8712); backward
+                                      # channel sums scalar (HW = 1089), several chunks (S > 1)
+    ((2, 3, 61, 61), 1, "nchw"),      # split forward scalar (L = 11163 odd), scalar sums S > 1
+    ((1, 2, 72, 72), 1, "nchw"),      # backward channel sums vector, S > 1 for every dtype (HW = 5184)
+    ((1, 1032, 3, 3), 8, "cl"),       # channels_last: 2-3 channel tiles (fp32/fp64), bx * by = 129 x 1
+                                      # (fp16), packs straddling groups (Cg = 129), K == 1
 ]
+# Which channels_last plan the other cases take (plan_cl, sm = 132): (3, 64, 8, 8) vector K > 1;
+# (2, 16, 4, 6, 5) vector K == 1 (fp64 K = 3); (4, 10, 1, 1) vector (fp64 only) K == 1;
+# (2, 7, 5, 5) scalar K == 1; (2, 3, 40, 40) scalar K > 1. NCHW: (3, 64, 8, 8), (2, 16, 4, 6, 5)
+# vector in-channel packs; (2, 6, 7, 9), (4, 10, 1, 1) fp64 packs straddling channels;
+# (1, 8, 16, 16, 16) cached forward, backward sums S > 1 (fp16 S == 1); rank 2 and 3 inputs.
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,G,layout", GN_CASES)
-def test_group_norm_fwd_bwd(dtype, shape, G, layout):
-    x = _layout(_randn(shape, dtype, 1.5, 0.25), layout)
+def test_group_norm_fwd_bwd(target, dtype, shape, G, layout):
+    dev = target.device
+    target.skip_if_emulated_above(math.prod(shape), EMU_LIMIT)
+    x = _layout(_randn(dev, shape, dtype, 1.5, 0.25), layout)
     C = shape[1]
-    w, b = _params((C,), dtype, None, "wb")
-    _poison_allocator(x)
-    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+    w, b = _params(dev, (C,), dtype, None, "wb")
+    _poison_allocator(target, x)
+    y, mean, rstd = target.ops.group_norm_fwd(x, w, b, G, EPS)
     assert y.dtype == dtype and y.shape == x.shape
     assert y.is_contiguous(memory_format=_fmt(layout))
     assert mean.shape == (shape[0], G) and mean.dtype == _stat(dtype)
-    dy = _layout(_randn(shape, dtype), layout)
+    dy = _layout(_randn(dev, shape, dtype), layout)
     ry, rmean, rrstd, (rdx, rdw, rdb) = _gn_ref(x, G, w, b, dy)
     _check(y, ry, dtype, 0, _torch_gn(x, G, w, b), "y")
     _check(mean, rmean, dtype, 0, None, "mean")
     _check(rstd / rrstd.to(rstd.device, rstd.dtype), torch.ones_like(rrstd), dtype, 0, None, "rstd (relative)")
-    _poison_allocator(x)
-    dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
+    _poison_allocator(target, x)
+    dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
     assert dx.dtype == dtype and dx.is_contiguous(memory_format=_fmt(layout))
     _check(dx, rdx, dtype, 1, None, "dx")
     _check(dw, rdw, dtype, 1, None, "dweight")
@@ -382,19 +430,22 @@ def test_group_norm_fwd_bwd(dtype, shape, G, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
+# (2, 40, 12, 12): NCHW cached forward; channels_last K > 1. (1, 8, 33, 33): NCHW split forward.
+@pytest.mark.parametrize("shape,G,layout", [((2, 40, 12, 12), 8, "nchw"), ((2, 40, 12, 12), 8, "cl"),
+                                            ((1, 8, 33, 33), 1, "nchw")])
 @pytest.mark.parametrize("affine", ["wb", "w", "none"])
-def test_group_norm_mixed_params_and_out_dtype(dtype, layout, affine):
-    shape, G = (2, 40, 12, 12), 8
-    x = _layout(_randn(shape, dtype, 1.0, 0.5), layout)
-    w, b = _params((40,), dtype, torch.float32, affine)
-    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS, torch.float32)
+def test_group_norm_mixed_params_and_out_dtype(target, dtype, shape, G, layout, affine):
+    dev = target.device
+    C = shape[1]
+    x = _layout(_randn(dev, shape, dtype, 1.0, 0.5), layout)
+    w, b = _params(dev, (C,), dtype, torch.float32, affine)
+    y, mean, rstd = target.ops.group_norm_fwd(x, w, b, G, EPS, torch.float32)
     assert y.dtype == torch.float32 and y.is_contiguous(memory_format=_fmt(layout))
-    dy = _layout(_randn(shape, torch.float32), layout)
+    dy = _layout(_randn(dev, shape, torch.float32), layout)
     ry, _, _, (rdx, rdw, rdb) = _gn_ref(x, G, w, b, dy)
     _check(y, ry, torch.float32, 0, None, "y f32 out")
     mask = [True, w is not None, b is not None]
-    dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, w, G, mask)
+    dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, mask)
     assert dx.dtype == dtype
     _check(dx, rdx, dtype, 1, None, "dx")
     if w is not None:
@@ -403,80 +454,97 @@ def test_group_norm_mixed_params_and_out_dtype(dtype, layout, affine):
     if b is not None:
         _check(db, rdb, torch.float32, 1, None, "dbias")
     # masks
-    dx2, dw2, db2 = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, False, False])
+    dx2, dw2, db2 = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, False, False])
     assert torch.equal(dx2, dx) and dw2.numel() == 0 and db2.numel() == 0
     if w is not None:
-        dx3, dw3, _ = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [False, True, False])
+        dx3, dw3, _ = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [False, True, False])
         assert dx3.numel() == 0 and torch.equal(dw3, dw)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_group_norm_fp16_large_values_and_constant_groups(layout):
+def test_group_norm_fp16_large_values_and_constant_groups(target, layout):
+    dev = target.device
     shape, G = (2, 16, 10, 10), 4
-    x = _layout(_randn(shape, torch.float16, 8.0, 300.0), layout)
-    w, b = _params((16,), torch.float16, None, "wb")
-    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+    x = _layout(_randn(dev, shape, torch.float16, 8.0, 300.0), layout)
+    w, b = _params(dev, (16,), torch.float16, None, "wb")
+    y, mean, rstd = target.ops.group_norm_fwd(x, w, b, G, EPS)
     ry, rmean, _, _ = _gn_ref(x, G, w, b)
     assert torch.isfinite(y).all()
     _check(y, ry, torch.float16, 0, None, "y (values ~300)")
-    c = _layout(torch.full(shape, 0.1, dtype=torch.float16, device=DEVICE), layout)
-    y, mean, rstd = ops.group_norm_fwd(c, w, b, G, EPS)
+    c = _layout(torch.full(shape, 0.1, dtype=torch.float16, device=dev), layout)
+    y, mean, rstd = target.ops.group_norm_fwd(c, w, b, G, EPS)
     assert torch.equal(y, b.view(1, -1, 1, 1).expand(shape)), "constant groups must give exactly the bias"
-    dx, dw, db = ops.group_norm_bwd(torch.ones_like(c), c, mean, rstd, w, G, [True, True, True])
+    dx, dw, db = target.ops.group_norm_bwd(torch.ones_like(c), c, mean, rstd, w, G, [True, True, True])
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
 
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-def test_group_norm_misaligned(layout):
+def test_group_norm_misaligned(target, layout):
+    dev = target.device
     shape, G = (2, 16, 6, 6), 4
     n = math.prod(shape)
-    buf = _randn((n + 8,), torch.float16)
+    buf = _randn(dev, (n + 8,), torch.float16)
     if layout == "cl":
         N, C, H, W = shape
         x = buf[1:1 + n].as_strided(shape, (H * W * C, 1, W * C, C))
         assert x.is_contiguous(memory_format=torch.channels_last)
     else:
         x = buf[1:1 + n].view(shape)
-    w, b = _params((16,), torch.float16, None, "wb")
-    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+    w, b = _params(dev, (16,), torch.float16, None, "wb")
+    y, mean, rstd = target.ops.group_norm_fwd(x, w, b, G, EPS)
     assert y.is_contiguous(memory_format=_fmt(layout))
-    dy = _layout(_randn(shape, torch.float16), layout)
+    dy = _layout(_randn(dev, shape, torch.float16), layout)
     ry, _, _, (rdx, rdw, rdb) = _gn_ref(x, G, w, b, dy)
     _check(y, ry, torch.float16, 0, None, "y misaligned")
-    dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
+    dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
     _check(dx, rdx, torch.float16, 1, None, "dx misaligned")
     _check(dw, rdw, torch.float16, 1, None, "dw misaligned")
     # other strides (a permuted view that is neither layout): contiguous output
-    xp = _randn((2, 6, 6, 16), torch.float32).permute(0, 3, 2, 1)
+    xp = _randn(dev, (2, 6, 6, 16), torch.float32).permute(0, 3, 2, 1)
     assert not xp.is_contiguous() and not xp.is_contiguous(memory_format=torch.channels_last)
-    y, _, _ = ops.group_norm_fwd(xp, None, None, G, EPS)
+    y, _, _ = target.ops.group_norm_fwd(xp, None, None, G, EPS)
     assert y.is_contiguous()
     _check(y, _gn_ref(xp, G, None, None)[0], torch.float32, 0, None, "y permuted")
 
 
-def test_group_norm_empty():
-    x = torch.randn((0, 8, 4, 4), device=DEVICE)
-    w = torch.randn(8, device=DEVICE)
-    y, mean, rstd = ops.group_norm_fwd(x, w, w, 4, EPS)
-    assert y.shape == x.shape and mean.shape == (0, 4)
-    dx, dw, db = ops.group_norm_bwd(torch.randn_like(x), x, mean, rstd, w, 4, [True, True, True])
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (0, 8), (2, 8, 0, 4), (2, 8, 0)],
+                         ids=["no-samples", "no-samples-2d", "empty-groups", "empty-groups-3d"])
+def test_group_norm_empty(target, shape):
+    """As torch.native_group_norm on the CPU (torch 2.14): no samples give empty [0, G]
+    statistics; HW == 0 raises ("Expected HxW to be greater than 0")."""
+    dev = target.device
+    G = 4
+    x = torch.randn(shape, device=dev)
+    w = torch.randn(8, device=dev)
+    N, C, HW = shape[0], shape[1], math.prod(shape[2:])
+    try:
+        _, tmean, trstd = torch.native_group_norm(x.cpu(), w.cpu(), w.cpu(), N, C, HW, G, EPS)
+    except RuntimeError:
+        with pytest.raises(RuntimeError):
+            target.ops.group_norm_fwd(x, w, w, G, EPS)
+        return  # torch raises: so must the kernel target
+    y, mean, rstd = target.ops.group_norm_fwd(x, w, w, G, EPS)
+    assert y.shape == x.shape and mean.shape == tmean.shape and rstd.shape == trstd.shape
+    torch.testing.assert_close(mean.cpu(), tmean, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(rstd.cpu(), trstd, rtol=0, atol=0, equal_nan=True)
+    dx, dw, db = target.ops.group_norm_bwd(torch.randn_like(x), x, mean, rstd, w, G, [True, True, True])
     assert dx.shape == x.shape and (dw == 0).all() and (db == 0).all() and dw.shape == (8,)
-    x = torch.randn((2, 8, 0, 4), device=DEVICE)
-    y, mean, rstd = ops.group_norm_fwd(x, w, w, 4, EPS)
-    assert y.shape == x.shape and mean.shape == (2, 4)
 
 
 @pytest.mark.parametrize("shape,G,layout", [((8, 64, 32, 32), 32, "nchw"), ((8, 64, 32, 32), 32, "cl"),
+                                            ((1, 8, 33, 33), 1, "nchw"), ((1, 1032, 3, 3), 8, "cl"),
                                             ((2, 8, 16, 16, 16), 8, "cl3d"), ((2, 8, 16, 16, 16), 8, "nchw")])
-def test_group_norm_backward_bitwise_repeatable(shape, G, layout):
-    x = _layout(_randn(shape, torch.float32), layout)
-    w, b = _params((shape[1],), torch.float32, None, "wb")
-    dy = _layout(_randn(shape, torch.float32), layout)
-    y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
-    r1 = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
-    _poison_allocator(x)
-    y2, mean2, rstd2 = ops.group_norm_fwd(x, w, b, G, EPS)
-    r2 = ops.group_norm_bwd(dy, x, mean2, rstd2, w, G, [True, True, True])
+def test_group_norm_backward_bitwise_repeatable(target, shape, G, layout):
+    dev = target.device
+    target.skip_if_emulated_above(math.prod(shape), EMU_LIMIT)
+    x = _layout(_randn(dev, shape, torch.float32), layout)
+    w, b = _params(dev, (shape[1],), torch.float32, None, "wb")
+    dy = _layout(_randn(dev, shape, torch.float32), layout)
+    y, mean, rstd = target.ops.group_norm_fwd(x, w, b, G, EPS)
+    r1 = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
+    _poison_allocator(target, x)
+    y2, mean2, rstd2 = target.ops.group_norm_fwd(x, w, b, G, EPS)
+    r2 = target.ops.group_norm_bwd(dy, x, mean2, rstd2, w, G, [True, True, True])
     assert torch.equal(y, y2) and torch.equal(mean, mean2) and torch.equal(rstd, rstd2)
     for a, c in zip(r1, r2):
         assert torch.equal(a, c)
@@ -485,23 +553,24 @@ def test_group_norm_backward_bitwise_repeatable(shape, G, layout):
 # ------------------------------------------------------------------------------------------------
 # CUDA only: graphs, realistic sizes
 # ------------------------------------------------------------------------------------------------
-@cuda_only
 @pytest.mark.parametrize("which", ["ln_small", "ln_long", "gn_nchw", "gn_cl"])
-def test_cuda_graph_capture_and_replay(which):
+def test_cuda_graph_capture_and_replay(target, which):
+    target.require("cuda", why="CUDA graph capture")
+    dev = target.device
     if which.startswith("ln"):
         n = 1024 if which == "ln_small" else 65536
-        x = _randn((64, n), torch.float16)
-        w, b = _params((n,), torch.float32, None, "wb")
-        dy = _randn((64, n), torch.float16)
-        fwd = lambda: ops.layer_norm_fwd(x, [n], w, b, EPS)  # noqa: E731
-        bwd = lambda m, r: ops.layer_norm_bwd(dy, x, m, r, w, [n], [True, True, True])  # noqa: E731
+        x = _randn(dev, (64, n), torch.float16)
+        w, b = _params(dev, (n,), torch.float32, None, "wb")
+        dy = _randn(dev, (64, n), torch.float16)
+        fwd = lambda: target.ops.layer_norm_fwd(x, [n], w, b, EPS)  # noqa: E731
+        bwd = lambda m, r: target.ops.layer_norm_bwd(dy, x, m, r, w, [n], [True, True, True])  # noqa: E731
     else:
         layout = "nchw" if which == "gn_nchw" else "cl"
-        x = _layout(_randn((4, 64, 24, 24), torch.bfloat16), layout)
-        w, b = _params((64,), torch.float32, None, "wb")
-        dy = _layout(_randn((4, 64, 24, 24), torch.bfloat16), layout)
-        fwd = lambda: ops.group_norm_fwd(x, w, b, 16, EPS)  # noqa: E731
-        bwd = lambda m, r: ops.group_norm_bwd(dy, x, m, r, w, 16, [True, True, True])  # noqa: E731
+        x = _layout(_randn(dev, (4, 64, 24, 24), torch.bfloat16), layout)
+        w, b = _params(dev, (64,), torch.float32, None, "wb")
+        dy = _layout(_randn(dev, (4, 64, 24, 24), torch.bfloat16), layout)
+        fwd = lambda: target.ops.group_norm_fwd(x, w, b, 16, EPS)  # noqa: E731
+        bwd = lambda m, r: target.ops.group_norm_bwd(dy, x, m, r, w, 16, [True, True, True])  # noqa: E731
 
     def step():
         y, m, r = fwd()
@@ -523,20 +592,21 @@ def test_cuda_graph_capture_and_replay(which):
             assert torch.equal(a, e)
 
 
-@cuda_only
-def test_realistic_shapes():
+def test_realistic_shapes(target):
     """The shapes the issue names: SD-UNet GroupNorm (few long rows) and InstanceNorm3d."""
+    target.require("cuda", why="large realistic shapes")
+    dev = target.device
     for shape, G, layout, dtype in [((8, 320, 64, 64), 32, "nchw", torch.float16),
                                     ((8, 320, 64, 64), 32, "cl", torch.float16),
                                     ((2, 32, 64, 64, 64), 32, "nchw", torch.float32),
                                     ((2, 32, 64, 64, 64), 32, "cl3d", torch.float32)]:
-        x = _layout(_randn(shape, dtype), layout)
-        w, b = _params((shape[1],), torch.float32, None, "wb")
-        y, mean, rstd = ops.group_norm_fwd(x, w, b, G, EPS)
+        x = _layout(_randn(dev, shape, dtype), layout)
+        w, b = _params(dev, (shape[1],), torch.float32, None, "wb")
+        y, mean, rstd = target.ops.group_norm_fwd(x, w, b, G, EPS)
         ref = _torch_gn(x.float(), G, w, b)
         _check(y, ref.double(), dtype, 0, None, f"y {shape} {layout}")
-        dy = _layout(_randn(shape, dtype), layout)
-        dx, dw, db = ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
+        dy = _layout(_randn(dev, shape, dtype), layout)
+        dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
         xr = x.float().detach().requires_grad_()
         wr = w.detach().clone().requires_grad_()
         br = b.detach().clone().requires_grad_()
