@@ -133,7 +133,7 @@ void selftest(const std::string& name, at::Tensor& out) {
   else if (name == "block_too_large") launch(bounded, 1, 2048, 0, nullptr, o);
   else if (name == "grid_y_too_large") launch(bounded, dim3(1, 70000), 32, 0, nullptr, o);
   else if (name == "dynamic_shared") launch(dynamic_shared_sum, 1, 32, 32 * sizeof(float), nullptr, o);
-  else if (name == "dynamic_shared_over_48k") launch(dynamic_shared_sum, 1, 32, 64 * 1024, nullptr, o);
+  else if (name == "dynamic_shared_over_48k") launch(bounded, 1, 32, 64 * 1024, nullptr, o);
   else if (name == "dynamic_shared_opt_in") {
     FASTNORM_DEVICE_CHECK(cudaFuncSetAttribute(dynamic_shared_sum,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));

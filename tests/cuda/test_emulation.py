@@ -1,0 +1,261 @@
+"""The emulation tier itself (tools/cuda_emu), on the emulated target only:
+
+- every check of the emulator fires on a kernel with that defect planted (tools/cuda_emu/selftest.cu),
+  and correct kernels pass; the sanitizer variant stops on overruns and misaligned vector loads;
+- the kernels give bitwise-identical results under every thread order (forward, reverse, seeded
+  random between scheduling points) and block order (forward, reverse): the fixed-order
+  reduction promise. Other device sizes (8 SMs; 1 SM with one resident block, which forces every
+  grid-stride loop) change the plans, so each size is compared with the float64 reference and,
+  within the size, bitwise across orders;
+- every __global__ kernel defined in csrc/kernels ran in some test of the session (coverage).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5
+
+
+@pytest.fixture
+def emu(target):
+    target.require("emu", why="checks of the emulation tier")
+    return target.emu
+
+
+# ------------------------------------------------------------------------------------------------
+# the emulator's checks
+# ------------------------------------------------------------------------------------------------
+def _selftest(emu, name):
+    out = torch.zeros(320)
+    emu.ops.selftest(name, out)
+    return out
+
+
+def _ptx_shfl(mode, lane, b, width):
+    """Source lane of shfl.sync (PTX ISA), for the expected values."""
+    seg = (32 - width) & 0x1F
+    clamp = 0 if mode == "up" else 0x1F
+    max_lane = (lane & seg) | (clamp & ~seg)
+    j = {"idx": (lane & seg) | (b & 0x1F & ~seg), "up": lane - b, "down": lane + b,
+         "bfly": lane ^ b}[mode]
+    ok = j >= max_lane if mode == "up" else j <= max_lane
+    return j if ok else lane
+
+
+def test_shuffle_semantics(emu):
+    out = _selftest(emu, "shfl_modes")
+    for row, (mode, b, width) in enumerate([("idx", 5, 8), ("up", 3, 8), ("down", 3, 8),
+                                            ("bfly", 5, 32), ("down", 7, 32)]):
+        want = [32 * (t // 32) + _ptx_shfl(mode, t % 32, b, width) for t in range(64)]
+        assert out[row * 64:(row + 1) * 64].tolist() == want, (mode, b, width)
+
+
+def test_correct_kernels_pass(emu):
+    out = _selftest(emu, "shfl_partial_mask")
+    assert out[:32].tolist() == [t ^ 1 if t < 16 else t for t in range(32)]
+    out = _selftest(emu, "barrier_after_exit")
+    assert out[:40].tolist() == [39 - t for t in range(40)]
+    assert _selftest(emu, "dynamic_shared")[0].item() == sum(range(32))
+    assert _selftest(emu, "dynamic_shared_opt_in")[0].item() == sum(range(32))
+
+
+@pytest.mark.parametrize("name,message", [
+    ("shfl_divergent", r"a shuffle at tools/cuda_emu/selftest\.cu:\d+ with mask 0xffffffff: lane 16 has exited"),
+    ("shfl_two_sites", r"lanes meet at different warp collectives"),
+    ("barrier_divergent", r"threads of one block wait at different __syncthreads"),
+    ("launch_bounds", r"a block of 128 threads exceeds the kernel's __launch_bounds__\(64\)"),
+    ("block_too_large", r"invalid launch: a block of 2048 threads"),
+    ("grid_y_too_large", r"invalid launch: a grid beyond"),
+    ("dynamic_shared_over_48k", r"invalid launch: 65536 bytes of dynamic shared memory"),
+])
+def test_planted_defect_is_reported(emu, name, message):
+    with pytest.raises(RuntimeError, match=message) as info:
+        _selftest(emu, name)
+    # the report names the kernel, the block and the thread
+    assert re.search(r"kernel .*fastnorm_emu_selftest::\w+", str(info.value))
+    assert "block (" in str(info.value)
+
+
+def test_unwritten_shared_memory_reads_nan(emu):
+    out = _selftest(emu, "shared_uninitialized")
+    assert torch.isnan(out[1]) and torch.isfinite(out[:32][torch.arange(32) != 1]).all()
+
+
+def test_race_shows_as_schedule_dependence(emu):
+    """A write-write race on shared memory: the thread orders give different results, which is
+    what the bitwise comparison of schedules below catches in real kernels."""
+    results = set()
+    for order in ("forward", "reverse"):
+        with emu.schedule(thread_order=order):
+            results.add(_selftest(emu, "shared_race")[0].item())
+    assert results == {63.0, 0.0}
+
+
+@pytest.mark.parametrize("name,report", [
+    ("shared_overrun", r"heap-buffer-overflow"),
+    ("global_overrun", r"heap-buffer-overflow"),
+    ("misaligned_vector", r"misaligned address"),
+])
+def test_sanitizer_stops_on_memory_errors(emu, name, report):
+    if not emu.sanitized:
+        pytest.skip("the sanitizer variant (FASTNORM_EMU=asan) checks memory accesses")
+    code = ("import sys, torch; sys.path.insert(0, 'tools'); import fastnorm; "
+            "from cuda_emu import emu; e = emu.load('asan'); "
+            f"e.ops.selftest('{name}', torch.zeros(320))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert re.search(report, r.stderr), r.stderr[-3000:]
+    if "overrun" in name:  # ASan's report, then the emulator's line naming the kernel
+        assert re.search(rf"the sanitizer stopped kernel .*{name}", r.stderr), r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# scheduling variants: bitwise-identical results
+# ------------------------------------------------------------------------------------------------
+def _randn(shape, dtype, seed, layout=None):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _ln(ops, m, n, dtype):
+    x, dy = _randn((m, n), dtype, 1), _randn((m, n), dtype, 2)
+    w, b = _randn((n,), dtype, 3), _randn((n,), dtype, 4)
+    y, mean, rstd = ops.layer_norm_fwd(x, [n], w, b, EPS)
+    grads = ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, True, True])
+    ref = F.layer_norm(x.double(), [n], w.double(), b.double(), EPS)
+    return (y, mean, rstd, *grads), (y, ref)
+
+
+def _gn(ops, shape, groups, layout, dtype):
+    x, dy = _randn(shape, dtype, 5, layout), _randn(shape, dtype, 6, layout)
+    c = shape[1]
+    w, b = _randn((c,), dtype, 7), _randn((c,), dtype, 8)
+    y, mean, rstd = ops.group_norm_fwd(x, w, b, groups, EPS)
+    grads = ops.group_norm_bwd(dy, x, mean, rstd, w, groups, [True, True, True])
+    ref = F.group_norm(x.double(), groups, w.double(), b.double(), EPS)
+    return (y, mean, rstd, *grads), (y, ref)
+
+
+def _bn(ops, shape, layout, dtype):
+    x, dy = _randn(shape, dtype, 9, layout), _randn(shape, dtype, 10, layout)
+    c = shape[1]
+    w, b = _randn((c,), dtype, 11), _randn((c,), dtype, 12)
+    rm, rv = torch.zeros(c, dtype=dtype), torch.ones(c, dtype=dtype)
+    nbt = torch.zeros((), dtype=torch.long)
+    y, mean, rstd = ops.batch_norm_fwd(x, w, b, rm, rv, nbt, True, None, EPS)
+    grads = ops.batch_norm_bwd(dy, x, mean, rstd, w, True, [True, True, True])
+    ref = F.batch_norm(x.double(), None, None, w.double(), b.double(), True, 0.0, EPS)
+    return (y, mean, rstd, rm, rv, nbt, *grads), (y, ref)
+
+
+# Each case crosses a different kernel path (at 132 SMs; the smaller devices move some of them).
+CASES = {
+    "ln-subwarp": lambda ops: _ln(ops, 37, 24, torch.float32),
+    "ln-block-cached": lambda ops: _ln(ops, 9, 1000, torch.float16),
+    "ln-split": lambda ops: _ln(ops, 3, 40000, torch.float32),
+    "gn-nchw": lambda ops: _gn(ops, (3, 12, 7, 9), 4, None, torch.bfloat16),
+    "gn-cl": lambda ops: _gn(ops, (2, 16, 20, 20), 4, "cl", torch.float32),
+    "bn-nchw": lambda ops: _bn(ops, (4, 3, 30, 30), None, torch.float32),
+    "bn-nhwc": lambda ops: _bn(ops, (8, 24, 9, 9), "cl", torch.float16),
+    "bn-nc": lambda ops: _bn(ops, (300, 5), None, torch.float64),
+}
+ORDERS = [dict(thread_order="forward", block_order="forward"),
+          dict(thread_order="reverse", block_order="reverse"),
+          dict(thread_order="random", block_order="forward", seed=1),
+          dict(thread_order="random", block_order="reverse", seed=2)]
+DEVICES = [dict(sm_count=132), dict(sm_count=8), dict(sm_count=1, blocks_per_sm=1)]
+
+
+def _bits(t):
+    return t.reshape(-1).view(torch.uint8) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=["132sm", "8sm", "1sm-1block"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_schedules_bitwise_identical(emu, case, device):
+    runs = []
+    for order in ORDERS:
+        with emu.schedule(**order, **device):
+            outs, (y, ref) = CASES[case](emu.ops)
+        runs.append(outs)
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(y.dtype, 2e-2)
+        torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+    for order, outs in zip(ORDERS[1:], runs[1:]):
+        for i, (a, b) in enumerate(zip(runs[0], outs)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(_bits(a), _bits(b)), f"output {i} differs between forward order and {order}"
+
+
+# ------------------------------------------------------------------------------------------------
+# coverage: ordered last by conftest.py
+# ------------------------------------------------------------------------------------------------
+def _instantiation_args(sig: str, count: int) -> tuple:
+    """'... [with T = c10::Half; int VEC = 8; bool GN = true; acc_of<T> = float]' -> the first
+    `count` values: ('c10::Half', '8', 'true')."""
+    m = re.search(r"\[with (.*)\]$", sig)
+    if not m:
+        return ()
+    return tuple(part.split(" = ", 1)[1] for part in m.group(1).split("; ")[:count])
+
+
+def _template_args(sym: str) -> tuple:
+    """'void ns::k<c10::Half, 8, true>(...)' -> ('c10::Half', '8', 'true')."""
+    head = sym.split("(", 1)[0]
+    if "<" not in head:
+        return ()
+    inner = head[head.index("<") + 1:head.rindex(">")]
+    args, depth, cur = [], 0, ""
+    for ch in inner:
+        if ch == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch == "<"
+        depth -= ch == ">"
+        cur += ch
+    args.append(cur.strip())
+    return tuple(args)
+
+
+@pytest.mark.emu_coverage
+def test_every_kernel_ran(emu, request):
+    from cuda_emu import emu as emu_mod
+
+    if not request.config._fastnorm_full_kernel_suite:
+        pytest.skip("coverage is judged over the whole kernel suite (tests/cuda, no -k/-m filter)")
+    ran = emu.coverage()
+    ran_names = {emu_mod.kernel_base_name(s) for s in ran}
+    defined = emu_mod.defined_kernels()
+    missing = [k for k in defined if k not in ran_names]
+    # template instantiations compiled into the emulation vs. those that ran (reported)
+    nm = subprocess.run(["nm", "-C", "--defined-only", emu.path], capture_output=True, text=True)
+    compiled = set()
+    for line in nm.stdout.splitlines():
+        sym = line.split(" ", 2)[-1]
+        head = sym.split("(", 1)[0]
+        name = head.split("<", 1)[0].split("::")[-1].split()[-1] if head.strip() else ""
+        if name in defined:
+            compiled.add((name, _template_args(sym)))
+    arity = {name: len(args) for name, args in compiled}
+    ran_inst = set()
+    for sig in ran:
+        name = emu_mod.kernel_base_name(sig)
+        ran_inst.add((name, _instantiation_args(sig, arity.get(name, 0))))
+    not_run = sorted(compiled - ran_inst)
+    print(f"\nemulation coverage: {len(ran_names & set(defined))}/{len(defined)} kernels, "
+          f"{len(compiled) - len(not_run)}/{len(compiled)} template instantiations")
+    for name, args in not_run:
+        print(f"  instantiation not run: {name}<{', '.join(args)}>")
+    assert not missing, f"kernels defined in csrc/kernels that no test ran: {missing}"
