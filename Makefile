@@ -9,7 +9,7 @@ NVCC        := $(shell command -v nvcc 2>/dev/null)
 BUILD_ENV   := $(if $(NVCC),FASTNORM_FORCE_CUDA=1,FASTNORM_SKIP_CUDA=1)
 PYTEST_ARGS ?=
 
-.PHONY: venv build test bench bench-quick gpu-check info clean
+.PHONY: venv build test test-kernels emu-build bench bench-quick gpu-check info clean
 
 $(VENV)/.stamp:
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -23,9 +23,28 @@ build: venv
 	  grep -E "fastnorm setup|error|Error|warning: |Successfully" || true
 	@$(PY) -c "import fastnorm, fastnorm._ext as e; print('fastnorm extension loaded:', e.loaded)"
 
-test: build
+test: build emu-build
 	$(PY) -m fastnorm.info
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(EMU_PLAIN)
+	$(EMU_ASAN)
+
+# The emulation tier: csrc/ compiled by g++ against tools/cuda_emu (CUDA threads as fibers, every
+# barrier and shuffle checked), the kernel tests of tests/cuda run on it; twice: plain, then under
+# AddressSanitizer + UndefinedBehaviorSanitizer (exact-size buffers, misaligned vector accesses).
+# Builds are cached by ninja under build/emu-*.
+EMU_TESTS   := tests/cuda
+ASAN_ENV     = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
+               ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+EMU_PLAIN    = FASTNORM_EMU=plain FASTNORM_KERNEL_TARGETS=emu $(PY) -m pytest -q -p no:cacheprovider $(EMU_TESTS)
+EMU_ASAN     = FASTNORM_EMU=asan FASTNORM_KERNEL_TARGETS=emu $(ASAN_ENV) $(PY) -m pytest -q -p no:cacheprovider $(EMU_TESTS)
+
+emu-build: venv
+	$(PY) tools/cuda_emu/emu.py build plain asan
+
+test-kernels: build emu-build
+	$(EMU_PLAIN)
+	$(EMU_ASAN)
 
 bench: build
 	$(PY) bench/run.py

@@ -5,7 +5,6 @@
 #include "common.h"
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/zeros.h>
 
 #include <array>
@@ -41,6 +40,11 @@ Dims dims_of(const at::Tensor& x, int64_t num_groups, const char* op) {
   for (int64_t i = 2; i < x.dim(); ++i) d.HW *= x.size(i);
   TORCH_CHECK(num_groups > 0 && d.C % num_groups == 0, op, ": num_groups (", num_groups,
               ") must be positive and divide the number of channels (", d.C, ")");
+  // as ATen's native_group_norm: empty groups are an error, an empty batch is not
+  TORCH_CHECK(d.C > 0, op, ": expected number of channels to be greater than 0, got ", d.C,
+              " (input shape ", x.sizes(), ")");
+  TORCH_CHECK(d.HW > 0, op, ": expected HxW to be greater than 0, got ", d.HW, " (input shape ",
+              x.sizes(), ")");
   d.G = num_groups;
   d.Cg = d.C / num_groups;
   return d;
@@ -127,8 +131,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(odt).memory_format(fmt));
   const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
   if (d.N == 0) return {y, at::empty({0, d.G}, ao), at::empty({0, d.G}, ao)};
-  if (d.HW == 0 || d.Cg == 0)  // empty groups: as ATen's LayerNorm, mean 0 and rstd NaN
-    return {y, at::zeros({d.N, d.G}, ao), at::full({d.N, d.G}, NAN, ao)};
   at::Tensor mean = at::empty({d.N, d.G}, ao);
   at::Tensor rstd = at::empty({d.N, d.G}, ao);
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::group_norm_fwd", [&] {
@@ -271,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
   const at::TensorOptions wo = x.options().dtype(wd);
   at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options().memory_format(fmt))
                                  : at::empty({0}, x.options());
-  if (d.N == 0 || d.HW == 0 || d.Cg == 0) {  // nothing to reduce
+  if (d.N == 0) {  // nothing to reduce
     at::Tensor dw = output_mask[1] ? at::zeros({d.C}, wo) : at::empty({0}, wo);
     at::Tensor db = output_mask[2] ? at::zeros({d.C}, wo) : at::empty({0}, wo);
     return {dx, dw, db};
