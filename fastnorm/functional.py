@@ -57,8 +57,10 @@ def _autocast_dtype(input: Tensor) -> Optional[torch.dtype]:
 
 
 def _verify_batch_size(input: Tensor) -> None:
-    if input.numel() == 0:
-        return
+    """torch.nn.functional's check, to the letter (an empty input of shape (1, C) raises too)."""
+    if input.dim() == 0:
+        raise IndexError(f"Expected an input with a batch dimension, but got a 0-dimensional "
+                         f"input of shape {tuple(input.shape)}")
     values_per_channel = input.shape[0] * math.prod(input.shape[2:])
     if values_per_channel == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
@@ -66,11 +68,17 @@ def _verify_batch_size(input: Tensor) -> None:
 
 
 def _verify_spatial_size(input: Tensor) -> None:
-    if input.numel() == 0:
-        return
+    """torch.nn.functional's check, to the letter (empty inputs and inputs of rank < 3 too)."""
     if math.prod(input.shape[2:]) == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size "
                          f"{input.size()}")
+
+
+def _check_channel_dim(name: str, input: Tensor) -> None:
+    """BatchNorm and InstanceNorm index the channel dim: IndexError (as torch) when it is missing."""
+    if input.dim() < 2:
+        raise IndexError(f"{name}: expected an input with at least 2 dimensions (N, C, *), but "
+                         f"got input of shape {tuple(input.shape)}")
 
 
 def in_checkpoint_recomputation() -> bool:
@@ -82,31 +90,89 @@ def in_checkpoint_recomputation() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _empty_result(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """What torch's batch_norm returns for an input with no elements, whatever the other arguments
+    (its kernel is skipped, no shape or dtype check runs): a copy of the input, still connected
+    to autograd, times weight[0] plus bias[0] (IndexError for a weight or bias with no
+    elements, as in torch)."""
+    y = input.clone()
+    if weight is not None:
+        y = y * weight[0]
+    if bias is not None:
+        y = y + bias[0]
+    return y
+
+
+def _empty_affine(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    """An input with no elements, affine parameters broadcast against it (shapes already checked)."""
+    y = input.clone()
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
 # ----------------------------------------------------------------------------------------------
 # BatchNorm
 # ----------------------------------------------------------------------------------------------
+def _batch_norm_problem(input: Tensor, running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], weight: Optional[Tensor],
+                        bias: Optional[Tensor], training: bool) -> Optional[Exception]:
+    """The first reason the op cannot take these arguments (None when it can), as the exception
+    to raise."""
+    name = "batch_norm"
+    if not training:
+        for what, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                return RuntimeError(f"{name}: {what} must be defined in evaluation mode "
+                                    f"(training=False)")
+    if (running_mean is None) != (running_var is None):
+        return ValueError(f"{name}: running_mean and running_var must either both be None or "
+                          f"neither be None, but got "
+                          f"running_mean={'None' if running_mean is None else 'Tensor'} and "
+                          f"running_var={'None' if running_var is None else 'Tensor'}")
+    try:
+        _check_floating(name, input)
+        _check_channel_dim(name, input)
+        c = input.shape[1]
+        desc = f"one per channel, C={c}"
+        for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+            _check_vector(name, what, t, input, c, desc)
+    except (NotImplementedError, IndexError, RuntimeError) as e:
+        return e
+    return None
+
+
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                 momentum: Optional[float], eps: float,
-                num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+                num_batches_tracked: Optional[Tensor] = None, check_eps: bool = True) -> Tensor:
     """batch_norm with the module's extras: num_batches_tracked (incremented in place by the op,
-    on the device) and momentum=None (cumulative average, factor 1/num_batches_tracked)."""
+    on the device) and momentum=None (cumulative average, factor 1/num_batches_tracked).
+    Checks in torch's order: values per channel, eps (check_eps: batch_norm's own; instance_norm
+    has none), then the arguments; an input with no elements is accepted whatever the other
+    arguments, as torch does."""
     name = "batch_norm"
-    _check_floating(name, input)
-    _check_min_dim(name, input)
-    c = input.shape[1]
-    desc = f"one per channel, C={c}"
-    for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _check_vector(name, what, t, input, c, desc)
-    if (running_mean is None) != (running_var is None):
-        raise RuntimeError(f"{name}: running_mean and running_var must be given together, but got "
-                           f"running_mean={'None' if running_mean is None else 'Tensor'} and "
-                           f"running_var={'None' if running_var is None else 'Tensor'}")
-    if not training and running_mean is None:
-        raise RuntimeError(f"{name}: running_mean and running_var are required when training=False")
     if training:
         _verify_batch_size(input)
+    if check_eps:
+        if training and eps <= 0.0:
+            raise ValueError(f"{name} eps must be positive during training, but got {eps}")
+        if eps < 0.0:
+            raise ValueError(f"{name} eps must be non-negative, but got {eps}")
+    problem = _batch_norm_problem(input, running_mean, running_var, weight, bias, training)
+    if problem is not None:
+        if input.numel() != 0:
+            raise problem
+        # torch skips every check for an empty input (a 1-D (0,) input, statistics of any size
+        # or none in eval): its result, and the counter advanced as its module does
+        y = _empty_result(input, weight, bias)
+        if training and num_batches_tracked is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+        return y
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
     y, _, _ = apply_batch_norm(input, weight, bias, running_mean, running_var,
@@ -119,6 +185,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
     """Same as torch.nn.functional.batch_norm: running statistics are updated in place when
     training and given."""
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType (the "
+                        "cumulative average, momentum=None, is the BatchNorm modules' option)")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -141,6 +210,9 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
             raise RuntimeError(f"{name}: expected {what} of shape {shape} (normalized_shape), but "
                                f"got {what} of shape {list(t.shape)}")
         _check_vector(name, what, t, input, math.prod(shape), f"normalized_shape={shape}")
+    if math.prod(shape) == 0:
+        # nothing to normalise over (torch returns the empty result; the op needs N > 0)
+        return _empty_affine(input, weight, bias)
     y, _, _ = apply_layer_norm(input, shape, weight, bias, eps, _autocast_dtype(input))
     return y
 
@@ -149,14 +221,21 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
 # GroupNorm and InstanceNorm
 # ----------------------------------------------------------------------------------------------
 def _group_norm_checks(name: str, input: Tensor, num_groups: int, weight, bias) -> None:
-    _check_floating(name, input)
+    """torch's checks in torch's order: rank, values per group (torch.nn.functional's
+    _verify_batch_size over [N*C/G, G, *spatial]), divisibility, parameters, dtype."""
     _check_min_dim(name, input)
     c = input.shape[1]
+    if name == "group_norm":
+        values = (input.shape[0] * c // num_groups) * math.prod(input.shape[2:])
+        if values == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"size {[input.shape[0] * c // num_groups, num_groups] + list(input.shape[2:])}")
     if num_groups <= 0 or c % num_groups != 0:
         raise RuntimeError(f"{name}: expected the number of channels C={c} of input of shape "
                            f"{tuple(input.shape)} to be divisible by num_groups={num_groups}")
     for what, t in (("weight", weight), ("bias", bias)):
         _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+    _check_floating(name, input)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -180,29 +259,51 @@ def _instance_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
                    weight: Optional[Tensor], bias: Optional[Tensor], use_input_stats: bool,
                    momentum: float, eps: float, update_running_stats: bool = True) -> Tensor:
     """instance_norm; update_running_stats=False computes exactly the same graph (a checkpoint
-    recomputation must save the same tensors) but leaves the running buffers alone."""
+    recomputation must save the same tensors) but leaves the running buffers alone.
+    Checks in torch's order: spatial size, statistics present in eval, rank, then the rest."""
     name = "instance_norm"
-    _check_floating(name, input)
-    _check_min_dim(name, input)
-    c = input.shape[1]
-    for what, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
     if use_input_stats:
         _verify_spatial_size(input)
+    elif running_mean is None or running_var is None:
+        raise RuntimeError(f"{name}: expected running_mean and running_var to be defined when "
+                           f"use_input_stats is false")
+    _check_channel_dim(name, input)
+    n, c = input.shape[0], input.shape[1]
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name}: running_mean and running_var must either both be None or "
+                         f"neither be None")
+    if input.numel() == 0:
+        # torch's instance_norm is a batch_norm over (1, N*C, *) with the parameters repeated N
+        # times, and batch_norm skips every check for an empty input: its result. Better than
+        # torch when N == 0: the running statistics stay as they are (torch's become NaN) and
+        # affine parameters broadcast per channel (torch raises IndexError on weight[0]).
+        if n == 0:
+            shape = [1, c] + [1] * (input.dim() - 2)
+            for what, t in (("weight", weight), ("bias", bias)):
+                _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+            return _empty_affine(input, None if weight is None else weight.reshape(shape),
+                                 None if bias is None else bias.reshape(shape))
+        if use_input_stats:
+            for what, t in (("running_mean", running_mean), ("running_var", running_var)):
+                _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+        return _empty_result(input, None if weight is None else weight.repeat(n),
+                             None if bias is None else bias.repeat(n))
+    for what, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
     if not use_input_stats:
         # Frozen running statistics: exactly BatchNorm's eval (one affine pass per channel).
-        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    if running_mean is None and running_var is None:
+        return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
+                           check_eps=False)
+    if running_mean is None:
         # Per-instance statistics: GroupNorm with one group per channel.
         _group_norm_checks(name, input, c, weight, bias)
         y, _, _ = apply_group_norm(input, weight, bias, c, eps, None)
         return y
     # Tracked running statistics in training: as torch does, a BatchNorm over (1, N*C, *) whose
     # running buffers are the module's repeated N times, then averaged back into the module's.
+    _check_floating(name, input)
     for what, t in (("weight", weight), ("bias", bias)):
         _check_vector(name, what, t, input, c, f"one per channel, C={c}")
-    if (running_mean is None) != (running_var is None):
-        raise RuntimeError(f"{name}: running_mean and running_var must be given together")
     y, _, _ = apply_instance_norm_tracked(input, weight, bias, running_mean, running_var,
                                           momentum, eps, update_running_stats)
     return y
