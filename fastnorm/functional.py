@@ -134,12 +134,14 @@ def _batch_norm_problem(input: Tensor, running_mean: Optional[Tensor],
                           f"running_var={'None' if running_var is None else 'Tensor'}")
     try:
         _check_floating(name, input)
-        _check_channel_dim(name, input)
-        c = input.shape[1]
+        # torch counts no channels in an input of rank < 2: parameters must then be empty,
+        # and only then does the missing channel dim raise
+        c = input.shape[1] if input.dim() > 1 else 0
         desc = f"one per channel, C={c}"
         for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                         ("running_var", running_var)):
             _check_vector(name, what, t, input, c, desc)
+        _check_channel_dim(name, input)
     except (NotImplementedError, IndexError, RuntimeError) as e:
         return e
     return None
@@ -279,7 +281,10 @@ def _instance_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
         # affine parameters broadcast per channel (torch raises IndexError on weight[0]).
         if n == 0:
             shape = [1, c] + [1] * (input.dim() - 2)
-            for what, t in (("weight", weight), ("bias", bias)):
+            checked = (("weight", weight), ("bias", bias))
+            if use_input_stats:  # torch writes a [C] average into them
+                checked += (("running_mean", running_mean), ("running_var", running_var))
+            for what, t in checked:
                 _check_vector(name, what, t, input, c, f"one per channel, C={c}")
             return _empty_affine(input, None if weight is None else weight.reshape(shape),
                                  None if bias is None else bias.reshape(shape))
