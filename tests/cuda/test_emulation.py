@@ -7,7 +7,8 @@
   reduction promise. Other device sizes (8 SMs; 1 SM with one resident block, which forces every
   grid-stride loop) change the plans, so each size is compared with the float64 reference and,
   within the size, bitwise across orders;
-- every __global__ kernel defined in csrc/kernels ran in some test of the session (coverage).
+- every __global__ kernel defined in csrc/kernels, and every template instantiation of one compiled
+  into the emulation, ran in some test of the session (coverage).
 """
 from __future__ import annotations
 
@@ -239,13 +240,13 @@ def test_every_kernel_ran(emu, request):
     ran_names = {emu_mod.kernel_base_name(s) for s in ran}
     defined = emu_mod.defined_kernels()
     missing = [k for k in defined if k not in ran_names]
-    # template instantiations compiled into the emulation vs. those that ran (reported)
+    # template instantiations compiled into the emulation (nm) vs. those that ran
     nm = subprocess.run(["nm", "-C", "--defined-only", emu.path], capture_output=True, text=True)
     compiled = set()
     for line in nm.stdout.splitlines():
         sym = line.split(" ", 2)[-1]
-        head = sym.split("(", 1)[0]
-        name = head.split("<", 1)[0].split("::")[-1].split()[-1] if head.strip() else ""
+        m = re.search(r"(\w+)\s*$", sym.split("(", 1)[0].split("<", 1)[0])
+        name = m.group(1) if m else ""
         if name in defined:
             compiled.add((name, _template_args(sym)))
     arity = {name: len(args) for name, args in compiled}
@@ -259,3 +260,5 @@ def test_every_kernel_ran(emu, request):
     for name, args in not_run:
         print(f"  instantiation not run: {name}<{', '.join(args)}>")
     assert not missing, f"kernels defined in csrc/kernels that no test ran: {missing}"
+    assert compiled, f"no kernel instantiations found in {emu.path} (nm)"
+    assert not not_run, f"{len(not_run)} kernel instantiations compiled but never run (listed above)"
