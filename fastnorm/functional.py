@@ -235,8 +235,13 @@ def _group_norm_checks(name: str, input: Tensor, num_groups: int, weight, bias) 
     if num_groups <= 0 or c % num_groups != 0:
         raise RuntimeError(f"{name}: expected the number of channels C={c} of input of shape "
                            f"{tuple(input.shape)} to be divisible by num_groups={num_groups}")
+    if c == 0 or math.prod(input.shape[2:]) == 0:
+        raise RuntimeError(f"{name}: expected at least one channel and one spatial element "
+                           f"(C > 0, HxW > 0), but got input of shape {tuple(input.shape)}")
     for what, t in (("weight", weight), ("bias", bias)):
         _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+    if input.numel() == 0 and weight is None and bias is None:
+        return  # an empty batch of any dtype: torch returns it as it is
     _check_floating(name, input)
 
 
@@ -244,6 +249,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Same as torch.nn.functional.group_norm (channels_last input gives channels_last output)."""
     _group_norm_checks("group_norm", input, num_groups, weight, bias)
+    if not input.is_floating_point():  # an empty batch, accepted by the checks (as torch)
+        return input.clone()
     y, _, _ = apply_group_norm(input, weight, bias, num_groups, eps, _autocast_dtype(input))
     return y
 
