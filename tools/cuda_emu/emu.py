@@ -60,13 +60,23 @@ def build_dir(variant: str) -> str:
                         f"emu-{variant}")
 
 
+def _ninja() -> str:
+    for cand in (shutil.which("ninja"), os.path.join(os.path.dirname(sys.executable), "ninja")):
+        if cand and os.path.exists(cand):
+            return cand
+    raise RuntimeError("fastnorm emulation: ninja not found (pip install ninja)")
+
+
 def build(variant: str, src: str = CSRC, verbose: bool = False) -> str:
-    """Rewrite csrc/ (tools/cuda_emu/rewrite.py) and compile it with g++; returns the .so path."""
+    """Rewrite csrc/ (tools/cuda_emu/rewrite.py) and compile it with g++ into one shared library
+    (ninja: only what changed is rebuilt); returns its path. Builds, never loads: the sanitizer
+    variant can only be loaded by a process that started with the sanitizer runtime."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown emulation variant {variant!r}: expected one of {sorted(VARIANTS)}")
     sys.path.insert(0, HERE)
     import rewrite  # noqa: E402
 
+    import torch
     import torch.utils.cpp_extension as ext
 
     out = build_dir(variant)
@@ -76,18 +86,40 @@ def build(variant: str, src: str = CSRC, verbose: bool = False) -> str:
     selftest = os.path.join(out, "selftest", "selftest.cpp")
     rewrite.rewrite_file(os.path.join(HERE, "selftest.cu"), selftest, "tools/cuda_emu/selftest.cu")
     sources += [selftest, os.path.join(HERE, "cuda_emu.cpp")]
-    flags = ["-O1", "-std=c++20", "-DFASTNORM_EMULATION", "-include",
-             os.path.join(HERE, "cuda_emu.h"), "-Wno-unknown-pragmas", "-Wno-attributes",
-             "-fno-strict-aliasing"] + VARIANTS[variant]
-    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
-    name = f"fastnorm_emu_{variant}"
+    includes = [gen, HERE, _cuda_include()] + ext.include_paths()
+    cflags = (["-O1", "-std=c++20", "-fPIC", "-DFASTNORM_EMULATION", "-include",
+               os.path.join(HERE, "cuda_emu.h"), "-Wno-unknown-pragmas", "-Wno-attributes",
+               "-fno-strict-aliasing", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+              + [f"-I{i}" for i in includes] + VARIANTS[variant])
+    libdirs = ext.library_paths()
     # -Bsymbolic: the host code's cudaGetDevice & co. bind to the emulator's definitions, not to
     # the CUDA runtime that torch may have loaded into the process.
-    ext.load(name=name, sources=sources, extra_cflags=flags,
-             extra_ldflags=VARIANTS[variant] + ["-Wl,-Bsymbolic"],
-             extra_include_paths=[gen, _cuda_include(), HERE], build_directory=out,
-             is_python_module=False, with_cuda=False, verbose=verbose)
-    return os.path.join(out, f"{name}.so")
+    ldflags = (["-shared", "-Wl,-Bsymbolic"] + [f"-L{d}" for d in libdirs]
+               + [f"-Wl,-rpath,{d}" for d in libdirs] + ["-lc10", "-ltorch_cpu", "-ltorch"]
+               + VARIANTS[variant])
+    lib = os.path.join(out, f"fastnorm_emu_{variant}.so")
+    lines = ["ninja_required_version = 1.3", f"cxx = {os.environ.get('CXX', 'g++')}",
+             "cflags = " + " ".join(cflags), "ldflags = " + " ".join(ldflags),
+             "rule compile", "  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out",
+             "  depfile = $out.d", "  deps = gcc", "  description = emu $variant: $in",
+             "rule link", "  command = $cxx $in $ldflags -o $out"]
+    objs = []
+    for s in sources:
+        o = os.path.join(out, "obj", os.path.basename(s)[:-4] + ".o")
+        objs.append(o)
+        lines.append(f"build {o}: compile {s}")
+    lines += [f"build {lib}: link " + " ".join(objs), f"default {lib}", ""]
+    ninja_file = os.path.join(out, "build.ninja")
+    text = "\n".join(lines).replace("$variant", variant)
+    if not os.path.exists(ninja_file) or open(ninja_file).read() != text:
+        with open(ninja_file, "w") as fh:
+            fh.write(text)
+    jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
+    r = subprocess.run([_ninja(), "-C", out, "-j", jobs] + (["-v"] if verbose else []),
+                       capture_output=not verbose, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"fastnorm emulation build ({variant}) failed:\n{(r.stdout or '')[-20000:]}")
+    return lib
 
 
 def asan_runtime() -> str:
