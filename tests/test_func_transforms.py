@@ -70,11 +70,11 @@ for _r, _shape in ((1, (3, 4, 5)), (1, (6, 4)), (2, (3, 4, 2, 3)), (3, (2, 4, 2,
 SPEC_BY_ID = {s[0]: s for s in SPECS}
 
 
-def make_twins(spec):
+def make_twins(spec, device):
     """(torch module, fastnorm module): float64, equal random parameters and buffers."""
     _, name, args, kwargs, _, train = spec
     torch.manual_seed(1)
-    t = getattr(nn, name)(*args, **kwargs).to(DT)
+    t = getattr(nn, name)(*args, **kwargs).to(device, DT)
     with torch.no_grad():
         for p in t.parameters():
             p.uniform_(0.5, 1.5)
@@ -93,12 +93,12 @@ def _state(m):
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def _inputs(spec):
+def _inputs(spec, device):
     shape = spec[4]
     g = torch.Generator().manual_seed(2)
     x = torch.randn(shape, generator=g, dtype=DT) * 2 + 0.5
     r = torch.randn(shape, generator=g, dtype=DT)
-    return x, r
+    return x.to(device), r.to(device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def t_jacfwd_params(m, x, r):
 def t_jvp(m, x, r):
     p = _params(m)
     g = torch.Generator().manual_seed(8)
-    tp = {k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in p.items()}
+    tp = {k: torch.randn(v.shape, generator=g, dtype=v.dtype).to(v.device) for k, v in p.items()}
     return jvp(lambda xx, pp: _call(m, pp, xx), (x, p), (r, tp))
 
 
@@ -233,15 +233,23 @@ def _is_counter_mutation(exc):
     return exc is not None and "mutate a captured Tensor" in str(exc)
 
 
-@pytest.mark.parametrize("transform", list(TRANSFORMS))
-@pytest.mark.parametrize("spec_id", [s[0] for s in SPECS])
-def test_transform_matches_torch(spec_id, transform):
+def _has_params(spec):
+    kwargs = spec[3]
+    return kwargs.get("affine", not spec[1].startswith("InstanceNorm")) and \
+        kwargs.get("elementwise_affine", True)
+
+
+CASES = [(s[0], t) for s in SPECS for t in TRANSFORMS
+         if _has_params(s) or not t.endswith("_params")]  # no parameters: nothing to differentiate
+
+
+@pytest.mark.parametrize("spec_id,transform", CASES)
+def test_transform_matches_torch(spec_id, transform, device):
     spec = SPEC_BY_ID[spec_id]
     fn = TRANSFORMS[transform]
-    t, f = make_twins(spec)
-    if transform.endswith("_params") and not _params(f):
-        pytest.skip("the module has no parameters")
-    x, r = _inputs(spec)
+    t, f = make_twins(spec, device)
+    assert bool(_params(f)) == _has_params(spec)
+    x, r = _inputs(spec, device)
     before = _state(f)
     expected, t_exc = _run(fn, t, x, r)
     if _is_counter_mutation(t_exc):
@@ -404,14 +412,14 @@ ENSEMBLE_SPECS = ["LayerNorm", "LayerNorm-nobias", "GroupNorm", "GroupNorm-4d",
 
 @pytest.mark.parametrize("shared_input", [True, False], ids=["shared-x", "batched-x"])
 @pytest.mark.parametrize("spec_id", ENSEMBLE_SPECS)
-def test_ensemble_matches_torch(spec_id, shared_input):
+def test_ensemble_matches_torch(spec_id, shared_input, device):
     """Three models, stacked: one vmapped forward, then one vmapped forward+grad. The reference
     runs each torch.nn model on its own (torch's vmap refuses some of these: momentum=None reads
     num_batches_tracked on the host)."""
     spec = SPEC_BY_ID[spec_id]
     torch_models, fast_models = [], []
     for i in range(3):
-        pair = make_twins(spec)
+        pair = make_twins(spec, device)
         for m in pair:
             with torch.no_grad():
                 for p in m.parameters():
@@ -420,7 +428,7 @@ def test_ensemble_matches_torch(spec_id, shared_input):
                     b.add_(0.05 * i if b.is_floating_point() else i)
         torch_models.append(pair[0])
         fast_models.append(pair[1])
-    x, r = _inputs(spec)
+    x, r = _inputs(spec, device)
     xs = [x if shared_input else x * (1 - 0.25 * i) for i in range(3)]
 
     expected_y, expected_g = [], []
@@ -475,23 +483,25 @@ def _vmap_vs_loop(op, args, batched, bdims, nonbatched_kwargs=(), mutated=()):
 COMBOS = [c for c in itertools.product((False, True), repeat=3) if any(c)]
 
 
-def _rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT)
+def _rand(*shape, seed=0, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=DT).to(device)
 
 
 @pytest.mark.parametrize("xb,wb,bb", COMBOS)
-def test_layer_norm_fwd_vmap_rule(xb, wb, bb):
+def test_layer_norm_fwd_vmap_rule(xb, wb, bb, device):
     ops = torch.ops.fastnorm
-    x, w, b = _rand(3, 2, 4, 5), _rand(3, 4, 5, seed=1).abs() + .5, _rand(3, 4, 5, seed=2)
+    x, w, b = (_rand(3, 2, 4, 5, device=device), _rand(3, 4, 5, seed=1, device=device).abs() + .5,
+               _rand(3, 4, 5, seed=2, device=device))
     args = (x if xb else x[0], w if wb else w[0], b if bb else b[0])
     _vmap_vs_loop(lambda xx, ww, bb_: ops.layer_norm_fwd(xx, [4, 5], ww, bb_, 1e-5),
                   args, (xb, wb, bb), (1, 0, 2))
 
 
 @pytest.mark.parametrize("xb,wb,bb", COMBOS)
-def test_group_norm_fwd_vmap_rule(xb, wb, bb):
+def test_group_norm_fwd_vmap_rule(xb, wb, bb, device):
     ops = torch.ops.fastnorm
-    x, w, b = _rand(3, 2, 6, 5), _rand(3, 6, seed=1).abs() + .5, _rand(3, 6, seed=2)
+    x, w, b = (_rand(3, 2, 6, 5, device=device), _rand(3, 6, seed=1, device=device).abs() + .5,
+               _rand(3, 6, seed=2, device=device))
     args = (x if xb else x[0], w if wb else w[0], b if bb else b[0])
     _vmap_vs_loop(lambda xx, ww, bb_: ops.group_norm_fwd(xx, ww, bb_, 3, 1e-5),
                   args, (xb, wb, bb), (2, 1, 0))
@@ -499,10 +509,10 @@ def test_group_norm_fwd_vmap_rule(xb, wb, bb):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("xb,wb,sb", COMBOS)
-def test_batch_norm_fwd_vmap_rule(xb, wb, sb, training):
+def test_batch_norm_fwd_vmap_rule(xb, wb, sb, training, device):
     ops = torch.ops.fastnorm
-    x, w = _rand(3, 4, 6, 5), _rand(3, 6, seed=1).abs() + .5
-    rm, rv = _rand(3, 6, seed=2), _rand(3, 6, seed=3).abs() + .5
+    x, w = _rand(3, 4, 6, 5, device=device), _rand(3, 6, seed=1, device=device).abs() + .5
+    rm, rv = _rand(3, 6, seed=2, device=device), _rand(3, 6, seed=3, device=device).abs() + .5
     if training and (xb or wb) and not sb:
         if not xb:  # only the weight batched: one shared update, then each sample's affine
             t_rm, t_rv = rm[0].clone(), rv[0].clone()
@@ -524,16 +534,16 @@ def test_batch_norm_fwd_vmap_rule(xb, wb, sb, training):
                   args, (xb, wb, sb, sb), (1, 0, 1, 0), mutated=(2, 3) if training else ())
 
 
-def test_batch_norm_fwd_vmap_rule_counters():
+def test_batch_norm_fwd_vmap_rule_counters(device):
     """Batched counters (an ensemble's num_batches_tracked) with momentum=None: each sample
     averages with its own factor 1 / num_batches_tracked."""
     ops = torch.ops.fastnorm
-    x = _rand(3, 4, 6, 5)
-    rm, rv = _rand(3, 6, seed=2), _rand(3, 6, seed=3).abs() + .5
-    nbt = torch.tensor([0, 4, 9])
+    x = _rand(3, 4, 6, 5, device=device)
+    rm, rv = _rand(3, 6, seed=2, device=device), _rand(3, 6, seed=3, device=device).abs() + .5
+    nbt = torch.tensor([0, 4, 9], device=device)
     _vmap_vs_loop(lambda xx, m, v, n: ops.batch_norm_fwd(xx, None, None, m, v, n, True, None, 1e-5),
                   (x, rm, rv, nbt), (True, True, True, True), (0, 0, 0, 0), mutated=(1, 2, 3))
-    nbt2 = torch.tensor([0, 4, 9])
+    nbt2 = torch.tensor([0, 4, 9], device=device)
     _vmap_vs_loop(lambda xx, m, v, n: ops.batch_norm_fwd(xx, None, None, m, v, n, True, 0.3, 1e-5),
                   (x, rm.clone(), rv.clone(), nbt2), (True, True, True, True), (0, 0, 0, 0),
                   mutated=(1, 2, 3))
@@ -546,11 +556,12 @@ BWD_COMBOS = [c for c in itertools.product((False, True), repeat=3) if any(c)]  
                          ids=["all", "dx", "dwdb"])
 @pytest.mark.parametrize("gb,xb,wb", BWD_COMBOS)
 @pytest.mark.parametrize("kind", ["layer", "group", "batch-train", "batch-eval"])
-def test_bwd_vmap_rules(kind, gb, xb, wb, mask):
+def test_bwd_vmap_rules(kind, gb, xb, wb, mask, device):
     ops = torch.ops.fastnorm
-    dy, x, w = _rand(3, 2, 6, 5), _rand(3, 2, 6, 5, seed=1), _rand(3, 6, seed=2).abs() + .5
+    dy, x = _rand(3, 2, 6, 5, device=device), _rand(3, 2, 6, 5, seed=1, device=device)
+    w = _rand(3, 6, seed=2, device=device).abs() + .5
     if kind == "layer":
-        w = _rand(3, 6, 5, seed=2).abs() + .5
+        w = _rand(3, 6, 5, seed=2, device=device).abs() + .5
         stats = [ops.layer_norm_fwd(xi, [6, 5], None, None, 1e-5)[1:] for xi in x]
 
         def op(g, xx, ww, m, r):
@@ -562,7 +573,7 @@ def test_bwd_vmap_rules(kind, gb, xb, wb, mask):
             return ops.group_norm_bwd(g, xx, m, r, ww, 3, list(mask))
     else:
         training = kind == "batch-train"
-        rm, rv = _rand(6, seed=4), _rand(6, seed=5).abs() + .5
+        rm, rv = _rand(6, seed=4, device=device), _rand(6, seed=5, device=device).abs() + .5
         stats = [ops.batch_norm_fwd(xi, None, None, None if training else rm, None if training else rv,
                                     None, training, 0.1, 1e-5)[1:] for xi in x]
 

@@ -130,12 +130,14 @@ def _compare_call(torch_fn, fast_fn, args, dtype, what):
 # ----------------------------------------------------------------------------------------------
 # OpInfo samples: torch.nn.functional
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=[_DT_ID[d] for d in DTYPES])
+# gradients compared in float64
+_OP_DTYPES = [(d, False) for d in DTYPES] + [(torch.float64, True)]
+
+
+@pytest.mark.parametrize("dtype,requires_grad", _OP_DTYPES,
+                         ids=[_DT_ID[d] + ("-grad" if g else "") for d, g in _OP_DTYPES])
 @pytest.mark.parametrize("op", OPS, ids=[f"{o.name}-{o.variant_test_name}".rstrip("-") for o in OPS])
 def test_opinfo_samples(op, dtype, requires_grad):
-    if requires_grad and dtype != torch.float64:
-        pytest.skip("gradients compared in float64")
     samples = list(op.sample_inputs("cpu", dtype, requires_grad=requires_grad))
     assert samples, "torch has samples for this op"
     for i, s in enumerate(samples):
