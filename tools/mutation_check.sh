@@ -42,7 +42,7 @@ PYEOF
   log="$WORK/$name/test.log"
   "$PY" tools/cuda_emu/emu.py build "$variant" >"$WORK/$name/build.log" 2>&1 || { echo "mutation $name: build failed (see $WORK/$name/build.log)"; status=1; continue; }
   if [ "$variant" = asan ]; then
-    env "${ASAN_ENV[@]}" FASTNORM_EMU=asan FASTNORM_KERNEL_TARGETS=emu "$PY" -m pytest -x -q -p no:cacheprovider $selection >"$log" 2>&1
+    env "${ASAN_ENV[@]}" FASTNORM_EMU=asan FASTNORM_KERNEL_TARGETS=emu "$PY" -m pytest -x -q -p no:cacheprovider --capture=sys $selection >"$log" 2>&1
   else
     FASTNORM_EMU=plain FASTNORM_KERNEL_TARGETS=emu "$PY" -m pytest -x -q -p no:cacheprovider $selection >"$log" 2>&1
   fi
