@@ -27,22 +27,6 @@ bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-int param_kind(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return bn::kF32;
-    case at::kHalf: return bn::kF16;
-    case at::kBFloat16: return bn::kBF16;
-    case at::kDouble: return bn::kF64;
-    default: TORCH_CHECK(false, "fastnorm batch_norm: unsupported parameter dtype ", t);
-  }
-  return bn::kAbsent;
-}
-
-bn::ParamRef param_ref(const Tensor& t) {
-  if (!t.defined()) return bn::ParamRef{nullptr, bn::kAbsent};
-  return bn::ParamRef{t.data_ptr(), param_kind(t.scalar_type())};
-}
-
 // A per-channel [C] tensor: same device as the input, C elements, a kernel dtype.
 void check_channel_tensor(const Tensor& t, const Tensor& input, int64_t C, const char* name) {
   TORCH_CHECK(t.device() == input.device(), "fastnorm batch_norm: ", name,
@@ -51,6 +35,14 @@ void check_channel_tensor(const Tensor& t, const Tensor& input, int64_t C, const
               " elements (one per channel), got shape ", t.sizes());
   TORCH_CHECK(is_kernel_dtype(t.scalar_type()), "fastnorm batch_norm: ", name,
               " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+}
+
+// weight, bias, running statistics: the input's dtype or float32 (the AMP case), as ATen.
+void check_param_tensor(const Tensor& t, const Tensor& input, int64_t C, const char* name) {
+  check_channel_tensor(t, input, C, name);
+  TORCH_CHECK(t.scalar_type() == input.scalar_type() || t.scalar_type() == at::kFloat,
+              "fastnorm batch_norm: ", name, " must have the input's dtype (", input.scalar_type(),
+              ") or float32, got ", t.scalar_type());
 }
 
 Tensor defined_or_empty(const std::optional<Tensor>& t) {
@@ -175,8 +167,9 @@ dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
 // ------------------------------------------------------------------------------------------
 // Forward launches.
 
-template <typename scalar_t, typename acc_t, int V>
-void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs<acc_t> a) {
+template <typename scalar_t, int V>
+void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   const cudaStream_t stream = current_stream();
   const scalar_t* x = l.x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.numel() > 0 ? y.mutable_data_ptr<scalar_t>() : nullptr;
@@ -200,15 +193,15 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs
   const size_t smem = l.nhwc ? 3 * static_cast<size_t>(bn::kThreads) * V * sizeof(acc_t) : 0;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      launch(bn::bn_fwd_apply_nchw<scalar_t,
-          acc_t, V>, nchw_grid(grid_chunks, C), bn::kThreads, 0, stream,
+      launch(bn::bn_fwd_apply_nchw<scalar_t, V>,
+          nchw_grid(grid_chunks, C), bn::kThreads, 0, stream,
           x, yp, a);
     } else {
       // Only the fused mode uses the shared memory (tree merge); the others take none, so the
       // elementwise pass keeps full occupancy on parts with less shared memory per SM.
       const size_t apply_smem = a.mode == bn::kModeFused ? smem : 0;
-      launch(bn::bn_fwd_apply_nhwc<scalar_t,
-          acc_t, V>, nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
+      launch(bn::bn_fwd_apply_nhwc<scalar_t, V>,
+          nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
           x, yp, a);
     }
   };
@@ -234,15 +227,15 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs
   a.nbt_offset = 1;  // the finalize kernel reads nbt before the apply kernel increments it
   a.bump_nbt = a.nbt != nullptr;
   if (!l.nhwc) {
-    launch(bn::bn_fwd_stats_nchw<scalar_t, acc_t, V>, nchw_grid(G, C), bn::kThreads, 0, stream,
+    launch(bn::bn_fwd_stats_nchw<scalar_t, V>, nchw_grid(G, C), bn::kThreads, 0, stream,
         x, a);
   } else {
-    launch(bn::bn_fwd_stats_nhwc<scalar_t,
-        acc_t, V>, nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
+    launch(bn::bn_fwd_stats_nhwc<scalar_t, V>,
+        nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
         x, a);
   }
   const FinCfg f = finalize_cfg(C, G);
-  launch(bn::bn_fwd_finalize<acc_t>,
+  launch(bn::bn_fwd_finalize<scalar_t>,
       f.grid, f.block, 3 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream,
       a);
   a.mode = bn::kModeFinal;
@@ -268,12 +261,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
   Tensor running_mean = defined_or_empty(running_mean_opt);
   Tensor running_var = defined_or_empty(running_var_opt);
   Tensor nbt = defined_or_empty(num_batches_tracked_opt);
-  if (weight.defined()) check_channel_tensor(weight, input, C, "weight");
-  if (bias.defined()) check_channel_tensor(bias, input, C, "bias");
+  if (weight.defined()) check_param_tensor(weight, input, C, "weight");
+  if (bias.defined()) check_param_tensor(bias, input, C, "bias");
   for (const Tensor* t : {&running_mean, &running_var}) {
     if (!t->defined()) continue;
     const char* name = t == &running_mean ? "running_mean" : "running_var";
-    check_channel_tensor(*t, input, C, name);
+    check_param_tensor(*t, input, C, name);
     TORCH_CHECK(t->is_contiguous(), "fastnorm batch_norm_fwd: ", name,
                 " must be contiguous (it is updated in place)");
   }
@@ -314,8 +307,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
   if (C == 0) return {y, save_mean, save_rstd};  // (eval: nothing to compute)
 
   FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm_batch_norm_fwd", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    bn::FwdArgs<acc_t> a{};
+    using acc_t = acc_of<scalar_t>;
+    bn::FwdArgs<scalar_t> a{};
     a.N = l.N;
     a.C = C;
     a.S = l.S;
@@ -325,10 +318,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
     a.coef = nullptr;
     a.save_mean = save_mean.mutable_data_ptr<acc_t>();
     a.save_rstd = save_rstd.mutable_data_ptr<acc_t>();
-    a.weight = param_ref(weight);
-    a.bias = param_ref(bias);
-    a.running_mean = param_ref(running_mean);
-    a.running_var = param_ref(running_var);
+    a.weight = operand<scalar_t>(weight);
+    a.bias = operand<scalar_t>(bias);
+    a.running_mean = operand<scalar_t>(running_mean);
+    a.running_var = operand<scalar_t>(running_var);
     a.nbt = training && nbt.defined() ? nbt.mutable_data_ptr<int64_t>() : nullptr;
     a.nbt_offset = 1;
     a.bump_nbt = false;
@@ -341,9 +334,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
     a.update_running = update_running;
     constexpr int VW = vec_width<scalar_t>();
     if (vec_ok(l, VW, {&l.x, &y})) {
-      launch_fwd<scalar_t, acc_t, VW>(l, y, nbt, a);
+      launch_fwd<scalar_t, VW>(l, y, nbt, a);
     } else {
-      launch_fwd<scalar_t, acc_t, 1>(l, y, nbt, a);
+      launch_fwd<scalar_t, 1>(l, y, nbt, a);
     }
   });
   return {y, save_mean, save_rstd};
@@ -352,9 +345,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
 // ------------------------------------------------------------------------------------------
 // Backward launches.
 
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_sums,
-                bn::BwdArgs<acc_t> a) {
+                bn::BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   const cudaStream_t stream = current_stream();
   const scalar_t* x = l.x.const_data_ptr<scalar_t>();
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
@@ -379,13 +373,13 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   const size_t smem = l.nhwc ? 2 * static_cast<size_t>(bn::kThreads) * V * sizeof(acc_t) : 0;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      launch(bn::bn_bwd_apply_nchw<scalar_t,
-          acc_t, V>, nchw_grid(grid_chunks, C), bn::kThreads, 0, stream,
+      launch(bn::bn_bwd_apply_nchw<scalar_t, V>,
+          nchw_grid(grid_chunks, C), bn::kThreads, 0, stream,
           dyp, x, dxp, a);
     } else {
       const size_t apply_smem = a.mode == bn::kModeFused ? smem : 0;  // (as in the forward)
-      launch(bn::bn_bwd_apply_nhwc<scalar_t,
-          acc_t, V>, nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
+      launch(bn::bn_bwd_apply_nhwc<scalar_t, V>,
+          nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
           dyp, x, dxp, a);
     }
   };
@@ -405,15 +399,15 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   a.part = ws.mutable_data_ptr<acc_t>();
   a.coef = a.part + 2 * G * C;
   if (!l.nhwc) {
-    launch(bn::bn_bwd_sums_nchw<scalar_t, acc_t, V>, nchw_grid(G, C), bn::kThreads, 0, stream,
+    launch(bn::bn_bwd_sums_nchw<scalar_t, V>, nchw_grid(G, C), bn::kThreads, 0, stream,
         dyp, x, a);
   } else {
-    launch(bn::bn_bwd_sums_nhwc<scalar_t,
-        acc_t, V>, nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
+    launch(bn::bn_bwd_sums_nhwc<scalar_t, V>,
+        nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
         dyp, x, a);
   }
   const FinCfg f = finalize_cfg(C, G);
-  launch(bn::bn_bwd_finalize<acc_t>,
+  launch(bn::bn_bwd_finalize<scalar_t>,
       f.grid, f.block, 2 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream,
       a);
   if (!a.need_dx) return;
@@ -440,7 +434,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
   check_channel_tensor(mean, input, C, "mean");
   check_channel_tensor(rstd, input, C, "rstd");
   Tensor weight = defined_or_empty(weight_opt);
-  if (weight.defined()) check_channel_tensor(weight, input, C, "weight");
+  if (weight.defined()) check_param_tensor(weight, input, C, "weight");
 
   DeviceGuard guard(input.device());
   const auto acc_type = stat_dtype(input.scalar_type());
@@ -468,8 +462,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
   weight = weight.defined() ? weight.contiguous() : weight;
 
   FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm_batch_norm_bwd", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    bn::BwdArgs<acc_t> a{};
+    using acc_t = acc_of<scalar_t>;
+    bn::BwdArgs<scalar_t> a{};
     a.N = l.N;
     a.C = C;
     a.S = l.S;
@@ -480,17 +474,17 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
     a.mode = bn::kModeEval;
     a.mean = mean_c.const_data_ptr<acc_t>();
     a.rstd = rstd_c.const_data_ptr<acc_t>();
-    a.weight = param_ref(weight);
-    a.dweight = output_mask[1] ? param_ref(dweight) : bn::ParamRef{nullptr, bn::kAbsent};
-    a.dbias = output_mask[2] ? param_ref(dbias) : bn::ParamRef{nullptr, bn::kAbsent};
+    a.weight = operand<scalar_t>(weight);
+    a.dweight = output_mask[1] ? operand<scalar_t>(dweight) : Operand<scalar_t>{};
+    a.dbias = output_mask[2] ? operand<scalar_t>(dbias) : Operand<scalar_t>{};
     a.n = static_cast<double>(l.N) * static_cast<double>(l.S);
     a.training = training;
     a.need_dx = need_dx;
     constexpr int VW = vec_width<scalar_t>();
     if (vec_ok(l, VW, {&l.x, &dy, &dx})) {
-      launch_bwd<scalar_t, acc_t, VW>(l, dy, dx, need_sums, a);
+      launch_bwd<scalar_t, VW>(l, dy, dx, need_sums, a);
     } else {
-      launch_bwd<scalar_t, acc_t, 1>(l, dy, dx, need_sums, a);
+      launch_bwd<scalar_t, 1>(l, dy, dx, need_sums, a);
     }
   });
   return {dx, dweight, dbias};

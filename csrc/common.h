@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "device.h"
+#include "kernels/pack.cuh"
 
 namespace fastnorm {
 
@@ -20,6 +21,13 @@ namespace fastnorm {
 // Statistics dtype: fp64 for fp64 input, fp32 otherwise.
 inline at::ScalarType stat_dtype(at::ScalarType input) {
   return input == at::ScalarType::Double ? at::ScalarType::Double : at::ScalarType::Float;
+}
+
+// A kernel operand from a tensor that is absent (undefined), of dtype T, or float32.
+template <typename T>
+inline Operand<T> operand(const at::Tensor& t) {
+  if (!t.defined()) return Operand<T>{};
+  return Operand<T>{t.data_ptr(), t.scalar_type() == at::kFloat};
 }
 
 inline bool is_aligned(const void* p, size_t bytes) {

@@ -18,7 +18,6 @@
 namespace fastnorm {
 namespace {
 
-using row::acc_of;
 using row::has;
 using row::check_float_dtype;
 using row::param;
@@ -136,19 +135,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::group_norm_fwd", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    const void* wp = w.defined() ? w.data_ptr() : nullptr;
-    const void* bp = b.defined() ? b.data_ptr() : nullptr;
-    const bool w32 = w.defined() && w.scalar_type() == at::kFloat;
-    const bool b32 = b.defined() && b.scalar_type() == at::kFloat;
     if (!cl) {
       row::RowFwd<T> p;
       p.x = x.data_ptr<T>();
-      p.y = y.data_ptr();
-      p.y_f32 = odt == at::kFloat;
-      p.w = wp;
-      p.w_f32 = w32;
-      p.b = bp;
-      p.b_f32 = b32;
+      p.y = operand<T>(y);
+      p.w = operand<T>(w);
+      p.b = operand<T>(b);
       p.mean = mean.data_ptr<A>();
       p.rstd = rstd.data_ptr<A>();
       p.M = d.N * d.G;
@@ -161,14 +153,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
     } else {
       row::ClFwd<T> p;
       p.x = x.data_ptr<T>();
-      p.y = y.data_ptr();
-      p.y_f32 = odt == at::kFloat;
-      p.w = wp;
-      p.w_f32 = w32;
-      p.b = bp;
-      p.b_f32 = b32;
-      constexpr int V = row::kVec16<T>;
-      const bool vec = d.C % V == 0 && is_aligned(p.x, 16) && is_aligned(p.y, 16);
+      p.y = operand<T>(y);
+      p.w = operand<T>(w);
+      p.b = operand<T>(b);
+      constexpr int V = kVec16<T>;
+      const bool vec = d.C % V == 0 && is_aligned(p.x, 16) && is_aligned(p.y.ptr, 16);
       if (vec)
         cl_forward_vec<T, V>(p, d, static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>(), x);
       else
@@ -190,7 +179,7 @@ void nchw_channel_sums(const row::RowSums<T>& base, const Dims& d, at::Tensor& k
   const int64_t items = it.M * it.S;
   at::Tensor ws = at::empty({2 * items}, row::acc_options(like));
   row::RowSums<T> p = base;
-  p.w = nullptr;
+  p.w = Operand<T>{};
   p.stat_div = d.Cg;
   p.ws = ws.data_ptr<A>();
   launch(row::row_sums_partial_kernel<T, VEC>, row::item_grid(it), row::kItemThreads, 0, stream,
@@ -219,7 +208,7 @@ void nchw_dx(row::GnDx<T> p, const Dims& d) {
   p.gn.HW = d.HW;
   p.gn.pack_in_channel = d.HW % VEC == 0;
   p.gn.div64 = L >= (int64_t(1) << 31);
-  if (!p.gn.div64) p.gn.hw_div = row::FastDiv(static_cast<uint32_t>(d.HW));
+  if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(d.HW));
   const row::Items it = row::plan_items(d.N * d.G, L, VEC, static_cast<int64_t>(sm_count()) * 64);
   launch(row::gn_dx_nchw_kernel<T, VEC>, row::item_grid(it), row::kItemThreads, 0, current_stream(),
       p, it);
@@ -290,11 +279,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::group_norm_bwd", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    constexpr int V = row::kVec16<T>;
+    constexpr int V = kVec16<T>;
     const cudaStream_t stream = current_stream();
     const T* xp = x.data_ptr<T>();
     const void* dyp = dy.data_ptr();
-    const bool dy32 = dy.scalar_type() == at::kFloat;
+    const Operand<T> dyo = operand<T>(dy);
     const A* mup = mu.data_ptr<A>();
     const A* rsp = rs.data_ptr<A>();
     at::Tensor keep;
@@ -304,8 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     if (!cl) {
       row::RowSums<T> p;
       p.x = xp;
-      p.dy = dyp;
-      p.dy_f32 = dy32;
+      p.dy = dyo;
       p.mean = mup;
       p.rstd = rsp;
       const bool vec = d.HW % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16);
@@ -314,8 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     } else {
       row::ClBwd<T> p;
       p.x = xp;
-      p.dy = dyp;
-      p.dy_f32 = dy32;
+      p.dy = dyo;
       p.mean = mup;
       p.rstd = rsp;
       const bool vec = d.C % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16);
@@ -325,8 +312,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     // 2. dweight = sum_n S[n, c], dbias = sum_n B[n, c]
     if (output_mask[1] || output_mask[2])
       row::launch_col_sums<T>(output_mask[1] ? S : nullptr, output_mask[2] ? B : nullptr, d.N, d.C,
-                              output_mask[1] ? dw.data_ptr() : nullptr,
-                              output_mask[2] ? db.data_ptr() : nullptr, wd == at::kFloat);
+                              output_mask[1] ? operand<T>(dw) : Operand<T>{},
+                              output_mask[2] ? operand<T>(db) : Operand<T>{});
     if (!output_mask[0]) return;
     // 3. per-(n, g) coefficients, then dx
     at::Tensor coef = at::empty({2 * d.N * d.G}, row::acc_options(x));
@@ -334,18 +321,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     A* c2 = c1 + d.N * d.G;
     const A invD = A(1) / static_cast<A>(d.Cg * d.HW);
     launch(row::gn_bwd_coef_kernel<T>, grid_of(ceil_div(d.N * d.G, 8)), 256, 0, stream,
-        S, B, w.defined() ? w.data_ptr() : nullptr, w.defined() && w.scalar_type() == at::kFloat,
+        S, B, operand<T>(w),
         d.N, d.C, d.G, d.Cg, invD, c1, c2);
     row::GnDx<T> p;
     p.x = xp;
-    p.dy = dyp;
-    p.dy_f32 = dy32;
+    p.dy = dyo;
     p.mean = mup;
     p.rstd = rsp;
     p.c1 = c1;
     p.c2 = c2;
-    p.w = w.defined() ? w.data_ptr() : nullptr;
-    p.w_f32 = w.defined() && w.scalar_type() == at::kFloat;
+    p.w = operand<T>(w);
     p.dx = dx.data_ptr<T>();
     if (!cl) {
       const bool vec = (d.Cg * d.HW) % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16) &&

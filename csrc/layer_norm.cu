@@ -16,7 +16,6 @@
 namespace fastnorm {
 namespace {
 
-using row::acc_of;
 using row::has;
 using row::check_float_dtype;
 using row::param;
@@ -72,12 +71,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     using A = acc_of<T>;
     row::RowFwd<T> p;
     p.x = x.data_ptr<T>();
-    p.y = y.data_ptr();
-    p.y_f32 = odt == at::kFloat;
-    p.w = w.defined() ? w.data_ptr() : nullptr;
-    p.w_f32 = w.defined() && w.scalar_type() == at::kFloat;
-    p.b = b.defined() ? b.data_ptr() : nullptr;
-    p.b_f32 = b.defined() && b.scalar_type() == at::kFloat;
+    p.y = operand<T>(y);
+    p.w = operand<T>(w);
+    p.b = operand<T>(b);
     p.mean = mean.data_ptr<A>();
     p.rstd = rstd.data_ptr<A>();
     p.M = M;
@@ -125,17 +121,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     using A = acc_of<T>;
     row::RowBwd<T> p;
     p.x = x.data_ptr<T>();
-    p.dy = dy.data_ptr();
-    p.dy_f32 = dy.scalar_type() == at::kFloat;
+    p.dy = operand<T>(dy);
     p.mean = mu.data_ptr<A>();
     p.rstd = rs.data_ptr<A>();
-    p.w = w.defined() ? w.data_ptr() : nullptr;
-    p.w_f32 = w.defined() && w.scalar_type() == at::kFloat;
+    p.w = operand<T>(w);
     p.dx = output_mask[0] ? dx.data_ptr<T>() : nullptr;
     p.M = M;
     p.L = N;
-    row::ln_backward<T>(p, output_mask[1], output_mask[2], output_mask[1] ? dw.data_ptr() : nullptr,
-                        output_mask[2] ? db.data_ptr() : nullptr, wd == at::kFloat, x);
+    row::ln_backward<T>(p, output_mask[1] ? operand<T>(dw) : Operand<T>{},
+                        output_mask[2] ? operand<T>(db) : Operand<T>{}, x);
   });
   return {dx, dw, db};
 }

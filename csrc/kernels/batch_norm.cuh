@@ -29,12 +29,11 @@
 // Framework-free: cuda headers and welford.cuh only. scalar_t may be any type with
 // static_cast to/from float/double in device code (float, double, c10::Half, c10::BFloat16).
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "kernels/pack.cuh"
 #include "kernels/welford.cuh"
 
 namespace fastnorm {
@@ -42,51 +41,6 @@ namespace bn {
 
 constexpr int kThreads = 256;  // every kernel here: 256 threads (1-D for NCHW, tx * ty for NHWC)
 constexpr int kUnroll = 4;     // independent loads in flight per thread per iteration
-
-// ---------------------------------------------------------------------------------------------
-// Per-channel parameters whose dtype is only known at run time (fp32 params with a half input,
-// or everything in the input's dtype): a pointer and a kind, read and written in that dtype.
-enum ParamKind : int { kAbsent = 0, kF32 = 1, kF16 = 2, kBF16 = 3, kF64 = 4 };
-
-struct ParamRef {
-  void* ptr;
-  int kind;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t param_load(const ParamRef& p, int64_t i, acc_t absent_value) {
-  switch (p.kind) {
-    case kF32: return static_cast<acc_t>(static_cast<const float*>(p.ptr)[i]);
-    case kF16: return static_cast<acc_t>(__half2float(static_cast<const __half*>(p.ptr)[i]));
-    case kBF16:
-      return static_cast<acc_t>(__bfloat162float(static_cast<const __nv_bfloat16*>(p.ptr)[i]));
-    case kF64: return static_cast<acc_t>(static_cast<const double*>(p.ptr)[i]);
-    default: return absent_value;
-  }
-}
-
-template <typename acc_t>
-__device__ __forceinline__ void param_store(const ParamRef& p, int64_t i, acc_t v) {
-  switch (p.kind) {
-    case kF32: static_cast<float*>(p.ptr)[i] = static_cast<float>(v); break;
-    case kF16: static_cast<__half*>(p.ptr)[i] = __float2half_rn(static_cast<float>(v)); break;
-    case kBF16:
-      static_cast<__nv_bfloat16*>(p.ptr)[i] = __float2bfloat16_rn(static_cast<float>(v));
-      break;
-    case kF64: static_cast<double*>(p.ptr)[i] = static_cast<double>(v); break;
-    default: break;
-  }
-}
-
-__device__ __forceinline__ float bn_rsqrt(float v) { return 1.0f / sqrtf(v); }
-__device__ __forceinline__ double bn_rsqrt(double v) { return 1.0 / sqrt(v); }
-
-// ---------------------------------------------------------------------------------------------
-// Vector of V elements, loaded/stored with one instruction (the host checks alignment).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
 
 // Merge a chunk of `cnt` values per channel into K running states that share one count (every
 // channel of a thread has seen the same number of values). The chunk is given relative to the
@@ -255,8 +209,9 @@ enum ApplyMode : int {
                    // chunk): stats + finalize + apply in one launch
 };
 
-template <typename acc_t>
+template <typename scalar_t>
 struct FwdArgs {
+  using acc_t = acc_of<scalar_t>;
   int64_t N, C, S;  // logical [N, C, S]; NHWC rows R = N * S
   int64_t Sv;       // NCHW: S / V
   int64_t G1;       // chunks of the stats kernel (partials per channel)
@@ -264,7 +219,7 @@ struct FwdArgs {
   acc_t* coef;      // [3][C]: mean, scale, shift (general path)
   acc_t* save_mean;
   acc_t* save_rstd;
-  ParamRef weight, bias, running_mean, running_var;
+  Operand<scalar_t> weight, bias, running_mean, running_var;  // scalar_t or float32
   int64_t* nbt;       // num_batches_tracked or null
   int64_t nbt_offset; // factor = 1 / (nbt + nbt_offset): 1 when read before the increment
   double momentum;    // used when has_momentum
@@ -279,15 +234,16 @@ struct FwdArgs {
 
 // Per-channel finalize of the forward. `w` is the merged batch state (training). The writer
 // (one thread per channel) stores mean/rstd and updates the running stats in their dtype.
-template <typename acc_t>
-__device__ __forceinline__ void fwd_finalize(const FwdArgs<acc_t>& a, int64_t c,
-                                             const Welford<acc_t>& w, bool writer, acc_t& mean,
-                                             acc_t& scale, acc_t& shift) {
+template <typename scalar_t>
+__device__ __forceinline__ void fwd_finalize(const FwdArgs<scalar_t>& a, int64_t c,
+                                             const Welford<acc_of<scalar_t>>& w, bool writer, acc_of<scalar_t>& mean,
+                                             acc_of<scalar_t>& scale, acc_of<scalar_t>& shift) {
+  using acc_t = acc_of<scalar_t>;
   acc_t rstd;
   if (a.training) {
     const acc_t n = static_cast<acc_t>(a.n);
     mean = w.mean;
-    rstd = bn_rsqrt(w.m2 / n + static_cast<acc_t>(a.eps));
+    rstd = rsqrt_acc(w.m2 / n + static_cast<acc_t>(a.eps));
     if (writer) {
       a.save_mean[c] = mean;
       a.save_rstd[c] = rstd;
@@ -299,45 +255,47 @@ __device__ __forceinline__ void fwd_finalize(const FwdArgs<acc_t>& a, int64_t c,
           const long long t = static_cast<long long>(a.nbt[0]) + a.nbt_offset;
           f = static_cast<acc_t>(1.0 / static_cast<double>(t));
         }
-        if (a.running_mean.kind != kAbsent) {
-          const acc_t rm = param_load(a.running_mean, c, acc_t(0));
-          param_store(a.running_mean, c, f * mean + (acc_t(1) - f) * rm);
+        if (a.running_mean.present()) {
+          const acc_t rm = a.running_mean.get_or(c, acc_t(0));
+          a.running_mean.set(c, f * mean + (acc_t(1) - f) * rm);
         }
-        if (a.running_var.kind != kAbsent) {
-          const acc_t rv = param_load(a.running_var, c, acc_t(0));
+        if (a.running_var.present()) {
+          const acc_t rv = a.running_var.get_or(c, acc_t(0));
           const acc_t unbiased = w.m2 / (n - acc_t(1));
-          param_store(a.running_var, c, f * unbiased + (acc_t(1) - f) * rv);
+          a.running_var.set(c, f * unbiased + (acc_t(1) - f) * rv);
         }
       }
     }
   } else {
-    mean = param_load(a.running_mean, c, acc_t(0));
-    rstd = bn_rsqrt(param_load(a.running_var, c, acc_t(1)) + static_cast<acc_t>(a.eps));
+    mean = a.running_mean.get_or(c, acc_t(0));
+    rstd = rsqrt_acc(a.running_var.get_or(c, acc_t(1)) + static_cast<acc_t>(a.eps));
     if (writer) {
       a.save_mean[c] = mean;
       a.save_rstd[c] = rstd;
     }
   }
-  scale = param_load(a.weight, c, acc_t(1)) * rstd;
-  shift = param_load(a.bias, c, acc_t(0));
+  scale = a.weight.get_or(c, acc_t(1)) * rstd;
+  shift = a.bias.get_or(c, acc_t(0));
 }
 
-template <typename acc_t>
-__device__ __forceinline__ void maybe_bump_nbt(const FwdArgs<acc_t>& a) {
+template <typename scalar_t>
+__device__ __forceinline__ void maybe_bump_nbt(const FwdArgs<scalar_t>& a) {
+  using acc_t = acc_of<scalar_t>;
   if (a.bump_nbt && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0) {
     a.nbt[0] = a.nbt[0] + 1;
   }
 }
 
-template <typename acc_t>
+template <typename scalar_t>
 struct BwdArgs {
+  using acc_t = acc_of<scalar_t>;
   int64_t N, C, S, Sv;
   int64_t G1;        // chunks of the sums kernel (general path)
   acc_t* part;       // [2][G1][C]: sum(dy), sum(dy * (x - mean))
   acc_t* coef;       // [4][C]: mean, mdy, proj, gs (general path)
   const acc_t* mean;
   const acc_t* rstd;
-  ParamRef weight, dweight, dbias;  // dweight/dbias: kAbsent when masked off
+  Operand<scalar_t> weight, dweight, dbias;  // dweight/dbias: absent when masked off
   double n;
   int mode;
   bool training;
@@ -350,16 +308,17 @@ struct BwdCoef {
   acc_t mean, mdy, proj, gs;
 };
 
-template <typename acc_t>
-__device__ __forceinline__ BwdCoef<acc_t> bwd_finalize(const BwdArgs<acc_t>& a, int64_t c,
-                                                       acc_t sdy, acc_t sdxm, bool writer) {
+template <typename scalar_t>
+__device__ __forceinline__ BwdCoef<acc_of<scalar_t>> bwd_finalize(const BwdArgs<scalar_t>& a, int64_t c,
+                                                       acc_of<scalar_t> sdy, acc_of<scalar_t> sdxm, bool writer) {
+  using acc_t = acc_of<scalar_t>;
   const acc_t r = a.rstd[c];
   if (writer) {
-    param_store(a.dweight, c, sdxm * r);  // no-op when masked off
-    param_store(a.dbias, c, sdy);
+    if (a.dweight.present()) a.dweight.set(c, sdxm * r);
+    if (a.dbias.present()) a.dbias.set(c, sdy);
   }
   BwdCoef<acc_t> k;
-  k.gs = param_load(a.weight, c, acc_t(1)) * r;
+  k.gs = a.weight.get_or(c, acc_t(1)) * r;
   if (a.training) {
     const acc_t inv_n = acc_t(1) / static_cast<acc_t>(a.n);
     k.mean = a.mean[c];
@@ -550,9 +509,10 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __rest
 // Forward stats kernels (general path): partial Welford states [3][G1][C].
 
 // NCHW. grid (G1, min(C, 65535)), block kThreads (1-D).
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
-    bn_fwd_stats_nchw(const scalar_t* __restrict__ x, FwdArgs<acc_t> a) {
+    bn_fwd_stats_nchw(const scalar_t* __restrict__ x, FwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
   __shared__ __align__(16) unsigned char sh_raw[32 * sizeof(Welford<acc_t>)];
   Welford<acc_t>* sh = reinterpret_cast<Welford<acc_t>*>(sh_raw);
@@ -576,9 +536,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // NHWC [R, C]. grid (ceil(C / V / tx), G1), block (tx, ty), tx * ty = kThreads.
 // Dynamic shared memory: 3 * kThreads * V * sizeof(acc_t).
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
-    bn_fwd_stats_nhwc(const scalar_t* __restrict__ x, FwdArgs<acc_t> a) {
+    bn_fwd_stats_nhwc(const scalar_t* __restrict__ x, FwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
   extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
   acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
@@ -607,8 +568,9 @@ __global__ void __launch_bounds__(kThreads)
 // grid ceil(C / tx), block (tx, ty): threadIdx.x picks the channel, threadIdx.y strides over the
 // partials (g = y, y + ty, ...), then a tree over y. Dynamic shared memory: 3 * kThreads * acc_t.
 
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) bn_fwd_finalize(FwdArgs<acc_t> a) {
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) bn_fwd_finalize(FwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
   acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
   const int64_t C = a.C;
@@ -635,8 +597,9 @@ __global__ void __launch_bounds__(kThreads) bn_fwd_finalize(FwdArgs<acc_t> a) {
   }
 }
 
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) bn_bwd_finalize(BwdArgs<acc_t> a) {
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) bn_bwd_finalize(BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
   acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
   const int64_t C = a.C;
@@ -663,9 +626,10 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_finalize(BwdArgs<acc_t> a) {
 // Forward apply kernels: y = (x - mean) * scale + shift.
 
 // NCHW. grid (G, min(C, 65535)), block kThreads. kModeFused needs G == 1.
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
-    bn_fwd_apply_nchw(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, FwdArgs<acc_t> a) {
+    bn_fwd_apply_nchw(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, FwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
   __shared__ __align__(16) unsigned char sh_raw[32 * sizeof(Welford<acc_t>)];
   Welford<acc_t>* sh = reinterpret_cast<Welford<acc_t>*>(sh_raw);
@@ -726,9 +690,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // NHWC. grid (ceil(C / V / tx), G), block (tx, ty). kModeFused needs G == 1.
 // Dynamic shared memory: 3 * kThreads * V * sizeof(acc_t).
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
-    bn_fwd_apply_nhwc(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, FwdArgs<acc_t> a) {
+    bn_fwd_apply_nhwc(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, FwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
   extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
   acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
@@ -808,10 +773,11 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Backward sums kernels (general path): partial sums [2][G1][C].
 
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_sums_nchw(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                     BwdArgs<acc_t> a) {
+                     BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
   __shared__ acc_t sh[64];
   const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
@@ -834,10 +800,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t).
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_sums_nhwc(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                     BwdArgs<acc_t> a) {
+                     BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
   extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
   acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
@@ -868,10 +835,11 @@ __global__ void __launch_bounds__(kThreads)
 // channel); with need_dx false they only do that.
 
 // NCHW. grid (G, min(C, 65535)), block kThreads.
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_apply_nchw(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                      scalar_t* __restrict__ dx, BwdArgs<acc_t> a) {
+                      scalar_t* __restrict__ dx, BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
   __shared__ acc_t sh[64];
   const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
@@ -972,10 +940,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // NHWC. grid (ceil(C / V / tx), G), block (tx, ty).
 // Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t).
-template <typename scalar_t, typename acc_t, int V>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_apply_nhwc(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                      scalar_t* __restrict__ dx, BwdArgs<acc_t> a) {
+                      scalar_t* __restrict__ dx, BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
   extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
   acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);

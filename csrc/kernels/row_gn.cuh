@@ -10,7 +10,7 @@
 #include <cstdint>
 
 #include "kernels/row_norm.cuh"
-#include "kernels/vec.cuh"
+#include "kernels/pack.cuh"
 #include "kernels/welford.cuh"
 
 namespace fastnorm {
@@ -169,11 +169,8 @@ template <typename T>
 struct ClFwd {
   using A = acc_of<T>;
   const T* x = nullptr;
-  void* y = nullptr;
-  bool y_f32 = false;
-  const void* w = nullptr;
-  const void* b = nullptr;
-  bool w_f32 = false, b_f32 = false;
+  Operand<T> y;     // T or float32 (autocast)
+  Operand<T> w, b;  // absent, T or float32
   const A* mean = nullptr;  // [N, G]
   const A* rstd = nullptr;
   ClShape s;
@@ -199,9 +196,9 @@ __global__ void __launch_bounds__(kClThreads) cl_apply_kernel(ClFwd<T> p) {
       const int64_t c = cp * VEC + v;
       const int64_t ng = n * s.G + c / s.Cg;
       mu[v] = p.mean[ng];
-      const A wc = p.w != nullptr ? load1_tf<T, A>(p.w, p.w_f32, c) : A(1);
+      const A wc = p.w.get_or(c, A(1));
       sc[v] = p.rstd[ng] * wc;
-      bb[v] = p.b != nullptr ? load1_tf<T, A>(p.b, p.b_f32, c) : A(0);
+      bb[v] = p.b.get_or(c, A(0));
     }
     const int64_t h0 = k * s.rpc;
     const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
@@ -220,7 +217,7 @@ __global__ void __launch_bounds__(kClThreads) cl_apply_kernel(ClFwd<T> p) {
           A o[VEC];
 #pragma unroll
           for (int v = 0; v < VEC; ++v) o[v] = (static_cast<A>(xv[u][v]) - mu[v]) * sc[v] + bb[v];
-          store_tf<T, VEC>(p.y, p.y_f32, base + hh * s.C, o);
+          p.y.store(base + hh * s.C, o);
         }
       }
     }
@@ -231,8 +228,7 @@ template <typename T>
 struct ClBwd {
   using A = acc_of<T>;
   const T* x = nullptr;
-  const void* dy = nullptr;
-  bool dy_f32 = false;
+  Operand<T> dy;  // T or float32
   const A* mean = nullptr;  // [N, G]
   const A* rstd = nullptr;
   ClShape s;
@@ -280,7 +276,7 @@ __global__ void __launch_bounds__(kClThreads)
           const int64_t hh = h + static_cast<int64_t>(u) * s.by;
           if (hh < h1) {
             load_raw<T, VEC>(p.x + base + hh * s.C, xv[u]);
-            load_tf<T, VEC>(p.dy, p.dy_f32, base + hh * s.C, gv[u]);
+            p.dy.load(base + hh * s.C, gv[u]);
           }
         }
 #pragma unroll
@@ -334,7 +330,7 @@ __global__ void __launch_bounds__(kClThreads)
 template <typename T>
 __global__ void __launch_bounds__(256)
     gn_bwd_coef_kernel(const acc_of<T>* __restrict__ S, const acc_of<T>* __restrict__ B,
-                       const void* w, bool w_f32, int64_t N, int64_t C, int64_t G, int64_t Cg,
+                       Operand<T> w, int64_t N, int64_t C, int64_t G, int64_t Cg,
                        acc_of<T> invD, acc_of<T>* __restrict__ c1, acc_of<T>* __restrict__ c2) {
   using A = acc_of<T>;
   const int lane = threadIdx.x & 31;
@@ -345,7 +341,7 @@ __global__ void __launch_bounds__(256)
     A s1 = A(0), s2 = A(0);
     for (int64_t ci = lane; ci < Cg; ci += 32) {
       const int64_t c = g * Cg + ci;
-      const A wc = w != nullptr ? load1_tf<T, A>(w, w_f32, c) : A(1);
+      const A wc = w.get_or(c, A(1));
       s1 += wc * B[n * C + c];
       s2 += wc * S[n * C + c];
     }
@@ -363,14 +359,12 @@ template <typename T>
 struct GnDx {
   using A = acc_of<T>;
   const T* x = nullptr;
-  const void* dy = nullptr;
-  bool dy_f32 = false;
+  Operand<T> dy;  // T or float32
   const A* mean = nullptr;  // [N*G] for the NCHW rows; [N, G] for channels_last
   const A* rstd = nullptr;
   const A* c1 = nullptr;
   const A* c2 = nullptr;
-  const void* w = nullptr;
-  bool w_f32 = false;
+  Operand<T> w;  // absent, T or float32
   T* dx = nullptr;
   GnMap gn;
 };
@@ -402,7 +396,7 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(GnDx<T> p, Ite
         const int64_t q = pk + static_cast<int64_t>(u) * tpr;
         if (q < p1) {
           load_raw<T, VEC>(p.x + off + q * VEC, xv[u]);
-          load_tf<T, VEC>(p.dy, p.dy_f32, off + q * VEC, gv[u]);
+          p.dy.load(off + q * VEC, gv[u]);
         }
       }
 #pragma unroll
@@ -411,17 +405,17 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(GnDx<T> p, Ite
         if (q < p1) {
           const int64_t j0 = q * VEC;
           A wv[VEC], o[VEC];
-          if (p.w == nullptr) {
+          if (!p.w.present()) {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) wv[k] = A(1);
           } else if (p.gn.pack_in_channel) {
-            const A wc = load1_tf<T, A>(p.w, p.w_f32, cbase + p.gn.chan_in_row(j0));
+            const A wc = p.w.get(cbase + p.gn.chan_in_row(j0));
 #pragma unroll
             for (int k = 0; k < VEC; ++k) wv[k] = wc;
           } else {
 #pragma unroll
             for (int k = 0; k < VEC; ++k)
-              wv[k] = load1_tf<T, A>(p.w, p.w_f32, cbase + p.gn.chan_in_row(j0 + k));
+              wv[k] = p.w.get(cbase + p.gn.chan_in_row(j0 + k));
           }
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
@@ -455,7 +449,7 @@ __global__ void __launch_bounds__(kClThreads) cl_dx_kernel(GnDx<T> p, ClShape s)
       const int64_t ng = n * s.G + c / s.Cg;
       mu[v] = p.mean[ng];
       rs[v] = p.rstd[ng];
-      const A wc = p.w != nullptr ? load1_tf<T, A>(p.w, p.w_f32, c) : A(1);
+      const A wc = p.w.get_or(c, A(1));
       wr[v] = rs[v] * wc;
       k1[v] = rs[v] * p.c1[ng];
       k2[v] = rs[v] * rs[v] * p.c2[ng];
@@ -471,7 +465,7 @@ __global__ void __launch_bounds__(kClThreads) cl_dx_kernel(GnDx<T> p, ClShape s)
         const int64_t hh = h + static_cast<int64_t>(u) * s.by;
         if (hh < h1) {
           load_raw<T, VEC>(p.x + base + hh * s.C, xv[u]);
-          load_tf<T, VEC>(p.dy, p.dy_f32, base + hh * s.C, gv[u]);
+          p.dy.load(base + hh * s.C, gv[u]);
         }
       }
 #pragma unroll

@@ -157,8 +157,8 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
 template <typename T, bool GN>
 void row_forward(const RowFwd<T>& p, const at::Tensor& like) {
   constexpr int V = kVec16<T>;
-  const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.w) &&
-                   aligned16(p.b);
+  const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y.ptr) && aligned16(p.w.ptr) &&
+                   aligned16(p.b.ptr);
   if (vec) row_forward_vec<T, V, GN>(p, like);
   else row_forward_vec<T, 1, GN>(p, like);
 }
@@ -166,19 +166,19 @@ void row_forward(const RowFwd<T>& p, const at::Tensor& like) {
 // ---- column sums of partials -> dweight / dbias ---------------------------------------------------
 template <typename T>
 void launch_col_sums(const acc_of<T>* ws1, const acc_of<T>* ws2, int64_t K, int64_t ncols,
-                     void* out1, void* out2, bool out_f32) {
-  if ((ws1 == nullptr || out1 == nullptr) && (ws2 == nullptr || out2 == nullptr)) return;
+                     Operand<T> out1, Operand<T> out2) {
+  if ((ws1 == nullptr || !out1.present()) && (ws2 == nullptr || !out2.present())) return;
   const int ky = std::min(32, pow2_ceil(K));
   const dim3 grid(grid_of(ceil_div(ncols, 1024 / ky)), 2);
   launch(col_sum_finalize_kernel<T>, grid, 1024, 0, current_stream(),
-      ws1, ws2, K, ncols, ky, out1, out2, out_f32);
+      ws1, ws2, K, ncols, ky, out1, out2);
 }
 
 // ---- LayerNorm backward ----------------------------------------------------------------------------
-// p.ws_dw / p.ws_db are set here (non-null means "wanted"); dw_out / db_out [L] in T or float32.
+// dw_out / db_out: [L] in T or float32, absent when not wanted; p.ws_dw / p.ws_db are set here.
 template <typename T, int VEC>
-void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void* db_out,
-                     bool dwb_f32, const at::Tensor& like) {
+void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
+  const bool want_dw = dw_out.present(), want_db = db_out.present();
   using A = acc_of<T>;
   const int sm = sm_count();
   const cudaStream_t stream = current_stream();
@@ -200,7 +200,7 @@ void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void
     p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
     launch(ln_bwd_cached_kernel<T, VEC>, static_cast<unsigned>(grid), c.threads, 0, stream,
         p, c.tpr);
-    launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out, dwb_f32);
+    launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out);
     return;
   }
   // long rows: row sums by (row, chunk) items, then a column-chunked pass
@@ -210,11 +210,9 @@ void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void
   RowSums<T> rsp;
   rsp.x = p.x;
   rsp.dy = p.dy;
-  rsp.dy_f32 = p.dy_f32;
   rsp.mean = p.mean;
   rsp.rstd = p.rstd;
   rsp.w = p.w;
-  rsp.w_f32 = p.w_f32;
   rsp.stat_div = 1;
   rsp.ws = ws1.data_ptr<A>();
   launch(row_sums_partial_kernel<T, VEC>, item_grid(it), kItemThreads, 0, stream, rsp, it);
@@ -238,17 +236,16 @@ void ln_backward_vec(RowBwd<T> p, bool want_dw, bool want_db, void* dw_out, void
   p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
   p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
   launch(ln_bwd_split_kernel<T, VEC>, grid_of(RG * S2), threads, 0, stream, p, rs1, rs2, S2, RG);
-  launch_col_sums<T>(p.ws_dw, p.ws_db, RG, p.L, dw_out, db_out, dwb_f32);
+  launch_col_sums<T>(p.ws_dw, p.ws_db, RG, p.L, dw_out, db_out);
 }
 
 template <typename T>
-void ln_backward(const RowBwd<T>& p, bool want_dw, bool want_db, void* dw_out, void* db_out,
-                 bool dwb_f32, const at::Tensor& like) {
+void ln_backward(const RowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
   constexpr int V = kVec16<T>;
-  const bool vec = p.L % V == 0 && aligned16(p.x) && is_aligned(p.dy, 16) && aligned16(p.dx) &&
-                   (p.w == nullptr || is_aligned(p.w, 16));
-  if (vec) ln_backward_vec<T, V>(p, want_dw, want_db, dw_out, db_out, dwb_f32, like);
-  else ln_backward_vec<T, 1>(p, want_dw, want_db, dw_out, db_out, dwb_f32, like);
+  const bool vec = p.L % V == 0 && aligned16(p.x) && is_aligned(p.dy.ptr, 16) && aligned16(p.dx) &&
+                   (!p.w.present() || is_aligned(p.w.ptr, 16));
+  if (vec) ln_backward_vec<T, V>(p, dw_out, db_out, like);
+  else ln_backward_vec<T, 1>(p, dw_out, db_out, like);
 }
 
 }  // namespace row

@@ -23,7 +23,7 @@
 
 #include <cstdint>
 
-#include "kernels/vec.cuh"
+#include "kernels/pack.cuh"
 #include "kernels/welford.cuh"
 
 namespace fastnorm {
@@ -56,11 +56,8 @@ template <typename T>
 struct RowFwd {
   using A = acc_of<T>;
   const T* x = nullptr;
-  void* y = nullptr;
-  bool y_f32 = false;
-  const void* w = nullptr;  // nullable; dtype T or float32 (w_f32)
-  const void* b = nullptr;
-  bool w_f32 = false, b_f32 = false;
+  Operand<T> y;     // T or float32 (autocast)
+  Operand<T> w, b;  // absent, T or float32
   A* mean = nullptr;  // [M]
   A* rstd = nullptr;
   int64_t M = 0, L = 0;
@@ -74,14 +71,14 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
                                            acc_of<T> (&wv)[VEC], acc_of<T> (&bv)[VEC]) {
   using A = acc_of<T>;
   if constexpr (!GN) {
-    if (p.w != nullptr) {
-      load_tf<T, VEC>(p.w, p.w_f32, j0, wv);
+    if (p.w.present()) {
+      p.w.load(j0, wv);
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) wv[k] = A(1);
     }
-    if (p.b != nullptr) {
-      load_tf<T, VEC>(p.b, p.b_f32, j0, bv);
+    if (p.b.present()) {
+      p.b.load(j0, bv);
     } else {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) bv[k] = A(0);
@@ -89,8 +86,8 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
   } else {
     if (p.gn.pack_in_channel) {
       const int64_t c = cbase + p.gn.chan_in_row(j0);
-      const A wc = p.w != nullptr ? load1_tf<T, A>(p.w, p.w_f32, c) : A(1);
-      const A bc = p.b != nullptr ? load1_tf<T, A>(p.b, p.b_f32, c) : A(0);
+      const A wc = p.w.get_or(c, A(1));
+      const A bc = p.b.get_or(c, A(0));
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         wv[k] = wc;
@@ -100,8 +97,8 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const int64_t c = cbase + p.gn.chan_in_row(j0 + k);
-        wv[k] = p.w != nullptr ? load1_tf<T, A>(p.w, p.w_f32, c) : A(1);
-        bv[k] = p.b != nullptr ? load1_tf<T, A>(p.b, p.b_f32, c) : A(0);
+        wv[k] = p.w.get_or(c, A(1));
+        bv[k] = p.b.get_or(c, A(0));
       }
     }
   }
@@ -182,7 +179,7 @@ __global__ void __launch_bounds__(1024) row_fwd_cached_kernel(RowFwd<T> p, int t
         row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) o[k] = (static_cast<A>(v[r][k]) - mean) * (rstd * wv[k]) + bv[k];
-        store_tf<T, VEC>(p.y, p.y_f32, row * p.L + j0, o);
+        p.y.store(row * p.L + j0, o);
       }
     }
   }
@@ -326,7 +323,7 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, It
           row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) o[k] = (static_cast<A>(v[u][k]) - mean) * (rstd * wv[k]) + bv[k];
-          store_tf<T, VEC>(p.y, p.y_f32, row * it.L + j0, o);
+          p.y.store(row * it.L + j0, o);
         }
       }
     }
@@ -340,12 +337,10 @@ template <typename T>
 struct RowBwd {
   using A = acc_of<T>;
   const T* x = nullptr;
-  const void* dy = nullptr;  // dtype T or float32 (dy_f32)
-  bool dy_f32 = false;
+  Operand<T> dy;  // T or float32
   const A* mean = nullptr;
   const A* rstd = nullptr;
-  const void* w = nullptr;  // nullable, per element of a row (LayerNorm); T or float32
-  bool w_f32 = false;
+  Operand<T> w;  // absent, or per element of a row (LayerNorm): T or float32
   T* dx = nullptr;       // nullable: dx not requested
   A* ws_dw = nullptr;    // nullable: [K, L] column partials of sum(dy * xhat)
   A* ws_db = nullptr;    // nullable: [K, L] column partials of sum(dy)
@@ -357,8 +352,8 @@ struct RowBwd {
 // Column partials of dweight / dbias over the rows this block handled -> ws row blockIdx.x.
 template <typename T, int VEC>
 __device__ __forceinline__ void ln_weight(const RowBwd<T>& p, int64_t j0, acc_of<T> (&wv)[VEC]) {
-  if (p.w != nullptr) {
-    load_tf<T, VEC>(p.w, p.w_f32, j0, wv);
+  if (p.w.present()) {
+    p.w.load(j0, wv);
   } else {
 #pragma unroll
     for (int k = 0; k < VEC; ++k) wv[k] = acc_of<T>(1);
@@ -400,7 +395,7 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T>) ln_bwd_cached_kernel(
       const int pk = r * tpr + t;
       if (valid && pk < packs) {
         load_raw<T, VEC>(p.x + off + pk * VEC, xv[r]);
-        load_tf<T, VEC>(p.dy, p.dy_f32, off + pk * VEC, gv[r]);
+        p.dy.load(off + pk * VEC, gv[r]);
       }
     }
     const A mean = valid ? p.mean[row] : A(0);
@@ -508,12 +503,10 @@ template <typename T>
 struct RowSums {
   using A = acc_of<T>;
   const T* x = nullptr;
-  const void* dy = nullptr;
-  bool dy_f32 = false;
+  Operand<T> dy;  // T or float32
   const A* mean = nullptr;
   const A* rstd = nullptr;
-  const void* w = nullptr;
-  bool w_f32 = false;
+  Operand<T> w;  // absent, T or float32
   int64_t stat_div = 1;
   A* ws = nullptr;
 };
@@ -544,7 +537,7 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(RowSums<
           const int64_t q = pk + static_cast<int64_t>(u) * tpr;
           if (q < p1) {
             load_raw<T, VEC>(p.x + off + q * VEC, xv[u]);
-            load_tf<T, VEC>(p.dy, p.dy_f32, off + q * VEC, gv[u]);
+            p.dy.load(off + q * VEC, gv[u]);
           }
         }
 #pragma unroll
@@ -552,8 +545,8 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(RowSums<
           const int64_t q = pk + static_cast<int64_t>(u) * tpr;
           if (q < p1) {
             A wv[VEC];
-            if (p.w != nullptr) {
-              load_tf<T, VEC>(p.w, p.w_f32, q * VEC, wv);
+            if (p.w.present()) {
+              p.w.load(q * VEC, wv);
             } else {
 #pragma unroll
               for (int k = 0; k < VEC; ++k) wv[k] = A(1);
@@ -626,8 +619,8 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) dwp[r][k] = dbp[r][k] = A(0);
       if (j0 < p.L) {
-        if (p.w != nullptr) {
-          load_tf<T, VEC>(p.w, p.w_f32, j0, wv[r]);
+        if (p.w.present()) {
+          p.w.load(j0, wv[r]);
         } else {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) wv[r][k] = A(1);
@@ -645,7 +638,7 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
         const int64_t j0 = c0 + (static_cast<int64_t>(r) * blockDim.x + threadIdx.x) * VEC;
         if (j0 < p.L) {
           load_raw<T, VEC>(p.x + off + j0, xv[r]);
-          load_tf<T, VEC>(p.dy, p.dy_f32, off + j0, gv[r]);
+          p.dy.load(off + j0, gv[r]);
         }
       }
 #pragma unroll
@@ -684,12 +677,12 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
 template <typename T>
 __global__ void __launch_bounds__(1024)
     col_sum_finalize_kernel(const acc_of<T>* __restrict__ in1, const acc_of<T>* __restrict__ in2,
-                            int64_t K, int64_t ncols, int ky, void* out1, void* out2, bool out_f32) {
+                            int64_t K, int64_t ncols, int ky, Operand<T> out1, Operand<T> out2) {
   using A = acc_of<T>;
   __shared__ A sh[1024];
   const A* in = blockIdx.y == 0 ? in1 : in2;
-  void* out = blockIdx.y == 0 ? out1 : out2;
-  if (in == nullptr || out == nullptr) return;  // uniform over the block
+  const Operand<T> out = blockIdx.y == 0 ? out1 : out2;
+  if (in == nullptr || !out.present()) return;  // uniform over the block
   const int cx = blockDim.x / ky;
   const int tx = threadIdx.x % cx, ty = threadIdx.x / cx;
   for (int64_t cb = blockIdx.x; cb * cx < ncols; cb += gridDim.x) {  // uniform over the block
@@ -704,7 +697,7 @@ __global__ void __launch_bounds__(1024)
       if (ty < st) sh[ty * cx + tx] += sh[(ty + st) * cx + tx];
       __syncthreads();
     }
-    if (ty == 0 && col < ncols) store1_tf<T, A>(out, out_f32, col, sh[tx]);
+    if (ty == 0 && col < ncols) out.set(col, sh[tx]);
   }
 }
 

@@ -1,4 +1,5 @@
-// Vector load/store of packs, dtype helpers and a fast 32-bit divider for the row-family kernels.
+// The vocabulary every kernel speaks: the accumulation type, packs of elements moved by one
+// memory instruction, tensors whose dtype is the data's or float32, a fast divider.
 // Framework-free device code (cuda + c10's Half/BFloat16 value types only).
 #pragma once
 #include <cuda_runtime.h>
@@ -10,9 +11,8 @@
 #include <type_traits>
 
 namespace fastnorm {
-namespace row {
 
-// Accumulation type: fp64 for fp64 data, fp32 otherwise.
+// Accumulation (and statistics) type: fp64 for fp64 data, fp32 otherwise.
 template <typename T> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
 template <typename T> using acc_of = typename AccOf<T>::type;
@@ -22,6 +22,12 @@ template <typename T> inline constexpr int kVec16 = 16 / int(sizeof(T));
 
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }
+
+// V consecutive elements moved by one load or store (the host checks the alignment).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
 
 // Loads VEC consecutive elements. p must be aligned to min(16, VEC * sizeof(T)) bytes (the host
 // checks the base pointer; offsets are multiples of VEC elements).
@@ -82,28 +88,6 @@ __device__ __forceinline__ void load_acc(const T* __restrict__ p, A (&a)[VEC]) {
   for (int i = 0; i < VEC; ++i) a[i] = static_cast<A>(v[i]);
 }
 
-// Tensors whose dtype is either T or float32 (parameters in the AMP case, a float32 grad_out, a
-// float32 output under autocast): `f32` picks at run time; one kernel serves both.
-template <typename T, int VEC, typename A>
-__device__ __forceinline__ void load_tf(const void* base, bool f32, int64_t i, A (&a)[VEC]) {
-  if constexpr (std::is_same_v<T, float>) {
-    load_acc<A, float, VEC>(static_cast<const float*>(base) + i, a);
-  } else {
-    if (f32) load_acc<A, float, VEC>(static_cast<const float*>(base) + i, a);
-    else load_acc<A, T, VEC>(static_cast<const T*>(base) + i, a);
-  }
-}
-
-template <typename T, typename A>
-__device__ __forceinline__ A load1_tf(const void* base, bool f32, int64_t i) {
-  if constexpr (std::is_same_v<T, float>) {
-    return static_cast<A>(static_cast<const float*>(base)[i]);
-  } else {
-    return f32 ? static_cast<A>(static_cast<const float*>(base)[i])
-               : static_cast<A>(static_cast<const T*>(base)[i]);
-  }
-}
-
 template <typename T, int VEC, typename A>
 __device__ __forceinline__ void store_as(T* p, const A (&a)[VEC]) {
   T v[VEC];
@@ -112,25 +96,41 @@ __device__ __forceinline__ void store_as(T* p, const A (&a)[VEC]) {
   store_raw<T, VEC>(p, v);
 }
 
-template <typename T, int VEC, typename A>
-__device__ __forceinline__ void store_tf(void* base, bool f32, int64_t i, const A (&a)[VEC]) {
-  if constexpr (std::is_same_v<T, float>) {
-    store_as<float, VEC, A>(static_cast<float*>(base) + i, a);
-  } else {
-    if (f32) store_as<float, VEC, A>(static_cast<float*>(base) + i, a);
-    else store_as<T, VEC, A>(static_cast<T*>(base) + i, a);
-  }
-}
+// A tensor whose dtype is the data's (T) or float32 — parameters and running statistics under
+// AMP, a float32 grad_out, an autocast float32 output, fp32 parameter gradients — or absent
+// (null). Which of the two is a run-time flag: one kernel serves both. Values are read and
+// written as the accumulation type.
+template <typename T>
+struct Operand {
+  using A = acc_of<T>;
+  void* ptr = nullptr;
+  bool f32 = false;
 
-template <typename T, typename A>
-__device__ __forceinline__ void store1_tf(void* base, bool f32, int64_t i, A a) {
-  if constexpr (std::is_same_v<T, float>) {
-    static_cast<float*>(base)[i] = static_cast<float>(a);
-  } else {
-    if (f32) static_cast<float*>(base)[i] = static_cast<float>(a);
-    else static_cast<T*>(base)[i] = static_cast<T>(a);
+  __host__ __device__ bool present() const { return ptr != nullptr; }
+
+  __device__ __forceinline__ A get(int64_t i) const {
+    if (std::is_same_v<T, float> || f32) return static_cast<A>(static_cast<const float*>(ptr)[i]);
+    return static_cast<A>(static_cast<const T*>(ptr)[i]);
   }
-}
+  __device__ __forceinline__ A get_or(int64_t i, A absent) const {
+    return ptr != nullptr ? get(i) : absent;
+  }
+  __device__ __forceinline__ void set(int64_t i, A v) const {
+    if (std::is_same_v<T, float> || f32) static_cast<float*>(ptr)[i] = static_cast<float>(v);
+    else static_cast<T*>(ptr)[i] = static_cast<T>(v);
+  }
+  // VEC consecutive elements from i (a multiple of VEC; the host checks the alignment)
+  template <int VEC>
+  __device__ __forceinline__ void load(int64_t i, A (&a)[VEC]) const {
+    if (std::is_same_v<T, float> || f32) load_acc<A, float, VEC>(static_cast<const float*>(ptr) + i, a);
+    else load_acc<A, T, VEC>(static_cast<const T*>(ptr) + i, a);
+  }
+  template <int VEC>
+  __device__ __forceinline__ void store(int64_t i, const A (&a)[VEC]) const {
+    if (std::is_same_v<T, float> || f32) store_as<float, VEC, A>(static_cast<float*>(ptr) + i, a);
+    else store_as<T, VEC, A>(static_cast<T*>(ptr) + i, a);
+  }
+};
 
 // n / d for 0 <= n < 2^31 and 1 <= d < 2^31 with a multiply and a shift (the round-up method
 // PyTorch's IntDivider uses).
@@ -146,5 +146,4 @@ struct FastDiv {
   __device__ __forceinline__ uint32_t div(uint32_t n) const { return (__umulhi(n, m) + n) >> s; }
 };
 
-}  // namespace row
 }  // namespace fastnorm
