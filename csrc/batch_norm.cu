@@ -1,5 +1,5 @@
 // BatchNorm forward/backward: host side (checks, device guard, layout, dtype dispatch, launch).
-// Kernels and their design: kernels/batch_norm.cuh. Op contract: docs/ops.md.
+// Kernels and their design: kernels/channels_*.cuh; plans: launch/channels.h. Op contract: docs/ops.md.
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -12,16 +12,15 @@
 #include <type_traits>
 
 #include "common.h"
-#include "kernels/batch_norm.cuh"
+#include "kernels/channels_backward.cuh"
+#include "kernels/channels_forward.cuh"
+#include "launch/channels.h"
 
 namespace fastnorm {
 namespace {
 
 using at::Tensor;
-
-constexpr int64_t kMaxGridY = 65535;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using namespace channels;  // the BatchNorm plans of launch/channels.h
 
 bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
@@ -85,36 +84,6 @@ Tensor like_layout(const Tensor& t, const Layout& l) {
   return t.is_contiguous(l.format) ? t : t.contiguous(l.format);
 }
 
-int64_t target_blocks() { return static_cast<int64_t>(sm_count()) * (2048 / bn::kThreads); }
-
-// NCHW: blocks per channel for M vectors per channel.
-int64_t nchw_chunks(int64_t M, int64_t C) {
-  const int64_t per_block = static_cast<int64_t>(bn::kThreads) * bn::kUnroll * 2;
-  const int64_t g_work = std::max<int64_t>(1, ceil_div(M, per_block));
-  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(), std::min(C, kMaxGridY)));
-  return std::min<int64_t>(std::min(g_work, g_fill), kMaxGridY);
-}
-
-struct NhwcCfg {
-  int tx, ty;
-  int64_t tiles;  // grid.x
-  int64_t G;      // grid.y
-};
-
-NhwcCfg nhwc_cfg(int64_t R, int64_t C, int V) {
-  NhwcCfg k;
-  const int64_t Cv = C / V;
-  k.tx = 1;
-  while (k.tx < 32 && k.tx < Cv) k.tx <<= 1;
-  k.ty = bn::kThreads / k.tx;
-  k.tiles = ceil_div(Cv, k.tx);
-  TORCH_CHECK(k.tiles <= std::numeric_limits<int32_t>::max(), "fastnorm batch_norm: too many channels");
-  const int64_t g_work = std::max<int64_t>(1, ceil_div(R, static_cast<int64_t>(k.ty) * bn::kUnroll * 2));
-  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(), k.tiles));
-  k.G = std::min<int64_t>(std::min(g_work, g_fill), kMaxGridY);
-  return k;
-}
-
 template <typename scalar_t>
 constexpr int vec_width() {
   return static_cast<int>(16 / sizeof(scalar_t));
@@ -130,45 +99,12 @@ bool vec_ok(const Layout& l, int V, std::initializer_list<const Tensor*> ts) {
   return true;
 }
 
-// One block per channel (tile) when the chunk count is 1 anyway, or the per-thread work is small:
-// the fused single-launch path.
-constexpr int64_t kFuseVectorsPerThread = 4 * bn::kUnroll;
-
-bool fuse_nchw(int64_t M, int64_t G) {
-  return G == 1 || M <= static_cast<int64_t>(bn::kThreads) * kFuseVectorsPerThread;
-}
-
-bool fuse_nhwc(int64_t R, const NhwcCfg& k) {
-  return k.G == 1 || R <= static_cast<int64_t>(k.ty) * kFuseVectorsPerThread;
-}
-
-// Finalize kernels: threadIdx.x picks the channel, ty threads share its G1 partials (~4 each).
-struct FinCfg {
-  dim3 grid, block;
-};
-
-FinCfg finalize_cfg(int64_t C, int64_t G1) {
-  int ty = 1;
-  while (ty < bn::kThreads && static_cast<int64_t>(ty) * 4 < G1) ty <<= 1;
-  const int tx = bn::kThreads / ty;
-  const int64_t blocks = ceil_div(C, tx);
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastnorm batch_norm: too many channels");
-  return FinCfg{dim3(static_cast<unsigned>(blocks)), dim3(tx, ty)};
-}
-
-dim3 nchw_grid(int64_t G, int64_t C) {
-  return dim3(static_cast<unsigned>(G), static_cast<unsigned>(std::min(C, kMaxGridY)));
-}
-
-dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
-  return dim3(static_cast<unsigned>(k.tiles), static_cast<unsigned>(G));
-}
 
 // ------------------------------------------------------------------------------------------
 // Forward launches.
 
 template <typename scalar_t, int V>
-void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs<scalar_t> a) {
+void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, channels::FwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
   const cudaStream_t stream = current_stream();
   const scalar_t* x = l.x.const_data_ptr<scalar_t>();
@@ -190,24 +126,24 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs
     G = k.G;
     fused = fuse_nhwc(R, k);
   }
-  const size_t smem = l.nhwc ? 3 * static_cast<size_t>(bn::kThreads) * V * sizeof(acc_t) : 0;
+  const size_t smem = l.nhwc ? 3 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      launch(bn::bn_fwd_apply_nchw<scalar_t, V>,
-          nchw_grid(grid_chunks, C), bn::kThreads, 0, stream,
+      launch(channels::bn_fwd_apply_nchw<scalar_t, V>,
+          nchw_grid(grid_chunks, C), channels::kThreads, 0, stream,
           x, yp, a);
     } else {
       // Only the fused mode uses the shared memory (tree merge); the others take none, so the
       // elementwise pass keeps full occupancy on parts with less shared memory per SM.
-      const size_t apply_smem = a.mode == bn::kModeFused ? smem : 0;
-      launch(bn::bn_fwd_apply_nhwc<scalar_t, V>,
+      const size_t apply_smem = a.mode == channels::kModeFused ? smem : 0;
+      launch(channels::bn_fwd_apply_nhwc<scalar_t, V>,
           nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
           x, yp, a);
     }
   };
 
   if (!a.training) {
-    a.mode = bn::kModeEval;
+    a.mode = channels::kModeEval;
     apply(G);
     return;
   }
@@ -216,7 +152,7 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs
     if (a.nbt != nullptr) nbt.add_(1);
     a.nbt_offset = 0;
     a.bump_nbt = false;
-    a.mode = bn::kModeFused;
+    a.mode = channels::kModeFused;
     apply(1);
     return;
   }
@@ -227,18 +163,18 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, bn::FwdArgs
   a.nbt_offset = 1;  // the finalize kernel reads nbt before the apply kernel increments it
   a.bump_nbt = a.nbt != nullptr;
   if (!l.nhwc) {
-    launch(bn::bn_fwd_stats_nchw<scalar_t, V>, nchw_grid(G, C), bn::kThreads, 0, stream,
+    launch(channels::bn_fwd_stats_nchw<scalar_t, V>, nchw_grid(G, C), channels::kThreads, 0, stream,
         x, a);
   } else {
-    launch(bn::bn_fwd_stats_nhwc<scalar_t, V>,
+    launch(channels::bn_fwd_stats_nhwc<scalar_t, V>,
         nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
         x, a);
   }
   const FinCfg f = finalize_cfg(C, G);
-  launch(bn::bn_fwd_finalize<scalar_t>,
-      f.grid, f.block, 3 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream,
+  launch(channels::bn_fwd_finalize<scalar_t>,
+      f.grid, f.block, 3 * static_cast<size_t>(channels::kThreads) * sizeof(acc_t), stream,
       a);
-  a.mode = bn::kModeFinal;
+  a.mode = channels::kModeFinal;
   apply(G);
 }
 
@@ -308,7 +244,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
 
   FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm_batch_norm_fwd", [&] {
     using acc_t = acc_of<scalar_t>;
-    bn::FwdArgs<scalar_t> a{};
+    channels::FwdArgs<scalar_t> a{};
     a.N = l.N;
     a.C = C;
     a.S = l.S;
@@ -325,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
     a.nbt = training && nbt.defined() ? nbt.mutable_data_ptr<int64_t>() : nullptr;
     a.nbt_offset = 1;
     a.bump_nbt = false;
-    a.mode = bn::kModeEval;
+    a.mode = channels::kModeEval;
     a.momentum = momentum.value_or(0.0);
     a.has_momentum = momentum.has_value();
     a.eps = eps;
@@ -347,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
 
 template <typename scalar_t, int V>
 void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_sums,
-                bn::BwdArgs<scalar_t> a) {
+                channels::BwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
   const cudaStream_t stream = current_stream();
   const scalar_t* x = l.x.const_data_ptr<scalar_t>();
@@ -370,27 +306,27 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
     G = k.G;
     fused = fuse_nhwc(R, k);
   }
-  const size_t smem = l.nhwc ? 2 * static_cast<size_t>(bn::kThreads) * V * sizeof(acc_t) : 0;
+  const size_t smem = l.nhwc ? 2 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      launch(bn::bn_bwd_apply_nchw<scalar_t, V>,
-          nchw_grid(grid_chunks, C), bn::kThreads, 0, stream,
+      launch(channels::bn_bwd_apply_nchw<scalar_t, V>,
+          nchw_grid(grid_chunks, C), channels::kThreads, 0, stream,
           dyp, x, dxp, a);
     } else {
-      const size_t apply_smem = a.mode == bn::kModeFused ? smem : 0;  // (as in the forward)
-      launch(bn::bn_bwd_apply_nhwc<scalar_t, V>,
+      const size_t apply_smem = a.mode == channels::kModeFused ? smem : 0;  // (as in the forward)
+      launch(channels::bn_bwd_apply_nhwc<scalar_t, V>,
           nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
           dyp, x, dxp, a);
     }
   };
 
   if (!need_sums) {  // eval, dx only: dx = dy * w * rstd
-    a.mode = bn::kModeEval;
+    a.mode = channels::kModeEval;
     apply(G);
     return;
   }
   if (fused) {
-    a.mode = bn::kModeFused;
+    a.mode = channels::kModeFused;
     apply(1);
     return;
   }
@@ -399,19 +335,19 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   a.part = ws.mutable_data_ptr<acc_t>();
   a.coef = a.part + 2 * G * C;
   if (!l.nhwc) {
-    launch(bn::bn_bwd_sums_nchw<scalar_t, V>, nchw_grid(G, C), bn::kThreads, 0, stream,
+    launch(channels::bn_bwd_sums_nchw<scalar_t, V>, nchw_grid(G, C), channels::kThreads, 0, stream,
         dyp, x, a);
   } else {
-    launch(bn::bn_bwd_sums_nhwc<scalar_t, V>,
+    launch(channels::bn_bwd_sums_nhwc<scalar_t, V>,
         nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
         dyp, x, a);
   }
   const FinCfg f = finalize_cfg(C, G);
-  launch(bn::bn_bwd_finalize<scalar_t>,
-      f.grid, f.block, 2 * static_cast<size_t>(bn::kThreads) * sizeof(acc_t), stream,
+  launch(channels::bn_bwd_finalize<scalar_t>,
+      f.grid, f.block, 2 * static_cast<size_t>(channels::kThreads) * sizeof(acc_t), stream,
       a);
   if (!a.need_dx) return;
-  a.mode = bn::kModeFinal;
+  a.mode = channels::kModeFinal;
   apply(G);
 }
 
@@ -463,7 +399,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
 
   FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm_batch_norm_bwd", [&] {
     using acc_t = acc_of<scalar_t>;
-    bn::BwdArgs<scalar_t> a{};
+    channels::BwdArgs<scalar_t> a{};
     a.N = l.N;
     a.C = C;
     a.S = l.S;
@@ -471,7 +407,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
     a.G1 = 0;
     a.part = nullptr;
     a.coef = nullptr;
-    a.mode = bn::kModeEval;
+    a.mode = channels::kModeEval;
     a.mean = mean_c.const_data_ptr<acc_t>();
     a.rstd = rstd_c.const_data_ptr<acc_t>();
     a.weight = operand<scalar_t>(weight);

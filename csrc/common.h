@@ -6,7 +6,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 
 #include "device.h"
 #include "kernels/pack.cuh"
@@ -32,6 +34,61 @@ inline Operand<T> operand(const at::Tensor& t) {
 
 inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Host-side checks shared by the op wrappers.
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+inline void check_float_dtype(at::ScalarType dt, const char* op) {
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": expected a floating input (float32, float64, float16, bfloat16), got ", dt);
+}
+
+// An affine parameter: the input's device, the input's dtype or float32, n elements.
+inline at::Tensor param(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t n,
+                        const char* op, const char* name) {
+  if (!has(t)) return at::Tensor();
+  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but input is on ",
+              x.device());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type() || t->scalar_type() == at::kFloat, op, ": ", name,
+              " must have the input's dtype (", x.scalar_type(), ") or float32, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->numel() == n, op, ": ", name, " must have ", n, " elements, got ", t->numel(),
+              " (input shape ", x.sizes(), ")");
+  return t->contiguous();
+}
+
+// The backward's grad_out/mean/rstd against the input: device, shape, dtype.
+inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& input,
+                                  const at::Tensor& mean, const at::Tensor& rstd, const char* op) {
+  const at::ScalarType dt = input.scalar_type();
+  for (const at::Tensor* t : {&grad_out, &mean, &rstd})
+    TORCH_CHECK(t->device() == input.device(), op, ": all tensors must be on ", input.device(),
+                ", got one on ", t->device());
+  TORCH_CHECK(grad_out.sizes() == input.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
+              " but input has shape ", input.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == dt || grad_out.scalar_type() == at::kFloat, op,
+              ": grad_out must have the input's dtype (", dt, ") or float32, got ",
+              grad_out.scalar_type());
+}
+
+
+constexpr int64_t kMaxGrid = int64_t(1) << 20;  // kernels loop (grid-stride) beyond this
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+inline int pow2_ceil(int64_t v) {
+  int p = 1;
+  while (p < v && p < (1 << 30)) p <<= 1;
+  return p;
+}
+inline unsigned grid_of(int64_t blocks) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(blocks, kMaxGrid)));
+}
+
+// Options of a statistics / workspace tensor for input `like`: fp64 for fp64, fp32 otherwise.
+inline at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(stat_dtype(like.scalar_type()));
 }
 
 }  // namespace fastnorm

@@ -1,7 +1,8 @@
 // fastnorm::group_norm_fwd / group_norm_bwd on CUDA (InstanceNorm is num_groups == C): host side.
-// NCHW (contiguous) input: rows (n, g) of Cg*HW elements -> the row kernels of row_norm.cuh.
-// channels_last / channels_last_3d input: native kernels of row_gn.cuh that read NHWC directly
-// and write the output in the same memory format. Any other strides: .contiguous() first.
+// NCHW (contiguous) input: rows (n, g) of Cg*HW elements -> the contiguous-groups kernels
+// (kernels/groups_*.cuh, launch/groups.h). channels_last / channels_last_3d input: the strided
+// kernels (kernels/channels_*.cuh, launch/channels.h) read NHWC directly and write the output in
+// the same memory format. Any other strides: .contiguous() first.
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -12,20 +13,13 @@
 #include <optional>
 #include <tuple>
 
-#include "kernels/row_gn.cuh"
-#include "kernels/row_launch.cuh"
+#include "kernels/channels_backward.cuh"
+#include "kernels/channels_forward.cuh"
+#include "launch/channels.h"
+#include "launch/groups.h"
 
 namespace fastnorm {
 namespace {
-
-using row::has;
-using row::check_float_dtype;
-using row::param;
-using row::check_backward_inputs;
-using row::ceil_div;
-using row::grid_of;
-
-
 
 struct Dims {
   int64_t N = 0, C = 0, HW = 1, G = 1, Cg = 0;
@@ -67,46 +61,23 @@ bool channels_last_layout(const at::Tensor& input, at::MemoryFormat& fmt) {
   return false;
 }
 
-// channels_last blocks: bx channel packs x by rows; the HW rows of each n split into K chunks so
-// that about 4 blocks per SM run, with at least 16 rows per chunk (the per-chunk partials stay a
-// small fraction of the data).
-row::ClShape plan_cl(const Dims& d, int vec, int sm) {
-  row::ClShape s;
-  s.N = d.N;
-  s.HW = d.HW;
-  s.C = d.C;
-  s.G = d.G;
-  s.Cg = d.Cg;
-  const int64_t Cp = d.C / vec;
-  s.bx = static_cast<int>(std::min<int64_t>(Cp, row::kClThreads));
-  s.CT = ceil_div(Cp, s.bx);
-  s.by = std::max(1, row::kClThreads / s.bx);
-  const int64_t want = ceil_div(4 * static_cast<int64_t>(sm), d.N * s.CT);
-  const int64_t min_rows = std::max<int64_t>(s.by, 16);
-  const int64_t kmax = std::max<int64_t>(1, d.HW / min_rows);
-  const int64_t K = std::max<int64_t>(1, std::min(want, kmax));
-  s.rpc = ceil_div(d.HW, K);
-  s.K = ceil_div(d.HW, s.rpc);
-  return s;
-}
-
 // ---- forward -------------------------------------------------------------------------------------
 template <typename T, int VEC>
-void cl_forward_vec(row::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T>* mean, acc_of<T>* rstd,
+void cl_forward_vec(channels::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T>* mean, acc_of<T>* rstd,
                     const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
-  p.s = plan_cl(d, VEC, sm_count());
-  const row::ClShape& s = p.s;
+  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count());
+  const channels::ClShape& s = p.s;
   const int64_t blocks = s.N * s.K * s.CT;
-  at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, row::acc_options(like));
-  launch(row::cl_welford_partial_kernel<T, VEC>, grid_of(blocks), s.bx * s.by, 0, stream,
+  at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, acc_options(like));
+  launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(blocks), s.bx * s.by, 0, stream,
       p.x, s, ws.data_ptr<A>());
-  launch(row::cl_welford_finalize_kernel<A>, grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream,
+  launch(channels::cl_welford_finalize_kernel<A>, grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream,
       ws.data_ptr<A>(), s, eps, mean, rstd);
   p.mean = mean;
   p.rstd = rstd;
-  launch(row::cl_apply_kernel<T, VEC>, grid_of(blocks), s.bx * s.by, 0, stream, p);
+  launch(channels::cl_apply_kernel<T, VEC>, grid_of(blocks), s.bx * s.by, 0, stream, p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
@@ -136,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
     using T = scalar_t;
     using A = acc_of<T>;
     if (!cl) {
-      row::RowFwd<T> p;
+      groups::RowFwd<T> p;
       p.x = x.data_ptr<T>();
       p.y = operand<T>(y);
       p.w = operand<T>(w);
@@ -149,9 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
       p.gn.G = d.G;
       p.gn.Cg = d.Cg;
       p.gn.HW = d.HW;
-      row::row_forward<T, true>(p, x);
+      groups::row_forward<T, true>(p, x);
     } else {
-      row::ClFwd<T> p;
+      channels::ClFwd<T> p;
       p.x = x.data_ptr<T>();
       p.y = operand<T>(y);
       p.w = operand<T>(w);
@@ -170,19 +141,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
 // ---- backward ------------------------------------------------------------------------------------
 // Per-(n, c) sums S = sum(dy * xhat), B = sum(dy) -> [N*C] each (pointers into `keep`).
 template <typename T, int VEC>
-void nchw_channel_sums(const row::RowSums<T>& base, const Dims& d, at::Tensor& keep,
+void nchw_channel_sums(const groups::RowSums<T>& base, const Dims& d, at::Tensor& keep,
                        const acc_of<T>*& S, const acc_of<T>*& B, const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
   const int sm = sm_count();
-  const row::Items it = row::plan_items(d.N * d.C, d.HW, VEC, static_cast<int64_t>(sm) * 64);
+  const groups::Items it = groups::plan_items(d.N * d.C, d.HW, VEC, static_cast<int64_t>(sm) * 64);
   const int64_t items = it.M * it.S;
-  at::Tensor ws = at::empty({2 * items}, row::acc_options(like));
-  row::RowSums<T> p = base;
+  at::Tensor ws = at::empty({2 * items}, acc_options(like));
+  groups::RowSums<T> p = base;
   p.w = Operand<T>{};
   p.stat_div = d.Cg;
   p.ws = ws.data_ptr<A>();
-  launch(row::row_sums_partial_kernel<T, VEC>, row::item_grid(it), row::kItemThreads, 0, stream,
+  launch(groups::row_sums_partial_kernel<T, VEC>, groups::item_grid(it), groups::kItemThreads, 0, stream,
       p, it);
   // row_sums_partial: ws[0] = sum(dy) (= B), ws[1] = sum(dy * xhat) (= S)
   if (it.S == 1) {
@@ -192,16 +163,16 @@ void nchw_channel_sums(const row::RowSums<T>& base, const Dims& d, at::Tensor& k
     return;
   }
   const int64_t nc = d.N * d.C;
-  keep = at::empty({2 * nc}, row::acc_options(like));
+  keep = at::empty({2 * nc}, acc_options(like));
   A* o = keep.data_ptr<A>();
-  launch(row::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
+  launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
       p.ws, nc, it.S, 1, it.S, 0, 1, items, o, o + nc);
   B = o;
   S = o + nc;
 }
 
 template <typename T, int VEC>
-void nchw_dx(row::GnDx<T> p, const Dims& d) {
+void nchw_dx(groups::GnDx<T> p, const Dims& d) {
   const int64_t L = d.Cg * d.HW;
   p.gn.G = d.G;
   p.gn.Cg = d.Cg;
@@ -209,22 +180,22 @@ void nchw_dx(row::GnDx<T> p, const Dims& d) {
   p.gn.pack_in_channel = d.HW % VEC == 0;
   p.gn.div64 = L >= (int64_t(1) << 31);
   if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(d.HW));
-  const row::Items it = row::plan_items(d.N * d.G, L, VEC, static_cast<int64_t>(sm_count()) * 64);
-  launch(row::gn_dx_nchw_kernel<T, VEC>, row::item_grid(it), row::kItemThreads, 0, current_stream(),
+  const groups::Items it = groups::plan_items(d.N * d.G, L, VEC, static_cast<int64_t>(sm_count()) * 64);
+  launch(groups::gn_dx_nchw_kernel<T, VEC>, groups::item_grid(it), groups::kItemThreads, 0, current_stream(),
       p, it);
 }
 
 template <typename T, int VEC>
-void cl_channel_sums(const row::ClBwd<T>& base, const Dims& d, at::Tensor& keep,
+void cl_channel_sums(const channels::ClBwd<T>& base, const Dims& d, at::Tensor& keep,
                      const acc_of<T>*& S, const acc_of<T>*& B, const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
-  row::ClBwd<T> p = base;
-  p.s = plan_cl(d, VEC, sm_count());
-  const row::ClShape& s = p.s;
+  channels::ClBwd<T> p = base;
+  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count());
+  const channels::ClShape& s = p.s;
   const int64_t plane = s.N * s.K * s.C;
-  at::Tensor ws = at::empty({2 * plane}, row::acc_options(like));
-  launch(row::cl_bwd_sums_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
+  at::Tensor ws = at::empty({2 * plane}, acc_options(like));
+  launch(channels::cl_bwd_sums_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
       p, ws.data_ptr<A>());
   // cl_bwd_sums: ws[0] = S, ws[1] = B, laid out [N, K, C]
   if (s.K == 1) {
@@ -234,9 +205,9 @@ void cl_channel_sums(const row::ClBwd<T>& base, const Dims& d, at::Tensor& keep,
     return;
   }
   const int64_t nc = d.N * d.C;
-  keep = at::empty({2 * nc}, row::acc_options(like));
+  keep = at::empty({2 * nc}, acc_options(like));
   A* o = keep.data_ptr<A>();
-  launch(row::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
+  launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
       ws.data_ptr<A>(), nc, s.K, s.C, s.K * s.C, 1, s.C, plane, o, o + nc);
   S = o;
   B = o + nc;
@@ -291,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     const A* B = nullptr;
     // 1. per-(n, c) sums
     if (!cl) {
-      row::RowSums<T> p;
+      groups::RowSums<T> p;
       p.x = xp;
       p.dy = dyo;
       p.mean = mup;
@@ -300,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
       if (vec) nchw_channel_sums<T, V>(p, d, keep, S, B, x);
       else nchw_channel_sums<T, 1>(p, d, keep, S, B, x);
     } else {
-      row::ClBwd<T> p;
+      channels::ClBwd<T> p;
       p.x = xp;
       p.dy = dyo;
       p.mean = mup;
@@ -311,19 +282,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     }
     // 2. dweight = sum_n S[n, c], dbias = sum_n B[n, c]
     if (output_mask[1] || output_mask[2])
-      row::launch_col_sums<T>(output_mask[1] ? S : nullptr, output_mask[2] ? B : nullptr, d.N, d.C,
+      groups::launch_col_sums<T>(output_mask[1] ? S : nullptr, output_mask[2] ? B : nullptr, d.N, d.C,
                               output_mask[1] ? operand<T>(dw) : Operand<T>{},
                               output_mask[2] ? operand<T>(db) : Operand<T>{});
     if (!output_mask[0]) return;
     // 3. per-(n, g) coefficients, then dx
-    at::Tensor coef = at::empty({2 * d.N * d.G}, row::acc_options(x));
+    at::Tensor coef = at::empty({2 * d.N * d.G}, acc_options(x));
     A* c1 = coef.data_ptr<A>();
     A* c2 = c1 + d.N * d.G;
     const A invD = A(1) / static_cast<A>(d.Cg * d.HW);
-    launch(row::gn_bwd_coef_kernel<T>, grid_of(ceil_div(d.N * d.G, 8)), 256, 0, stream,
+    launch(groups::gn_bwd_coef_kernel<T>, grid_of(ceil_div(d.N * d.G, 8)), 256, 0, stream,
         S, B, operand<T>(w),
         d.N, d.C, d.G, d.Cg, invD, c1, c2);
-    row::GnDx<T> p;
+    groups::GnDx<T> p;
     p.x = xp;
     p.dy = dyo;
     p.mean = mup;
@@ -340,12 +311,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     } else {
       const bool vec = d.C % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16) &&
                        is_aligned(p.dx, 16);
-      const row::ClShape sd2 = plan_cl(d, vec ? V : 1, sm_count());
+      const channels::ClShape sd2 = channels::plan_cl(d.N, d.HW, d.C, d.G, vec ? V : 1, sm_count());
       if (vec)
-        launch(row::cl_dx_kernel<T, V>, grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream,
+        launch(channels::cl_dx_kernel<T, V>, grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream,
             p, sd2);
       else
-        launch(row::cl_dx_kernel<T, 1>, grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream,
+        launch(channels::cl_dx_kernel<T, 1>, grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream,
             p, sd2);
     }
   });

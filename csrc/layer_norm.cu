@@ -1,5 +1,5 @@
 // fastnorm::layer_norm_fwd / layer_norm_bwd on CUDA: host side (checks, device guard, dtype
-// dispatch, plans). Kernels: kernels/row_norm.cuh, plans: kernels/row_launch.cuh.
+// dispatch). Kernels: kernels/groups_*.cuh; plans and launches: launch/groups.h.
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -11,15 +11,11 @@
 #include <optional>
 #include <tuple>
 
-#include "kernels/row_launch.cuh"
+#include "launch/groups.h"
 
 namespace fastnorm {
 namespace {
 
-using row::has;
-using row::check_float_dtype;
-using row::param;
-using row::check_backward_inputs;
 
 
 // N = prod(normalized_shape), which must be the trailing dims of x.
@@ -69,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::layer_norm_fwd", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    row::RowFwd<T> p;
+    groups::RowFwd<T> p;
     p.x = x.data_ptr<T>();
     p.y = operand<T>(y);
     p.w = operand<T>(w);
@@ -79,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     p.M = M;
     p.L = N;
     p.eps = static_cast<A>(eps);
-    row::row_forward<T, false>(p, x);
+    groups::row_forward<T, false>(p, x);
   });
   return {y, mean, rstd};
 }
@@ -119,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::layer_norm_bwd", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    row::RowBwd<T> p;
+    groups::RowBwd<T> p;
     p.x = x.data_ptr<T>();
     p.dy = operand<T>(dy);
     p.mean = mu.data_ptr<A>();
@@ -128,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     p.dx = output_mask[0] ? dx.data_ptr<T>() : nullptr;
     p.M = M;
     p.L = N;
-    row::ln_backward<T>(p, output_mask[1] ? operand<T>(dw) : Operand<T>{},
+    groups::ln_backward<T>(p, output_mask[1] ? operand<T>(dw) : Operand<T>{},
                         output_mask[2] ? operand<T>(db) : Operand<T>{}, x);
   });
   return {dx, dw, db};

@@ -15,9 +15,9 @@ ASAN_ENV=(LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=
 # name | variant | file | python expression mutating `s` (the file's text) | pytest selection
 MUTATIONS=(
   "no-syncthreads|plain|kernels/welford.cuh|s.replace('  if (lane == 0) shared[warp] = w;\n  __syncthreads();', '  if (lane == 0) shared[warp] = w;', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
-  "bound-off-by-one|asan|kernels/row_norm.cuh|s.replace('if (valid \&\& pk < packs) {\n        const int j0 = pk * VEC;', 'if (valid \&\& pk <= packs) {\n        const int j0 = pk * VEC;', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
+  "bound-off-by-one|asan|kernels/groups_forward.cuh|s.replace('if (valid \&\& pk < packs) {\n        const int j0 = pk * VEC;', 'if (valid \&\& pk <= packs) {\n        const int j0 = pk * VEC;', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
   "divergent-shuffle|plain|kernels/welford.cuh|s.replace('v += __shfl_xor_sync(0xffffffffu, v, offset, width);', 'if ((threadIdx.x \& 31) < 16) v += __shfl_xor_sync(0xffffffffu, v, offset, width);', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
-  "dropped-store|plain|kernels/row_norm.cuh|s.replace('      p.rstd[row] = rstd;\n', '', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
+  "dropped-store|plain|kernels/groups_forward.cuh|s.replace('      p.rstd[row] = rstd;\n', '', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
 )
 
 status=0

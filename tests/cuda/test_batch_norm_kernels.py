@@ -45,7 +45,7 @@ BUF_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, tor
 # The emulated target skips a case above this many elements, or above this many CUDA threads
 # (every thread is a fiber there; see emu_skip).
 EMU_LIMIT = 150_000
-K_THREADS = 256  # bn::kThreads: the block size of every BatchNorm kernel
+K_THREADS = 256  # channels::kThreads: the block size of every BatchNorm kernel
 
 M2M = 2 ** 21
 LAYOUTS = ["nc", "ncl", "nchw", "nhwc", "ncdhw", "ndhwc"]

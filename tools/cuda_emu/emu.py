@@ -224,7 +224,7 @@ def defined_kernels(src: str = CSRC) -> list[str]:
 
 
 def kernel_base_name(signature: str) -> str:
-    """'void fastnorm::row::k(...) [with T = float]' -> 'k'."""
+    """'void fastnorm::groups::k(...) [with T = float]' -> 'k'."""
     head = signature.split("(", 1)[0]
     return head.split("::")[-1].split()[-1]
 

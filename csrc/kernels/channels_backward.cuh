@@ -1,0 +1,617 @@
+// Strided channels, backward (layouts in channels_common.cuh): BatchNorm's sums, finalize and dx
+// kernels (the same general / fused / eval paths as the forward), GroupNorm channels_last's
+// per-(n, chunk, channel) sums and dx (coefficients from groups_backward.cuh's gn_bwd_coef).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/channels_common.cuh"
+#include "kernels/groups_backward.cuh"
+
+namespace fastnorm {
+namespace channels {
+
+template <typename scalar_t>
+struct BwdArgs {
+  using acc_t = acc_of<scalar_t>;
+  int64_t N, C, S, Sv;
+  int64_t G1;        // chunks of the sums kernel (general path)
+  acc_t* part;       // [2][G1][C]: sum(dy), sum(dy * (x - mean))
+  acc_t* coef;       // [4][C]: mean, mdy, proj, gs (general path)
+  const acc_t* mean;
+  const acc_t* rstd;
+  Operand<scalar_t> weight, dweight, dbias;  // dweight/dbias: absent when masked off
+  double n;
+  int mode;
+  bool training;
+  bool need_dx;
+};
+
+// dx = (dy - mdy - (x - mean) * proj) * gs   (training);   dx = dy * gs   (eval)
+template <typename acc_t>
+struct BwdCoef {
+  acc_t mean, mdy, proj, gs;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ BwdCoef<acc_of<scalar_t>> bwd_finalize(const BwdArgs<scalar_t>& a, int64_t c,
+                                                       acc_of<scalar_t> sdy, acc_of<scalar_t> sdxm, bool writer) {
+  using acc_t = acc_of<scalar_t>;
+  const acc_t r = a.rstd[c];
+  if (writer) {
+    if (a.dweight.present()) a.dweight.set(c, sdxm * r);
+    if (a.dbias.present()) a.dbias.set(c, sdy);
+  }
+  BwdCoef<acc_t> k;
+  k.gs = a.weight.get_or(c, acc_t(1)) * r;
+  if (a.training) {
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(a.n);
+    k.mean = a.mean[c];
+    k.mdy = sdy * inv_n;
+    k.proj = sdxm * inv_n * r * r;
+  } else {
+    k.mean = k.mdy = k.proj = acc_t(0);
+  }
+  return k;
+}
+
+// NCHW: sum(dy) and sum(dy * (x - m)) over the elements of channel c that the cursor visits.
+template <typename scalar_t, typename acc_t, int V>
+__device__ __forceinline__ void nchw_thread_sums(const Pack<scalar_t, V>* __restrict__ dyv,
+                                                 const Pack<scalar_t, V>* __restrict__ xv,
+                                                 NchwCursor cur, acc_t m, acc_t& sdy,
+                                                 acc_t& sdxm) {
+  using P = Pack<scalar_t, V>;
+  sdy = sdxm = acc_t(0);
+  while (cur.remaining >= kUnroll) {
+    P pd[kUnroll], px[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      pd[u] = dyv[cur.off];
+      px[u] = xv[cur.off];
+      cur.next();
+    }
+    cur.remaining -= kUnroll;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const acc_t d = static_cast<acc_t>(pd[u].v[k]);
+        sdy += d;
+        sdxm += d * (static_cast<acc_t>(px[u].v[k]) - m);
+      }
+  }
+  while (cur.remaining > 0) {
+    const P pd = dyv[cur.off];
+    const P px = xv[cur.off];
+    cur.next();
+    cur.remaining -= 1;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const acc_t d = static_cast<acc_t>(pd.v[k]);
+      sdy += d;
+      sdxm += d * (static_cast<acc_t>(px.v[k]) - m);
+    }
+  }
+}
+
+// NHWC: the same two sums for V channels over rows r0, r0 + step, ... < R.
+template <typename scalar_t, typename acc_t, int V>
+__device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __restrict__ dyv,
+                                                 const Pack<scalar_t, V>* __restrict__ xv,
+                                                 int64_t Cv, int64_t cv, int64_t R, int64_t r0,
+                                                 int64_t step, const acc_t (&m)[V],
+                                                 acc_t (&sdy)[V], acc_t (&sdxm)[V]) {
+  using P = Pack<scalar_t, V>;
+#pragma unroll
+  for (int j = 0; j < V; ++j) sdy[j] = sdxm[j] = acc_t(0);
+  if (r0 >= R) return;
+  int64_t rows = (R - 1 - r0) / step + 1;
+  int64_t off = r0 * Cv + cv;
+  const int64_t doff = step * Cv;
+  while (rows >= kUnroll) {
+    P pd[kUnroll], px[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      pd[u] = dyv[off + u * doff];
+      px[u] = xv[off + u * doff];
+    }
+    off += kUnroll * doff;
+    rows -= kUnroll;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const acc_t d = static_cast<acc_t>(pd[u].v[j]);
+        sdy[j] += d;
+        sdxm[j] += d * (static_cast<acc_t>(px[u].v[j]) - m[j]);
+      }
+  }
+  while (rows > 0) {
+    const P pd = dyv[off];
+    const P px = xv[off];
+    off += doff;
+    rows -= 1;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const acc_t d = static_cast<acc_t>(pd.v[j]);
+      sdy[j] += d;
+      sdxm[j] += d * (static_cast<acc_t>(px.v[j]) - m[j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward sums kernels (general path): partial sums [2][G1][C].
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    bn_bwd_sums_nchw(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                     BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t, V>;
+  __shared__ acc_t sh[64];
+  const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
+  const P* __restrict__ xv = reinterpret_cast<const P*>(x);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t C = a.C;
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+    NchwCursor cur;
+    cur.init(start, step, a.N, C, a.Sv, c);
+    acc_t sdy, sdxm;
+    nchw_thread_sums<scalar_t, acc_t, V>(dyv, xv, cur, a.mean[c], sdy, sdxm);
+    block_sum2(sdy, sdxm, sh);
+    if (threadIdx.x == 0) {
+      const int64_t i = static_cast<int64_t>(blockIdx.x) * C + c;
+      a.part[i] = sdy;
+      a.part[a.G1 * C + i] = sdxm;
+    }
+  }
+}
+
+// Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t).
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    bn_bwd_sums_nhwc(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                     BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t, V>;
+  extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
+  acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
+  const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
+  const P* __restrict__ xv = reinterpret_cast<const P*>(x);
+  const int64_t C = a.C, Cv = a.C / V, R = a.N * a.S;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = cv < Cv;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  acc_t m[V], sdy[V], sdxm[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) m[j] = active ? a.mean[cv * V + j] : acc_t(0);
+  nhwc_thread_sums<scalar_t, acc_t, V>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m, sdy, sdxm);
+  tree_sum2_rows<acc_t, V>(sdy, sdxm, smem);
+  if (active && threadIdx.y == 0) {
+    const int64_t base = static_cast<int64_t>(blockIdx.y) * C + cv * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      a.part[base + j] = sdy[j];
+      a.part[a.G1 * C + base + j] = sdxm[j];
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) bn_bwd_finalize(BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
+  extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
+  acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
+  const int64_t C = a.C;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = c < C;
+  acc_t sdy[1] = {acc_t(0)}, sdxm[1] = {acc_t(0)};
+  if (active) {
+    for (int64_t g = threadIdx.y; g < a.G1; g += blockDim.y) {
+      sdy[0] += a.part[g * C + c];
+      sdxm[0] += a.part[a.G1 * C + g * C + c];
+    }
+  }
+  tree_sum2_rows<acc_t, 1>(sdy, sdxm, smem);
+  if (active && threadIdx.y == 0) {
+    const BwdCoef<acc_t> k = bwd_finalize(a, c, sdy[0], sdxm[0], true);
+    a.coef[c] = k.mean;
+    a.coef[C + c] = k.mdy;
+    a.coef[2 * C + c] = k.proj;
+    a.coef[3 * C + c] = k.gs;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward apply kernels: dx. In kModeFused they also write dweight/dbias (chunk 0 == the whole
+// channel); with need_dx false they only do that.
+
+// NCHW. grid (G, min(C, 65535)), block kThreads.
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    bn_bwd_apply_nchw(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                      scalar_t* __restrict__ dx, BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t, V>;
+  __shared__ acc_t sh[64];
+  const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
+  const P* __restrict__ xv = reinterpret_cast<const P*>(x);
+  P* __restrict__ dxv = reinterpret_cast<P*>(dx);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t C = a.C;
+
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+    NchwCursor cur;
+    cur.init(start, step, a.N, C, a.Sv, c);
+    BwdCoef<acc_t> k;
+    if (a.mode == kModeFinal) {
+      k.mean = a.coef[c];
+      k.mdy = a.coef[C + c];
+      k.proj = a.coef[2 * C + c];
+      k.gs = a.coef[3 * C + c];
+    } else {  // uniform branch
+      acc_t sdy = acc_t(0), sdxm = acc_t(0);
+      if (a.mode == kModeFused) {
+        nchw_thread_sums<scalar_t, acc_t, V>(dyv, xv, cur, a.mean[c], sdy, sdxm);
+        block_sum2(sdy, sdxm, sh);
+      }
+      k = bwd_finalize(a, c, sdy, sdxm, blockIdx.x == 0 && threadIdx.x == 0);
+    }
+    if (!a.need_dx) continue;
+
+    if (a.training) {
+      while (cur.remaining >= kUnroll) {
+        P pd[kUnroll], px[kUnroll];
+        int64_t offs[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          offs[u] = cur.off;
+          pd[u] = dyv[cur.off];
+          px[u] = xv[cur.off];
+          cur.next();
+        }
+        cur.remaining -= kUnroll;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          P o;
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pd[u].v[j]) - k.mdy -
+                                            (static_cast<acc_t>(px[u].v[j]) - k.mean) * k.proj) *
+                                           k.gs);
+          dxv[offs[u]] = o;
+        }
+      }
+      while (cur.remaining > 0) {
+        const P pd = dyv[cur.off];
+        const P px = xv[cur.off];
+        P o;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pd.v[j]) - k.mdy -
+                                          (static_cast<acc_t>(px.v[j]) - k.mean) * k.proj) *
+                                         k.gs);
+        dxv[cur.off] = o;
+        cur.next();
+        cur.remaining -= 1;
+      }
+    } else {
+      while (cur.remaining >= kUnroll) {
+        P pd[kUnroll];
+        int64_t offs[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          offs[u] = cur.off;
+          pd[u] = dyv[cur.off];
+          cur.next();
+        }
+        cur.remaining -= kUnroll;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          P o;
+#pragma unroll
+          for (int j = 0; j < V; ++j)
+            o.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pd[u].v[j]) * k.gs);
+          dxv[offs[u]] = o;
+        }
+      }
+      while (cur.remaining > 0) {
+        const P pd = dyv[cur.off];
+        P o;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          o.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pd.v[j]) * k.gs);
+        dxv[cur.off] = o;
+        cur.next();
+        cur.remaining -= 1;
+      }
+    }
+  }
+}
+
+// NHWC. grid (ceil(C / V / tx), G), block (tx, ty).
+// Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t).
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    bn_bwd_apply_nhwc(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                      scalar_t* __restrict__ dx, BwdArgs<scalar_t> a) {
+  using acc_t = acc_of<scalar_t>;
+  using P = Pack<scalar_t, V>;
+  extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
+  acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
+  const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
+  const P* __restrict__ xv = reinterpret_cast<const P*>(x);
+  P* __restrict__ dxv = reinterpret_cast<P*>(dx);
+  const int64_t C = a.C, Cv = a.C / V, R = a.N * a.S;
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = cv < Cv;
+  const int64_t c0 = cv * V;
+  const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+
+  acc_t mean[V], mdy[V], proj[V], gs[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) mean[j] = mdy[j] = proj[j] = gs[j] = acc_t(0);
+  if (a.mode == kModeFinal) {
+    if (active) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        mean[j] = a.coef[c0 + j];
+        mdy[j] = a.coef[C + c0 + j];
+        proj[j] = a.coef[2 * C + c0 + j];
+        gs[j] = a.coef[3 * C + c0 + j];
+      }
+    }
+  } else {  // uniform branch
+    acc_t sdy[V], sdxm[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) sdy[j] = sdxm[j] = acc_t(0);
+    if (a.mode == kModeFused) {
+      acc_t m[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) m[j] = active ? a.mean[c0 + j] : acc_t(0);
+      nhwc_thread_sums<scalar_t, acc_t, V>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m, sdy, sdxm);
+      tree_sum2_rows<acc_t, V>(sdy, sdxm, smem);
+    }
+    const bool writer = active && blockIdx.y == 0 && threadIdx.y == 0;
+    if (active) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const BwdCoef<acc_t> k = bwd_finalize(a, c0 + j, sdy[j], sdxm[j], writer);
+        mean[j] = k.mean;
+        mdy[j] = k.mdy;
+        proj[j] = k.proj;
+        gs[j] = k.gs;
+      }
+    }
+  }
+  if (!a.need_dx || !active || r0 >= R) return;  // after the last barrier
+
+  int64_t rows = (R - 1 - r0) / step + 1;
+  int64_t off = r0 * Cv + cv;
+  const int64_t doff = step * Cv;
+  if (a.training) {
+    while (rows >= kUnroll) {
+      P pd[kUnroll], px[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        pd[u] = dyv[off + u * doff];
+        px[u] = xv[off + u * doff];
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        P o;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pd[u].v[j]) - mdy[j] -
+                                          (static_cast<acc_t>(px[u].v[j]) - mean[j]) * proj[j]) *
+                                         gs[j]);
+        dxv[off + u * doff] = o;
+      }
+      off += kUnroll * doff;
+      rows -= kUnroll;
+    }
+    while (rows > 0) {
+      const P pd = dyv[off];
+      const P px = xv[off];
+      P o;
+#pragma unroll
+      for (int j = 0; j < V; ++j)
+        o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pd.v[j]) - mdy[j] -
+                                        (static_cast<acc_t>(px.v[j]) - mean[j]) * proj[j]) *
+                                       gs[j]);
+      dxv[off] = o;
+      off += doff;
+      rows -= 1;
+    }
+  } else {
+    while (rows >= kUnroll) {
+      P pd[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) pd[u] = dyv[off + u * doff];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        P o;
+#pragma unroll
+        for (int j = 0; j < V; ++j)
+          o.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pd[u].v[j]) * gs[j]);
+        dxv[off + u * doff] = o;
+      }
+      off += kUnroll * doff;
+      rows -= kUnroll;
+    }
+    while (rows > 0) {
+      const P pd = dyv[off];
+      P o;
+#pragma unroll
+      for (int j = 0; j < V; ++j) o.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pd.v[j]) * gs[j]);
+      dxv[off] = o;
+      off += doff;
+      rows -= 1;
+    }
+  }
+}
+
+template <typename T>
+struct ClBwd {
+  using A = acc_of<T>;
+  const T* x = nullptr;
+  Operand<T> dy;  // T or float32
+  const A* mean = nullptr;  // [N, G]
+  const A* rstd = nullptr;
+  ClShape s;
+};
+
+// Per-(n, chunk, channel) sums, channels_last: ws[0][(n*K + k)*C + c] = sum(dy * xhat),
+// ws[1][...] = sum(dy).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kClThreads)
+    cl_bwd_sums_kernel(ClBwd<T> p, acc_of<T>* __restrict__ ws) {
+  using A = acc_of<T>;
+  __shared__ A sm_a[kClThreads * VEC];
+  __shared__ A sm_b[kClThreads * VEC];
+  const ClShape& s = p.s;
+  const int tx = threadIdx.x % s.bx, ty = threadIdx.x / s.bx;
+  const int slot = ty * s.bx + tx;
+  const int64_t Cp = s.C / VEC;
+  const int64_t items = s.N * s.K * s.CT;
+  const int64_t plane = s.N * s.K * s.C;
+  int by_p2 = 1;
+  while (by_p2 < s.by) by_p2 <<= 1;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform over the block
+    const int64_t ct = item % s.CT, nk = item / s.CT;
+    const int64_t k = nk % s.K, n = nk / s.K;
+    const int64_t cp = ct * s.bx + tx;
+    const bool cv = cp < Cp;
+    A sa[VEC], sb[VEC], mu[VEC], rs[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) sa[v] = sb[v] = mu[v] = rs[v] = A(0);
+    if (cv) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        const int64_t ng = n * s.G + (cp * VEC + v) / s.Cg;
+        mu[v] = p.mean[ng];
+        rs[v] = p.rstd[ng];
+      }
+      const int64_t h0 = k * s.rpc;
+      const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
+      const int64_t base = n * s.HW * s.C + cp * VEC;
+      for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kUnroll) {
+        T xv[kUnroll][VEC];
+        A gv[kUnroll][VEC];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t hh = h + static_cast<int64_t>(u) * s.by;
+          if (hh < h1) {
+            load_raw<T, VEC>(p.x + base + hh * s.C, xv[u]);
+            p.dy.load(base + hh * s.C, gv[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t hh = h + static_cast<int64_t>(u) * s.by;
+          if (hh < h1) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              sa[v] += gv[u][v] * (static_cast<A>(xv[u][v]) - mu[v]);
+              sb[v] += gv[u][v];
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sa[v] *= rs[v];
+    }
+    __syncthreads();  // the previous item's reads of shared memory are done
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      sm_a[slot * VEC + v] = sa[v];
+      sm_b[slot * VEC + v] = sb[v];
+    }
+    __syncthreads();
+    for (int st = by_p2 >> 1; st > 0; st >>= 1) {
+      if (ty < st && ty + st < s.by) {
+        const int o = (ty + st) * s.bx + tx;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          sa[v] += sm_a[o * VEC + v];
+          sb[v] += sm_b[o * VEC + v];
+          sm_a[slot * VEC + v] = sa[v];
+          sm_b[slot * VEC + v] = sb[v];
+        }
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && cv) {
+      const int64_t base = nk * s.C + cp * VEC;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        ws[base + v] = sa[v];
+        ws[plane + base + v] = sb[v];
+      }
+    }
+  }
+}
+
+// The same dx, channels_last; blocks as in cl_apply_kernel.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kClThreads) cl_dx_kernel(groups::GnDx<T> p, ClShape s) {
+  using A = acc_of<T>;
+  const int tx = threadIdx.x % s.bx, ty = threadIdx.x / s.bx;
+  const int64_t Cp = s.C / VEC;
+  const int64_t items = s.N * s.K * s.CT;
+  for (int64_t fwd = blockIdx.x; fwd < items; fwd += gridDim.x) {
+    const int64_t item = items - 1 - fwd;
+    const int64_t ct = item % s.CT, nk = item / s.CT;
+    const int64_t k = nk % s.K, n = nk / s.K;
+    const int64_t cp = ct * s.bx + tx;
+    if (cp >= Cp) continue;  // no collective operations in this kernel
+    A mu[VEC], rs[VEC], wr[VEC], k1[VEC], k2[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const int64_t c = cp * VEC + v;
+      const int64_t ng = n * s.G + c / s.Cg;
+      mu[v] = p.mean[ng];
+      rs[v] = p.rstd[ng];
+      const A wc = p.w.get_or(c, A(1));
+      wr[v] = rs[v] * wc;
+      k1[v] = rs[v] * p.c1[ng];
+      k2[v] = rs[v] * rs[v] * p.c2[ng];
+    }
+    const int64_t h0 = k * s.rpc;
+    const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
+    const int64_t base = n * s.HW * s.C + cp * VEC;
+    for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kUnroll) {
+      T xv[kUnroll][VEC];
+      A gv[kUnroll][VEC];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t hh = h + static_cast<int64_t>(u) * s.by;
+        if (hh < h1) {
+          load_raw<T, VEC>(p.x + base + hh * s.C, xv[u]);
+          p.dy.load(base + hh * s.C, gv[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t hh = h + static_cast<int64_t>(u) * s.by;
+        if (hh < h1) {
+          A o[VEC];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v)
+            o[v] = wr[v] * gv[u][v] - k1[v] - (static_cast<A>(xv[u][v]) - mu[v]) * k2[v];
+          store_as<T, VEC, A>(p.dx + base + hh * s.C, o);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace channels
+}  // namespace fastnorm

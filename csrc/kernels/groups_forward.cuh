@@ -1,0 +1,328 @@
+// Contiguous groups, forward: each normalisation group is a contiguous row of L elements.
+//   LayerNorm: rows [M, N], per-element affine (column j).
+//   GroupNorm / InstanceNorm in NCHW: rows (n, g) of (C/G)*HW elements, per-channel affine
+//   (channel = g*C/G + j/HW)  -- the GN template flag.
+// Every reduction has a fixed order: per-thread sequential, then butterflies over lanes and fixed
+// trees over warps / blocks, then fixed-order merges of per-block partials. No atomics.
+//
+// Kernels
+//   row_fwd_cached   rows that fit in registers: a sub-warp, warp or block per row; one read of x
+//                    (statistics and apply in one pass).
+//   row_welford_partial + row_welford_finalize   statistics of long rows / too few rows: (row,
+//                    chunk) work items give partial Welford states, merged per row in order.
+//   row_apply        the apply pass of those (in the reverse order: the tail of x is still in L2).
+// Host plans and launches: csrc/launch/groups.h.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/pack.cuh"
+#include "kernels/welford.cuh"
+
+namespace fastnorm {
+namespace groups {
+
+constexpr int kUnroll = 4;        // packs in flight per thread in the streaming kernels
+constexpr int kItemThreads = 256;  // block size of the (row, chunk) item kernels
+
+// Packs per thread kept in registers by row_fwd_cached (16-byte packs: 8 (4 for fp64); single
+// elements: 8) and by ln_bwd_cached (8 elements per thread whatever the pack size). Sized for the
+// 64 registers a 1024-thread block allows.
+template <typename T, int VEC>
+inline constexpr int kFwdPacks = VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : 8);
+template <int VEC> inline constexpr int kBwdPacks = 8 / VEC;
+inline constexpr int kBwdElems = 8;
+
+// GroupNorm's element -> channel map inside a row (n, g): channel = (row % G) * Cg + j / HW.
+struct GnMap {
+  int64_t G = 1, Cg = 1, HW = 1;
+  FastDiv hw_div;                 // j / HW when !div64
+  bool div64 = false;             // rows of 2^31 elements or more: 64-bit division
+  bool pack_in_channel = true;    // HW % VEC == 0: a pack never straddles two channels
+  __device__ __forceinline__ int64_t chan_base(int64_t row) const { return (row % G) * Cg; }
+  __device__ __forceinline__ int64_t chan_in_row(int64_t j) const {
+    return div64 ? j / HW : static_cast<int64_t>(hw_div.div(static_cast<uint32_t>(j)));
+  }
+};
+
+template <typename T>
+struct RowFwd {
+  using A = acc_of<T>;
+  const T* x = nullptr;
+  Operand<T> y;     // T or float32 (autocast)
+  Operand<T> w, b;  // absent, T or float32
+  A* mean = nullptr;  // [M]
+  A* rstd = nullptr;
+  int64_t M = 0, L = 0;
+  A eps = 0;
+  GnMap gn;
+};
+
+// Weight and bias of the VEC elements starting at column j0 of a row.
+template <typename T, int VEC, bool GN>
+__device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, int64_t j0,
+                                           acc_of<T> (&wv)[VEC], acc_of<T> (&bv)[VEC]) {
+  using A = acc_of<T>;
+  if constexpr (!GN) {
+    if (p.w.present()) {
+      p.w.load(j0, wv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) wv[k] = A(1);
+    }
+    if (p.b.present()) {
+      p.b.load(j0, bv);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) bv[k] = A(0);
+    }
+  } else {
+    if (p.gn.pack_in_channel) {
+      const int64_t c = cbase + p.gn.chan_in_row(j0);
+      const A wc = p.w.get_or(c, A(1));
+      const A bc = p.b.get_or(c, A(0));
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        wv[k] = wc;
+        bv[k] = bc;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const int64_t c = cbase + p.gn.chan_in_row(j0 + k);
+        wv[k] = p.w.get_or(c, A(1));
+        bv[k] = p.b.get_or(c, A(0));
+      }
+    }
+  }
+}
+
+
+// ------------------------------------------------------------------------------------------------
+// Forward, rows in registers. tpr threads per row (a power of two): tpr <= 32 -> blockDim/tpr rows
+// per block, combined with butterflies of width tpr; tpr > 32 -> blockDim == tpr, one row per block.
+// Requires L <= tpr * kFwdPacks * VEC and L % VEC == 0.
+// ------------------------------------------------------------------------------------------------
+template <typename T, int VEC, bool GN>
+__global__ void __launch_bounds__(1024) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {
+  using A = acc_of<T>;
+  constexpr int R = kFwdPacks<T, VEC>;
+  // raw storage (a __shared__ variable cannot have a constructor); Welford<A> is three A's
+  static_assert(sizeof(Welford<A>) == 3 * sizeof(A), "Welford layout");
+  __shared__ A red_raw[32 * 3];
+  Welford<A>* red = reinterpret_cast<Welford<A>*>(red_raw);
+
+  const int rpb = blockDim.x / tpr;
+  const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const int L = static_cast<int>(p.L);
+  const int packs = L / VEC;
+  for (int64_t rb = blockIdx.x; rb * rpb < p.M; rb += gridDim.x) {  // uniform over the block
+    const int64_t row = rb * rpb + grp;
+    const bool valid = row < p.M;
+    const T* xr = p.x + (valid ? row : 0) * p.L;
+    T v[R][VEC];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int pk = r * tpr + t;
+      if (valid && pk < packs) load_raw<T, VEC>(xr + pk * VEC, v[r]);
+    }
+    // this thread's statistics: shift by its first element, exact second pass on registers
+    int n = 0;
+    A shift = A(0), s = A(0);
+    if (valid && t < packs) shift = static_cast<A>(v[0][0]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int pk = r * tpr + t;
+      if (valid && pk < packs) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) s += static_cast<A>(v[r][k]) - shift;
+        n += VEC;
+      }
+    }
+    const A cnt = static_cast<A>(n);
+    const A lmean = n > 0 ? shift + s / cnt : A(0);
+    A m2 = A(0);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int pk = r * tpr + t;
+      if (valid && pk < packs) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const A d = static_cast<A>(v[r][k]) - lmean;
+          m2 += d * d;
+        }
+      }
+    }
+    Welford<A> w(lmean, m2, cnt);
+    if (tpr <= 32) w = warp_merge(w, tpr);
+    else w = block_merge(w, red);
+    const A mean = w.mean;
+    const A rstd = rsqrt_acc(w.var_biased() + p.eps);
+    if (valid && t == 0) {
+      p.mean[row] = mean;
+      p.rstd[row] = rstd;
+    }
+    const int64_t cbase = (GN && valid) ? p.gn.chan_base(row) : 0;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int pk = r * tpr + t;
+      if (valid && pk < packs) {
+        const int j0 = pk * VEC;
+        A wv[VEC], bv[VEC], o[VEC];
+        row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o[k] = (static_cast<A>(v[r][k]) - mean) * (rstd * wv[k]) + bv[k];
+        p.y.store(row * p.L + j0, o);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// (row, chunk) work items, tpr (<= 32, a power of two) lanes per item, kItemThreads per block.
+// Item i = row * S + s covers elements [s * chunk, min(L, (s + 1) * chunk)) of the row; with VEC > 1
+// both L and chunk are multiples of VEC.
+// ------------------------------------------------------------------------------------------------
+struct Items {
+  int64_t M = 0, L = 0, S = 1, chunk = 0;
+  int tpr = 32;
+};
+
+// Merge up to kUnroll packs (count n, all loaded) into a running Welford state.
+template <typename A, typename T, int VEC>
+__device__ __forceinline__ void welford_add_packs(Welford<A>& w, const T (&v)[kUnroll][VEC],
+                                                  int valid_packs) {
+  const A shift = static_cast<A>(v[0][0]);
+  A s = A(0);
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < valid_packs) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s += static_cast<A>(v[u][k]) - shift;
+    }
+  }
+  const A cnt = static_cast<A>(valid_packs * VEC);
+  const A lmean = shift + s / cnt;
+  A m2 = A(0);
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < valid_packs) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const A d = static_cast<A>(v[u][k]) - lmean;
+        m2 += d * d;
+      }
+    }
+  }
+  w.merge(Welford<A>(lmean, m2, cnt));
+}
+
+// Partial Welford state per item -> ws[0][item] = mean, ws[1][item] = m2, ws[2][item] = count.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kItemThreads)
+    row_welford_partial_kernel(const T* __restrict__ x, Items it, acc_of<T>* __restrict__ ws) {
+  using A = acc_of<T>;
+  const int tpr = it.tpr;
+  const int ipb = blockDim.x / tpr;
+  const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const int64_t items = it.M * it.S;
+  for (int64_t ib = blockIdx.x; ib * ipb < items; ib += gridDim.x) {  // uniform over the block
+    const int64_t item = ib * ipb + grp;
+    Welford<A> w;
+    if (item < items) {
+      const int64_t row = item / it.S, s = item - row * it.S;
+      const int64_t e0 = s * it.chunk;
+      const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
+      const T* xr = x + row * it.L;
+      const int64_t p1 = e1 / VEC;
+      for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
+        T v[kUnroll][VEC];
+        int nv = 0;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t q = pk + static_cast<int64_t>(u) * tpr;
+          if (q < p1) {
+            load_raw<T, VEC>(xr + q * VEC, v[u]);
+            nv = u + 1;
+          }
+        }
+        welford_add_packs<A, T, VEC>(w, v, nv);
+      }
+    }
+    w = warp_merge(w, tpr);  // every lane of the warp takes part
+    if (item < items && t == 0) {
+      ws[item] = w.mean;
+      ws[items + item] = w.m2;
+      ws[2 * items + item] = w.count;
+    }
+  }
+}
+
+// A warp per row merges its S partial states in a fixed order -> mean, rstd.
+template <typename A>
+__global__ void __launch_bounds__(256)
+    row_welford_finalize_kernel(const A* __restrict__ ws, int64_t M, int64_t S, A eps,
+                                A* __restrict__ mean, A* __restrict__ rstd) {
+  const int lane = threadIdx.x & 31;
+  const int wpb = blockDim.x >> 5;
+  const int64_t items = M * S;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * wpb + (threadIdx.x >> 5); row < M;
+       row += static_cast<int64_t>(gridDim.x) * wpb) {  // uniform over the warp
+    Welford<A> w;
+    for (int64_t k = lane; k < S; k += 32) {
+      const int64_t i = row * S + k;
+      w.merge(Welford<A>(ws[i], ws[items + i], ws[2 * items + i]));
+    }
+    w = warp_merge(w);
+    if (lane == 0) {
+      mean[row] = w.mean;
+      rstd[row] = rsqrt_acc(w.var_biased() + eps);
+    }
+  }
+}
+
+// Normalise with the saved mean/rstd, item by item in the reverse order.
+template <typename T, int VEC, bool GN>
+__global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, Items it) {
+  using A = acc_of<T>;
+  const int tpr = it.tpr;
+  const int ipb = blockDim.x / tpr;
+  const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
+  const int64_t items = it.M * it.S;
+  for (int64_t ib = blockIdx.x; ib * ipb < items; ib += gridDim.x) {
+    const int64_t fwd = ib * ipb + grp;
+    if (fwd >= items) continue;  // no collective operations in this kernel
+    const int64_t item = items - 1 - fwd;
+    const int64_t row = item / it.S, s = item - row * it.S;
+    const int64_t e0 = s * it.chunk;
+    const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
+    const T* xr = p.x + row * it.L;
+    const A mean = p.mean[row], rstd = p.rstd[row];
+    const int64_t cbase = GN ? p.gn.chan_base(row) : 0;
+    const int64_t p1 = e1 / VEC;
+    for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
+      T v[kUnroll][VEC];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t q = pk + static_cast<int64_t>(u) * tpr;
+        if (q < p1) load_raw<T, VEC>(xr + q * VEC, v[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t q = pk + static_cast<int64_t>(u) * tpr;
+        if (q < p1) {
+          const int64_t j0 = q * VEC;
+          A wv[VEC], bv[VEC], o[VEC];
+          row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) o[k] = (static_cast<A>(v[u][k]) - mean) * (rstd * wv[k]) + bv[k];
+          p.y.store(row * it.L + j0, o);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace groups
+}  // namespace fastnorm

@@ -1,0 +1,107 @@
+// Strided channels (BatchNorm NCHW / NHWC, GroupNorm / InstanceNorm channels_last), host side:
+// the launch plans (chunks per channel, block shapes, fused or general path, grids for this
+// device). The op wrappers (batch_norm.cu, group_norm.cu) run them. Kernels: kernels/channels_*.cuh.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "common.h"
+#include "kernels/channels_common.cuh"
+
+namespace fastnorm {
+namespace channels {
+
+constexpr int64_t kMaxGridY = 65535;
+
+// ---- BatchNorm ---------------------------------------------------------------------------------
+inline int64_t target_blocks() { return static_cast<int64_t>(sm_count()) * (2048 / kThreads); }
+
+// NCHW: blocks per channel for M vectors per channel.
+inline int64_t nchw_chunks(int64_t M, int64_t C) {
+  const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll * 2;
+  const int64_t g_work = std::max<int64_t>(1, ceil_div(M, per_block));
+  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(), std::min(C, kMaxGridY)));
+  return std::min<int64_t>(std::min(g_work, g_fill), kMaxGridY);
+}
+
+struct NhwcCfg {
+  int tx, ty;
+  int64_t tiles;  // grid.x
+  int64_t G;      // grid.y
+};
+
+inline NhwcCfg nhwc_cfg(int64_t R, int64_t C, int V) {
+  NhwcCfg k;
+  const int64_t Cv = C / V;
+  k.tx = 1;
+  while (k.tx < 32 && k.tx < Cv) k.tx <<= 1;
+  k.ty = kThreads / k.tx;
+  k.tiles = ceil_div(Cv, k.tx);
+  TORCH_CHECK(k.tiles <= std::numeric_limits<int32_t>::max(), "fastnorm batch_norm: too many channels");
+  const int64_t g_work = std::max<int64_t>(1, ceil_div(R, static_cast<int64_t>(k.ty) * kUnroll * 2));
+  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(), k.tiles));
+  k.G = std::min<int64_t>(std::min(g_work, g_fill), kMaxGridY);
+  return k;
+}
+
+// One block per channel (tile) when the chunk count is 1 anyway, or the per-thread work is small:
+// the fused single-launch path.
+constexpr int64_t kFuseVectorsPerThread = 4 * kUnroll;
+
+inline bool fuse_nchw(int64_t M, int64_t G) {
+  return G == 1 || M <= static_cast<int64_t>(kThreads) * kFuseVectorsPerThread;
+}
+
+inline bool fuse_nhwc(int64_t R, const NhwcCfg& k) {
+  return k.G == 1 || R <= static_cast<int64_t>(k.ty) * kFuseVectorsPerThread;
+}
+
+// Finalize kernels: threadIdx.x picks the channel, ty threads share its G1 partials (~4 each).
+struct FinCfg {
+  dim3 grid, block;
+};
+
+inline FinCfg finalize_cfg(int64_t C, int64_t G1) {
+  int ty = 1;
+  while (ty < kThreads && static_cast<int64_t>(ty) * 4 < G1) ty <<= 1;
+  const int tx = kThreads / ty;
+  const int64_t blocks = ceil_div(C, tx);
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "fastnorm batch_norm: too many channels");
+  return FinCfg{dim3(static_cast<unsigned>(blocks)), dim3(tx, ty)};
+}
+
+inline dim3 nchw_grid(int64_t G, int64_t C) {
+  return dim3(static_cast<unsigned>(G), static_cast<unsigned>(std::min(C, kMaxGridY)));
+}
+
+inline dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
+  return dim3(static_cast<unsigned>(k.tiles), static_cast<unsigned>(G));
+}
+
+// ---- GroupNorm / InstanceNorm channels_last ----------------------------------------------------
+// channels_last blocks: bx channel packs x by rows; the HW rows of each n split into K chunks so
+// that about 4 blocks per SM run, with at least 16 rows per chunk (the per-chunk partials stay a
+// small fraction of the data).
+inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int sm) {
+  ClShape s;
+  s.N = N;
+  s.HW = HW;
+  s.C = C;
+  s.G = G;
+  s.Cg = C / G;
+  const int64_t Cp = C / vec;
+  s.bx = static_cast<int>(std::min<int64_t>(Cp, kClThreads));
+  s.CT = ceil_div(Cp, s.bx);
+  s.by = std::max(1, kClThreads / s.bx);
+  const int64_t want = ceil_div(4 * static_cast<int64_t>(sm), N * s.CT);
+  const int64_t min_rows = std::max<int64_t>(s.by, 16);
+  const int64_t kmax = std::max<int64_t>(1, HW / min_rows);
+  const int64_t K = std::max<int64_t>(1, std::min(want, kmax));
+  s.rpc = ceil_div(HW, K);
+  s.K = ceil_div(HW, s.rpc);
+  return s;
+}
+
+}  // namespace channels
+}  // namespace fastnorm
