@@ -102,11 +102,12 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
 }
 
 // Packs of 16 bytes when the row length and every pointer allow, single elements otherwise.
+// GroupNorm reads its per-channel weight and bias one element at a time: no alignment needed.
 template <typename T, bool GN>
 void row_forward(const RowFwd<T>& p, const at::Tensor& like) {
   constexpr int V = kVec16<T>;
-  const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y.ptr) && aligned16(p.w.ptr) &&
-                   aligned16(p.b.ptr);
+  const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y.ptr) &&
+                   (GN || (aligned16(p.w.ptr) && aligned16(p.b.ptr)));
   if (vec) row_forward_vec<T, V, GN>(p, like);
   else row_forward_vec<T, 1, GN>(p, like);
 }

@@ -499,6 +499,13 @@ def test_group_norm_misaligned(target, layout):
     dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
     _check(dx, rdx, torch.float16, 1, None, "dx misaligned")
     _check(dw, rdw, torch.float16, 1, None, "dw misaligned")
+    # aligned x with misaligned fp32 weight and bias: GroupNorm reads them one element at a
+    # time, so the 16-byte path still runs (UBSan, in the sanitizer tier, checks the accesses)
+    xa = _layout(_randn(dev, shape, torch.float16), layout)
+    pbuf = _randn(dev, (2 * 16 + 2,), torch.float32)
+    w32, b32 = pbuf[1:17], pbuf[18:34]
+    y, mean, rstd = target.ops.group_norm_fwd(xa, w32, b32, G, EPS)
+    _check(y, _gn_ref(xa, G, w32, b32)[0], torch.float16, 0, None, "y misaligned fp32 params")
     # other strides (a permuted view that is neither layout): contiguous output
     xp = _randn(dev, (2, 6, 6, 16), torch.float32).permute(0, 3, 2, 1)
     assert not xp.is_contiguous() and not xp.is_contiguous(memory_format=torch.channels_last)
