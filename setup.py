@@ -89,6 +89,72 @@ def decide_cuda():
     return True, f"CUDA toolkit at {cuda_home}"
 
 
+def _build_ext_recording_ptxas(base):
+    """base (torch's BuildExtension), with ptxas's -v report recorded for fastnorm.resources.
+
+    ninja prints each nvcc job's output on fd 1. While the extension compiles, fd 1 is a pipe read
+    here: ptxas's `info` lines (and their "N bytes stack frame, ..." continuations) are kept out of
+    the console, every other line passes through unchanged. Once the build is done the kept lines
+    are merged into build/ptxas_resources.json by fastnorm/resources.py (loaded from its file: the
+    package is not imported while it builds). An incremental build recompiles some sources only;
+    the merge keeps the other kernels' records. Any failure here costs the record, never the build.
+    """
+    import threading
+
+    class BuildExt(base):
+        def build_extensions(self):
+            try:
+                saved = os.dup(1)
+                read_fd, write_fd = os.pipe()
+            except OSError as e:
+                _log(f"not recording ptxas's resource usage ({e})")
+                return super().build_extensions()
+            kept = []
+
+            def pump():
+                with os.fdopen(read_fd, "rb") as src:
+                    for line in src:
+                        try:
+                            text = line.decode("utf-8", "replace")
+                            if text.startswith("ptxas info") or re.match(r"\s+\d+ bytes stack frame", text):
+                                kept.append(text)
+                            else:
+                                os.write(saved, line)
+                        except Exception:
+                            pass  # keep draining: the build must never block on a full pipe
+
+            reader = threading.Thread(target=pump, daemon=True)
+            reader.start()
+            sys.stdout.flush()
+            os.dup2(write_fd, 1)
+            os.close(write_fd)
+            try:
+                super().build_extensions()
+            finally:
+                sys.stdout.flush()
+                os.dup2(saved, 1)  # the pipe's last writer closes: the reader sees its end
+                reader.join(timeout=60)
+                os.close(saved)
+            _record_ptxas(kept)  # a failed build records nothing
+
+    return BuildExt
+
+
+def _record_ptxas(lines):
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "_fastnorm_resources", os.path.join(ROOT, "fastnorm", "resources.py"))
+        resources = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = resources  # (dataclasses look their module up there)
+        spec.loader.exec_module(resources)
+        n = resources.record_ptxas_output("".join(lines))
+        _log(f"ptxas resource usage of {n} kernel(s) recorded in {resources.PTXAS_RECORD}")
+    except Exception as e:  # the record is a report, never a reason to fail the build
+        _log(f"could not record ptxas's resource usage: {type(e).__name__}: {e}")
+
+
 def main():
     build_cuda, reason = decide_cuda()
     ext_modules, cmdclass = [], {}
@@ -97,15 +163,18 @@ def main():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+        # --ptxas-options=-v: ptxas states each kernel's registers, stack frame and spill
+        # stores/loads; _build_ext_recording_ptxas files that under build/ (not on the console).
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr",
                       "-lineinfo", "-U__CUDA_NO_HALF_OPERATORS__",
-                      "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+                      "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                      "--ptxas-options=-v"]
         cxx_flags = ["-O3", "-std=c++20"]
         sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
         ext_modules.append(CUDAExtension(
             name="fastnorm._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}))
-        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+        cmdclass["build_ext"] = _build_ext_recording_ptxas(BuildExtension.with_options(use_ninja=True))
         record.update({
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "cuda_home": os.environ["CUDA_HOME"],

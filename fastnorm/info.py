@@ -1,4 +1,9 @@
-"""`python -m fastnorm.info`: versions, GPU, the build record, and which path each op takes."""
+"""`python -m fastnorm.info`: versions, GPU, the build record, and which path each op takes.
+
+`python -m fastnorm.info --kernels` adds each compiled kernel's registers, spills, static shared
+memory, launch bounds and resident blocks per SM on sm_90 (fastnorm.resources; written to
+build/kernel_resources.json too).
+"""
 from __future__ import annotations
 
 import platform
@@ -42,8 +47,22 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def kernels_report() -> str:
+    from . import resources  # only here: the report runs cuobjdump, a plain info does not
+
+    return "kernels (registers, spills, occupancy on sm_90):\n" + resources.report()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastnorm.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", action="store_true",
+                        help="also list each compiled kernel's resources and occupancy (cuobjdump)")
+    args = parser.parse_args(argv)
     print(report())
+    if args.kernels:
+        print(kernels_report())
 
 
 if __name__ == "__main__":
