@@ -84,19 +84,32 @@ Tensor like_layout(const Tensor& t, const Layout& l) {
   return t.is_contiguous(l.format) ? t : t.contiguous(l.format);
 }
 
-template <typename scalar_t>
-constexpr int vec_width() {
-  return static_cast<int>(16 / sizeof(scalar_t));
-}
-
-// Vector access is legal when every vector lies inside one channel's run (NCHW: V | S) or one
-// row (NHWC: V | C), and every pointer is 16-byte aligned.
-bool vec_ok(const Layout& l, int V, std::initializer_list<const Tensor*> ts) {
+// A pack of V elements is legal when it lies inside one channel's run (NCHW: V | S) or one row
+// (NHWC: V | C) and every pointer is aligned to the pack's size.
+bool pack_ok(const Layout& l, int V, size_t bytes, std::initializer_list<const Tensor*> ts) {
   if (V <= 1) return false;
   if ((l.nhwc ? l.C : l.S) % V != 0) return false;
   for (const Tensor* t : ts)
-    if (t->defined() && t->numel() > 0 && !is_aligned(t->data_ptr(), 16)) return false;
+    if (t->defined() && t->numel() > 0 && !is_aligned(t->data_ptr(), bytes)) return false;
   return true;
+}
+
+// Calls f with the widest legal pack width (std::integral_constant): 16 bytes, else 8 bytes
+// (fp16 / bf16 with S = 196, ResNet-50's 14x14 stage, or any S = 4 mod 8), else one element.
+template <typename scalar_t, typename F>
+void with_pack_width(const Layout& l, std::initializer_list<const Tensor*> ts, F&& f) {
+  constexpr int V16 = kVec16<scalar_t>, V8 = 8 / static_cast<int>(sizeof(scalar_t));
+  if (pack_ok(l, V16, 16, ts)) {
+    f(std::integral_constant<int, V16>{});
+    return;
+  }
+  if constexpr (V8 > 1) {
+    if (pack_ok(l, V8, 8, ts)) {
+      f(std::integral_constant<int, V8>{});
+      return;
+    }
+  }
+  f(std::integral_constant<int, 1>{});
 }
 
 
@@ -268,12 +281,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
     a.n = static_cast<double>(l.N) * static_cast<double>(l.S);
     a.training = training;
     a.update_running = update_running;
-    constexpr int VW = vec_width<scalar_t>();
-    if (vec_ok(l, VW, {&l.x, &y})) {
-      launch_fwd<scalar_t, VW>(l, y, nbt, a);
-    } else {
-      launch_fwd<scalar_t, 1>(l, y, nbt, a);
-    }
+    with_pack_width<scalar_t>(l, {&l.x, &y}, [&](auto v) {
+      launch_fwd<scalar_t, decltype(v)::value>(l, y, nbt, a);
+    });
   });
   return {y, save_mean, save_rstd};
 }
@@ -416,12 +426,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
     a.n = static_cast<double>(l.N) * static_cast<double>(l.S);
     a.training = training;
     a.need_dx = need_dx;
-    constexpr int VW = vec_width<scalar_t>();
-    if (vec_ok(l, VW, {&l.x, &dy, &dx})) {
-      launch_bwd<scalar_t, VW>(l, dy, dx, need_sums, a);
-    } else {
-      launch_bwd<scalar_t, 1>(l, dy, dx, need_sums, a);
-    }
+    with_pack_width<scalar_t>(l, {&l.x, &dy, &dx}, [&](auto v) {
+      launch_bwd<scalar_t, decltype(v)::value>(l, dy, dx, need_sums, a);
+    });
   });
   return {dx, dweight, dbias};
 }

@@ -251,6 +251,53 @@ EMU_AMP = {(3, 49): ("nc", "nchw"),       # scalar fused, both views
            (3, 12544): ("nchw",)}         # scalar NCHW general
 
 
+# ---------------------------------------------------------------------------------------------
+# 8-byte packs: a channel's run (NCHW: S) or a row (NHWC: C) that is a multiple of 8 bytes but not
+# of 16 (fp16/bf16 with S = 196 = 14 x 14 or C = 12; fp32 with S = 14 or C = 6). "fused": one
+# block per channel (tile); "general": stats + finalize + apply over several chunks.
+
+PACK8 = {  # (layout, dtype) -> {path: shape}
+    ("nchw", torch.float32): {"fused": (4, 3, 2, 7), "general": (600, 3, 2, 7)},
+    ("nchw", torch.float16): {"fused": (4, 3, 14, 14), "general": (1400, 3, 3, 4)},
+    ("nchw", torch.bfloat16): {"fused": (4, 3, 14, 14), "general": (1400, 3, 3, 4)},
+    ("nhwc", torch.float32): {"fused": (2, 6, 7, 7), "general": (8, 6, 16, 16)},
+    ("nhwc", torch.float16): {"fused": (2, 12, 7, 7), "general": (8, 12, 16, 16)},
+    ("nhwc", torch.bfloat16): {"fused": (2, 12, 7, 7), "general": (8, 12, 16, 16)},
+}
+
+
+@pytest.mark.parametrize("path", ["fused", "general"])
+@pytest.mark.parametrize("layout,dtype", list(PACK8), ids=[f"{l}-{str(d)[6:]}" for l, d in PACK8])
+def test_eight_byte_packs(target, layout, dtype, path):
+    shape = PACK8[(layout, dtype)][path]
+    dev = target.device
+    x = (torch.randn(shape, device=dev, generator=gen(dev, 3)) * 2 + 0.5).to(dtype)
+    if layout in FORMAT:
+        x = x.contiguous(memory_format=FORMAT[layout])
+    emu_skip(target, x)
+    C = shape[1]
+    w, b, rm, rv = make_params(target, C, dtype)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y, mean, rstd = fwd(target, x, w, b, rm, rv, None, True, 0.1)
+    check_format(y, x, layout)
+    dy = make_dy(x)
+    y64, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
+    assert_close(y, y64, TOL[dtype], "y")
+    m64, _, vu64 = ref_stats(x)
+    assert_close(rv, 0.9 * rv0.double() + 0.1 * vu64, BUF_TOL[dtype], "running_var")
+    dx, dw, db = bwd(target, dy, x, mean, rstd, w, True)
+    check_format(dx, x, layout)
+    assert_close(dx, dx64, TOL[dtype], "dx")
+    assert_close(dw, dw64, GRAD_TOL[dtype], "dweight")
+    assert_close(db, db64, GRAD_TOL[dtype], "dbias")
+    # eval: forward from the running statistics, dx only
+    y, mean, rstd = fwd(target, x, w, b, rm, rv, None, False, 0.1)
+    y64, dx64, _, _ = ref_fwd_bwd(x, w, b, dy, training=False, rm=rm, rv=rv)
+    assert_close(y, y64, TOL[dtype], "eval y")
+    dx, _, _ = bwd(target, dy, x, mean, rstd, w, False, (True, False, False))
+    assert_close(dx, dx64, TOL[dtype], "eval dx")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("C,M", AMP_CASES)
