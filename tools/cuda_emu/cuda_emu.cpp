@@ -67,6 +67,7 @@ struct Config {
   uint64_t seed = 0;
   int sm_count = 132;
   int blocks_per_sm = 0;  // occupancy query answer; 0: from threads and shared memory
+  bool record_only = false;  // plans: record each launch, run no block
 };
 
 struct State {
@@ -99,6 +100,7 @@ struct State {
   std::string error;
   std::map<const void*, int> optin;  // cudaFuncAttributeMaxDynamicSharedMemorySize
   std::map<std::string, long> coverage;
+  std::vector<std::string> recorded;  // record_only: "kernel<TAB>grid<TAB>block<TAB>smem"
   long launches = 0;
   std::mt19937_64 rng;
 };
@@ -529,6 +531,15 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, BlockBody 
   ++s.launches;
   const std::string bad = launch_error(s);
   TORCH_CHECK(bad.empty(), bad);
+  if (s.cfg.record_only) {
+    // The host code never reads device results (no synchronisation), so its launches are the
+    // same whether or not the kernels run: the plan of a call without executing it.
+    std::ostringstream o;
+    o << symbol_name(kernel) << "\t" << grid.x << "," << grid.y << "," << grid.z << "\t" << block.x
+      << "," << block.y << "," << block.z << "\t" << smem;
+    s.recorded.push_back(o.str());
+    return;
+  }
   s.nthreads = static_cast<int>(block.x * block.y * block.z);
   if (static_cast<int>(s.fibers.size()) < s.nthreads) s.fibers.resize(s.nthreads);
   s.rng.seed(s.cfg.seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(s.launches));
@@ -650,6 +661,28 @@ long fastnorm_emu_coverage(char* buf, long cap) {
 }
 
 long fastnorm_emu_launches(void) { return st().launches; }
+
+// Record launches instead of running them (1), or run them again (0); starting clears the record.
+void fastnorm_emu_record_only(int on) {
+  auto& s = st();
+  std::lock_guard<std::recursive_mutex> lock(s.mu);
+  s.cfg.record_only = on != 0;
+  if (on) s.recorded.clear();
+}
+
+// The recorded launches, one per line; returns the length needed.
+long fastnorm_emu_recorded(char* buf, long cap) {
+  auto& s = st();
+  std::lock_guard<std::recursive_mutex> lock(s.mu);
+  std::string out;
+  for (auto& r : s.recorded) out += r + "\n";
+  if (buf && cap > 0) {
+    const long n = std::min<long>(cap - 1, static_cast<long>(out.size()));
+    std::memcpy(buf, out.data(), n);
+    buf[n] = 0;
+  }
+  return static_cast<long>(out.size()) + 1;
+}
 
 int fastnorm_emu_sanitized(void) { return FASTNORM_EMU_ASAN; }
 

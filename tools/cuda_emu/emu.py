@@ -164,6 +164,23 @@ class Emulator:
             out[sig] = int(count)
         return out
 
+    def record_launches(self, fn):
+        """Runs fn() with every kernel launch recorded instead of executed (the host code is
+        the real one: its plans and checks run) -> [(kernel, grid, block, smem)]."""
+        self.lib.fastnorm_emu_record_only(1)
+        try:
+            fn()
+        finally:
+            self.lib.fastnorm_emu_record_only(0)
+        n = self.lib.fastnorm_emu_recorded(None, 0)
+        buf = ctypes.create_string_buffer(n)
+        self.lib.fastnorm_emu_recorded(buf, n)
+        out = []
+        for line in buf.value.decode().splitlines():
+            k, g, b, sm = line.split("\t")
+            out.append((k, tuple(map(int, g.split(","))), tuple(map(int, b.split(","))), int(sm)))
+        return out
+
     @property
     def sanitized(self) -> bool:
         return bool(self.lib.fastnorm_emu_sanitized())
@@ -206,6 +223,8 @@ def load(variant: str) -> Emulator:
                                            ctypes.c_int, ctypes.c_int]
     lib.fastnorm_emu_coverage.argtypes = [ctypes.c_char_p, ctypes.c_long]
     lib.fastnorm_emu_coverage.restype = ctypes.c_long
+    lib.fastnorm_emu_recorded.argtypes = [ctypes.c_char_p, ctypes.c_long]
+    lib.fastnorm_emu_recorded.restype = ctypes.c_long
     emu = Emulator(variant, path, lib, torch.ops.fastnorm_emu)
     emu.configure()
     _LOADED[variant] = emu
