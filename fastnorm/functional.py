@@ -2,19 +2,65 @@
 
 Every check runs before any op: a call that raises leaves running statistics and
 num_batches_tracked untouched (torch has already incremented num_batches_tracked by then).
+
+CPU fast path. On a CPU tensor the fastnorm:: ops run ATen's native kernels anyway (their
+reference implementation), so eagerly, outside torch.func transforms, torch.compile and dispatch
+modes, each function calls the ATen function torch.nn.functional calls (`torch.layer_norm`,
+`torch.group_norm`, `torch.batch_norm`, `torch.instance_norm`) without the ~10-50 us per call of
+the Python checks, the custom-op dispatch and the Python autograd.Function (bench/cpu_overhead.py
+measures it). The same kernels: the same outputs and running statistics, bitwise; gradients too,
+except where the op path writes its own backward (BatchNorm with frozen statistics, InstanceNorm
+with tracked ones), where they are torch.nn's own (tests/test_cpu_fast_path.py). Guarantees kept:
+- checks: ATen checks its arguments before it computes or writes anything; when the call raises,
+  fastnorm's checks run and raise fastnorm's documented exception, and when they find nothing
+  wrong the original exception is raised again, unchanged (something only ATen refuses, or an
+  exception from a hook, such as checkpoint's early stop: nothing is computed a second time).
+  Python-level checks torch.nn.functional makes itself (values per channel, eps) run before, as
+  torch's do. Inputs with no elements always take the checked path (fastnorm's handling of them
+  differs from ATen's on purpose).
+- state: running statistics are written by ATen only after its checks pass, and
+  num_batches_tracked is incremented only after ATen returned, so a call that raises leaves
+  every buffer untouched; under checkpoint recomputation the modules pass copies of the running
+  buffers (the same autograd graph as the first forward, nothing written twice).
+- CUDA tensors, torch.compile (fullgraph: the fastnorm:: ops stay in the graph), torch.func
+  transforms (fastnorm's batching rules and in-op counter) and tensors under a dispatch mode
+  (FakeTensor, make_fx, selective checkpointing) always take the op path.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .ops import memory_format_of
 from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
                        apply_layer_norm)
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
+
+_is_compiling = torch.compiler.is_compiling
+_functorch_level = torch._C._functorch.peek_interpreter_stack
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+# FASTNORM_CPU_FAST_PATH=0 (or set_cpu_fast_path(False)) sends CPU calls through the ops too
+_cpu_fast_path_enabled = os.environ.get("FASTNORM_CPU_FAST_PATH", "1").strip() not in ("0", "")
+
+
+def set_cpu_fast_path(enabled: bool) -> bool:
+    """Turn the CPU fast path on or off (for tests and comparisons); returns the previous state."""
+    global _cpu_fast_path_enabled
+    was, _cpu_fast_path_enabled = _cpu_fast_path_enabled, bool(enabled)
+    return was
+
+
+def cpu_fast_path(input: Tensor) -> bool:
+    """Whether a call on `input` may call ATen directly (the module docstring says why it is the
+    same computation): a CPU tensor with elements, eager (not compiling), outside torch.func
+    transforms and dispatch modes. Costs about 0.2 us."""
+    return (_cpu_fast_path_enabled and not _is_compiling() and input.is_cpu
+            and _functorch_level() is None and _dispatch_modes() == 0 and input.numel() > 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,10 +210,32 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
             raise ValueError(f"{name} eps must be positive during training, but got {eps}")
         if eps < 0.0:
             raise ValueError(f"{name} eps must be non-negative, but got {eps}")
+    refused = None
+    if (cpu_fast_path(input) and (running_mean is None) == (running_var is None)
+            and (training or running_mean is not None)):
+        updates = training and running_mean is not None
+        factor = momentum
+        if momentum is None:
+            # the cumulative average (the modules' momentum=None); 1 / the counter after this call
+            factor = (1.0 / (float(num_batches_tracked) + 1.0) if updates and num_batches_tracked
+                      is not None else None)
+        if factor is not None or not updates:
+            try:
+                y = torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                     0.0 if factor is None else factor, eps, False)
+            except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+                refused = e
+            else:
+                if training and num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)  # after the call: an error counts nothing
+                return y
     problem = _batch_norm_problem(input, running_mean, running_var, weight, bias, training)
     if problem is not None:
         if input.numel() != 0:
             raise problem
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
+    if problem is not None:
         # torch skips every check for an empty input (a 1-D (0,) input, statistics of any size
         # or none in eval): its result, and the counter advanced as its module does
         y = _empty_result(input, weight, bias)
@@ -200,6 +268,13 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5) -> Tensor:
     """Same as torch.nn.functional.layer_norm."""
+    refused = None
+    if cpu_fast_path(input):
+        try:
+            return torch.layer_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
+                                    else normalized_shape, weight, bias, eps, False)
+        except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+            refused = e
     name = "layer_norm"
     shape: List[int] = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
     _check_floating(name, input)
@@ -212,6 +287,8 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
             raise RuntimeError(f"{name}: expected {what} of shape {shape} (normalized_shape), but "
                                f"got {what} of shape {list(t.shape)}")
         _check_vector(name, what, t, input, math.prod(shape), f"normalized_shape={shape}")
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
     if math.prod(shape) == 0:
         # nothing to normalise over (torch returns the empty result; the op needs N > 0)
         return _empty_affine(input, weight, bias)
@@ -248,7 +325,17 @@ def _group_norm_checks(name: str, input: Tensor, num_groups: int, weight, bias) 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Same as torch.nn.functional.group_norm (channels_last input gives channels_last output)."""
+    # more values per group than 1 (torch's check, which ATen does not make) when C % G == 0;
+    # otherwise ATen refuses and the checks below raise in torch's order
+    refused = None
+    if num_groups > 0 and cpu_fast_path(input) and input.numel() > num_groups:
+        try:
+            return torch.group_norm(input, num_groups, weight, bias, eps, False)
+        except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+            refused = e
     _group_norm_checks("group_norm", input, num_groups, weight, bias)
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
     if not input.is_floating_point():  # an empty batch, accepted by the checks (as torch)
         return input.clone()
     y, _, _ = apply_group_norm(input, weight, bias, num_groups, eps, _autocast_dtype(input))
@@ -300,15 +387,34 @@ def _instance_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
                 _check_vector(name, what, t, input, c, f"one per channel, C={c}")
         return _empty_result(input, None if weight is None else weight.repeat(n),
                              None if bias is None else bias.repeat(n))
+    refused = None
+    if cpu_fast_path(input):
+        try:
+            if running_mean is None:  # the op path's GroupNorm with one group per channel
+                return torch.group_norm(input, c, weight, bias, eps, False)
+            if use_input_stats and not update_running_stats:
+                # the same graph as the first forward's, the module's buffers left alone
+                running_mean, running_var = running_mean.clone(), running_var.clone()
+            y = torch.instance_norm(input, weight, bias, running_mean, running_var,
+                                    use_input_stats, momentum, eps, False)
+            # torch's output is contiguous; fastnorm's keeps the input's memory format
+            return y if input.is_contiguous() else y.contiguous(memory_format=memory_format_of(input))
+        except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+            refused = e
     for what, t in (("running_mean", running_mean), ("running_var", running_var)):
         _check_vector(name, what, t, input, c, f"one per channel, C={c}")
     if not use_input_stats:
         # Frozen running statistics: exactly BatchNorm's eval (one affine pass per channel).
+        if refused is not None:
+            problem = _batch_norm_problem(input, running_mean, running_var, weight, bias, False)
+            raise refused if problem is None else problem
         return _batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps,
                            check_eps=False)
     if running_mean is None:
         # Per-instance statistics: GroupNorm with one group per channel.
         _group_norm_checks(name, input, c, weight, bias)
+        if refused is not None:
+            raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
         y, _, _ = apply_group_norm(input, weight, bias, c, eps, None)
         return y
     # Tracked running statistics in training: as torch does, a BatchNorm over (1, N*C, *) whose
@@ -316,6 +422,8 @@ def _instance_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
     _check_floating(name, input)
     for what, t in (("weight", weight), ("bias", bias)):
         _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
     y, _, _ = apply_instance_norm_tracked(input, weight, bias, running_mean, running_var,
                                           momentum, eps, update_running_stats)
     return y

@@ -29,8 +29,14 @@ class _BatchNormForward:
         self._check_input_dim(input)
         tracking = self.training and self.track_running_stats
         if tracking and FN.in_checkpoint_recomputation():
-            # the first forward already updated the buffers: normalise with batch statistics only
-            return FN._batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            # The first forward already updated the buffers: normalise with batch statistics and
+            # let the update go to copies (the same autograd graph as the first forward's, which
+            # a non-reentrant checkpoint compares with the recomputation's; on the op path the
+            # graph is the same either way).
+            rm, rv = self.running_mean, self.running_var
+            return FN._batch_norm(input, None if rm is None else rm.clone(),
+                                  None if rv is None else rv.clone(), self.weight, self.bias,
+                                  True, 0.0, self.eps)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
         nbt = self.num_batches_tracked if tracking else None
