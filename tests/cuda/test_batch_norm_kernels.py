@@ -1,5 +1,5 @@
 """Kernels of fastnorm::batch_norm_fwd / batch_norm_bwd, called directly through the op namespace
-of the `target` fixture (tests/cuda/conftest.py): the CUDA kernels on a GPU, the same kernel
+of the `target` fixture (tests/conftest.py): the CUDA kernels on a GPU, the same kernel
 sources in the CPU emulation (FASTNORM_EMU), or the ATen reference (FASTNORM_KERNEL_TARGETS).
 
 References: torch.nn.functional.batch_norm in float64 on the target's device (and torch in the

@@ -201,7 +201,7 @@ def test_schedules_bitwise_identical(emu, case, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# coverage: ordered last by conftest.py
+# coverage: ordered last by tests/conftest.py
 # ------------------------------------------------------------------------------------------------
 def _instantiation_args(sig: str, count: int) -> tuple:
     """'... [with T = c10::Half; int VEC = 8; bool GN = true; acc_of<T> = float]' -> the first

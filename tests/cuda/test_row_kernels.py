@@ -1,5 +1,5 @@
 """The row-family kernels (LayerNorm, GroupNorm / InstanceNorm), called as ops through the `target`
-fixture (tests/cuda/conftest.py): the CUDA kernels on a GPU, the same kernel sources in the CPU
+fixture (tests/conftest.py): the CUDA kernels on a GPU, the same kernel sources in the CPU
 emulation (FASTNORM_EMU), or the ATen reference (FASTNORM_KERNEL_TARGETS=reference).
 
 {layer,group}_norm_{fwd,bwd} are compared with a float64 reference (and with torch's own kernel on
