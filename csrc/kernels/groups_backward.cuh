@@ -47,11 +47,15 @@ __device__ __forceinline__ void ln_weight(const RowBwd<T>& p, int64_t j0, acc_of
   }
 }
 
-// Largest block of ln_bwd_cached_kernel: fp64 holds twice the registers per element.
-template <typename T> inline constexpr int kBwdCachedMaxThreads = sizeof(acc_of<T>) == 8 ? 512 : 1024;
+// Largest block of ln_bwd_cached_kernel: fp64 holds twice the registers per element, and the
+// single-element path (8 separate loads and column partials per thread) spilled at the 64
+// registers of a 1024-thread block; both get 128 at 512 threads.
+template <typename T, int VEC>
+inline constexpr int kBwdCachedMaxThreads = sizeof(acc_of<T>) == 8 || VEC == 1 ? 512 : 1024;
 
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kBwdCachedMaxThreads<T>) ln_bwd_cached_kernel(RowBwd<T> p, int tpr) {
+__global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
+    ln_bwd_cached_kernel(RowBwd<T> p, int tpr) {
   using A = acc_of<T>;
   constexpr int R = kBwdPacks<VEC>;
   constexpr int kSubWarpWarps = 8;  // blockDim when tpr <= 32

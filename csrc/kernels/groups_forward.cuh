@@ -27,10 +27,13 @@ constexpr int kUnroll = 4;        // packs in flight per thread in the streaming
 constexpr int kItemThreads = 256;  // block size of the (row, chunk) item kernels
 
 // Packs per thread kept in registers by row_fwd_cached (16-byte packs: 8 (4 for fp64); single
-// elements: 8) and by ln_bwd_cached (8 elements per thread whatever the pack size). Sized for the
-// 64 registers a 1024-thread block allows.
+// elements: 8) and by ln_bwd_cached (8 elements per thread whatever the pack size).
 template <typename T, int VEC>
 inline constexpr int kFwdPacks = VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : 8);
+// Largest block of row_fwd_cached: 128 registers per thread hold kFwdPacks and the row's
+// statistics and channel map without spilling (at 1024 threads, 64 registers spilled up to 352
+// bytes per thread). Rows longer than kFwdCachedMaxThreads * kFwdPacks * VEC take the split path.
+inline constexpr int kFwdCachedMaxThreads = 512;
 template <int VEC> inline constexpr int kBwdPacks = 8 / VEC;
 inline constexpr int kBwdElems = 8;
 
@@ -105,7 +108,7 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
 // Requires L <= tpr * kFwdPacks * VEC and L % VEC == 0.
 // ------------------------------------------------------------------------------------------------
 template <typename T, int VEC, bool GN>
-__global__ void __launch_bounds__(1024) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {
+__global__ void __launch_bounds__(kFwdCachedMaxThreads) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {
   using A = acc_of<T>;
   constexpr int R = kFwdPacks<T, VEC>;
   // raw storage (a __shared__ variable cannot have a constructor); Welford<A> is three A's

@@ -23,26 +23,38 @@ inline bool aligned16(const T* p) {
 // ---- cached (rows in registers) plans ---------------------------------------------------------
 struct CachedPlan {
   bool ok = false;
-  int tpr = 1;       // threads per row, a power of two
-  int threads = 0;   // block size
+  int tpr = 1;         // threads per row, a power of two
+  int threads = 0;     // block size
   int64_t row_blocks = 0;
+  int64_t max_parallel = 0;  // threads the rows could occupy at one block per row (the split rule)
 };
 
+// Threads per row of the cached kernels. Each thread issues all its loads of a row before the
+// reduction, so a resident row keeps its whole row in flight and an SM keeps (resident rows) x
+// (row bytes): the fewest threads per row that hold the row in registers give the most resident
+// rows, hence the most bytes in flight (Little's law: an H100 needs ~16 KB per SM). Two floors:
+// enough threads that one warp load covers a 128-byte line of a row (narrow rows), and enough
+// threads in all to give every SM kMinThreadsPerSm. (A fill target of 2048 threads per SM used
+// to make 4096 x 768 bf16 one 128-thread row per block: 8 resident rows, ~12 KB per SM.)
+constexpr int64_t kMinThreadsPerSm = 256;
+constexpr int64_t kLineBytes = 128;
+
 // packs_per_thread: the kernel's register capacity; sub_warp_threads: block size when tpr <= 32.
-inline CachedPlan plan_cached(int64_t M, int64_t L, int vec, int packs_per_thread, int max_tpr,
-                              int sub_warp_threads, int sm) {
+inline CachedPlan plan_cached(int64_t M, int64_t L, int vec, int elem_bytes, int packs_per_thread,
+                              int max_tpr, int sub_warp_threads, int sm) {
   CachedPlan c;
   const int64_t packs = L / vec;
   const int64_t need = std::max<int64_t>(1, ceil_div(packs, packs_per_thread));
   if (need > max_tpr) return c;
-  int tpr = pow2_ceil(need);
-  // more threads per row while rows are too few to fill the GPU and every thread keeps a pack
-  const int64_t target = static_cast<int64_t>(sm) * 2048;
-  while (tpr < max_tpr && tpr < packs && M * tpr < target) tpr <<= 1;
+  const int64_t line = std::min<int64_t>(packs, ceil_div(kLineBytes, int64_t(vec) * elem_bytes));
+  int tpr = std::max(pow2_ceil(need), pow2_ceil(line));
+  while (tpr < max_tpr && tpr < packs && M * tpr < static_cast<int64_t>(sm) * kMinThreadsPerSm)
+    tpr <<= 1;
   c.ok = true;
   c.tpr = tpr;
   c.threads = tpr <= 32 ? sub_warp_threads : tpr;
   c.row_blocks = ceil_div(M, c.threads / tpr);
+  c.max_parallel = M * std::min<int64_t>(max_tpr, pow2_ceil(packs));
   return c;
 }
 
@@ -84,8 +96,10 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
     p.gn.div64 = p.L >= (int64_t(1) << 31);
     if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(p.gn.HW));
   }
-  const CachedPlan c = plan_cached(p.M, p.L, VEC, kFwdPacks<T, VEC>, 1024, 128, sm);
-  const bool split = !c.ok || (p.L >= 8192 && p.M * c.tpr < static_cast<int64_t>(sm) * 512);
+  const CachedPlan c =
+      plan_cached(p.M, p.L, VEC, int(sizeof(T)), kFwdPacks<T, VEC>, kFwdCachedMaxThreads, 128, sm);
+  // long rows too few to occupy the GPU even at one block per row: the (row, chunk) split
+  const bool split = !c.ok || (p.L >= 8192 && c.max_parallel < static_cast<int64_t>(sm) * 512);
   if (!split) {
     launch(row_fwd_cached_kernel<T, VEC, GN>, grid_of(c.row_blocks), c.threads, 0, stream,
         p, c.tpr);
@@ -132,8 +146,9 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   const int sm = sm_count();
   const cudaStream_t stream = current_stream();
   const at::TensorOptions ao = acc_options(like);
-  const CachedPlan c = plan_cached(p.M, p.L, VEC, kBwdPacks<VEC>, kBwdCachedMaxThreads<T>, 256, sm);
-  const bool split = !c.ok || (p.L >= 4096 && p.M * c.tpr < static_cast<int64_t>(sm) * 512);
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(T)), kBwdPacks<VEC>,
+                                   kBwdCachedMaxThreads<T, VEC>, 256, sm);
+  const bool split = !c.ok || (p.L >= 4096 && c.max_parallel < static_cast<int64_t>(sm) * 512);
   at::Tensor ws_dw, ws_db;
   if (!split) {
     // one wave of resident blocks: each handles many rows, so the [grid, L] column partials
