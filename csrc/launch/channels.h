@@ -81,8 +81,11 @@ inline dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
 
 // ---- GroupNorm / InstanceNorm channels_last ----------------------------------------------------
 // channels_last blocks: bx channel packs x by rows; the HW rows of each n split into K chunks so
-// that about 4 blocks per SM run, with at least 16 rows per chunk (the per-chunk partials stay a
-// small fraction of the data).
+// that about 4 blocks per SM run, with at least 16 rows per chunk (the per-chunk partials
+// [N, K, C] stay a small fraction of the data). When even the most chunks leave the GPU short of
+// blocks (small HW: 8 x 1280 x 16 x 16 fp16 made 128 blocks for 132 SMs), the channel tiles get
+// narrower first (down to 32 packs = 512 bytes per row), which adds blocks without adding
+// partials; tiles are balanced (no tile mostly idle).
 inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int sm) {
   ClShape s;
   s.N = N;
@@ -91,13 +94,18 @@ inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int
   s.G = G;
   s.Cg = C / G;
   const int64_t Cp = C / vec;
-  s.bx = static_cast<int>(std::min<int64_t>(Cp, kClThreads));
+  const int64_t target = 4 * static_cast<int64_t>(sm);
+  auto kmax_for = [&](int64_t bx) {  // most row chunks with >= max(by, 16) rows each
+    const int64_t by = std::max<int64_t>(1, kClThreads / bx);
+    return std::max<int64_t>(1, HW / std::max<int64_t>(by, 16));
+  };
+  int64_t CT = ceil_div(Cp, std::min<int64_t>(Cp, kClThreads));
+  while (ceil_div(Cp, CT) > 32 && N * CT * kmax_for(ceil_div(Cp, CT)) < target) ++CT;
+  s.bx = static_cast<int>(ceil_div(Cp, CT));
   s.CT = ceil_div(Cp, s.bx);
   s.by = std::max(1, kClThreads / s.bx);
-  const int64_t want = ceil_div(4 * static_cast<int64_t>(sm), N * s.CT);
-  const int64_t min_rows = std::max<int64_t>(s.by, 16);
-  const int64_t kmax = std::max<int64_t>(1, HW / min_rows);
-  const int64_t K = std::max<int64_t>(1, std::min(want, kmax));
+  const int64_t want = ceil_div(target, N * s.CT);
+  const int64_t K = std::max<int64_t>(1, std::min(want, kmax_for(s.bx)));
   s.rpc = ceil_div(HW, K);
   s.K = ceil_div(HW, s.rpc);
   return s;
