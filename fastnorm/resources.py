@@ -428,7 +428,21 @@ class KernelResources:
     def spills(self) -> Optional[bool]:
         if self.spill_stores is None:
             return None
-        return bool(self.spill_stores or self.spill_loads)
+        return bool(self.spills_bytes)
+
+    @property
+    def spills_bytes(self) -> int:
+        return (self.spill_stores or 0) + (self.spill_loads or 0)
+
+    @property
+    def pressure_spills(self) -> Optional[bool]:
+        """Spills with every allowed register in use: the register budget is too small for the
+        code. ptxas spills for pressure only once it has run out of registers; spills below the
+        cap are the registers it saves around a call into an out-of-line routine (the IEEE
+        division slow path, 64-bit integer division), paid only when that call runs."""
+        if self.spills is None:
+            return None
+        return self.spills and self.registers >= (self.register_cap or 255)
 
 
 def collect(so: Optional[str] = None, arch: str = ARCH, ptxas_record: Optional[dict] = None,
@@ -514,7 +528,10 @@ def write_report(kernels: list[KernelResources], so: Optional[str] = None,
 
 def format_table(kernels: list[KernelResources]) -> str:
     def spill(k):
-        return "?" if k.spill_stores is None else f"{k.spill_stores}/{k.spill_loads}"
+        if k.spill_stores is None:
+            return "?"
+        tag = "" if not k.spills else (" cap!" if k.pressure_spills else " call")
+        return f"{k.spill_stores}/{k.spill_loads}{tag}"
 
     def bounds(k):
         if not k.max_threads:
@@ -537,9 +554,11 @@ def format_table(kernels: list[KernelResources]) -> str:
         lines.append("  ".join(cells).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
-    spilling = [k for k in kernels if k.spills]
+    pressure = [k for k in kernels if k.pressure_spills]
+    saves = [k for k in kernels if k.spills and not k.pressure_spills]
     unknown = [k for k in kernels if k.spills is None]
-    lines.append(f"{len(kernels)} kernels ({ARCH}); {len(spilling)} spill"
+    lines.append(f"{len(kernels)} kernels ({ARCH}); {len(pressure)} spill at their register cap; "
+                 f"{len(saves)} save registers around out-of-line calls (spills below the cap)"
                  + (f"; {len(unknown)} without a ptxas record ({unknown[0].spill_evidence})"
                     if unknown else ""))
     lines.append("bounds: __launch_bounds__ max threads[,min blocks]; blocks/SM and occupancy at "

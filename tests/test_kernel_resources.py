@@ -1,10 +1,10 @@
 """Register and occupancy budgets of every compiled kernel (fastnorm/resources.py, issue 13).
 
 The budget tests read the built extension (cuobjdump) and the ptxas -v record setup.py leaves in
-build/: no kernel may spill, every kernel states its __launch_bounds__, and each kernel's resident
-blocks per SM on sm_90 (from its registers, static shared memory and block size) must reach the
-min_blocks of its own launch bounds. They skip, saying why, where the extension was not built
-with CUDA or no cuobjdump is found; CI builds it and has both.
+build/: no kernel may spill at its register cap, every kernel states its __launch_bounds__, and
+each kernel's resident blocks per SM on sm_90 (from its registers, static shared memory and block
+size) must reach the min_blocks of its own launch bounds. They skip, saying why, where the
+extension was not built with CUDA or no cuobjdump is found; CI builds it and has both.
 
 The arithmetic (occupancy, ptxas's register cap) and the parsers are checked everywhere; the
 occupancy also against cuda_occupancy.h itself, where a C++ compiler and the header are found.
@@ -61,17 +61,20 @@ def test_every_kernel_has_launch_bounds(kernels):
                          + _listing(missing))
 
 
-def test_no_kernel_spills(kernels):
-    """Spill stores/loads as ptxas -v counted them in the build that made this binary."""
+def test_no_register_pressure_spills(kernels):
+    """Spill stores/loads as ptxas -v counted them in the build that made this binary, at the
+    kernel's register cap: the budget its __launch_bounds__ set is too small for its code. (Spills
+    below the cap are register saves around out-of-line calls, listed by info --kernels; see
+    KernelResources.pressure_spills.)"""
     unknown = [f"{k.name} [{k.source}]: {k.spill_evidence}; {k.registers} registers, "
                f"{k.stack_frame} B stack frame" for k in kernels if k.spills is None]
     spilling = [f"{k.name} [{k.source}]: {k.spill_stores} B spill stores, {k.spill_loads} B spill "
                 f"loads ({k.registers} registers, {k.stack_frame} B stack frame, "
                 f"__launch_bounds__({k.max_threads}) -> register cap {k.register_cap})"
-                for k in kernels if k.spills]
+                for k in kernels if k.pressure_spills]
     msg = []
     if spilling:
-        msg.append(f"{len(spilling)} of {len(kernels)} kernel(s) spill registers to local memory:\n"
+        msg.append(f"{len(spilling)} of {len(kernels)} kernel(s) spill at their register cap:\n"
                    + _listing(spilling))
     if unknown:
         msg.append(f"{len(unknown)} kernel(s) without a current ptxas -v record, so their spills are "

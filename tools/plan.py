@@ -27,20 +27,29 @@ SMS = 132  # the emulated H100
 
 
 def _resources() -> dict:
-    """{demangled kernel signature: blocks per SM} from the CUDA build's resource report."""
-    path = os.path.join(ROOT, "build", "kernel_resources.json")
+    """{demangled kernel signature: (registers, static shared memory, barriers)} from the CUDA
+    build's resource report (fastnorm.resources, written to build/kernel_resources.json)."""
+    from fastnorm import resources
+
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        with open(os.path.join(ROOT, "build", "kernel_resources.json")) as f:
+            kernels = json.load(f)["kernels"]
+    except (OSError, ValueError, KeyError):
         return {}
-    out = {}
-    for k in data.get("kernels", data if isinstance(data, list) else []):
-        name = k.get("name") or k.get("demangled")
-        blocks = k.get("blocks_per_sm") or k.get("max_blocks_per_sm")
-        if name and blocks:
-            out[name] = blocks
-    return out
+    names = resources.demangle([k["mangled"] for k in kernels])
+    return {names[k["mangled"]]: (k["registers"], k["static_smem"], k.get("barriers", 0))
+            for k in kernels}
+
+
+def _resident(res: dict, kernel: str, block, smem: int):
+    """Resident blocks per SM of this launch (its block size and dynamic shared memory)."""
+    from fastnorm import resources
+
+    r = res.get(kernel)
+    if r is None:
+        return None
+    regs, static, barriers = r
+    return resources.resident_blocks(block[0] * block[1] * block[2], regs, static, smem, barriers)[0]
 
 
 def _short(sig: str) -> str:
@@ -98,13 +107,13 @@ def report(rows, res) -> str:
              f"{'res/SM':>6} {'waves':>6}"]
     for p, k, g, b, sm in rows:
         blocks = g[0] * g[1] * g[2]
-        per_sm = res.get(k)
+        per_sm = _resident(res, k, b, sm)
         waves = f"{blocks / (per_sm * SMS):.2f}" if per_sm else "?"
         lines.append(f"{p:4} {_short(k)[:64]:64} {str(g):>16} {str(b):>12} {sm:>6} {blocks:>8} "
                      f"{per_sm or '?':>6} {waves:>6}")
     if not res:
-        lines.append("(resident blocks per SM and waves need build/kernel_resources.json from the "
-                     "CUDA build's resource report)")
+        lines.append("(resident blocks per SM and waves need the CUDA build's resource report: "
+                     "python -m fastnorm.info --kernels writes build/kernel_resources.json)")
     return "\n".join(lines)
 
 
