@@ -8,7 +8,10 @@
 #
 # Steps, in this order (default: the first seven):
 #   build      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)
-#   info       python -m fastnorm.info, nvidia-smi, tool versions
+#   info       python -m fastnorm.info (and --kernels: registers, spills, occupancy), nvidia-smi,
+#              tool versions
+#   plan       bench/run.py --plan: each benchmark case's launches (grid, block, resident blocks
+#              per SM, waves), to read next to its measured time
 #   tests      python -m pytest tests -q (tests/cuda and the CPU tests, on the GPU)
 #   memcheck   compute-sanitizer --tool memcheck  on tests/cuda -k "not graph" -m "not slow",
 #              FASTNORM_TEST_SHORT=1 (short shapes), PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -36,10 +39,10 @@
 # options), TORCH_CUDA_ARCH_LIST, MAX_JOBS.
 set -u
 
-OUTDIR=${1:?usage: bash bench/gpu_check.sh OUTDIR [build info tests memcheck racecheck bench e2e bench-full e2e-full]}
+OUTDIR=${1:?usage: bash bench/gpu_check.sh OUTDIR [build info plan tests memcheck racecheck bench e2e bench-full e2e-full]}
 shift
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(build info tests memcheck racecheck bench e2e)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build info plan tests memcheck racecheck bench e2e)
 
 cd "$(dirname "$0")/.."
 mkdir -p "$OUTDIR"
@@ -48,7 +51,7 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-570}
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-declare -A CAP=([build]=240 [info]=30 [tests]=120 [memcheck]=75 [racecheck]=75 [bench]=120
+declare -A CAP=([build]=240 [info]=30 [plan]=90 [tests]=120 [memcheck]=75 [racecheck]=75 [bench]=120
                 [e2e]=75 [bench-full]=560 [e2e-full]=300)
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null \
             || echo compute-sanitizer)
@@ -100,10 +103,17 @@ step_build() {
 
 step_info() {
     "$PY" -m fastnorm.info
+    "$PY" -m fastnorm.info --kernels
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv
     nvcc --version | tail -n 2
     "$SANITIZER" --version | head -n 2
     "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+}
+
+# The launch plan of every benchmark case (the emulation build, no GPU needed), to read next to
+# the measured times: grid, block, resident blocks per SM and waves per kernel.
+step_plan() {
+    "$PY" bench/run.py --plan
 }
 
 step_tests() {

@@ -532,6 +532,24 @@ def compare(rows: List[dict], path: str, threshold: float = 0.05) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+def print_plans(cases) -> int:
+    """The launch plan of every case's forward and backward at its GPU shape (no GPU needed)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+    import plan as planner  # noqa: E402  (tools/plan.py)
+    from cuda_emu import emu as emu_mod  # noqa: E402
+
+    emu = emu_mod.load("plain")
+    res = planner._resources()
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for case in cases:
+        layout = "channels_last" if case.layout != "contiguous" else "contiguous"
+        groups = 32 if case.op == "group_norm" else 1
+        rows = planner.plan(emu, case.op, case.shape, dtypes[case.dtype], layout, groups)
+        print(f"\n{case.label} {'x'.join(map(str, case.shape))}")
+        print(planner.report(rows, res))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the cases marked quick, first dtype, fewer reps")
@@ -549,7 +567,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int,
                     help="CPU: torch threads (default: torch's, or 1 when the load average is >= 1)")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the kernels each case launches on an H100 (tools/plan.py: the host "
+                         "wrappers' own plans, run in the CPU emulation build), measure nothing")
     args = ap.parse_args(argv)
+    if args.plan:
+        return print_plans(select("cuda", args.quick, args.ops, args.dtype))
 
     t_start = time.perf_counter()
     has_gpu = torch.cuda.is_available()
