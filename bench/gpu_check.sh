@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu_check.sh OUTDIR [STEP ...]
 #
-# Steps, in this order (default: the first seven):
+# Steps, in this order (default: the first eight):
 #   build      pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)
 #   info       python -m fastnorm.info (and --kernels: registers, spills, occupancy), nvidia-smi,
 #              tool versions
