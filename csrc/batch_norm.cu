@@ -129,17 +129,23 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, channels::F
   bool fused = false;
   int64_t G = 1;
   NhwcCfg k{};
+  const size_t smem = l.nhwc ? 3 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
+  // chunks per channel for one wave of the general path's stats and apply kernels
+  const int per_sm =
+      l.nhwc ? std::min(resident_blocks(channels::bn_fwd_stats_nhwc<scalar_t, V>, kThreads, smem),
+                        resident_blocks(channels::bn_fwd_apply_nhwc<scalar_t, V>, kThreads, 0))
+             : std::min(resident_blocks(channels::bn_fwd_stats_nchw<scalar_t, V>, kThreads, 0),
+                        resident_blocks(channels::bn_fwd_apply_nchw<scalar_t, V>, kThreads, 0));
   if (!l.nhwc) {
     a.Sv = l.S / V;
-    G = nchw_chunks(l.N * a.Sv, C);
+    G = nchw_chunks(l.N * a.Sv, C, per_sm);
     fused = fuse_nchw(l.N * a.Sv, G);
   } else {
     a.Sv = 0;
-    k = nhwc_cfg(R, C, V);
+    k = nhwc_cfg(R, C, V, per_sm);
     G = k.G;
     fused = fuse_nhwc(R, k);
   }
-  const size_t smem = l.nhwc ? 3 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
       launch(channels::bn_fwd_apply_nchw<scalar_t, V>,
@@ -306,17 +312,22 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   bool fused = false;
   int64_t G = 1;
   NhwcCfg k{};
+  const size_t smem = l.nhwc ? 2 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
+  const int per_sm =
+      l.nhwc ? std::min(resident_blocks(channels::bn_bwd_sums_nhwc<scalar_t, V>, kThreads, smem),
+                        resident_blocks(channels::bn_bwd_apply_nhwc<scalar_t, V>, kThreads, 0))
+             : std::min(resident_blocks(channels::bn_bwd_sums_nchw<scalar_t, V>, kThreads, 0),
+                        resident_blocks(channels::bn_bwd_apply_nchw<scalar_t, V>, kThreads, 0));
   if (!l.nhwc) {
     a.Sv = l.S / V;
-    G = nchw_chunks(l.N * a.Sv, C);
+    G = nchw_chunks(l.N * a.Sv, C, per_sm);
     fused = fuse_nchw(l.N * a.Sv, G);
   } else {
     a.Sv = 0;
-    k = nhwc_cfg(R, C, V);
+    k = nhwc_cfg(R, C, V, per_sm);
     G = k.G;
     fused = fuse_nhwc(R, k);
   }
-  const size_t smem = l.nhwc ? 2 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
       launch(channels::bn_bwd_apply_nchw<scalar_t, V>,

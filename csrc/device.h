@@ -68,4 +68,14 @@ inline int sm_count() {
   return cached_count;
 }
 
+// Blocks of `kernel` one SM holds at once with this block size and dynamic shared memory (the
+// runtime's occupancy calculator: registers, shared memory, threads), at least 1. Plans size
+// grids from it rather than from an assumed blocks-per-SM.
+template <typename... Params>
+inline int resident_blocks(void (*kernel)(Params...), int threads, size_t smem) {
+  int n = 0;
+  FASTNORM_DEVICE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
+  return n > 0 ? n : 1;
+}
+
 }  // namespace fastnorm

@@ -15,13 +15,16 @@ namespace channels {
 constexpr int64_t kMaxGridY = 65535;
 
 // ---- BatchNorm ---------------------------------------------------------------------------------
-inline int64_t target_blocks() { return static_cast<int64_t>(sm_count()) * (2048 / kThreads); }
+// One wave of the kernel that runs on the plan: resident blocks per SM (registers and shared
+// memory, from the occupancy calculator) times the SMs. (An assumed 8 blocks per SM made the
+// stem's stats kernel 1.65 waves where 5 fit.)
+inline int64_t target_blocks(int per_sm) { return static_cast<int64_t>(sm_count()) * per_sm; }
 
 // NCHW: blocks per channel for M vectors per channel.
-inline int64_t nchw_chunks(int64_t M, int64_t C) {
+inline int64_t nchw_chunks(int64_t M, int64_t C, int per_sm) {
   const int64_t per_block = static_cast<int64_t>(kThreads) * kUnroll * 2;
   const int64_t g_work = std::max<int64_t>(1, ceil_div(M, per_block));
-  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(), std::min(C, kMaxGridY)));
+  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(per_sm), std::min(C, kMaxGridY)));
   return std::min<int64_t>(std::min(g_work, g_fill), kMaxGridY);
 }
 
@@ -31,7 +34,7 @@ struct NhwcCfg {
   int64_t G;      // grid.y
 };
 
-inline NhwcCfg nhwc_cfg(int64_t R, int64_t C, int V) {
+inline NhwcCfg nhwc_cfg(int64_t R, int64_t C, int V, int per_sm) {
   NhwcCfg k;
   const int64_t Cv = C / V;
   k.tx = 1;
@@ -40,7 +43,7 @@ inline NhwcCfg nhwc_cfg(int64_t R, int64_t C, int V) {
   k.tiles = ceil_div(Cv, k.tx);
   TORCH_CHECK(k.tiles <= std::numeric_limits<int32_t>::max(), "fastnorm batch_norm: too many channels");
   const int64_t g_work = std::max<int64_t>(1, ceil_div(R, static_cast<int64_t>(k.ty) * kUnroll * 2));
-  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(), k.tiles));
+  const int64_t g_fill = std::max<int64_t>(1, ceil_div(target_blocks(per_sm), k.tiles));
   k.G = std::min<int64_t>(std::min(g_work, g_fill), kMaxGridY);
   return k;
 }

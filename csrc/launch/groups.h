@@ -153,11 +153,8 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   if (!split) {
     // one wave of resident blocks: each handles many rows, so the [grid, L] column partials
     // stay a small fraction of the traffic
-    int per_sm = 0;
-    FASTNORM_DEVICE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm, ln_bwd_cached_kernel<T, VEC>, c.threads, 0));
-    const int64_t grid =
-        std::max<int64_t>(1, std::min<int64_t>(c.row_blocks, int64_t(sm) * std::max(1, per_sm)));
+    const int per_sm = resident_blocks(ln_bwd_cached_kernel<T, VEC>, c.threads, 0);
+    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(c.row_blocks, int64_t(sm) * per_sm));
     if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
     if (want_db) ws_db = at::empty({grid, p.L}, ao);
     p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
