@@ -85,8 +85,8 @@ def _ref_inputs(grad_out, x, weight):
 # LayerNorm
 # ----------------------------------------------------------------------------------------------
 def _ln_rows(x: torch.Tensor, normalized_shape: Sequence[int]) -> int:
-    n = math.prod(normalized_shape)
-    return x.numel() // n if n else 0
+    """Rows: the product of the dims before normalized_shape (rows of zero elements count too)."""
+    return math.prod(x.shape[: x.dim() - len(normalized_shape)])
 
 
 @torch.library.impl(lib, "layer_norm_fwd", "CompositeExplicitAutograd")
