@@ -646,18 +646,23 @@ void fastnorm_emu_configure(int thread_order, int block_order, unsigned long lon
   s.device = static_cast<int>(it - s.devices.begin());
 }
 
-// "count<TAB>kernel signature" lines into buf; returns the length needed.
-long fastnorm_emu_coverage(char* buf, long cap) {
-  auto& s = st();
-  std::lock_guard<std::recursive_mutex> lock(s.mu);
-  std::string out;
-  for (auto& kv : s.coverage) out += std::to_string(kv.second) + "\t" + kv.first + "\n";
+// Copies `out` (NUL-terminated, cut to cap) into buf; returns the size a full copy needs.
+static long copy_out(const std::string& out, char* buf, long cap) {
   if (buf && cap > 0) {
     const long n = std::min<long>(cap - 1, static_cast<long>(out.size()));
     std::memcpy(buf, out.data(), n);
     buf[n] = 0;
   }
   return static_cast<long>(out.size()) + 1;
+}
+
+// "count<TAB>kernel signature" lines into buf; returns the length needed.
+long fastnorm_emu_coverage(char* buf, long cap) {
+  auto& s = st();
+  std::lock_guard<std::recursive_mutex> lock(s.mu);
+  std::string out;
+  for (auto& kv : s.coverage) out += std::to_string(kv.second) + "\t" + kv.first + "\n";
+  return copy_out(out, buf, cap);
 }
 
 long fastnorm_emu_launches(void) { return st().launches; }
@@ -676,12 +681,7 @@ long fastnorm_emu_recorded(char* buf, long cap) {
   std::lock_guard<std::recursive_mutex> lock(s.mu);
   std::string out;
   for (auto& r : s.recorded) out += r + "\n";
-  if (buf && cap > 0) {
-    const long n = std::min<long>(cap - 1, static_cast<long>(out.size()));
-    std::memcpy(buf, out.data(), n);
-    buf[n] = 0;
-  }
-  return static_cast<long>(out.size()) + 1;
+  return copy_out(out, buf, cap);
 }
 
 int fastnorm_emu_sanitized(void) { return FASTNORM_EMU_ASAN; }

@@ -153,13 +153,17 @@ class Emulator:
         finally:
             self.configure()
 
-    def coverage(self) -> dict:
-        """{kernel signature with its template arguments: blocks-launches count}."""
-        n = self.lib.fastnorm_emu_coverage(None, 0)
+    def _text(self, fn) -> str:
+        """The text a C function of the emulator copies out (called once for its size)."""
+        n = fn(None, 0)
         buf = ctypes.create_string_buffer(n)
-        self.lib.fastnorm_emu_coverage(buf, n)
+        fn(buf, n)
+        return buf.value.decode()
+
+    def coverage(self) -> dict:
+        """{kernel signature with its template arguments: launches}."""
         out = {}
-        for line in buf.value.decode().splitlines():
+        for line in self._text(self.lib.fastnorm_emu_coverage).splitlines():
             count, sig = line.split("\t", 1)
             out[sig] = int(count)
         return out
@@ -172,11 +176,8 @@ class Emulator:
             fn()
         finally:
             self.lib.fastnorm_emu_record_only(0)
-        n = self.lib.fastnorm_emu_recorded(None, 0)
-        buf = ctypes.create_string_buffer(n)
-        self.lib.fastnorm_emu_recorded(buf, n)
         out = []
-        for line in buf.value.decode().splitlines():
+        for line in self._text(self.lib.fastnorm_emu_recorded).splitlines():
             k, g, b, sm = line.split("\t")
             out.append((k, tuple(map(int, g.split(","))), tuple(map(int, b.split(","))), int(sm)))
         return out
