@@ -31,6 +31,15 @@ SCHEMAS = {
                       "float? momentum, float eps) -> (Tensor, Tensor, Tensor)",
     "batch_norm_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
                       "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+    "rms_norm_fwd": "(Tensor input, int[] normalized_shape, Tensor? weight, float eps, "
+                    "ScalarType? out_dtype=None) -> (Tensor, Tensor)",
+    "rms_norm_bwd": "(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, "
+                    "int[] normalized_shape, bool[2] output_mask) -> (Tensor, Tensor)",
+    "add_norm_fwd": "(Tensor input, Tensor residual, int[] normalized_shape, Tensor? weight, "
+                    "Tensor? bias, float eps, bool rms) -> (Tensor, Tensor, Tensor, Tensor)",
+    "add_norm_bwd": "(Tensor grad_out, Tensor? grad_residual_out, Tensor residual_out, Tensor mean, "
+                    "Tensor rstd, Tensor? weight, int[] normalized_shape, bool rms, "
+                    "ScalarType input_dtype, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
 }
 for _name, _schema in SCHEMAS.items():
     lib.define(_name + _schema)
@@ -262,6 +271,189 @@ def _batch_norm_bwd_fake(grad_out, input, mean, rstd, weight, training, output_m
     return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
             input.new_empty((c,), dtype=wd) if output_mask[1] else _empty(input, wd),
             input.new_empty((c,), dtype=wd) if output_mask[2] else _empty(input, wd))
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm and the fused residual-add norms (add_norm: LayerNorm or RMSNorm of input + residual)
+#
+# The references compute in the statistics dtype with plain ATen ops (ATen has no native RMSNorm
+# backward and no fused add-norm), rounding once at the end, as the CUDA kernels do.
+# ----------------------------------------------------------------------------------------------
+def _norm_dims(x: torch.Tensor, normalized_shape: Sequence[int]) -> list:
+    """The trailing dims normalised over."""
+    k = len(normalized_shape)
+    return list(range(x.dim() - k, x.dim()))
+
+
+def _stat_view(x: torch.Tensor, normalized_shape: Sequence[int]) -> list:
+    """Shape that views a flat [M] statistic against x: the row dims, then ones."""
+    k = len(normalized_shape)
+    return list(x.shape[: x.dim() - k]) + [1] * k
+
+
+def _check_out_dtype(input: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    if out_dtype is None or out_dtype == input.dtype:
+        return input.dtype
+    if out_dtype != torch.float32:
+        raise RuntimeError(f"rms_norm_fwd: out_dtype must be the input's dtype ({input.dtype}) or "
+                           f"torch.float32, but got {out_dtype}")
+    return out_dtype
+
+
+def _check_residual_dtype(input: torch.Tensor, residual: torch.Tensor) -> None:
+    if residual.dtype not in (input.dtype, torch.float32):
+        raise RuntimeError(f"add_norm_fwd: expected residual of the input's dtype ({input.dtype}) "
+                           f"or torch.float32, but got input of dtype {input.dtype} and residual "
+                           f"of dtype {residual.dtype}")
+    if residual.shape != input.shape:
+        raise RuntimeError(f"add_norm_fwd: expected input and residual of the same shape, but got "
+                           f"input of shape {tuple(input.shape)} and residual of shape "
+                           f"{tuple(residual.shape)}")
+
+
+def _rms_rstd(xs: torch.Tensor, dims: list, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over dims, keepdim (xs already in the statistics dtype)."""
+    return torch.rsqrt(xs.square().mean(dims, keepdim=True) + eps)
+
+
+def _norm_dx(g: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, dims: list,
+             rms: bool) -> torch.Tensor:
+    """d(loss)/dx of xhat = norm(x), given g = dy * w (all in the statistics dtype)."""
+    proj = xhat * (g * xhat).mean(dims, keepdim=True)
+    if rms:
+        return rstd * (g - proj)
+    return rstd * (g - g.mean(dims, keepdim=True) - proj)
+
+
+@torch.library.impl(lib, "rms_norm_fwd", "CompositeExplicitAutograd")
+def _rms_norm_fwd_ref(input, normalized_shape, weight, eps, out_dtype=None):
+    yd = _check_out_dtype(input, out_dtype)
+    sd = stat_dtype(input.dtype)
+    xs = input.to(sd)
+    rstd = _rms_rstd(xs, _norm_dims(input, normalized_shape), eps)
+    y = xs * rstd
+    if weight is not None:
+        y = y * weight.to(sd)
+    return y.to(yd).contiguous(), rstd.reshape(_ln_rows(input, normalized_shape))
+
+
+@torch.library.impl(lib, "rms_norm_bwd", "CompositeExplicitAutograd")
+def _rms_norm_bwd_ref(grad_out, input, rstd, weight, normalized_shape, output_mask):
+    sd = stat_dtype(input.dtype)
+    dims = _norm_dims(input, normalized_shape)
+    r = rstd.to(sd).reshape(_stat_view(input, normalized_shape))
+    dy = grad_out.to(sd)
+    xhat = input.to(sd) * r
+    wd = weight.dtype if weight is not None else input.dtype
+    dx = _empty(input)
+    if output_mask[0]:
+        g = dy if weight is None else dy * weight.to(sd)
+        dx = _norm_dx(g, xhat, r, dims, rms=True).to(input.dtype).contiguous()
+    dw = _empty(input, wd)
+    if output_mask[1]:
+        rows = list(range(input.dim() - len(normalized_shape)))
+        dw = (dy * xhat).sum(rows).to(wd) if rows else (dy * xhat).to(wd)
+    return dx, dw
+
+
+@torch.library.register_fake("fastnorm::rms_norm_fwd")
+def _rms_norm_fwd_fake(input, normalized_shape, weight, eps, out_dtype=None):
+    yd = _check_out_dtype(input, out_dtype)
+    m = _ln_rows(input, normalized_shape)
+    return (input.new_empty(input.shape, dtype=yd),
+            input.new_empty((m,), dtype=stat_dtype(input.dtype)))
+
+
+@torch.library.register_fake("fastnorm::rms_norm_bwd")
+def _rms_norm_bwd_fake(grad_out, input, rstd, weight, normalized_shape, output_mask):
+    wd = weight.dtype if weight is not None else input.dtype
+    return (input.new_empty(input.shape) if output_mask[0] else _empty(input),
+            input.new_empty(tuple(normalized_shape), dtype=wd) if output_mask[1] else _empty(input, wd))
+
+
+@torch.library.impl(lib, "add_norm_fwd", "CompositeExplicitAutograd")
+def _add_norm_fwd_ref(input, residual, normalized_shape, weight, bias, eps, rms):
+    _check_residual_dtype(input, residual)
+    if rms and bias is not None:
+        raise RuntimeError("add_norm_fwd: RMSNorm (rms=True) takes no bias")
+    sd = stat_dtype(input.dtype)
+    dims = _norm_dims(input, normalized_shape)
+    m = _ln_rows(input, normalized_shape)
+    r = (input.to(sd) + residual.to(sd)).to(residual.dtype)
+    rs = r.to(sd)  # statistics of the stored (rounded) sum: the backward recomputes from it
+    if rms:
+        rstd = _rms_rstd(rs, dims, eps)
+        y = rs * rstd
+        mean = input.new_empty((0,), dtype=sd)
+    else:
+        var, mu = torch.var_mean(rs, dims, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + eps)
+        y = (rs - mu) * rstd
+        mean = mu.reshape(m)
+    if weight is not None:
+        y = y * weight.to(sd)
+    if bias is not None:
+        y = y + bias.to(sd)
+    return y.to(input.dtype).contiguous(), r.contiguous(), mean, rstd.reshape(m)
+
+
+@torch.library.impl(lib, "add_norm_bwd", "CompositeExplicitAutograd")
+def _add_norm_bwd_ref(grad_out, grad_residual_out, residual_out, mean, rstd, weight,
+                      normalized_shape, rms, input_dtype, output_mask):
+    sd = stat_dtype(input_dtype)
+    rd = residual_out.dtype
+    dims = _norm_dims(residual_out, normalized_shape)
+    view = _stat_view(residual_out, normalized_shape)
+    rows = list(range(residual_out.dim() - len(normalized_shape)))
+    r = rstd.to(sd).reshape(view)
+    rs = residual_out.to(sd)
+    xhat = rs * r if rms else (rs - mean.to(sd).reshape(view)) * r
+    dy = grad_out.to(sd)
+    wd = weight.dtype if weight is not None else input_dtype
+    dx = dres = _empty(residual_out, input_dtype)
+    if output_mask[0] or output_mask[1]:
+        g = dy if weight is None else dy * weight.to(sd)
+        d_r = _norm_dx(g, xhat, r, dims, rms)
+        if grad_residual_out is not None:
+            d_r = d_r + grad_residual_out.to(sd)
+        if output_mask[0]:
+            dx = d_r.to(input_dtype).contiguous()
+        # both asked for: two tensors, never one aliasing the other (d_r may already be either)
+        dres = (d_r.to(rd, copy=output_mask[0]).contiguous() if output_mask[1]
+                else _empty(residual_out, rd))
+    else:
+        dres = _empty(residual_out, rd)
+
+    def row_sum(t):
+        return t.sum(rows) if rows else t
+
+    dw = row_sum(dy * xhat).to(wd) if output_mask[2] else _empty(residual_out, wd)
+    db = row_sum(dy).to(wd) if output_mask[3] and not rms else _empty(residual_out, wd)
+    return dx, dres, dw, db
+
+
+@torch.library.register_fake("fastnorm::add_norm_fwd")
+def _add_norm_fwd_fake(input, residual, normalized_shape, weight, bias, eps, rms):
+    _check_residual_dtype(input, residual)
+    sd = stat_dtype(input.dtype)
+    m = _ln_rows(input, normalized_shape)
+    return (input.new_empty(input.shape), residual.new_empty(residual.shape),
+            input.new_empty((0,) if rms else (m,), dtype=sd), input.new_empty((m,), dtype=sd))
+
+
+@torch.library.register_fake("fastnorm::add_norm_bwd")
+def _add_norm_bwd_fake(grad_out, grad_residual_out, residual_out, mean, rstd, weight,
+                       normalized_shape, rms, input_dtype, output_mask):
+    wd = weight.dtype if weight is not None else input_dtype
+    rd = residual_out.dtype
+    shape = residual_out.shape
+    ns = tuple(normalized_shape)
+    return (residual_out.new_empty(shape, dtype=input_dtype) if output_mask[0]
+            else _empty(residual_out, input_dtype),
+            residual_out.new_empty(shape) if output_mask[1] else _empty(residual_out, rd),
+            residual_out.new_empty(ns, dtype=wd) if output_mask[2] else _empty(residual_out, wd),
+            residual_out.new_empty(ns, dtype=wd) if output_mask[3] and not rms
+            else _empty(residual_out, wd))
 
 
 # ----------------------------------------------------------------------------------------------
