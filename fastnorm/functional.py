@@ -39,7 +39,7 @@ from .ops import memory_format_of
 from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
                        apply_layer_norm)
 
-__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "frozen_batch_norm"]
 
 _is_compiling = torch.compiler.is_compiling
 _functorch_level = torch._C._functorch.peek_interpreter_stack
@@ -259,6 +259,67 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType (the "
                         "cumulative average, momentum=None, is the BatchNorm modules' option)")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# FrozenBatchNorm (torchvision.ops.FrozenBatchNorm2d)
+# ----------------------------------------------------------------------------------------------
+def frozen_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Tensor, running_var: Tensor, eps: float = 1e-5) -> Tensor:
+    """torchvision.ops.FrozenBatchNorm2d's computation, for an (N, C, *) input: per channel c
+
+        y = x * scale[c] + shift[c],  scale = weight * rsqrt(running_var + eps),
+                                      shift = bias - running_mean * scale
+
+    (weight None: ones, bias None: zeros). Nothing is updated; training and evaluation are the
+    same. The output dtype is torch's type promotion of the input and the four per-channel
+    tensors, as torchvision's elementwise formula gives it (a float16 input with float32 buffers
+    gives float32; autocast does not change it: multiply and add are not autocast ops). The
+    output keeps the input's memory format (channels_last in, channels_last out).
+
+    Computed by BatchNorm's evaluation path (one elementwise pass: fastnorm::batch_norm_fwd with
+    training=False on CUDA, ATen's batch_norm on CPU) as
+    (x - running_mean) * rsqrt(running_var + eps) * weight + bias in float32 (float64 for float64),
+    rounded once to the output dtype. torchvision rounds scale and shift to the buffers' dtype
+    first and then x * scale and the sum to the output dtype: the two agree to a few units in the
+    last place of the output dtype (fastnorm's is the closer to the exact value; for float16
+    buffers scale is not rounded to float16 here). When the input's dtype is below the promoted
+    dtype (float16 input, float32 buffers) the input is cast up first, as torchvision's
+    promotion does; mixed-dtype per-channel tensors are cast to the output dtype (C elements).
+
+    Gradients flow to input (dx = dy * weight * rsqrt(running_var + eps)), and to weight and bias
+    when they require grad. When running_mean or running_var require grad (as buffers they do
+    not) torchvision's formula is evaluated with torch ops so that they get theirs too.
+    """
+    name = "frozen_batch_norm"
+    for what, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            raise RuntimeError(f"{name}: {what} must be a tensor (frozen statistics), got None")
+    if input.dim() < 2:
+        raise RuntimeError(f"{name}: expected an input with at least 2 dimensions (N, C, *), but "
+                           f"got input of shape {tuple(input.shape)}")
+    _check_floating(name, input)
+    c = input.shape[1]
+    params = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+              ("running_var", running_var))
+    out_dtype = input.dtype
+    for what, t in params:
+        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+        if t is not None:
+            out_dtype = torch.promote_types(out_dtype, t.dtype)
+    if torch.is_grad_enabled() and (running_mean.requires_grad or running_var.requires_grad):
+        shape = [1, c] + [1] * (input.dim() - 2)
+        scale = torch.rsqrt(running_var.reshape(shape) + eps)
+        if weight is not None:
+            scale = weight.reshape(shape) * scale
+        shift = -running_mean.reshape(shape) * scale
+        if bias is not None:
+            shift = bias.reshape(shape) + shift
+        return input * scale + shift
+    x = input if input.dtype == out_dtype else input.to(out_dtype)
+    w, b, rm, rv = (t if t is None or t.dtype == out_dtype else t.to(out_dtype)
+                    for _, t in params)
+    return _batch_norm(x, rm, rv, w, b, False, 0.0, eps, check_eps=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ __all__ = [
     "LayerNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
+    "FrozenBatchNorm2d",
 ]
 
 
@@ -125,8 +126,52 @@ class GroupNorm(nn.GroupNorm):
         return FN.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-# torch.nn class -> fastnorm class; convert() and revert() use it both ways.
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with frozen statistics and affine parameters: torchvision.ops.FrozenBatchNorm2d
+    (the detection backbones' norm layer), without a torchvision dependency.
+
+    Args:
+        num_features: C of an (N, C, H, W) input.
+        eps: added to running_var. Default: 1e-5.
+
+    Buffers only, no parameters: weight (ones), bias (zeros), running_mean (zeros), running_var
+    (ones); the same state_dict keys as torchvision's, and loading a BatchNorm2d's state_dict
+    drops its num_batches_tracked as torchvision's does. Training and evaluation compute the same
+    thing: y = x * scale + shift per channel (fastnorm.functional.frozen_batch_norm: output dtype
+    by type promotion with the buffers, the input's memory format, gradient to the input only).
+    Unlike torchvision's module, whose broadcasting turns some wrong shapes into outputs of
+    another shape, an input that is not (N, num_features, H, W) raises.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # a BatchNorm2d checkpoint has a counter that a frozen layer has no use for
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input of shape "
+                             f"{tuple(input.shape)})")
+        return FN.frozen_batch_norm(input, self.weight, self.bias, self.running_mean,
+                                    self.running_var, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+# torch.nn class -> fastnorm class; convert() and revert() use it both ways. Classes with no
+# torch.nn twin (FrozenBatchNorm2d) are not in it.
 TORCH_TO_FASTNORM = {
-    getattr(nn, name): globals()[name] for name in __all__
+    getattr(nn, name): globals()[name] for name in __all__ if hasattr(nn, name)
 }
 FASTNORM_TO_TORCH = {v: k for k, v in TORCH_TO_FASTNORM.items()}
