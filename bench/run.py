@@ -13,6 +13,7 @@ import argparse
 import copy
 import csv
 import datetime as dt
+import json
 import math
 import os
 import platform
@@ -532,21 +533,121 @@ def compare(rows: List[dict], path: str, threshold: float = 0.05) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-def print_plans(cases) -> int:
-    """The launch plan of every case's forward and backward at its GPU shape (no GPU needed)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+def _planner():
+    """tools/plan.py and the emulation build it runs the host wrappers in (built when missing)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
     import plan as planner  # noqa: E402  (tools/plan.py)
     from cuda_emu import emu as emu_mod  # noqa: E402
 
-    emu = emu_mod.load("plain")
+    return planner, emu_mod.load("plain")
+
+
+def case_plans(cases) -> List[dict]:
+    """tools/plan.py's plan and estimates of every case's forward and backward at its GPU shape
+    (no GPU needed): one dict per case (plan.estimate()'s, plus the case's name); a case the
+    planner cannot run carries its error instead."""
+    planner, emu = _planner()
     res = planner._resources()
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    out = []
     for case in cases:
-        layout = "channels_last" if case.layout != "contiguous" else "contiguous"
         groups = 32 if case.op == "group_norm" else 1
-        rows = planner.plan(emu, case.op, case.shape, dtypes[case.dtype], layout, groups)
-        print(f"\n{case.label} {'x'.join(map(str, case.shape))}")
-        print(planner.report(rows, res))
+        head = {"op": case.op, "case": case.name, "shape": "x".join(map(str, case.shape)),
+                "dtype": case.dtype, "layout": case.layout}
+        try:
+            est = planner.plan_case(emu, case.op, case.shape, DTYPES[case.dtype],
+                                    "channels_last" if case.layout != "contiguous" else "contiguous",
+                                    groups, True, res)
+        except Exception as e:  # a new op or kernel the planner does not know: say so, go on
+            out.append({**head, "error": f"{type(e).__name__}: {e}"})
+            continue
+        est.update(head)
+        out.append(est)
+    return out
+
+
+def print_plans(cases, json_path: Optional[str] = None) -> int:
+    """The launch plan of every case's forward and backward at its GPU shape, with the estimated
+    bytes moved, passes over memory and bytes in flight (tools/plan.py; no GPU needed)."""
+    planner, _ = _planner()
+    res = planner._resources()
+    plans = case_plans(cases)
+    print(planner.legend(res))
+    for case, est in zip(cases, plans):
+        print(f"\n{case.label} {est['shape']}")
+        print(f"plan failed: {est['error']}" if "error" in est else planner.report(est, res))
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump({"sms": planner.SMS, "little_bytes_per_sm": planner.LITTLE_BYTES_PER_SM,
+                       "legend": planner.legend(res), "cases": plans}, f, indent=1)
+        print(f"\nplan: wrote {json_path}")
+    return 1 if any("error" in p for p in plans) else 0
+
+
+PLAN_COLUMNS = ["run_id", "device_name", "fastnorm_commit", "op", "case", "shape", "dtype", "layout",
+                "pass", "launches", "kernels", "est_bytes", "plan_min_bytes", "passes",
+                "low_inflight", "median_ms", "p20_ms", "p80_ms", "bench_min_bytes",
+                "measured_gbps", "est_gbps", "copy_gbps", "est_frac_of_copy"]
+
+
+def plan_vs_measured(results_csv: str, plan_json: str, out_prefix: str) -> int:
+    """Each measured fastnorm case and pass next to its plan: <out_prefix>.csv (one row per case
+    and pass: estimated bytes, passes, launches flagged low in flight, the measured median and
+    GB/s, and est_gbps = estimated bytes / median, the rate the kernels moved memory at if the
+    model is right) and <out_prefix>.json (the same with each launch's plan line)."""
+    with open(plan_json) as f:
+        plans = {(p["op"], p["case"], p["shape"], p["dtype"], p["layout"]): p
+                 for p in json.load(f)["cases"]}
+    with open(results_csv, newline="") as f:
+        measured = [r for r in csv.DictReader(f) if r["provider"] == "fastnorm"]
+    if not measured:
+        print(f"plan: no fastnorm rows in {results_csv}")
+        return 1
+    last = max(r["run_id"] for r in measured)
+    rows, records, missing = [], [], 0
+    for r in measured:
+        if r["run_id"] != last:
+            continue
+        p = plans.get((r["op"], r["case"], r["shape"], r["dtype"], r["layout"]))
+        if p is None or "error" in p:
+            missing += 1
+            continue
+        t = p["passes"][r["pass"]]
+        med = float(r["median_ms"])
+        est = t["est_bytes"]
+        est_gbps = est / (med * 1e-3) / 1e9 if est is not None and med > 0 else None
+        copy = float(r["copy_gbps"])
+        launches = [ln for ln in p["launches"] if r["pass"] == "fwdbwd" or ln["pass"] == r["pass"]]
+        row = {"run_id": r["run_id"], "device_name": r["device_name"],
+               "fastnorm_commit": r["fastnorm_commit"], "op": r["op"], "case": r["case"],
+               "shape": r["shape"], "dtype": r["dtype"], "layout": r["layout"], "pass": r["pass"],
+               "launches": len(launches), "kernels": "; ".join(ln["kernel"] for ln in launches),
+               "est_bytes": est, "plan_min_bytes": t["min_bytes"], "passes": t["passes"],
+               "low_inflight": "; ".join(t["low"]), "median_ms": med, "p20_ms": r["p20_ms"],
+               "p80_ms": r["p80_ms"],
+               "bench_min_bytes": min_bytes(math.prod(int(v) for v in r["shape"].split("x")),
+                                            torch.empty((), dtype=DTYPES[r["dtype"]]).element_size(),
+                                            r["pass"]),
+               "measured_gbps": float(r["gbps"]), "est_gbps": est_gbps, "copy_gbps": copy,
+               "est_frac_of_copy": est_gbps / copy if est_gbps is not None and copy else None}
+        rows.append(row)
+        records.append({**row, "plan": launches})
+    with open(out_prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PLAN_COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v))
+                        for k, v in row.items()})
+    with open(out_prefix + ".json", "w") as f:
+        json.dump({"results": results_csv, "plan": plan_json, "rows": records}, f, indent=1)
+    print(f"plan: {len(rows)} measured case passes of run {last} next to their plans in "
+          f"{out_prefix}.csv and .json" + (f"; {missing} without a plan" if missing else ""))
+    for row in rows:
+        frac = row["est_frac_of_copy"]
+        print(f"  {row['op']}/{row['case']} {row['dtype']} {row['layout']} {row['pass']:6} "
+              f"{row['median_ms'] * 1e3:9.1f} us  passes {_fmt(row['passes'])}  "
+              f"{row['measured_gbps']:7.0f} GB/s on the minimum, {_fmt(row['est_gbps'], 4)} GB/s "
+              f"on the estimate ({'-' if frac is None else f'{100 * frac:.0f}%'} of copy)")
     return 0
 
 
@@ -568,11 +669,27 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int,
                     help="CPU: torch threads (default: torch's, or 1 when the load average is >= 1)")
     ap.add_argument("--plan", action="store_true",
-                    help="print the kernels each case launches on an H100 (tools/plan.py: the host "
+                    help="print the kernels each case launches on an H100 with estimated bytes "
+                         "moved, passes over memory and bytes in flight (tools/plan.py: the host "
                          "wrappers' own plans, run in the CPU emulation build), measure nothing")
+    ap.add_argument("--plan-json", metavar="FILE",
+                    help="with --plan: also write every case's plan as JSON; with --plan-join: "
+                         "the plans to join (written by --plan --plan-json)")
+    ap.add_argument("--plan-join", metavar="RESULTS_CSV",
+                    help="put the latest run's fastnorm rows of RESULTS_CSV next to the plans of "
+                         "--plan-json: writes --plan-out.csv and .json, measures nothing")
+    ap.add_argument("--plan-out", metavar="PREFIX", default=None,
+                    help="output prefix of --plan-join (default: beside RESULTS_CSV, "
+                         "plan_vs_measured)")
     args = ap.parse_args(argv)
+    if args.plan_join:
+        if not args.plan_json:
+            ap.error("--plan-join needs --plan-json FILE (bench/run.py --plan --plan-json FILE)")
+        out = args.plan_out or os.path.join(os.path.dirname(os.path.abspath(args.plan_join)),
+                                            "plan_vs_measured")
+        return plan_vs_measured(args.plan_join, args.plan_json, out)
     if args.plan:
-        return print_plans(select("cuda", args.quick, args.ops, args.dtype))
+        return print_plans(select("cuda", args.quick, args.ops, args.dtype), args.plan_json)
 
     t_start = time.perf_counter()
     has_gpu = torch.cuda.is_available()
