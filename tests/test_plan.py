@@ -1,0 +1,244 @@
+"""tools/plan.py's estimates (bytes moved, passes over memory, bytes in flight), checked against
+arithmetic written out by hand for a few cases, on the launches the host wrappers plan in the
+emulation build (record-only mode: no kernel runs). `make test` builds the emulation before
+pytest runs (test: build emu-build)."""
+import csv
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import plan as planner  # noqa: E402  (tools/plan.py)
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from cuda_emu import emu as emu_mod
+
+    import fastnorm  # noqa: F401  (the op schemas)
+
+    return emu_mod.load("plain")
+
+
+def case(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, res=None):
+    return planner.plan_case(emu, op, shape, dtype, layout, groups, training, {} if res is None else res)
+
+
+def kernels(est, p):
+    return [ln["kernel"].split("::")[-1].split("<")[0] for ln in est["launches"] if ln["pass"] == p]
+
+
+def test_layer_norm_cached_forward_is_one_pass(emu):
+    # 4096 x 768 bf16: one cached launch reads x and writes y (2 bytes each), reads w and b
+    # (768 bf16 each, once) and writes mean and rstd (4096 fp32 each): exactly the minimum.
+    est = case(emu, "layer_norm", (4096, 768), torch.bfloat16)
+    assert kernels(est, "fwd") == ["row_fwd_cached_kernel"]
+    x = 2 * 4096 * 768
+    want = x + x + 2 * 768 * 2 + 2 * 4096 * 4
+    fwd = est["passes"]["fwd"]
+    assert fwd["est_bytes"] == want
+    assert fwd["min_bytes"] == want
+    assert fwd["passes"] == 1.0
+    # in flight: 96 packs of 8 per row, 16 threads per row (the fewest holding 8 packs each,
+    # then no widening: 4096 rows x 16 >= 132 SMs x 256), so 6 packs of 16 bytes per thread
+    (ln,) = [ln for ln in est["launches"] if ln["pass"] == "fwd"]
+    assert ln["inflight_thread"] == 6 * 16
+    assert not ln["approx"]
+
+
+def test_layer_norm_split_forward_is_one_and_a_half_passes(emu):
+    # 1024 x 65536 bf16 (rows too few for the cached kernel): statistics pass over x, apply pass
+    # over x and y. Items: 8192 packs per row, target 132 * 64 = 8448 items ->
+    # chunk = max(ceil(1024 * 8192 / 8448), 4 * 128) = 993 -> 1024 packs (whole warp steps),
+    # 8 chunks per row, 8192 items of 3 partial fp32 values, written then read once.
+    est = case(emu, "layer_norm", (1024, 65536), torch.bfloat16)
+    assert kernels(est, "fwd") == ["row_welford_partial_kernel", "row_welford_finalize_kernel",
+                                   "row_apply_kernel"]
+    x = 2 * 1024 * 65536
+    ws = 3 * 8192 * 4
+    stats = 2 * 1024 * 4   # mean and rstd: written by the finalize, read by the apply
+    params = 2 * 65536 * 2  # w and b, read by the apply
+    want = (x + ws) + (ws + stats) + (x + x + stats + params)
+    fwd = est["passes"]["fwd"]
+    assert fwd["est_bytes"] == want
+    minimum = 2 * x + stats + params
+    assert fwd["min_bytes"] == minimum
+    assert fwd["passes"] == pytest.approx(want / minimum)
+    assert 1.49 < fwd["passes"] < 1.51
+
+
+def test_batch_norm_training_nchw_stats_and_apply(emu):
+    # 64 x 256 x 56 x 56 fp32 NCHW, training: stats over x -> [3][G1][C] partials, finalize,
+    # apply over x -> y. G1 = the stats grid's x (the host's chunk count).
+    est = case(emu, "batch_norm", (64, 256, 56, 56), torch.float32)
+    assert kernels(est, "fwd") == ["bn_fwd_stats_nchw", "bn_fwd_finalize", "bn_fwd_apply_nchw"]
+    g1 = est["launches"][0]["grid"][0]
+    C, x = 256, 4 * 64 * 256 * 56 * 56
+    part = 3 * g1 * C * 4
+    finalize = part + 3 * C * 4 + 2 * C * 4 + 2 * C * 4 + 4 * C * 4
+    #          coef      save mean/rstd  w, b (fp32)  running mean/var read + written (fp32)
+    want = (x + part) + finalize + (x + x + 3 * C * 4)
+    fwd = est["passes"]["fwd"]
+    assert fwd["est_bytes"] == want
+    assert fwd["min_bytes"] == 2 * x + 2 * C * 4 + 2 * C * 4 + 4 * C * 4
+    assert fwd["passes"] == pytest.approx(1.5, abs=0.01)
+    # backward: sums over dy and x, finalize, dx over dy and x: 5 x-sized streams of 3 minimum
+    bwd = est["passes"]["bwd"]
+    assert kernels(est, "bwd") == ["bn_bwd_sums_nchw", "bn_bwd_finalize", "bn_bwd_apply_nchw"]
+    assert bwd["passes"] == pytest.approx(5 / 3, abs=0.01)
+
+
+def test_batch_norm_fused_path_reads_x_twice(emu):
+    # 8 x 16 x 4 x 4 fp32: one block per channel, the apply kernel reduces then applies (fused):
+    # x is read twice by the model (the second read mostly hits L1/L2 on a GPU; the model says so)
+    est = case(emu, "batch_norm", (8, 16, 4, 4), torch.float32)
+    assert kernels(est, "fwd") == ["bn_fwd_apply_nchw"]
+    C, x = 16, 4 * 8 * 16 * 4 * 4
+    small = 2 * C * 4 + 2 * C * 4 + 4 * C * 4  # w, b; save mean/rstd; running read + written
+    assert est["passes"]["fwd"]["est_bytes"] == 3 * x + small
+    # eval: the apply kernel alone, coefficients from the running statistics (read only)
+    ev = case(emu, "batch_norm", (8, 16, 4, 4), torch.float32, training=False)
+    assert ev["passes"]["fwd"]["est_bytes"] == 2 * x + 2 * C * 4 + 2 * C * 4 + 2 * C * 4
+    assert ev["passes"]["fwd"]["passes"] == 1.0
+
+
+def test_group_norm_channels_last_partials_counted(emu):
+    # 8 x 1280 x 16 x 16 fp16 channels_last: partials [N, K, C] fp32 (2 planes) written by the
+    # partial kernel and read by the finalize; K from the plan (checked against the launch).
+    est = case(emu, "group_norm", (8, 1280, 16, 16), torch.float16, "channels_last")
+    assert kernels(est, "fwd") == ["cl_welford_partial_kernel", "cl_welford_finalize_kernel",
+                                   "cl_apply_kernel"]
+    part = est["launches"][0]
+    bx, by, CT, K, rpc = planner.mirror_cl(8, 256, 1280, 32, 8)
+    assert part["grid"][0] == 8 * K * CT and part["block"][0] == bx * by
+    x, ws, stats = 2 * 8 * 1280 * 256, 2 * 8 * K * 1280 * 4, 2 * 8 * 32 * 4
+    want = (x + ws) + (ws + stats) + (x + x + stats + 2 * 1280 * 2)
+    assert est["passes"]["fwd"]["est_bytes"] == want
+    assert not any(ln["approx"] for ln in est["launches"])
+
+
+def test_inflight_per_sm_and_low_flag(emu):
+    # with a resource record for the kernel: resident blocks from the occupancy arithmetic,
+    # averaged over the SMs when the grid is smaller than one wave
+    from fastnorm import resources
+
+    probe = case(emu, "layer_norm", (1 << 20, 64), torch.bfloat16)
+    (ln,) = [r for r in probe["launches"] if r["pass"] == "fwd"]
+    rows = planner.plan(emu, "layer_norm", (1 << 20, 64), torch.bfloat16)
+    sig = rows[0][1]
+    res = {sig: (64, 384, 1)}  # 64 registers, 384 bytes static shared memory, one barrier
+    est = case(emu, "layer_norm", (1 << 20, 64), torch.bfloat16, res=res)
+    (ln,) = [r for r in est["launches"] if r["pass"] == "fwd"]
+    per_sm = resources.resident_blocks(ln["block"][0], 64, 384, 0, 1)[0]
+    assert ln["res_per_sm"] == per_sm
+    # 64 bf16 = 8 packs per row, 8 threads per row (a 128-byte line per warp load): 1 pack each
+    assert ln["inflight_thread"] == 16
+    active = min(per_sm, ln["blocks"] / planner.SMS)
+    assert ln["inflight_sm"] == active * ln["block"][0] * 16
+    assert ln["low"] == (ln["inflight_sm"] < planner.LITTLE_BYTES_PER_SM)
+    assert planner.LITTLE_BYTES_PER_SM == pytest.approx(3.35e12 * 650e-9 / 132)
+
+
+def test_unknown_kernel_is_na_not_an_error():
+    call = planner.Call("layer_norm", (64, 256), torch.float32)
+    sig = "void fastnorm::groups::rms_fwd_cached_kernel<float, 4, false>(fastnorm::groups::RowFwd<float>, int)"
+    known = "void fastnorm::groups::row_fwd_cached_kernel<float, 4, false>(fastnorm::groups::RowFwd<float>, int)"
+    est = planner.estimate([("fwd", sig, (8, 1, 1), (128, 1, 1), 0),
+                            ("bwd", known, (8, 1, 1), (128, 1, 1), 0)], call, {})
+    assert est["launches"][0]["bytes"] is None and est["launches"][0]["inflight_thread"] is None
+    assert est["passes"]["fwd"]["est_bytes"] is None and est["passes"]["fwd"]["passes"] is None
+    assert est["passes"]["fwd"]["unknown"] == ["groups::rms_fwd_cached_kernel<float, 4, false>"]
+    assert est["passes"]["fwdbwd"]["passes"] is None
+    text = planner.report(est, {})
+    assert "n/a" in text and "no bytes model for: groups::rms_fwd_cached_kernel" in text
+    # adding a model is one line: the entry of a kernel that moves memory the same way
+    planner.MODELS["rms_fwd_cached_kernel"] = planner.MODELS["row_fwd_cached_kernel"]
+    try:
+        est = planner.estimate([("fwd", sig, (8, 1, 1), (128, 1, 1), 0)], call, {})
+        assert est["passes"]["fwd"]["est_bytes"] == 2 * 4 * 64 * 256 + 2 * 256 * 4 + 2 * 64 * 4
+    finally:
+        del planner.MODELS["rms_fwd_cached_kernel"]
+
+
+def test_every_kernel_has_a_model():
+    # every __global__ kernel of csrc/kernels (the emulator's list) has an entry, so a new
+    # kernel's n/a in the report is a reminder, and this test names it
+    from cuda_emu import emu as emu_mod
+
+    missing = sorted(set(emu_mod.defined_kernels()) - set(planner.MODELS))
+    assert not missing, (f"no bytes model in tools/plan.py MODELS for: {missing}; add one line per "
+                         "kernel (an existing entry when it moves memory the same way, else a "
+                         "Model(...)); docs/kernel_resources.md, 'Launch plans'")
+
+
+def test_template_constants_match_the_sources():
+    # the model's copies of the template constants are the sources' definitions
+    with open(os.path.join(ROOT, "csrc", "kernels", "groups_forward.cuh")) as f:
+        fwd = re.sub(r"\s+", " ", f.read())
+    with open(os.path.join(ROOT, "csrc", "kernels", "groups_backward.cuh")) as f:
+        bwd = re.sub(r"\s+", " ", f.read())
+    assert "inline constexpr int kFwdPacks = VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : 8);" in fwd
+    assert "inline constexpr int kBwdPacks = 8 / VEC;" in fwd
+    assert ("inline constexpr int kBwdCachedMaxThreads = sizeof(acc_of<T>) == 8 || VEC == 1 ? "
+            "512 : 1024;") in bwd
+    for elem, vec in ((2, 1), (2, 8), (4, 4), (8, 2)):
+        assert planner.fwd_packs(elem, vec) == (8 if vec == 1 else (4 if elem == 8 else 8))
+    assert planner.K["groups::kUnroll"] == 4 and planner.K["channels::kThreads"] == 256
+
+
+def test_mirrors_agree_with_every_benchmark_case(emu):
+    # the plan mirrors (threads per row, items, channels_last chunks) reproduce every recorded
+    # launch of the benchmark cases: no estimate is marked approximate
+    from cases import DTYPES, select
+
+    bad = []
+    for c in select("cuda", False):
+        est = case(emu, c.op, c.shape, DTYPES[c.dtype],
+                   "channels_last" if c.layout != "contiguous" else "contiguous",
+                   32 if c.op == "group_norm" else 1)
+        bad += [f"{c.label}: {ln['kernel']}" for ln in est["launches"] if ln["approx"]]
+        assert all(t["passes"] is not None and t["passes"] >= 0.999 for t in est["passes"].values())
+    assert not bad, bad
+
+
+def test_plan_join_puts_measurements_next_to_the_plan(emu, tmp_path):
+    import run
+
+    from cases import select
+
+    cases = [c for c in select("cuda", True) if c.op == "layer_norm"][:1]
+    plan_json = tmp_path / "plan.json"
+    assert run.print_plans(cases, str(plan_json)) == 0
+    c = cases[0]
+    results = tmp_path / "results.csv"
+    with open(results, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=run.COLUMNS)
+        w.writeheader()
+        for p, ms in (("fwd", 0.2), ("bwd", 0.4), ("fwdbwd", 0.6)):
+            w.writerow({k: "" for k in run.COLUMNS} | {
+                "run_id": "20250101-000000", "device_name": "test", "fastnorm_commit": "abc",
+                "op": c.op, "case": c.name, "shape": "x".join(map(str, c.shape)), "dtype": c.dtype,
+                "layout": c.layout, "pass": p, "provider": "fastnorm", "median_ms": ms,
+                "p20_ms": ms, "p80_ms": ms, "gbps": 1.0, "copy_gbps": 3000.0})
+    out = tmp_path / "pvm"
+    assert run.plan_vs_measured(str(results), str(plan_json), str(out)) == 0
+    with open(str(out) + ".csv", newline="") as f:
+        rows = {r["pass"]: r for r in csv.DictReader(f)}
+    plans = json.load(open(plan_json))["cases"][0]
+    for p, ms in (("fwd", 0.2), ("bwd", 0.4), ("fwdbwd", 0.6)):
+        est = plans["passes"][p]["est_bytes"]
+        assert float(rows[p]["est_bytes"]) == pytest.approx(est, rel=1e-5)
+        assert float(rows[p]["est_gbps"]) == pytest.approx(est / (ms * 1e-3) / 1e9, rel=1e-5)
+        assert int(rows[p]["launches"]) == len([ln for ln in plans["launches"]
+                                                if p == "fwdbwd" or ln["pass"] == p])
+    detail = json.load(open(str(out) + ".json"))["rows"]
+    assert len(detail) == 3 and all(d["plan"] for d in detail)
+    assert math.isclose(detail[0]["median_ms"], 0.2)
