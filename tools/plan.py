@@ -583,7 +583,9 @@ def estimate(rows, call: Call, res: dict) -> dict:
                      "passes": total / minimum if total is not None and minimum else None,
                      "launches": len(ls),
                      "unknown": sorted({r["kernel"] for r in ls if r["bytes"] is None}),
-                     "low": sorted({r["kernel"] for r in ls if r["low"]})}
+                     "low": sorted({r["kernel"] for r in ls if r["low"]}),
+                     "low_share": (sum(r["bytes"] for r in ls if r["low"]) / total
+                                   if total else None)}
     return {"launches": launches, "passes": passes}
 
 
@@ -616,7 +618,9 @@ def report(est: dict, res: dict) -> str:
         if t["unknown"]:
             line += f"; no bytes model for: {', '.join(t['unknown'])}"
         if t["low"] and p != "fwdbwd":
-            line += f"; under {LITTLE_BYTES_PER_SM / 1024:.1f} KB in flight per SM: {', '.join(t['low'])}"
+            share = "" if t["low_share"] is None else f" ({100 * t['low_share']:.0f}% of the bytes)"
+            line += (f"; under {LITTLE_BYTES_PER_SM / 1024:.1f} KB in flight per SM{share}: "
+                     f"{', '.join(t['low'])}")
         lines.append(line)
     return "\n".join(lines)
 
