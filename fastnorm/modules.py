@@ -20,6 +20,7 @@ __all__ = [
     "FrozenBatchNorm2d",
 ]
 
+__all__.append("RMSNorm")
 
 class _BatchNormForward:
     """torch.nn's _BatchNorm.forward, on fastnorm's op: num_batches_tracked is incremented by the
@@ -167,6 +168,13 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RMSNorm(nn.RMSNorm):
+    __doc__ = nn.RMSNorm.__doc__
+
+    def forward(self, x: Tensor) -> Tensor:
+        return FN.rms_norm(x, list(self.normalized_shape), self.weight, self.eps)
 
 
 # torch.nn class -> fastnorm class; convert() and revert() use it both ways. Classes with no

@@ -673,4 +673,124 @@ def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, tra
              0 if output_mask[2] else None))
 
 
+# RMSNorm and add_norm batching rules: the vmapped dimension is one more row dimension; batched
+# affine parameters (model ensembles) are applied per sample to the unweighted normalisation in
+# the statistics dtype and rounded once, as the ops do.
+def _row_param(t: torch.Tensor, d: Optional[int], b: int, lead: int) -> torch.Tensor:
+    """A normalized_shape parameter, batched or not, as [B, 1 (x lead), *normalized_shape]."""
+    t = _to_front(t, d, b)
+    return t.reshape(b, *([1] * lead), *t.shape[1:])
+
+
+def _row_sums(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-sample sums over the row dims of a (B, *rows, *normalized_shape) tensor."""
+    rows = list(range(1, t.dim() - k))
+    return t.sum(rows) if rows else t
+
+
+@torch.library.register_vmap("fastnorm::rms_norm_fwd")
+def _rms_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, eps, out_dtype=None):
+    xd, _, wd = in_dims[:3]
+    b = info.batch_size
+    if wd is None:
+        y, rstd = _fn_ops.rms_norm_fwd(input.movedim(xd, 0), normalized_shape, weight, eps, out_dtype)
+        return (y, rstd.view(b, -1)), (0, 0)
+    x = input if xd is None else input.movedim(xd, 0)
+    sd = stat_dtype(input.dtype)
+    xhat, rstd = _fn_ops.rms_norm_fwd(x, normalized_shape, None, eps,
+                                      None if sd == input.dtype else torch.float32)
+    lead = x.dim() - len(normalized_shape) - (0 if xd is None else 1)
+    out = xhat if xd is not None else xhat.unsqueeze(0)
+    out = (out.to(sd) * _row_param(weight, wd, b, lead).to(sd)).to(out_dtype or input.dtype)
+    out = out.expand(b, *out.shape[1:]).contiguous()
+    if xd is None:
+        return (out, rstd), (0, None)
+    return (out, rstd.view(b, -1)), (0, 0)
+
+
+@torch.library.register_vmap("fastnorm::rms_norm_bwd")
+def _rms_norm_bwd_vmap(info, in_dims, grad_out, input, rstd, weight, normalized_shape, output_mask):
+    b = info.batch_size
+    gd, xd, rd, wd = in_dims[:4]
+    dy, x = _to_front(grad_out, gd, b), _to_front(input, xd, b)
+    r = _to_front(rstd, rd, b).reshape(-1)
+    k = len(normalized_shape)
+    sd = stat_dtype(input.dtype)
+    dx = _empty(input)
+    if output_mask[0]:
+        if wd is None:
+            dx = _fn_ops.rms_norm_bwd(dy, x, r, weight, normalized_shape, [True, False])[0]
+        else:  # dx depends on the weight only through dy * weight (float32 or float64 here)
+            g = dy.to(sd) * _row_param(weight, wd, b, x.dim() - 1 - k).to(sd)
+            dx = _fn_ops.rms_norm_bwd(g, x, r, None, normalized_shape, [True, False])[0]
+    wdt = weight.dtype if weight is not None else input.dtype
+    dw = _empty(input, wdt)
+    if output_mask[1]:
+        xhat = x.to(sd) * r.view(_stat_view(x, normalized_shape))
+        dw = _row_sums(dy.to(sd) * xhat, k).to(wdt)
+    return (dx, dw), (0 if output_mask[0] else None, 0 if output_mask[1] else None)
+
+
+@torch.library.register_vmap("fastnorm::add_norm_fwd")
+def _add_norm_fwd_vmap(info, in_dims, input, residual, normalized_shape, weight, bias, eps, rms):
+    xd, rd, _, wd, bd = in_dims[:5]
+    b = info.batch_size
+    x, res = _to_front(input, xd, b), _to_front(residual, rd, b)
+    dims = (0, 0, None if rms else 0, 0)
+    if wd is None and bd is None:
+        out, r, mean, rstd = _fn_ops.add_norm_fwd(x, res, normalized_shape, weight, bias, eps, rms)
+        return (out, r, mean if rms else mean.view(b, -1), rstd.view(b, -1)), dims
+    _, r, mean, rstd = _fn_ops.add_norm_fwd(x, res, normalized_shape, None, None, eps, rms)
+    sd = stat_dtype(input.dtype)
+    view = _stat_view(r, normalized_shape)
+    rs = r.to(sd)
+    out = (rs if rms else rs - mean.view(view)) * rstd.view(view)
+    lead = x.dim() - 1 - len(normalized_shape)
+    if weight is not None:
+        out = out * _row_param(weight, wd, b, lead).to(sd)
+    if bias is not None:
+        out = out + _row_param(bias, bd, b, lead).to(sd)
+    out = out.to(input.dtype).contiguous()
+    return (out, r, mean if rms else mean.view(b, -1), rstd.view(b, -1)), dims
+
+
+@torch.library.register_vmap("fastnorm::add_norm_bwd")
+def _add_norm_bwd_vmap(info, in_dims, grad_out, grad_residual_out, residual_out, mean, rstd,
+                       weight, normalized_shape, rms, input_dtype, output_mask):
+    b = info.batch_size
+    gd, grd, rod, md, rsd, wd = in_dims[:6]
+    k = len(normalized_shape)
+    dy, r = _to_front(grad_out, gd, b), _to_front(residual_out, rod, b)
+    dro = None if grad_residual_out is None else _to_front(grad_residual_out, grd, b)
+    m = mean if rms else _to_front(mean, md, b).reshape(-1)
+    rs = _to_front(rstd, rsd, b).reshape(-1)
+    sd = stat_dtype(input_dtype)
+    view = _stat_view(r, normalized_shape)
+    dx = _empty(residual_out, input_dtype)
+    dres = _empty(residual_out)
+    if output_mask[0] or output_mask[1]:
+        if wd is None:
+            dx, dres, _, _ = _fn_ops.add_norm_bwd(dy, dro, r, m, rs, weight, normalized_shape, rms,
+                                                  input_dtype, [output_mask[0], output_mask[1],
+                                                                False, False])
+        else:  # per-sample weights: the op's formula, in the statistics dtype
+            xhat = (r.to(sd) if rms else r.to(sd) - m.view(view)) * rs.view(view)
+            g = dy.to(sd) * _row_param(weight, wd, b, r.dim() - 1 - k).to(sd)
+            d_r = _norm_dx(g, xhat, rs.view(view), _norm_dims(r, normalized_shape), rms)
+            if dro is not None:
+                d_r = d_r + dro.to(sd)
+            if output_mask[0]:
+                dx = d_r.to(input_dtype)
+            if output_mask[1]:
+                dres = d_r.to(residual_out.dtype, copy=True)
+    wdt = weight.dtype if weight is not None else input_dtype
+    dw = db = _empty(residual_out, wdt)
+    if output_mask[2]:
+        xhat = (r.to(sd) if rms else r.to(sd) - m.view(view)) * rs.view(view)
+        dw = _row_sums(dy.to(sd) * xhat, k).to(wdt)
+    if output_mask[3] and not rms:
+        db = _row_sums(dy.to(sd), k).to(wdt)
+    return ((dx, dres, dw, db),
+            tuple(0 if on and (i < 3 or not rms) else None for i, on in enumerate(output_mask)))
+
 _fn_ops = torch.ops.fastnorm
