@@ -470,6 +470,56 @@ class RMSNormFunction(_RMSNormFunction):
         return ty.to(ctx.y_dtype).contiguous(), None
 
 
+def _add_norm_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
+    input, _, normalized_shape, weight, bias, eps, rms = inputs
+    _, r, mean, rstd = output
+    save(ctx, r, weight, bias, mean, rstd)
+    ctx.normalized_shape = list(normalized_shape)
+    ctx.eps, ctx.rms, ctx.input_dtype = eps, rms, input.dtype
+
+
+def _add_norm_backward(ctx, dout, dr, _dmean, _drstd):
+    r, w, b, mean, rstd = ctx.saved_tensors
+    ni, nr = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    nw, nb = ctx.needs_input_grad[3] and w is not None, ctx.needs_input_grad[4] and b is not None
+    if dout is None:
+        dout = torch.zeros(r.shape, dtype=ctx.input_dtype, device=r.device)
+    if torch.is_grad_enabled():
+        # Differentiable ops; residual_out is this node's output, so second derivatives flow
+        # back to input and residual through it.
+        dims, rows = _trailing(r, len(ctx.normalized_shape))
+        sd = stat_dtype(ctx.input_dtype)
+        g = dout.to(sd)
+        xhat, rs = _recomputed_xhat(r.to(sd), dims, ctx.eps, ctx.rms)
+        d_r = None
+        if ni or nr:
+            d_r = _norm_input_grad(g if w is None else g * w.to(sd), xhat, rs, dims, ctx.rms)
+            if dr is not None:
+                d_r = d_r + dr.to(sd)
+        dx = d_r.to(ctx.input_dtype) if ni else None
+        dres = d_r.to(r.dtype) if nr else None
+        dw = _row_sum(g * xhat, rows).to(w.dtype) if nw else None
+        db = _row_sum(g, rows).to(b.dtype) if nb else None
+    else:
+        same = ctx.input_dtype == r.dtype
+        # one dtype: one gradient tensor serves input and residual (one write pass)
+        mask = [ni and not same, nr or (same and ni), nw, nb]
+        dx, dres, dw, db = _fn.add_norm_bwd(dout, dr, r, mean, rstd, w, ctx.normalized_shape,
+                                            ctx.rms, ctx.input_dtype, mask)
+        if same:
+            dx = dres if ni else None
+            dres = dres if nr else None
+        else:
+            dx, dres = dx if ni else None, dres if nr else None
+        dw = dw if nw else None
+        db = db.to(b.dtype) if nb else None  # the op gives it in weight's (or input's) dtype
+    return dx, dres, None, dw, db, None, None
+
+
+torch.library.register_autograd("fastnorm::add_norm_fwd", _add_norm_backward,
+                                setup_context=_add_norm_setup)
+
+
 class _AddNormFunction(torch.autograd.Function):
     """(output, residual_out, mean, rstd) = add_norm(input, residual): residual_out = input +
     residual (residual's dtype), output = LayerNorm or RMSNorm of residual_out (input's dtype).
@@ -483,47 +533,13 @@ class _AddNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, _, normalized_shape, weight, bias, eps, rms = inputs
-        _, r, mean, rstd = output
+        _, _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
-        _save(ctx, r, weight, bias, mean, rstd)
-        ctx.normalized_shape = list(normalized_shape)
-        ctx.eps, ctx.rms, ctx.input_dtype = eps, rms, input.dtype
+        _add_norm_setup(ctx, inputs, output, _save)
 
     @staticmethod
-    def backward(ctx, dout, dr, _dmean, _drstd):
-        r, w, b, mean, rstd = ctx.saved_tensors
-        ni, nr = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        nw, nb = ctx.needs_input_grad[3] and w is not None, ctx.needs_input_grad[4] and b is not None
-        if torch.is_grad_enabled():
-            # Differentiable ops; residual_out is this node's output, so second derivatives flow
-            # back to input and residual through it.
-            dims, rows = _trailing(r, len(ctx.normalized_shape))
-            sd = stat_dtype(ctx.input_dtype)
-            g = dout.to(sd)
-            xhat, rs = _recomputed_xhat(r.to(sd), dims, ctx.eps, ctx.rms)
-            d_r = None
-            if ni or nr:
-                d_r = _norm_input_grad(g if w is None else g * w.to(sd), xhat, rs, dims, ctx.rms)
-                d_r = d_r + dr.to(sd)
-            dx = d_r.to(ctx.input_dtype) if ni else None
-            dres = d_r.to(r.dtype) if nr else None
-            dw = _row_sum(g * xhat, rows).to(w.dtype) if nw else None
-            db = _row_sum(g, rows).to(b.dtype) if nb else None
-        else:
-            same = ctx.input_dtype == r.dtype
-            # one dtype: one gradient tensor serves input and residual (one write pass)
-            mask = [ni and not same, nr or (same and ni), nw, nb]
-            dx, dres, dw, db = _fn.add_norm_bwd(dout, dr, r, mean, rstd, w, ctx.normalized_shape,
-                                                ctx.rms, ctx.input_dtype, mask)
-            if same:
-                dx = dres if ni else None
-                dres = dres if nr else None
-            else:
-                dx, dres = dx if ni else None, dres if nr else None
-            dw = dw if nw else None
-            db = db.to(b.dtype) if nb else None  # the op gives it in weight's (or input's) dtype
-        return dx, dres, None, dw, db, None, None
+    def backward(ctx, dout, dr, dmean, drstd):
+        return _add_norm_backward(ctx, dout, dr, dmean, drstd)
 
 
 class AddNormFunction(_AddNormFunction):
