@@ -574,9 +574,72 @@ class AddNormFunction(_AddNormFunction):
         return ty, tr, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# LayerNorm2d: statistics over the channels (dim 1) of each position of (N, C, *spatial)
+# ----------------------------------------------------------------------------------------------
+def _ln2d_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
+    input, weight, bias, eps, *_ = inputs
+    _, mean, rstd = output
+    save(ctx, input, weight, bias, mean, rstd)
+    ctx.eps = eps
+
+
+def _ln2d_backward(ctx, dy, _dmean, _drstd):
+    x, w, b, mean, rstd = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+    if torch.is_grad_enabled():
+        param_dims, affine_shape = _channel_dims(x)
+        dx, dw, db = _normalization_grads(
+            x, dy, w, ctx.eps, lambda t: t, [1], affine_shape, param_dims,
+            (needs[0], needs[1], needs[2] and b is not None))
+        db = None if db is None else db.reshape(b.shape).to(b.dtype)
+    else:
+        mask = [needs[0], needs[1] and w is not None, needs[2] and b is not None]
+        dx, dw, db = _fn.layer_norm2d_bwd(dy, x, mean, rstd, w, mask)
+        dx, dw, db = (t if m else None for t, m in zip((dx, dw, db), mask))
+    return dx, dw, db
+
+
+torch.library.register_autograd(
+    "fastnorm::layer_norm2d_fwd",
+    lambda ctx, dy, dm, dr: (*_ln2d_backward(ctx, dy, dm, dr), None, None),
+    setup_context=_ln2d_setup)
+
+
+class _LayerNorm2dFunction(torch.autograd.Function):
+    """(y, mean, rstd) = layer_norm2d(x); mean and rstd are not differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, eps, out_dtype):
+        return _fn.layer_norm2d_fwd(input, weight, bias, eps, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _ln2d_setup(ctx, inputs, output, _save)
+        ctx.y_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, dmean, drstd):
+        return (*_ln2d_backward(ctx, dy, dmean, drstd), None, None)
+
+
+class LayerNorm2dFunction(_LayerNorm2dFunction):
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, _teps, _tdtype):
+        x, w, _, mean, rstd = ctx.saved_tensors
+        _, affine_shape = _channel_dims(x)
+        ty = _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t, [1],
+                                [x.shape[0], 1, *x.shape[2:]], affine_shape, ctx.y_dtype)
+        return ty, None, None
+
+
 apply_layer_norm = _applier(LayerNormFunction, _LayerNormFunction)
 apply_group_norm = _applier(GroupNormFunction, _GroupNormFunction)
 apply_instance_norm_tracked = _applier(InstanceNormTrackedFunction, _InstanceNormTrackedFunction)
 apply_batch_norm = _applier(BatchNormFunction, _BatchNormFunction)
+apply_layer_norm2d = _applier(LayerNorm2dFunction, _LayerNorm2dFunction)
 apply_rms_norm = _applier(RMSNormFunction, _RMSNormFunction)
 apply_add_norm = _applier(AddNormFunction, _AddNormFunction)

@@ -38,8 +38,10 @@ from torch import Tensor
 from .ops import memory_format_of
 from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
                        apply_layer_norm)
+from .autograd import apply_layer_norm2d
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "frozen_batch_norm"]
+__all__.append("layer_norm2d")
 
 from .autograd import apply_add_norm, apply_rms_norm
 from .ops import stat_dtype as _stat_dtype
@@ -359,6 +361,48 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
         # nothing to normalise over (torch returns the empty result; the op needs N > 0)
         return _empty_affine(input, weight, bias)
     y, _, _ = apply_layer_norm(input, shape, weight, bias, eps, _autocast_dtype(input))
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm2d (channels-first LayerNorm)
+# ----------------------------------------------------------------------------------------------
+def layer_norm2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                 eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the C channels of each position of an (N, C, *) input: timm's LayerNorm2d,
+    `F.layer_norm(x.permute(0, 2, 3, 1), (C,), weight, bias, eps).permute(0, 3, 1, 2)`, for any
+    spatial rank ((N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W)) and without the permute
+    copies. The output keeps the input's memory format (channels_last in, channels_last out).
+    Half inputs are computed in float32; under CUDA autocast the output is float32 (as
+    layer_norm's)."""
+    refused = None
+    if cpu_fast_path(input) and input.dim() >= 2:
+        try:
+            # ATen's LayerNorm over the (N, *, C) view: no copy for channels_last input
+            y = torch.layer_norm(input.movedim(1, -1), (input.shape[1],), weight, bias, eps, False)
+            return y.movedim(-1, 1).contiguous(memory_format=memory_format_of(input))
+        except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+            refused = e
+    name = "layer_norm2d"
+    if input.dim() < 2:
+        raise RuntimeError(f"{name}: expected an input of shape (N, C, *) with at least 2 "
+                           f"dimensions, but got input of shape {list(input.shape)}")
+    _check_floating(name, input)
+    c = input.shape[1]
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and list(t.shape) != [c]:
+            raise RuntimeError(f"{name}: expected {what} of shape [{c}] (one per channel of input "
+                               f"of shape {list(input.shape)}), but got {what} of shape "
+                               f"{list(t.shape)}")
+        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
+    if c == 0:
+        # nothing to normalise over (torch's composition returns the empty result)
+        shape = [1, 0] + [1] * (input.dim() - 2)
+        return _empty_affine(input, None if weight is None else weight.reshape(shape),
+                             None if bias is None else bias.reshape(shape))
+    y, _, _ = apply_layer_norm2d(input, weight, bias, eps, _autocast_dtype(input))
     return y
 
 

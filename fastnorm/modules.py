@@ -18,6 +18,7 @@ __all__ = [
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
     "FrozenBatchNorm2d",
+    "LayerNorm2d",
 ]
 
 __all__.append("RMSNorm")
@@ -175,6 +176,22 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         return FN.rms_norm(x, list(self.normalized_shape), self.weight, self.eps)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each position of an (N, C, H, W) input (ConvNeXt's
+    channels-first LayerNorm): timm's `LayerNorm2d`, with its arguments and state_dict (a
+    torch.nn.LayerNorm with normalized_shape (C,): weight and bias of shape (C,)), computed
+    without permute copies; the output keeps the input's memory format. Any spatial rank
+    (N, C, *) is accepted."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, device=device,
+                         dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return FN.layer_norm2d(input, self.weight, self.bias, self.eps)
 
 
 # torch.nn class -> fastnorm class; convert() and revert() use it both ways. Classes with no
