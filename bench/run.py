@@ -539,7 +539,9 @@ def _planner():
     import plan as planner  # noqa: E402  (tools/plan.py)
     from cuda_emu import emu as emu_mod  # noqa: E402
 
-    return planner, emu_mod.load("plain")
+    emu = emu_mod.load("plain")
+    emu.use_resource_report()  # the H100's occupancy answers when the CUDA build's report exists
+    return planner, emu
 
 
 def case_plans(cases) -> List[dict]:

@@ -7,6 +7,11 @@ runs in the emulation build (tools/cuda_emu) with launches recorded instead of e
 
 For each launch: kernel, grid, block, dynamic shared memory, blocks, and (when the CUDA build's
 resource report build/kernel_resources.json exists) resident blocks per SM and waves.
+
+The plans themselves depend on occupancy (the host code asks resident_blocks() of csrc/device.h):
+with the report, the emulator answers those queries from each kernel's registers and shared
+memory in it, as the GPU's runtime would; without it, from threads and shared memory alone (the
+plans may then differ from the GPU's). The output says which, and lists the queries.
 """
 from __future__ import annotations
 
@@ -533,8 +538,9 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool):
     return x, fwd, bwd
 
 
-def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True):
-    """[(pass, kernel, grid, block, smem)] for the forward and the backward of one case."""
+def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, queries=None):
+    """[(pass, kernel, grid, block, smem)] for the forward and the backward of one case. The
+    occupancy queries the host plans made are appended to `queries` (a list) if given."""
     x, fwd, bwd = calls(op, shape, dtype, layout, groups, training)
     out = []
     stats = {}
@@ -543,8 +549,12 @@ def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True):
         stats["y"] = fwd(emu.ops)
 
     out += [("fwd",) + r for r in emu.record_launches(run_fwd)]
+    if queries is not None:
+        queries += [("fwd",) + q for q in emu.occupancy_queries()]
     _, mean, rstd = stats["y"]
     out += [("bwd",) + r for r in emu.record_launches(lambda: bwd(emu.ops, mean, rstd))]
+    if queries is not None:
+        queries += [("bwd",) + q for q in emu.occupancy_queries()]
     return out
 
 
@@ -625,6 +635,23 @@ def report(est: dict, res: dict) -> str:
     return "\n".join(lines)
 
 
+def occupancy_note(loaded: int, queries) -> str:
+    """Where the plans' occupancy answers came from."""
+    if loaded:
+        head = (f"occupancy: resident blocks from the CUDA build's resource report "
+                f"(build/kernel_resources.json, {loaded} kernels): the plans are the GPU's")
+    else:
+        head = ("occupancy: no resource report (build/kernel_resources.json): resident blocks from "
+                "threads and shared memory only, registers ignored; the plans may differ from the "
+                "GPU's (python -m fastnorm.info --kernels on the CUDA build writes the report)")
+    lines = [head]
+    for p, k, t, sm, b, src in queries:
+        how = {"report": "registers/smem from the report", "threads": "threads/smem only (not in the report)",
+               "device": "configured"}.get(src, src)
+        lines.append(f"  {p} resident_blocks({_short(k)}, {t} threads, {sm} B) = {b}  [{how}]")
+    return "\n".join(lines)
+
+
 def legend(res: dict) -> str:
     """What the estimates are, once per output."""
     text = (
@@ -640,8 +667,8 @@ def legend(res: dict) -> str:
         f"Little's law for an H100 ({H100_BW / 1e12:.2f} TB/s x {H100_LATENCY_S * 1e9:.0f} ns / "
         f"{SMS} SMs = {LITTLE_BYTES_PER_SM / 1024:.1f} KB per SM). '~': a plan mirror disagreed "
         "with the recorded launch (approximate). n/a: no model for that kernel. Grids sized by "
-        "occupancy (LayerNorm's cached backward, BatchNorm's chunks) are the emulator's: it "
-        "answers the occupancy query from threads and shared memory only, without registers.")
+        "occupancy (LayerNorm's cached backward, BatchNorm's chunks, GroupNorm channels_last) "
+        "follow the occupancy source named above.")
     if not res:
         text += (" Resident blocks per SM, waves and bytes in flight per SM need the CUDA build's "
                  "resource report: python -m fastnorm.info --kernels writes "
@@ -649,10 +676,12 @@ def legend(res: dict) -> str:
     return text
 
 
-def plan_case(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, res=None):
-    """The launches of one case with their estimates (estimate()'s dict, plus the case)."""
+def plan_case(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, res=None,
+              queries=None):
+    """The launches of one case with their estimates (estimate()'s dict, plus the case); the host
+    plans' occupancy queries are appended to `queries` if given."""
     res = _resources() if res is None else res
-    rows = plan(emu, op, shape, dtype, layout, groups, training)
+    rows = plan(emu, op, shape, dtype, layout, groups, training, queries)
     est = estimate(rows, Call(op, shape, dtype, layout, groups, training), res)
     est.update(op=op, shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout=layout,
                training=training)
@@ -674,13 +703,21 @@ def main(argv=None):
     import fastnorm  # noqa: F401  (the op schemas)
 
     emu = emu_mod.load("plain")
+    loaded = emu.use_resource_report()
     shape = tuple(int(s) for s in a.shape.split("x"))
     res = _resources()
-    est = plan_case(emu, a.op, shape, DTYPES[a.dtype], a.layout, a.groups, not a.eval, res)
+    queries = []
+    try:
+        est = plan_case(emu, a.op, shape, DTYPES[a.dtype], a.layout, a.groups, not a.eval, res,
+                        queries)
+    finally:
+        emu.use_resource_report("")
     if a.json:
+        est["occupancy_source"] = "report" if loaded else "threads"
         print(json.dumps(est, indent=1))
         return
     print(f"{a.op} {a.shape} {a.dtype} {a.layout}: {math.prod(shape)} elements, {SMS} SMs")
+    print(occupancy_note(loaded, queries))
     print(report(est, res))
     print(legend(res))
 
