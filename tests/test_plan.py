@@ -117,7 +117,8 @@ def test_group_norm_channels_last_partials_counted(emu):
     assert kernels(est, "fwd") == ["cl_welford_partial_kernel", "cl_welford_finalize_kernel",
                                    "cl_apply_kernel"]
     part = est["launches"][0]
-    bx, by, CT, K, rpc = planner.mirror_cl(8, 256, 1280, 32, 8)
+    per_sm = est["occupancy"][part["kernel"]]  # the occupancy query the host plan made
+    bx, by, CT, K, rpc = planner.mirror_cl(8, 256, 1280, 32, 8, per_sm)
     assert part["grid"][0] == 8 * K * CT and part["block"][0] == bx * by
     x, ws, stats = 2 * 8 * 1280 * 256, 2 * 8 * K * 1280 * 4, 2 * 8 * 32 * 4
     want = (x + ws) + (ws + stats) + (x + x + stats + 2 * 1280 * 2)

@@ -171,11 +171,12 @@ def mirror_items(M, L, vec, target):
     return S, cp, tpr, _grid_of(_cdiv(M * S, K["groups::kItemThreads"] // tpr))
 
 
-def mirror_cl(N, HW, C, G, vec, sm=SMS):
-    """channels.h plan_cl -> (bx, by, CT, K, rpc)."""
+def mirror_cl(N, HW, C, G, vec, per_sm, sm=SMS):
+    """channels.h plan_cl -> (bx, by, CT, K, rpc); per_sm: the kernel's resident blocks per SM
+    (the host's occupancy query)."""
     threads = K["channels::kClThreads"]
     Cp = C // vec
-    target = 4 * sm
+    target = max(per_sm, 1) * sm
 
     def kmax_for(bx):
         by = max(1, threads // bx)
@@ -187,8 +188,8 @@ def mirror_cl(N, HW, C, G, vec, sm=SMS):
     bx = _cdiv(Cp, CT)
     CT = _cdiv(Cp, bx)
     by = max(1, threads // bx)
-    want = _cdiv(target, N * CT)
-    k = max(1, min(want, kmax_for(bx)))
+    fit = target // (N * CT)  # chunks per (n, tile) that keep the grid in one wave
+    k = max(1, min(fit, kmax_for(bx)))
     rpc = _cdiv(HW, k)
     return bx, by, CT, _cdiv(HW, rpc), rpc
 
@@ -199,6 +200,7 @@ class Call:
 
     def __init__(self, op, shape, dtype, layout="contiguous", groups=32, training=True):
         self.op, self.shape, self.layout, self.training = op, tuple(shape), layout, training
+        self.occupancy = {}  # kernel (_short) -> the resident blocks its host plan was given
         self.elem = torch.empty((), dtype=dtype).element_size()
         self.acc = 8 if dtype == torch.float64 else 4
         self.numel = math.prod(self.shape)
@@ -319,8 +321,9 @@ def _ws_items(per_item):
 
 
 def _cl(k: Launch, c: Call):
-    bx, by, CT, Kc, rpc = mirror_cl(c.N, c.HW, c.C, c.G, k.vec)
-    ok = _grid_of(c.N * Kc * CT) == k.grid[0] and bx * by == k.threads
+    per_sm = c.occupancy.get(_short(k.sig))  # what the host's occupancy query answered for this kernel
+    bx, by, CT, Kc, rpc = mirror_cl(c.N, c.HW, c.C, c.G, k.vec, per_sm or 4)
+    ok = per_sm is not None and _grid_of(c.N * Kc * CT) == k.grid[0] and bx * by == k.threads
     return Kc, min(K["channels::kUnroll"], _cdiv(rpc, by)), ok
 
 
@@ -681,8 +684,12 @@ def plan_case(emu, op, shape, dtype, layout="contiguous", groups=32, training=Tr
     """The launches of one case with their estimates (estimate()'s dict, plus the case); the host
     plans' occupancy queries are appended to `queries` if given."""
     res = _resources() if res is None else res
-    rows = plan(emu, op, shape, dtype, layout, groups, training, queries)
-    est = estimate(rows, Call(op, shape, dtype, layout, groups, training), res)
+    qs = [] if queries is None else queries
+    rows = plan(emu, op, shape, dtype, layout, groups, training, qs)
+    call = Call(op, shape, dtype, layout, groups, training)
+    call.occupancy = {_short(q[1]): q[4] for q in qs}
+    est = estimate(rows, call, res)
+    est["occupancy"] = dict(call.occupancy)
     est.update(op=op, shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout=layout,
                training=training)
     return est
