@@ -457,6 +457,33 @@ _BN_FWD_APPLY = Modal(
                           flight=_flight_bn))
 _BN_BWD_APPLY = Modal("bn_bwd_sums", final=_bn_bwd_final, fused=_bn_bwd_fused, eval_=_bn_bwd_fused)
 
+
+def _ln2d_lanes(c: Call) -> int:
+    """positions.h channel_lanes(C, kCachePacks = 8): channel lanes per block."""
+    cy = 8
+    while cy < 32 and cy * 8 < c.C:
+        cy *= 2
+    return cy
+
+
+class _Ln2dFwd:
+    """ln2d_fwd_kernel<T, V, CACHED> (LayerNorm2d on NCHW): CACHED keeps a lane's packs in
+    registers (x read once, all of a lane's packs, at most 8, in flight); otherwise a 4-deep
+    unrolled walk over the lane's channels, and the output pass reads x again."""
+
+    def estimate(self, k: Launch, c: Call, st: PassState) -> Est:
+        if k.targs and k.targs[-1] == "true":
+            m = Model(reads=("x",), writes=("y",), small=("w", "b", "stats"),
+                      flight=lambda k, c: (min(8, _cdiv(c.C, _ln2d_lanes(c))), True))
+        else:
+            m = Model(reads=("x", "x"), writes=("y",), small=("w", "b", "stats"),
+                      flight=lambda k, c: (4, True))
+        return m.estimate(k, c, st)
+
+
+def _ws_ln2d(k, c):  # [grid, C] partials of dweight and dbias
+    return 2 * k.grid[0] * c.C * c.acc, True
+
 # One entry per kernel (the name without namespace or template arguments). A kernel that moves
 # memory like an existing one takes that entry's Model in one line; see docs/kernel_resources.md.
 MODELS = {
@@ -508,6 +535,11 @@ MODELS = {
                                 flight=_flight_cl, streams=2),
     "cl_dx_kernel": Model(reads=("x", "dy"), writes=("dx",), small=("stats", "gn_coef", "w"),
                           flight=_flight_cl, streams=2),
+    # strided channels reduced per position: LayerNorm2d on NCHW (the backward reads x and dy
+    # twice: per-position sums, then dx; one pack per stream at a time)
+    "ln2d_fwd_kernel": _Ln2dFwd(),
+    "ln2d_bwd_kernel": Model(reads=("x", "dy", "x", "dy"), writes=("dx",), small=("stats", "w"),
+                             ws_out=_ws_ln2d, flight=one(), streams=2),
 }
 
 
