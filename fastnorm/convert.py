@@ -46,8 +46,8 @@ def convert(model: nn.Module) -> nn.Module:
     subclass) by fastnorm's counterpart, a subclass of it:
 
     - torch.nn: BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm,
-      InstanceNorm1d/2d/3d, LazyInstanceNorm1d/2d/3d, and every other torch.nn class
-      fastnorm.modules has a twin of (fastnorm.modules.TORCH_TO_FASTNORM; RMSNorm once there);
+      InstanceNorm1d/2d/3d, LazyInstanceNorm1d/2d/3d, RMSNorm (every torch.nn class
+      fastnorm.modules has a twin of: fastnorm.modules.TORCH_TO_FASTNORM);
     - timm (when imported): timm.layers.LayerNorm2d (fastnorm.functional.layer_norm2d) and
       timm.layers.RmsNorm (fastnorm.functional.rms_norm), their `_fast_norm` mode included;
     - torchvision (when imported): torchvision.ops.FrozenBatchNorm2d
