@@ -65,9 +65,10 @@ __device__ __forceinline__ int64_t pack_base(int64_t item, int64_t Sp, int64_t C
   return n * C * S + (item - n * Sp) * V;
 }
 
-// Channels taken by channel lane j of cy: c = j, j + cy, ... < C.
-__device__ __forceinline__ int64_t lane_channels(int64_t C, int j, int cy) {
-  return C > j ? (C - 1 - j) / cy + 1 : 0;
+// Channels taken by channel lane j of cy (c = j, j + cy, ... < C), from full = C / cy and
+// rem = C % cy computed once per kernel (no 64-bit division in the merge loop).
+__device__ __forceinline__ int64_t lane_channels(int64_t full, int64_t rem, int j) {
+  return full + (j < rem ? 1 : 0);
 }
 
 template <typename T, int V, bool CACHED>
@@ -79,6 +80,7 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int 
   const int tx = threadIdx.x % px, ty = threadIdx.x / px;
   const int64_t Sp = p.S / V, items = p.N * Sp;
   const int64_t tiles = (items + px - 1) / px;
+  const int64_t full = p.C / cy, rem = p.C % cy;
   for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {  // uniform over the block
     const int64_t item = t * px + tx;
     const bool active = item < items;
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int 
         for (int r = 0; r < R; ++r) {
           if (ty + int64_t(r) * cy >= p.C) break;
           cnt += A(1);
-          const A inv = A(1) / cnt;
+          const A inv = A(1) / A(r + 1);  // = 1 / cnt, a constant of the unrolled loop
 #pragma unroll
           for (int k = 0; k < V; ++k) {
             const A v = static_cast<A>(cache[r][k]);
@@ -140,7 +142,7 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int 
       for (int k = 0; k < V; ++k) {
         Welford<A> w(mean[k], m2[k], cnt);
         for (int j = 1; j < cy; ++j) {
-          const A nj = static_cast<A>(lane_channels(p.C, j, cy));
+          const A nj = static_cast<A>(lane_channels(full, rem, j));
           if (nj == A(0)) break;
           w.merge(Welford<A>(red[0][j * px * V + slot + k], red[1][j * px * V + slot + k], nj));
         }
