@@ -120,9 +120,12 @@ def _layer_norm_bwd_ref(grad_out, input, mean, rstd, weight, normalized_shape, o
     k = len(normalized_shape)
     stat_shape = list(x.shape[: x.dim() - k]) + [1] * k
     md = sd or _aten_stat_dtype(x, w)
+    # ATen's bias argument only tells it whether dbias is wanted: without a weight, give it a
+    # stand-in, or a layer with a bias and no weight gets no dbias
+    b = w if w is not None or not output_mask[2] else x.new_zeros(list(normalized_shape))
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
         dy, x, list(normalized_shape), mean.reshape(stat_shape).to(md),
-        rstd.reshape(stat_shape).to(md), w, w, list(output_mask))
+        rstd.reshape(stat_shape).to(md), w, b, list(output_mask))
     wd = weight.dtype if weight is not None else in_dtype
     return (dx.to(in_dtype) if output_mask[0] else _empty(input, in_dtype),
             dw.to(wd) if output_mask[1] else _empty(input, wd),
