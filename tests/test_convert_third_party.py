@@ -120,6 +120,18 @@ def _check_converted_model(model, x, originals, expected_count, factor=10.0):
     assert {n: id(p) for n, p in model.named_parameters()} == {n: id(p) for n, p in params.items()}
     y2, _, _ = _fwd_bwd(model, x)
     torch.testing.assert_close(y2, yt)  # the original forward again, bitwise
+
+    # converted again, an optimizer step trains it as the original trains its twin
+    fastnorm.convert(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (model, twin)]
+    for m, opt in zip((model, twin), opts):
+        _fwd_bwd(m, x)
+        opt.step()
+    y3, _, _ = _fwd_bwd(model, x)
+    y3t, _, _ = _fwd_bwd(twin, x)
+    assert torch.isfinite(y3t).all() and not torch.equal(y3t, yt)  # a real step was taken
+    assert_close_scaled(y3, y3t, F32, factor=factor, msg="output after an optimizer step")
+    fastnorm.revert(model)
     return model
 
 
@@ -458,7 +470,6 @@ def test_torchvision_resnet18_frozen_batch_norm():
     _check_converted_model(model, torch.randn(2, 3, 32, 32), {TVF}, 20)
 
 
-@pytest.mark.skipif(not hasattr(fastnorm, "RMSNorm"), reason="fastnorm.RMSNorm not there yet")
 def test_torch_rms_norm_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8), nn.GELU(), nn.Linear(8, 8),
