@@ -1,5 +1,7 @@
 """fastnorm microbenchmarks: forward, backward and forward+backward of every case (bench/cases.py)
-for fastnorm, PyTorch eager and torch.compile (and Apex / Liger when importable).
+for fastnorm, PyTorch eager and torch.compile (and Apex / Liger when importable); the eager and
+compiled baselines of LayerNorm2d and FrozenBatchNorm2d are timm's and torchvision's layers, that
+of the fused residual add + RMSNorm the unfused add and F.rms_norm.
 
     python bench/run.py [--quick] [--device cpu|cuda] [--ops ...] [--dtype ...]
                         [--providers ...] [--out FILE] [--compare FILE] [--budget SECONDS]
@@ -31,7 +33,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import fastnorm  # noqa: E402
-from cases import DTYPES, OPS, Case, select  # noqa: E402
+from cases import DTYPES, OPS, Case, select, streams  # noqa: E402
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 CORE_PROVIDERS = ("fastnorm", "eager", "compile")
@@ -124,11 +126,12 @@ class Timer:
         return times, (peak / 2**20 if self.cuda else float("nan"))
 
 
-def min_bytes(numel: int, itemsize: int, pass_: str) -> int:
-    """The fewest bytes a pass must move: fwd reads x and writes y; bwd reads x and dy and writes
-    dx; fwdbwd is both. Parameters, statistics and parameter gradients are left out (they are
-    per-channel or per-row: small)."""
-    return numel * itemsize * {"fwd": 2, "bwd": 3, "fwdbwd": 5}[pass_]
+def min_bytes(numel: int, itemsize: int, pass_: str, op: str = "layer_norm") -> int:
+    """The fewest bytes a pass must move: each x-sized input read once, each x-sized output
+    written once (cases.STREAMS: fwd reads x and writes y; bwd reads x and dy and writes dx;
+    fwdbwd is both; add_rms_norm and frozen_batch_norm have their own counts). Parameters,
+    statistics and parameter gradients are left out (they are per-channel or per-row: small)."""
+    return numel * itemsize * streams(op, pass_)
 
 
 def quantiles(times: List[float]):
@@ -176,9 +179,7 @@ def make_provider(name: str, case: Case, ref: torch.nn.Module) -> torch.nn.Modul
     if name == "eager":
         return copy.deepcopy(ref)
     if name == "fastnorm":
-        m = fastnorm.convert(copy.deepcopy(ref))
-        assert fastnorm.converted_modules(m), "convert() swapped nothing"
-        return m
+        return case.fastnorm_module(ref)  # convert() of ref, or fastnorm's fused op
     if name == "compile":
         torch._dynamo.reset()  # a fresh cache: the torch.nn forward code is shared by all cases
         return torch.compile(copy.deepcopy(ref), dynamic=False)
@@ -216,51 +217,72 @@ def available_extras(device: torch.device) -> List[str]:
 # one case
 # ----------------------------------------------------------------------------------------------
 def make_inputs(case: Case, device: torch.device, seed: int):
-    """Random x (mean 0.3, std 1.5: not centred, not unit) and dy, in the case's layout."""
+    """The layer's inputs and the gradients of its outputs, in the case's layout: x random (mean
+    0.3, std 1.5: not centred, not unit), dy ~ N(0, 1); add_rms_norm also takes a residual
+    (N(0, 1)) and gets a gradient of residual_out (N(0, 1)). Returns (inputs, grads), tuples of
+    case.n_inputs tensors; the inputs require grad."""
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[case.dtype]
     fmt = case.memory_format()
     x = torch.randn(case.shape, generator=g, device=device, dtype=torch.float32) * 1.5 + 0.3
     dy = torch.randn(case.shape, generator=g, device=device, dtype=torch.float32)
-    x = x.to(dtype).contiguous(memory_format=fmt).requires_grad_(True)
-    dy = dy.to(dtype).contiguous(memory_format=fmt)
-    return x, dy
+    inputs, grads = [x], [dy]
+    if case.n_inputs == 2:
+        inputs.append(torch.randn(case.shape, generator=g, device=device, dtype=torch.float32))
+        grads.append(torch.randn(case.shape, generator=g, device=device, dtype=torch.float32))
+    inputs = tuple(t.to(dtype).contiguous(memory_format=fmt).requires_grad_(True) for t in inputs)
+    grads = tuple(t.to(dtype).contiguous(memory_format=fmt) for t in grads)
+    return inputs, grads
 
 
-def pass_fns(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
+def _outputs(y) -> tuple:
+    return (y,) if isinstance(y, torch.Tensor) else tuple(y)
+
+
+def pass_fns(m: torch.nn.Module, inputs, grads):
     """pass -> (fn, setup) for Timer. fwd: a training forward (grad enabled, as in a training
     step); bwd: the backward alone, of a forward run untimed just before (setup); fwdbwd: both.
-    Gradients of x, weight and bias are returned, not accumulated into .grad."""
-    wrt = [x] + [p for p in m.parameters() if p.requires_grad]
+    Gradients of the inputs and the parameters that require grad are returned, not accumulated
+    into .grad; every output gets its gradient (add_rms_norm: output and residual_out)."""
+    inputs, grads = _as_tuple(inputs), _as_tuple(grads)
+    wrt = list(inputs) + [p for p in m.parameters() if p.requires_grad]
     return {
-        "fwd": (lambda _: m(x), None),
-        "bwd": (lambda y: torch.autograd.grad(y, wrt, dy), lambda: m(x)),
-        "fwdbwd": (lambda _: torch.autograd.grad(m(x), wrt, dy), None),
+        "fwd": (lambda _: m(*inputs), None),
+        "bwd": (lambda y: torch.autograd.grad(_outputs(y), wrt, grads), lambda: m(*inputs)),
+        "fwdbwd": (lambda _: torch.autograd.grad(_outputs(m(*inputs)), wrt, grads), None),
     }
 
 
-def reference(ref: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    """y and dx of one training step of the torch layer in float64 on contiguous inputs: the
-    yardstick for every provider, eager included (eager in the case's layout can be wrong: torch
-    2.14's CPU InstanceNorm backward is, for N=1 with a channels_last dy)."""
+def _as_tuple(t) -> tuple:
+    return (t,) if isinstance(t, torch.Tensor) else tuple(t)
+
+
+def reference(ref: torch.nn.Module, inputs, grads):
+    """The outputs and the inputs' gradients of one training step of the reference layer in
+    float64 on contiguous inputs: the yardstick for every provider, eager included (eager in the
+    case's layout can be wrong: torch 2.14's CPU InstanceNorm backward is, for N=1 with a
+    channels_last dy). Returns (outputs, input gradients), tuples."""
     m = copy.deepcopy(ref).double()
-    x64 = x.detach().double().contiguous().requires_grad_(True)
-    y = m(x64)
-    (dx,) = torch.autograd.grad(y, [x64], dy.double().contiguous())
-    return y.detach(), dx
+    x64 = tuple(t.detach().double().contiguous().requires_grad_(True) for t in _as_tuple(inputs))
+    ys = _outputs(m(*x64))
+    dxs = torch.autograd.grad(ys, x64, tuple(g.double().contiguous() for g in _as_tuple(grads)))
+    return tuple(y.detach() for y in ys), dxs
 
 
-def check(case: Case, m: torch.nn.Module, ref_out, x, dy):
-    """max |y - y_ref| and max |dx - dx_ref| of one training step, and whether both are finite and
-    within TOL of the float64 reference."""
-    y = m(x)
-    (dx,) = torch.autograd.grad(y, [x], dy)
+def check(case: Case, m: torch.nn.Module, ref_out, inputs, grads):
+    """max |y - y_ref| over the outputs and max |dx - dx_ref| over the inputs' gradients of one
+    training step, and whether all are finite and within TOL of the float64 reference."""
+    inputs, grads = _as_tuple(inputs), _as_tuple(grads)
+    ys = _outputs(m(*inputs))
+    dxs = torch.autograd.grad(ys, inputs, grads)
     tol = TOL[case.dtype]
-    diffs, ok = [], True
-    for a, b in zip((y.detach(), dx), ref_out):
-        d = (a.double() - b).abs()
-        diffs.append(d.max().item())
-        ok &= bool((d <= tol * (1 + b.abs())).all())  # NaN fails
+    diffs, ok = [0.0, 0.0], True
+    for i, (got, want) in enumerate(((ys, ref_out[0]), (dxs, ref_out[1]))):
+        assert len(got) == len(want), f"{len(got)} tensors where the reference has {len(want)}"
+        for a, b in zip(got, want):
+            d = (a.detach().double() - b).abs()
+            diffs[i] = max(diffs[i], d.max().item() if d.numel() else 0.0)
+            ok &= bool((d <= tol * (1 + b.abs())).all())  # NaN fails
     return diffs[0], diffs[1], ok
 
 
@@ -269,20 +291,20 @@ def bench_case(case: Case, providers: List[str], timer: Timer, meta: dict, copy_
     dev = timer.device
     torch.manual_seed(seed)
     ref = case.module().to(dev)
-    x, dy = make_inputs(case, dev, seed)
-    numel, itemsize = x.numel(), x.element_size()
+    inputs, grads = make_inputs(case, dev, seed)
+    numel, itemsize = inputs[0].numel(), inputs[0].element_size()
     # correctness first, each provider on a fresh copy of the same state
-    ref_out = reference(ref, x, dy)
+    ref_out = reference(ref, inputs, grads)
     results: Dict[str, dict] = {}
     for p in providers:
         m = fns = None
         try:
             m = make_provider(p, case, ref)
-            diff_y, diff_dx, ok = check(case, m, ref_out, x, dy)
+            diff_y, diff_dx, ok = check(case, m, ref_out, inputs, grads)
             if not ok:
                 print(f"  MISMATCH {p} against float64: max|y-y_ref| {diff_y:.3g}, "
                       f"max|dx-dx_ref| {diff_dx:.3g} (tolerance {TOL[case.dtype]} x (1+|ref|))")
-            fns = pass_fns(m, x, dy)
+            fns = pass_fns(m, inputs, grads)
             for pass_ in PASSES:
                 times, peak = timer(*fns[pass_])
                 results[(p, pass_)] = dict(times=times, peak=peak, diff_y=diff_y,
@@ -298,7 +320,7 @@ def bench_case(case: Case, providers: List[str], timer: Timer, meta: dict, copy_
     rows = []
     for (p, pass_), r in results.items():
         med, p20, p80 = quantiles(r["times"])
-        gbps = min_bytes(numel, itemsize, pass_) / (med * 1e-3) / 1e9
+        gbps = min_bytes(numel, itemsize, pass_, case.op) / (med * 1e-3) / 1e9
         def speedup(peer):
             other = results.get((peer, pass_))
             return statistics.median(other["times"]) / med if other else float("nan")
@@ -629,7 +651,7 @@ def plan_vs_measured(results_csv: str, plan_json: str, out_prefix: str) -> int:
                "p80_ms": r["p80_ms"],
                "bench_min_bytes": min_bytes(math.prod(int(v) for v in r["shape"].split("x")),
                                             torch.empty((), dtype=DTYPES[r["dtype"]]).element_size(),
-                                            r["pass"]),
+                                            r["pass"], r["op"]),
                "measured_gbps": float(r["gbps"]), "est_gbps": est_gbps, "copy_gbps": copy,
                "est_frac_of_copy": est_gbps / copy if est_gbps is not None and copy else None}
         rows.append(row)

@@ -4,6 +4,9 @@ runs in the emulation build (tools/cuda_emu) with launches recorded instead of e
     python tools/plan.py layer_norm 4096x768 bf16
     python tools/plan.py group_norm 8x320x64x64 fp16 --layout channels_last --groups 32
     python tools/plan.py batch_norm 32x256x14x14 fp16 --eval
+    python tools/plan.py add_rms_norm 4096x4096 bf16
+    python tools/plan.py layer_norm2d 32x96x56x56 bf16 --layout channels_last
+    python tools/plan.py frozen_batch_norm 64x256x56x56 fp32
 
 For each launch: kernel, grid, block, dynamic shared memory, blocks, and (when the CUDA build's
 resource report build/kernel_resources.json exists) resident blocks per SM and waves.
@@ -30,6 +33,9 @@ sys.path.insert(0, HERE)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 SMS = 132  # the emulated H100
+# Ops on rows of the last dimension (the groups family), and every op the planner takes.
+ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm")
+OPS = ROW_OPS + ("group_norm", "instance_norm", "batch_norm", "layer_norm2d", "frozen_batch_norm")
 
 
 def _resources() -> dict:
@@ -196,19 +202,42 @@ def mirror_cl(N, HW, C, G, vec, per_sm, sm=SMS):
 
 # ---- the call and one launch, as the models see them ------------------------------------------
 class Call:
-    """One op call: its shape in the terms of the kernels."""
+    """One op call: its shape in the terms of the kernels.
+
+    rows: LayerNorm-type statistics over rows of L contiguous elements (M rows; the row ops, and
+    LayerNorm2d, whose channels_last input is rows [N * HW, C]); rms: RMS statistics (rstd only,
+    no bias); add: the fused residual add (the forward also reads the residual and writes
+    residual_out; the backward also reads the gradient of residual_out and, one dtype, writes one
+    gradient for both inputs); frozen: FrozenBatchNorm2d (BatchNorm's eval path, buffers in the
+    input's dtype, the backward asks for dx only)."""
 
     def __init__(self, op, shape, dtype, layout="contiguous", groups=32, training=True):
+        if op not in OPS:
+            raise ValueError(f"tools/plan.py: unknown op {op!r}; expected one of {OPS}")
+        self.frozen = op == "frozen_batch_norm"
+        training = training and not self.frozen  # frozen statistics: the eval path
         self.op, self.shape, self.layout, self.training = op, tuple(shape), layout, training
         self.occupancy = {}  # kernel (_short) -> the resident blocks its host plan was given
+        self.rms = op in ("rms_norm", "add_rms_norm")
+        self.add = op.startswith("add_")
+        self.rows = op in ROW_OPS or op == "layer_norm2d"
+        self.bias = not self.rms            # the op has a bias (and a dbias)
+        self.param_grads = not self.frozen  # the backward asks for dweight (and dbias)
         self.elem = torch.empty((), dtype=dtype).element_size()
         self.acc = 8 if dtype == torch.float64 else 4
         self.numel = math.prod(self.shape)
         self.E = self.numel * self.elem  # bytes of one x-sized tensor
-        if op == "layer_norm":
+        if op in ROW_OPS:
             self.L = self.shape[-1]
             self.M = self.numel // self.L if self.L else 0
             self.P, self.S = self.L, self.M  # parameter length, statistics length
+            self.pbytes = self.elem
+        elif op == "layer_norm2d":  # per position (n, s) over C channels: rows [N * HW, C]
+            self.N, self.C = self.shape[0], self.shape[1]
+            self.HW = math.prod(self.shape[2:])
+            self.G, self.Cg = 1, self.C
+            self.M, self.L = self.N * self.HW, self.C
+            self.P, self.S = self.C, self.M
             self.pbytes = self.elem
         else:
             self.N, self.C = self.shape[0], self.shape[1]
@@ -219,14 +248,18 @@ class Call:
             self.P = self.C
             self.S = self.C if op == "batch_norm" else self.N * self.G
             self.pbytes = 4 if op == "batch_norm" else self.elem
+        # BatchNorm's running statistics as calls() makes them (FrozenBatchNorm2d: input's dtype)
+        self.rbytes = self.elem if self.frozen else RUNNING_BYTES
 
     def small(self, name: str) -> int:
         """Bytes of a small (per row / per channel) vector set, read or written once."""
-        a, p = self.acc, self.pbytes
+        a, p, r = self.acc, self.pbytes, self.rbytes
+        nstats = 1 if self.rms else 2  # RMSNorm: rstd only
+        grads = (2 if self.bias else 1) if self.param_grads else 0
         return {
-            "w": self.P * p, "b": self.P * p, "dwdb": 2 * self.P * p,
-            "stats": 2 * self.S * a, "mean": self.S * a,
-            "running": 4 * self.P * RUNNING_BYTES, "running_r": 2 * self.P * RUNNING_BYTES,
+            "w": self.P * p, "b": self.P * p if self.bias else 0, "dwdb": grads * self.P * p,
+            "stats": nstats * self.S * a, "mean": self.S * a,
+            "running": 4 * self.P * r, "running_r": 2 * self.P * r,
             "coef3": 3 * self.P * a, "coef4": 4 * self.P * a,
             "gn_coef": 2 * self.S * a, "row_sums": 2 * self.M * a,
             "nc_sums": 2 * getattr(self, "N", 0) * getattr(self, "C", 0) * a,
@@ -234,14 +267,17 @@ class Call:
 
     def minimum(self, pass_: str) -> int:
         """The op's minimum bytes: each input read once, each output written once. fwd: x, w, b
-        -> y, mean, rstd (BatchNorm training: running stats read and written; eval: read);
-        bwd: x, dy, mean, rstd, w -> dx, dw, db."""
+        -> y, mean, rstd (BatchNorm training: running stats read and written; eval: read; add:
+        input and residual -> output and residual_out); bwd: x, dy, mean, rstd, w -> dx, dw, db
+        (add: residual_out, dy, d residual_out -> one input gradient; frozen: dy, rstd, w -> dx).
+        The x-sized counts are bench/cases.py's STREAMS."""
         if pass_ == "fwd":
             small = ["w", "b", "stats"]
-            if self.op == "batch_norm":
+            if self.op in ("batch_norm", "frozen_batch_norm"):
                 small.append("running" if self.training else "running_r")
-            return 2 * self.E + sum(self.small(s) for s in small)
-        return 3 * self.E + sum(self.small(s) for s in ("stats", "w", "dwdb"))
+            return (4 if self.add else 2) * self.E + sum(self.small(s) for s in small)
+        streams = 4 if self.add else (2 if self.frozen else 3)
+        return streams * self.E + sum(self.small(s) for s in ("stats", "w", "dwdb"))
 
 
 class Launch:
@@ -295,7 +331,7 @@ def _flight_cached_bwd(k: Launch, c: Call):
 
 def _rows(k: Launch, c: Call):
     """(rows, row length) of an item kernel."""
-    if c.op == "layer_norm":
+    if c.rows:
         return c.M, c.L
     if k.name == "row_sums_partial_kernel":  # GroupNorm NCHW: (n, c) planes
         return c.N * c.C, c.HW
@@ -314,10 +350,17 @@ def _flight_items(k, c):
 
 
 def _ws_items(per_item):
+    """per_item: partial values per (row, chunk) item, or a function of the call."""
     def f(k, c):
         items, _, ok = _items(k, c)
-        return per_item * items * c.acc, ok
+        n = per_item(c) if callable(per_item) else per_item
+        return n * items * c.acc, ok
     return f
+
+
+def _param_arrays(c: Call) -> int:
+    """Column-partial arrays of the parameter gradients: dweight and dbias (RMSNorm: dweight)."""
+    return (2 if c.bias else 1) if c.param_grads else 0
 
 
 def _cl(k: Launch, c: Call):
@@ -351,13 +394,13 @@ def _flight_split(k: Launch, c: Call):
     return min(bwd_packs(k.vec), _cdiv(c.L // k.vec, k.threads)), True
 
 
-def _ws_cached_bwd(k, c):  # [grid, L] column partials of dweight and dbias
-    return 2 * k.grid[0] * c.L * c.acc, True
+def _ws_cached_bwd(k, c):  # [grid, L] column partials of dweight and dbias (RMSNorm: dweight)
+    return _param_arrays(c) * k.grid[0] * c.L * c.acc, True
 
 
 def _ws_split(k, c):  # [RG, L] column partials; grid = RG * S2, S2 column chunks
     s2 = _cdiv(c.L, k.threads * K["groups::kBwdElems"])
-    return 2 * (k.grid[0] // s2) * c.L * c.acc, k.grid[0] % s2 == 0
+    return _param_arrays(c) * (k.grid[0] // s2) * c.L * c.acc, k.grid[0] % s2 == 0
 
 
 def _ws_bn(planes):
@@ -368,7 +411,7 @@ def _ws_bn(planes):
 
 
 def _ws_row_sums(k, c):  # row_sums_finalize's output: two sums per row (LN) or (n, c) plane (GN)
-    rows = c.M if c.op == "layer_norm" else c.N * c.C
+    rows = c.M if c.rows else c.N * c.C
     return 2 * rows * c.acc, True
 
 
@@ -387,20 +430,25 @@ class Model:
            a workspace, mirror agreed);
     flight(k, c) -> (packs per thread per stream in flight, mirror agreed); streams: how many
            tensors those packs come from; acc_packs: the packs are single accumulation-type
-           elements (finalize kernels) instead of VEC elements of x's dtype.
+           elements (finalize kernels) instead of VEC elements of x's dtype;
+    add_reads / add_writes: the x-sized tensors the kernel also streams for a fused residual add
+           (Call.add), each also a stream of packs in flight when it is read.
     """
 
     def __init__(self, reads=(), writes=(), small=(), ws_in=False, ws_out=None, flight=None,
-                 streams=1, acc_packs=False):
+                 streams=1, acc_packs=False, add_reads=(), add_writes=()):
         self.reads, self.writes, self.small = reads, writes, small
         self.ws_in, self.ws_out, self.flight = ws_in, ws_out, flight
         self.streams, self.acc_packs = streams, acc_packs
+        self.add_reads, self.add_writes = add_reads, add_writes
 
     def estimate(self, k: Launch, c: Call, st: PassState) -> Est:
         parts, approx = {}, False
-        for t in self.reads:
+        reads = self.reads + (self.add_reads if c.add else ())
+        writes = self.writes + (self.add_writes if c.add else ())
+        for t in reads:
             parts[f"{t} read"] = parts.get(f"{t} read", 0) + c.E
-        for t in self.writes:
+        for t in writes:
             parts[f"{t} write"] = parts.get(f"{t} write", 0) + c.E
         small = self.small(c) if callable(self.small) else self.small
         for s in small:
@@ -417,7 +465,8 @@ class Model:
             packs, ok = self.flight(k, c)
             approx |= not ok
             pack = c.acc if self.acc_packs else k.vec * c.elem
-            per_thread = packs * self.streams * pack
+            streams = self.streams + (len(self.add_reads) if c.add else 0)
+            per_thread = packs * streams * pack
         return Est(parts, per_thread, approx)
 
 
@@ -432,6 +481,8 @@ class Modal:
     def pick(self, c: Call, st: PassState):
         if any(n.startswith(self.producer) for n in st.seen):
             return self.final(c)
+        if self.producer == "bn_bwd_sums" and not c.training and not c.param_grads:
+            return _bn_bwd_eval_dx(c)  # frozen statistics, dx only: no sums at all
         return self.fused(c) if (c.training or self.producer == "bn_bwd_sums") else self.eval(c)
 
     def estimate(self, k, c, st):
@@ -441,6 +492,10 @@ class Modal:
 def _bn_bwd_fused(c):  # sums over dy and x, then dx (training: dy and x again; eval: dy)
     return Model(reads=("dy", "x", "dy") + (("x",) if c.training else ()), writes=("dx",),
                  small=("stats", "w", "dwdb"), flight=_flight_bn, streams=2)
+
+
+def _bn_bwd_eval_dx(c):  # eval, dx only (FrozenBatchNorm2d): dx = dy * w * rstd
+    return Model(reads=("dy",), writes=("dx",), small=("stats", "w"), flight=_flight_bn)
 
 
 def _bn_bwd_final(c):
@@ -481,6 +536,15 @@ class _Ln2dFwd:
         return m.estimate(k, c, st)
 
 
+class _Finalize:
+    """row_welford_finalize_kernel: reads the partials (3 per item; RMSNorm 1), writes the
+    statistics; one accumulation-type element per partial in flight per thread."""
+
+    def estimate(self, k: Launch, c: Call, st: PassState) -> Est:
+        return Model(ws_in=True, small=("stats",), flight=one(), streams=1 if c.rms else 3,
+                     acc_packs=True).estimate(k, c, st)
+
+
 def _ws_ln2d(k, c):  # [grid, C] partials of dweight and dbias
     return 2 * k.grid[0] * c.C * c.acc, True
 
@@ -488,23 +552,31 @@ def _ws_ln2d(k, c):  # [grid, C] partials of dweight and dbias
 # memory like an existing one takes that entry's Model in one line; see docs/kernel_resources.md.
 MODELS = {
     # contiguous groups, forward (groups_forward.cuh)
+    # (a fused residual add: the cached forward and the partial pass also read the residual and
+    # write residual_out; the apply pass reads residual_out in place of x. RMSNorm: one partial
+    # per item, the sum of squares)
     "row_fwd_cached_kernel": Model(reads=("x",), writes=("y",), small=("w", "b", "stats"),
-                                   flight=_flight_cached_fwd),
-    "row_welford_partial_kernel": Model(reads=("x",), ws_out=_ws_items(3), flight=_flight_items),
-    "row_welford_finalize_kernel": Model(ws_in=True, small=("stats",), flight=one(), streams=3,
-                                         acc_packs=True),
+                                   flight=_flight_cached_fwd, add_reads=("residual",),
+                                   add_writes=("residual_out",)),
+    "row_welford_partial_kernel": Model(reads=("x",), ws_out=_ws_items(lambda c: 1 if c.rms else 3),
+                                        flight=_flight_items, add_reads=("residual",),
+                                        add_writes=("residual_out",)),
+    "row_welford_finalize_kernel": _Finalize(),
     "row_apply_kernel": Model(reads=("x",), writes=("y",), small=("w", "b", "stats"),
                               flight=_flight_items),
-    # contiguous groups, backward (groups_backward.cuh)
+    # contiguous groups, backward (groups_backward.cuh); a fused residual add: x is residual_out,
+    # the dx kernels also read the gradient of residual_out and write one input gradient
     "ln_bwd_cached_kernel": Model(reads=("x", "dy"), writes=("dx",), small=("w", "stats"),
-                                  ws_out=_ws_cached_bwd, flight=_flight_cached_bwd, streams=2),
+                                  ws_out=_ws_cached_bwd, flight=_flight_cached_bwd, streams=2,
+                                  add_reads=("d_residual_out",)),
     "row_sums_partial_kernel": Model(reads=("x", "dy"),
-                                     small=lambda c: ("w", "stats") if c.op == "layer_norm" else ("stats",),
+                                     small=lambda c: ("w", "stats") if c.rows else ("stats",),
                                      ws_out=_ws_items(2), flight=_flight_items, streams=2),
     "row_sums_finalize_kernel": Model(ws_in=True, ws_out=_ws_row_sums, flight=one(), streams=2,
                                       acc_packs=True),
     "ln_bwd_split_kernel": Model(reads=("x", "dy"), writes=("dx",), small=("w", "stats", "row_sums"),
-                                 ws_out=_ws_split, flight=_flight_split, streams=2),
+                                 ws_out=_ws_split, flight=_flight_split, streams=2,
+                                 add_reads=("d_residual_out",)),
     "col_sum_finalize_kernel": Model(ws_in=True, small=("dwdb",), flight=one(), acc_packs=True),
     "gn_bwd_coef_kernel": Model(small=("nc_sums", "w", "gn_coef"), flight=one(), streams=2,
                                 acc_packs=True),
@@ -544,31 +616,63 @@ MODELS = {
 
 
 def calls(op: str, shape, dtype, layout: str, groups: int, training: bool):
-    """The (forward, backward) op calls of one case, on CPU tensors, for an Emulator's ops."""
+    """The (forward, backward) op calls of one case, on CPU tensors, for an Emulator's ops, as
+    fastnorm's layers make them: fwd(ops) returns the forward op's outputs, bwd(ops, outputs)
+    runs the backward op on them with the output mask the autograd passes.
+
+    rms_norm / add_rms_norm / add_layer_norm: rows of the last dimension (eps 1e-6); the fused
+    add's residual in x's dtype, the backward with the gradient of residual_out and, one dtype,
+    only the residual's gradient asked for (the autograd gives that tensor to both inputs).
+    layer_norm2d: (N, C, *) in the layout. frozen_batch_norm: batch_norm_fwd in eval mode with
+    buffers in x's dtype (functional.frozen_batch_norm), the backward for dx only (buffers take
+    no gradient)."""
+    if op not in OPS:
+        raise ValueError(f"tools/plan.py: unknown op {op!r}; expected one of {OPS}")
     fmt = {"channels_last": torch.channels_last if len(shape) == 4 else torch.channels_last_3d}.get(layout)
     x = torch.empty(shape, dtype=dtype)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
     dy = torch.empty_like(x)
-    c = shape[-1] if op == "layer_norm" else shape[1]
+    res, dres = torch.empty_like(x), torch.empty_like(x)  # the fused add's residual, d residual_out
+    c = shape[-1] if op in ROW_OPS else shape[1]
     pdt = torch.float32 if op == "batch_norm" else dtype
     w, b = torch.empty(c, dtype=pdt), torch.empty(c, dtype=pdt)
+    rms = op in ("rms_norm", "add_rms_norm")
+    frozen = op == "frozen_batch_norm"
+    training = training and not frozen
 
     def fwd(ops):
         if op == "layer_norm":
             return ops.layer_norm_fwd(x, [c], w, b, 1e-5)
+        if op == "rms_norm":
+            return ops.rms_norm_fwd(x, [c], w, 1e-6)
+        if op in ("add_rms_norm", "add_layer_norm"):
+            return ops.add_norm_fwd(x, res, [c], w, None if rms else b, 1e-6 if rms else 1e-5, rms)
+        if op == "layer_norm2d":
+            return ops.layer_norm2d_fwd(x, w, b, 1e-6)
         if op in ("group_norm", "instance_norm"):
             return ops.group_norm_fwd(x, w, b, c if op == "instance_norm" else groups, 1e-5)
-        rm, rv = torch.zeros(c), torch.ones(c)
-        return ops.batch_norm_fwd(x, w, b, rm, rv, None, training, 0.1, 1e-5)
+        rm = torch.zeros(c, dtype=pdt if frozen else torch.float32)
+        rv = torch.ones(c, dtype=pdt if frozen else torch.float32)
+        return ops.batch_norm_fwd(x, w, b, rm, rv, None, training, 0.0 if frozen else 0.1, 1e-5)
 
-    def bwd(ops, mean, rstd):
+    def bwd(ops, out):
         mask = [True, True, True]
         if op == "layer_norm":
-            return ops.layer_norm_bwd(dy, x, mean, rstd, w, [c], mask)
+            return ops.layer_norm_bwd(dy, x, out[1], out[2], w, [c], mask)
+        if op == "rms_norm":
+            return ops.rms_norm_bwd(dy, x, out[1], w, [c], [True, True])
+        if op in ("add_rms_norm", "add_layer_norm"):
+            _, r, mean, rstd = out
+            return ops.add_norm_bwd(dy, dres, r, mean, rstd, w, [c], rms, dtype,
+                                    [False, True, True, not rms])
+        if op == "layer_norm2d":
+            return ops.layer_norm2d_bwd(dy, x, out[1], out[2], w, mask)
         if op in ("group_norm", "instance_norm"):
-            return ops.group_norm_bwd(dy, x, mean, rstd, w, c if op == "instance_norm" else groups, mask)
-        return ops.batch_norm_bwd(dy, x, mean, rstd, w, training, mask)
+            return ops.group_norm_bwd(dy, x, out[1], out[2], w,
+                                      c if op == "instance_norm" else groups, mask)
+        return ops.batch_norm_bwd(dy, x, out[1], out[2], w, training,
+                                  [True, False, False] if frozen else mask)
 
     return x, fwd, bwd
 
@@ -578,16 +682,15 @@ def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, q
     occupancy queries the host plans made are appended to `queries` (a list) if given."""
     x, fwd, bwd = calls(op, shape, dtype, layout, groups, training)
     out = []
-    stats = {}
+    outs = {}
 
     def run_fwd():
-        stats["y"] = fwd(emu.ops)
+        outs["fwd"] = fwd(emu.ops)
 
     out += [("fwd",) + r for r in emu.record_launches(run_fwd)]
     if queries is not None:
         queries += [("fwd",) + q for q in emu.occupancy_queries()]
-    _, mean, rstd = stats["y"]
-    out += [("bwd",) + r for r in emu.record_launches(lambda: bwd(emu.ops, mean, rstd))]
+    out += [("bwd",) + r for r in emu.record_launches(lambda: bwd(emu.ops, outs["fwd"]))]
     if queries is not None:
         queries += [("bwd",) + q for q in emu.occupancy_queries()]
     return out
@@ -729,12 +832,13 @@ def plan_case(emu, op, shape, dtype, layout="contiguous", groups=32, training=Tr
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("op", choices=("layer_norm", "group_norm", "instance_norm", "batch_norm"))
+    ap.add_argument("op", choices=OPS)
     ap.add_argument("shape", help="e.g. 4096x768")
     ap.add_argument("dtype", choices=tuple(DTYPES))
     ap.add_argument("--layout", default="contiguous", choices=("contiguous", "channels_last"))
     ap.add_argument("--groups", type=int, default=32)
-    ap.add_argument("--eval", action="store_true", help="BatchNorm in eval mode")
+    ap.add_argument("--eval", action="store_true",
+                    help="BatchNorm in eval mode (frozen_batch_norm always is)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
     from cuda_emu import emu as emu_mod
