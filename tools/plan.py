@@ -111,21 +111,25 @@ def _kernel_consts() -> dict:
 K = _kernel_consts()
 # Template constants (groups_forward.cuh / groups_backward.cuh), checked against the source text
 # by tests/test_plan.py:
-#   kFwdPacks<T, VEC> = VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : 8)
+#   kFwdPacks<T, VEC, S> = VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : (sizeof(S) > sizeof(T) ? 4 : 8))
 #   kBwdPacks<VEC> = 8 / VEC
-#   kBwdCachedMaxThreads<T, VEC> = sizeof(acc_of<T>) == 8 || VEC == 1 ? 512 : 1024
+#   kBwdCachedMaxThreads<T, VEC, X> = sizeof(acc_of<T>) == 8 || VEC == 1 || sizeof(X) > sizeof(T)
+#                                     ? 512 : 1024
+# S / X: the dtype a row is held in (the residual stream's with a fused add; else T). calls()
+# gives the residual x's dtype, so held = elem in every plan made here.
+KROW_BLOCK_THREADS = 512  # groups.h ln_backward_vec: kRowBlockThreads (rows per block)
 
 
-def fwd_packs(elem: int, vec: int) -> int:
-    return 8 if vec == 1 else (4 if elem == 8 else 8)
+def fwd_packs(elem: int, vec: int, held: int = 0) -> int:
+    return 8 if vec == 1 else (4 if elem == 8 else (4 if (held or elem) > elem else 8))
 
 
 def bwd_packs(vec: int) -> int:
     return 8 // vec
 
 
-def bwd_cached_max_threads(acc: int, vec: int) -> int:
-    return 512 if acc == 8 or vec == 1 else 1024
+def bwd_cached_max_threads(acc: int, vec: int, elem: int = 0, held: int = 0) -> int:
+    return 512 if acc == 8 or vec == 1 or (held or elem) > elem else 1024
 
 
 # ---- the host plans' inner parameters --------------------------------------------------------
@@ -159,6 +163,23 @@ def mirror_cached(M, L, vec, elem, packs_per_thread, max_tpr, sub_warp_threads, 
     while tpr < max_tpr and tpr < packs and M * tpr < sm * 256:
         tpr <<= 1
     threads = sub_warp_threads if tpr <= 32 else tpr
+    return tpr, threads, _cdiv(M, threads // tpr)
+
+
+def mirror_cached_bwd(M, L, vec, elem, acc, sm=SMS):
+    """groups.h ln_backward_vec, cached path -> (tpr, threads, row_blocks), or None (split): the
+    cached plan, then several rows per block when tpr > 32 (up to kRowBlockThreads threads and
+    no more rows per block than rows per SM)."""
+    m = mirror_cached(M, L, vec, elem, bwd_packs(vec), bwd_cached_max_threads(acc, vec), 256, sm)
+    if m is None:
+        return None
+    tpr, threads, _ = m
+    if tpr > 32:
+        rows_per_sm = max(1, M // sm)
+        rpb = 1
+        while rpb * 2 * tpr <= KROW_BLOCK_THREADS and rpb * 2 <= rows_per_sm:
+            rpb *= 2
+        threads = tpr * rpb
     return tpr, threads, _cdiv(M, threads // tpr)
 
 
@@ -322,8 +343,7 @@ def _flight_cached_fwd(k: Launch, c: Call):
 
 
 def _flight_cached_bwd(k: Launch, c: Call):
-    m = mirror_cached(c.M, c.L, k.vec, c.elem, bwd_packs(k.vec),
-                      bwd_cached_max_threads(c.acc, k.vec), 256)
+    m = mirror_cached_bwd(c.M, c.L, k.vec, c.elem, c.acc)
     ok = m is not None and m[1] == k.threads and k.grid[0] <= m[2]
     tpr = m[0] if m else k.threads
     return min(bwd_packs(k.vec), _cdiv(c.L // k.vec, tpr)), ok
