@@ -126,6 +126,121 @@ def test_group_norm_channels_last_partials_counted(emu):
     assert not any(ln["approx"] for ln in est["launches"])
 
 
+def test_rms_norm_cached_forward_is_one_pass(emu):
+    # 4096 x 4096 bf16 (Llama-7B): one cached launch reads x, writes y, reads w (no bias) and
+    # writes rstd only (RMS statistics): exactly the minimum
+    est = case(emu, "rms_norm", (4096, 4096), torch.bfloat16)
+    assert kernels(est, "fwd") == ["row_fwd_cached_kernel"]
+    x = 2 * 4096 * 4096
+    want = x + x + 4096 * 2 + 4096 * 4
+    assert est["passes"]["fwd"]["est_bytes"] == want == est["passes"]["fwd"]["min_bytes"]
+    # backward: x and dy read, dx written, one array of [grid, L] fp32 column partials (dweight
+    # only) written and read back by the finalize, which writes dweight
+    assert kernels(est, "bwd") == ["ln_bwd_cached_kernel", "col_sum_finalize_kernel"]
+    bwd_launch = [ln for ln in est["launches"] if ln["pass"] == "bwd"][0]
+    ws = bwd_launch["grid"][0] * 4096 * 4
+    want = (3 * x + 4096 * 2 + 4096 * 4 + ws) + (ws + 4096 * 2)
+    assert est["passes"]["bwd"]["est_bytes"] == want
+    assert est["passes"]["bwd"]["min_bytes"] == 3 * x + 4096 * 4 + 4096 * 2 + 4096 * 2
+    assert not any(ln["approx"] for ln in est["launches"])
+
+
+def test_add_rms_norm_counts_the_residual_streams(emu):
+    # fused residual add, 4096 x 4096 bf16: the forward reads input and residual and writes output
+    # and residual_out (4 x-sized streams, the minimum); the backward reads residual_out, dy and
+    # the gradient of residual_out and writes one input gradient (one dtype: dresidual only)
+    est = case(emu, "add_rms_norm", (4096, 4096), torch.bfloat16)
+    x = 2 * 4096 * 4096
+    (f,) = [ln for ln in est["launches"] if ln["pass"] == "fwd"]
+    assert f["kernel"].split("<")[0] == "groups::row_fwd_cached_kernel"
+    assert f["parts"]["residual read"] == x and f["parts"]["residual_out write"] == x
+    assert est["passes"]["fwd"]["est_bytes"] == 4 * x + 4096 * 2 + 4096 * 4
+    assert est["passes"]["fwd"]["passes"] == 1.0
+    # bytes in flight: two streams (x and residual) of the cached forward's packs
+    plain = case(emu, "rms_norm", (4096, 4096), torch.bfloat16)
+    (pf,) = [ln for ln in plain["launches"] if ln["pass"] == "fwd"]
+    assert f["inflight_thread"] == 2 * pf["inflight_thread"]
+    b = [ln for ln in est["launches"] if ln["pass"] == "bwd"][0]
+    assert b["parts"]["d_residual_out read"] == x and b["parts"]["dx write"] == x
+    assert b["parts"]["x read"] == x and b["parts"]["dy read"] == x
+    assert est["passes"]["bwd"]["min_bytes"] == 4 * x + 4096 * 4 + 2 * 4096 * 2
+    # add_layer_norm: the same streams, LayerNorm statistics and a bias
+    ln = case(emu, "add_layer_norm", (4096, 4096), torch.bfloat16)
+    assert ln["passes"]["fwd"]["est_bytes"] == 4 * x + 2 * 4096 * 2 + 2 * 4096 * 4
+    assert not any(r["approx"] for r in est["launches"] + ln["launches"])
+
+
+def test_add_norm_split_path_streams(emu):
+    # 512 x 65536 fp32 (too few rows for the cached forward): the partial pass reads input and
+    # residual and writes residual_out, the apply pass reads residual_out and writes the output
+    est = case(emu, "add_rms_norm", (512, 65536), torch.float32)
+    assert kernels(est, "fwd") == ["row_welford_partial_kernel", "row_welford_finalize_kernel",
+                                   "row_apply_kernel"]
+    x = 4 * 512 * 65536
+    part, fin, app = [ln for ln in est["launches"] if ln["pass"] == "fwd"]
+    items = part["parts"]["workspace write"] // 4  # one partial (sum of squares) per item
+    assert part["parts"]["x read"] == part["parts"]["residual read"] == x
+    assert part["parts"]["residual_out write"] == x
+    assert fin["parts"]["workspace read"] == items * 4 and fin["parts"]["stats"] == 512 * 4
+    assert app["parts"]["x read"] == x and app["parts"]["y write"] == x
+    assert est["passes"]["fwd"]["passes"] == pytest.approx(5 / 4, abs=0.01)
+
+
+def test_layer_norm2d_layouts(emu):
+    # channels_last (and S == 1) input: LayerNorm's rows [N * HW, C]; NCHW: the positions family
+    cl = case(emu, "layer_norm2d", (32, 96, 56, 56), torch.bfloat16, "channels_last")
+    assert kernels(cl, "fwd") == ["row_fwd_cached_kernel"]
+    x, P = 2 * 32 * 96 * 56 * 56, 32 * 56 * 56
+    assert cl["passes"]["fwd"]["est_bytes"] == 2 * x + 2 * 96 * 2 + 2 * P * 4
+    assert cl["passes"]["fwd"]["passes"] == 1.0
+    nchw = case(emu, "layer_norm2d", (32, 96, 56, 56), torch.bfloat16)
+    assert kernels(nchw, "fwd") == ["ln2d_fwd_kernel"]
+    assert kernels(nchw, "bwd") == ["ln2d_bwd_kernel", "col_sum_finalize_kernel"]
+    # 96 channels fit a lane's 8 packs: the cached forward, x read once
+    assert nchw["passes"]["fwd"]["passes"] == 1.0
+    assert nchw["passes"]["bwd"]["min_bytes"] == 3 * x + 2 * P * 4 + 96 * 2 + 2 * 96 * 2
+    # one position per sample (S == 1): rows too, whatever the layout
+    s1 = case(emu, "layer_norm2d", (64, 768, 1, 1), torch.bfloat16)
+    assert kernels(s1, "fwd") == ["row_fwd_cached_kernel"]
+    assert not any(ln["approx"] for ln in cl["launches"] + nchw["launches"] + s1["launches"])
+
+
+def test_frozen_batch_norm_is_one_pass_each_way(emu):
+    # eval statistics, buffers in x's dtype: the forward reads x and writes y; the backward
+    # (dx only: buffers take no gradient) reads dy and writes dx, no sums over x
+    for shape, dtype, layout, elem in (((64, 256, 56, 56), torch.float32, "contiguous", 4),
+                                       ((64, 256, 56, 56), torch.bfloat16, "channels_last", 2)):
+        est = case(emu, "frozen_batch_norm", shape, dtype, layout)
+        assert len(kernels(est, "fwd")) == 1 and kernels(est, "fwd")[0].startswith("bn_fwd_apply")
+        assert len(kernels(est, "bwd")) == 1 and kernels(est, "bwd")[0].startswith("bn_bwd_apply")
+        x, C = elem * math.prod(shape), 256
+        assert est["passes"]["fwd"]["est_bytes"] == 2 * x + 2 * C * elem + 2 * C * 4 + 2 * C * elem
+        (b,) = [ln for ln in est["launches"] if ln["pass"] == "bwd"]
+        assert set(k for k in b["parts"] if k.endswith(("read", "write"))) == {"dy read", "dx write"}
+        assert est["passes"]["bwd"]["est_bytes"] == 2 * x + 2 * C * 4 + C * elem
+        for p in ("fwd", "bwd", "fwdbwd"):
+            assert est["passes"][p]["passes"] == 1.0
+
+
+def test_plan_minimum_matches_the_bench(emu):
+    # the plan's minimum (x-sized streams plus small vectors) and bench/run.py's minimum bytes
+    # (x-sized streams only, cases.STREAMS) count the same x-sized tensors for every op
+    import run
+
+    from cases import OPS
+
+    for op in OPS:
+        shape = (64, 256) if op in planner.ROW_OPS else (4, 32, 8, 8)
+        c = planner.Call(op, shape, torch.float32, groups=8)
+        small = planner.Call(op, shape, torch.float32, groups=8)
+        small.E = 0  # the small vectors alone
+        for p in ("fwd", "bwd"):
+            streams = (c.minimum(p) - small.minimum(p)) // c.E
+            assert run.min_bytes(c.numel, 4, p, op) == streams * c.E, (op, p)
+        fwdbwd = run.min_bytes(c.numel, 4, "fwdbwd", op)
+        assert fwdbwd == run.min_bytes(c.numel, 4, "fwd", op) + run.min_bytes(c.numel, 4, "bwd", op)
+
+
 def test_inflight_per_sm_and_low_flag(emu):
     # with a resource record for the kernel: resident blocks from the occupancy arithmetic,
     # averaged over the SMs when the grid is smaller than one wave
@@ -186,12 +301,19 @@ def test_template_constants_match_the_sources():
         fwd = re.sub(r"\s+", " ", f.read())
     with open(os.path.join(ROOT, "csrc", "kernels", "groups_backward.cuh")) as f:
         bwd = re.sub(r"\s+", " ", f.read())
-    assert "inline constexpr int kFwdPacks = VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : 8);" in fwd
+    with open(os.path.join(ROOT, "csrc", "launch", "groups.h")) as f:
+        host = re.sub(r"\s+", " ", f.read())
+    assert ("inline constexpr int kFwdPacks = VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : "
+            "(sizeof(S) > sizeof(T) ? 4 : 8));") in fwd
     assert "inline constexpr int kBwdPacks = 8 / VEC;" in fwd
-    assert ("inline constexpr int kBwdCachedMaxThreads = sizeof(acc_of<T>) == 8 || VEC == 1 ? "
-            "512 : 1024;") in bwd
-    for elem, vec in ((2, 1), (2, 8), (4, 4), (8, 2)):
-        assert planner.fwd_packs(elem, vec) == (8 if vec == 1 else (4 if elem == 8 else 8))
+    assert ("inline constexpr int kBwdCachedMaxThreads = sizeof(acc_of<T>) == 8 || VEC == 1 || "
+            "sizeof(X) > sizeof(T) ? 512 : 1024;") in bwd
+    assert f"constexpr int kRowBlockThreads = {planner.KROW_BLOCK_THREADS};" in host
+    for elem, vec, held in ((2, 1, 2), (2, 8, 2), (2, 8, 4), (4, 4, 4), (8, 2, 8)):
+        want = 8 if vec == 1 else (4 if elem == 8 else (4 if held > elem else 8))
+        assert planner.fwd_packs(elem, vec, held) == want
+        assert planner.bwd_cached_max_threads(8 if elem == 8 else 4, vec, elem, held) == (
+            512 if elem == 8 or vec == 1 or held > elem else 1024)
     assert planner.K["groups::kUnroll"] == 4 and planner.K["channels::kThreads"] == 256
 
 
@@ -201,13 +323,16 @@ def test_mirrors_agree_with_every_benchmark_case(emu):
     from cases import DTYPES, select
 
     bad = []
+    ops = set()
     for c in select("cuda", False):
         est = case(emu, c.op, c.shape, DTYPES[c.dtype],
                    "channels_last" if c.layout != "contiguous" else "contiguous",
                    32 if c.op == "group_norm" else 1)
         bad += [f"{c.label}: {ln['kernel']}" for ln in est["launches"] if ln["approx"]]
         assert all(t["passes"] is not None and t["passes"] >= 0.999 for t in est["passes"].values())
+        ops.add(c.op)
     assert not bad, bad
+    assert ops == set(planner.OPS) - {"add_layer_norm"}  # every op the bench measures is planned
 
 
 def test_plan_join_puts_measurements_next_to_the_plan(emu, tmp_path):

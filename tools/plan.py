@@ -267,7 +267,7 @@ class Call:
             self.Cg = self.C // self.G if self.G else 0
             self.M, self.L = self.N * self.G, self.Cg * self.HW  # GroupNorm NCHW rows
             self.P = self.C
-            self.S = self.C if op == "batch_norm" else self.N * self.G
+            self.S = self.C if op in ("batch_norm", "frozen_batch_norm") else self.N * self.G
             self.pbytes = 4 if op == "batch_norm" else self.elem
         # BatchNorm's running statistics as calls() makes them (FrozenBatchNorm2d: input's dtype)
         self.rbytes = self.elem if self.frozen else RUNNING_BYTES
