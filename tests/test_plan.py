@@ -170,6 +170,38 @@ def test_add_rms_norm_counts_the_residual_streams(emu):
     assert not any(r["approx"] for r in est["launches"] + ln["launches"])
 
 
+def test_add_rms_norm_float32_residual_stream(emu):
+    # bf16 input with a float32 residual stream: residual, residual_out and the gradient of
+    # residual_out are float32; the backward writes both input gradients (bf16 and float32); the
+    # cached forward holds rows as floats (half the packs: twice the threads per row)
+    M, L = 4096, 4096
+    est = planner.plan_case(emu, "add_rms_norm", (M, L), torch.bfloat16, res={},
+                            residual=torch.float32)
+    assert est["residual"] == "float32"
+    x, r = 2 * M * L, 4 * M * L
+    (f,) = [ln for ln in est["launches"] if ln["pass"] == "fwd"]
+    assert f["parts"]["x read"] == x and f["parts"]["residual read"] == r
+    assert f["parts"]["y write"] == x and f["parts"]["residual_out write"] == r
+    assert est["passes"]["fwd"]["passes"] == 1.0
+    same = case(emu, "add_rms_norm", (M, L), torch.bfloat16)
+    (sf,) = [ln for ln in same["launches"] if ln["pass"] == "fwd"]
+    assert f["block"][0] == 2 * sf["block"][0]
+    assert f["inflight_thread"] == 4 * (8 * 2 + 8 * 4)  # 4 packs of x (bf16) and residual (fp32)
+    b = [ln for ln in est["launches"] if ln["pass"] == "bwd"][0]
+    assert b["parts"]["x read"] == r and b["parts"]["d_residual_out read"] == r
+    assert b["parts"]["dy read"] == x and b["parts"]["dx write"] == x
+    assert b["parts"]["dresidual write"] == r
+    assert est["passes"]["bwd"]["min_bytes"] == 2 * x + 3 * r + M * 4 + 2 * L * 2
+    assert not any(ln["approx"] for ln in est["launches"])
+    # the split path too (too few rows for the cached forward)
+    sp = planner.plan_case(emu, "add_layer_norm", (512, 65536), torch.bfloat16, res={},
+                           residual=torch.float32)
+    assert kernels(sp, "fwd")[0] == "row_welford_partial_kernel"
+    app = [ln for ln in sp["launches"] if ln["pass"] == "fwd"][2]
+    assert app["parts"]["x read"] == 4 * 512 * 65536  # residual_out, float32
+    assert not any(ln["approx"] for ln in sp["launches"])
+
+
 def test_add_norm_split_path_streams(emu):
     # 512 x 65536 fp32 (too few rows for the cached forward): the partial pass reads input and
     # residual and writes residual_out, the apply pass reads residual_out and writes the output
@@ -233,7 +265,7 @@ def test_plan_minimum_matches_the_bench(emu):
         shape = (64, 256) if op in planner.ROW_OPS else (4, 32, 8, 8)
         c = planner.Call(op, shape, torch.float32, groups=8)
         small = planner.Call(op, shape, torch.float32, groups=8)
-        small.E = 0  # the small vectors alone
+        small.E = small.R = 0  # the small vectors alone
         for p in ("fwd", "bwd"):
             streams = (c.minimum(p) - small.minimum(p)) // c.E
             assert run.min_bytes(c.numel, 4, p, op) == streams * c.E, (op, p)

@@ -5,6 +5,7 @@ runs in the emulation build (tools/cuda_emu) with launches recorded instead of e
     python tools/plan.py group_norm 8x320x64x64 fp16 --layout channels_last --groups 32
     python tools/plan.py batch_norm 32x256x14x14 fp16 --eval
     python tools/plan.py add_rms_norm 4096x4096 bf16
+    python tools/plan.py add_rms_norm 4096x4096 bf16 --residual fp32   # a float32 residual stream
     python tools/plan.py layer_norm2d 32x96x56x56 bf16 --layout channels_last
     python tools/plan.py frozen_batch_norm 64x256x56x56 fp32
 
@@ -115,8 +116,8 @@ K = _kernel_consts()
 #   kBwdPacks<VEC> = 8 / VEC
 #   kBwdCachedMaxThreads<T, VEC, X> = sizeof(acc_of<T>) == 8 || VEC == 1 || sizeof(X) > sizeof(T)
 #                                     ? 512 : 1024
-# S / X: the dtype a row is held in (the residual stream's with a fused add; else T). calls()
-# gives the residual x's dtype, so held = elem in every plan made here.
+# S / X: the dtype a row is held in (the residual stream's with a fused add; else T): `held`, its
+# element size (0: x's).
 KROW_BLOCK_THREADS = 512  # groups.h ln_backward_vec: kRowBlockThreads (rows per block)
 
 
@@ -166,11 +167,13 @@ def mirror_cached(M, L, vec, elem, packs_per_thread, max_tpr, sub_warp_threads, 
     return tpr, threads, _cdiv(M, threads // tpr)
 
 
-def mirror_cached_bwd(M, L, vec, elem, acc, sm=SMS):
+def mirror_cached_bwd(M, L, vec, elem, acc, held=0, sm=SMS):
     """groups.h ln_backward_vec, cached path -> (tpr, threads, row_blocks), or None (split): the
-    cached plan, then several rows per block when tpr > 32 (up to kRowBlockThreads threads and
-    no more rows per block than rows per SM)."""
-    m = mirror_cached(M, L, vec, elem, bwd_packs(vec), bwd_cached_max_threads(acc, vec), 256, sm)
+    cached plan (rows held in X: element size `held`, 0 for x's), then several rows per block
+    when tpr > 32 (up to kRowBlockThreads threads and no more rows per block than rows per SM)."""
+    held = held or elem
+    m = mirror_cached(M, L, vec, held, bwd_packs(vec), bwd_cached_max_threads(acc, vec, elem, held),
+                      256, sm)
     if m is None:
         return None
     tpr, threads, _ = m
@@ -230,9 +233,12 @@ class Call:
     no bias); add: the fused residual add (the forward also reads the residual and writes
     residual_out; the backward also reads the gradient of residual_out and, one dtype, writes one
     gradient for both inputs); frozen: FrozenBatchNorm2d (BatchNorm's eval path, buffers in the
-    input's dtype, the backward asks for dx only)."""
+    input's dtype, the backward asks for dx only). residual: the fused add's residual dtype
+    (None: x's; float32 with a half input: residual, residual_out and their gradients are float32,
+    and the backward writes both input gradients)."""
 
-    def __init__(self, op, shape, dtype, layout="contiguous", groups=32, training=True):
+    def __init__(self, op, shape, dtype, layout="contiguous", groups=32, training=True,
+                 residual=None):
         if op not in OPS:
             raise ValueError(f"tools/plan.py: unknown op {op!r}; expected one of {OPS}")
         self.frozen = op == "frozen_batch_norm"
@@ -248,6 +254,13 @@ class Call:
         self.acc = 8 if dtype == torch.float64 else 4
         self.numel = math.prod(self.shape)
         self.E = self.numel * self.elem  # bytes of one x-sized tensor
+        # the fused add's residual stream: element size, bytes of one tensor, and whether the
+        # input's gradient is a tensor of its own (two dtypes); held: the size rows are held in
+        self.res_elem = (torch.empty((), dtype=residual).element_size()
+                         if self.add and residual is not None else self.elem)
+        self.R = self.numel * self.res_elem
+        self.split_grads = self.add and residual is not None and residual != dtype
+        self.held = self.res_elem if self.add else self.elem
         if op in ROW_OPS:
             self.L = self.shape[-1]
             self.M = self.numel // self.L if self.L else 0
@@ -296,9 +309,21 @@ class Call:
             small = ["w", "b", "stats"]
             if self.op in ("batch_norm", "frozen_batch_norm"):
                 small.append("running" if self.training else "running_r")
-            return (4 if self.add else 2) * self.E + sum(self.small(s) for s in small)
-        streams = 4 if self.add else (2 if self.frozen else 3)
-        return streams * self.E + sum(self.small(s) for s in ("stats", "w", "dwdb"))
+            big = 2 * self.E + 2 * self.R if self.add else 2 * self.E
+            return big + sum(self.small(s) for s in small)
+        if self.add:  # dy; residual_out and its gradient; dresidual (and dinput, two dtypes)
+            big = self.E + 3 * self.R + (self.E if self.split_grads else 0)
+        else:
+            big = (2 if self.frozen else 3) * self.E
+        return big + sum(self.small(s) for s in ("stats", "w", "dwdb"))
+
+    def nbytes(self, tensor: str, x_is_r: bool = False) -> int:
+        """Bytes of one x-sized tensor a kernel streams: the fused add's residual stream (and x
+        where the kernel's x is residual_out) in the residual's dtype, the others in x's."""
+        if self.add and (tensor in ("residual", "residual_out", "d_residual_out", "dresidual")
+                         or (tensor == "x" and x_is_r)):
+            return self.R
+        return self.E
 
 
 class Launch:
@@ -335,15 +360,15 @@ class Est:
 # Per-thread packs in flight of each kind of kernel (before the first dependent use), capped by
 # the work a thread has, and whether the plan mirror agreed with the recorded launch.
 def _flight_cached_fwd(k: Launch, c: Call):
-    m = mirror_cached(c.M, c.L, k.vec, c.elem, fwd_packs(c.elem, k.vec),
-                      K["groups::kFwdCachedMaxThreads"], 128)
+    packs = fwd_packs(c.elem, k.vec, c.held)
+    m = mirror_cached(c.M, c.L, k.vec, c.held, packs, K["groups::kFwdCachedMaxThreads"], 128)
     ok = m is not None and m[1] == k.threads and _grid_of(m[2]) == k.grid[0]
     tpr = m[0] if m else k.threads
-    return min(fwd_packs(c.elem, k.vec), _cdiv(c.L // k.vec, tpr)), ok
+    return min(packs, _cdiv(c.L // k.vec, tpr)), ok
 
 
 def _flight_cached_bwd(k: Launch, c: Call):
-    m = mirror_cached_bwd(c.M, c.L, k.vec, c.elem, c.acc)
+    m = mirror_cached_bwd(c.M, c.L, k.vec, c.elem, c.acc, c.held)
     ok = m is not None and m[1] == k.threads and k.grid[0] <= m[2]
     tpr = m[0] if m else k.threads
     return min(bwd_packs(k.vec), _cdiv(c.L // k.vec, tpr)), ok
@@ -452,24 +477,29 @@ class Model:
            tensors those packs come from; acc_packs: the packs are single accumulation-type
            elements (finalize kernels) instead of VEC elements of x's dtype;
     add_reads / add_writes: the x-sized tensors the kernel also streams for a fused residual add
-           (Call.add), each also a stream of packs in flight when it is read.
+           (Call.add), each also a stream of packs in flight when it is read; x_is_r: with a
+           fused add the kernel's x is residual_out (the residual's dtype); split_writes: also
+           written when the add's two input gradients are separate tensors (two dtypes).
     """
 
     def __init__(self, reads=(), writes=(), small=(), ws_in=False, ws_out=None, flight=None,
-                 streams=1, acc_packs=False, add_reads=(), add_writes=()):
+                 streams=1, acc_packs=False, add_reads=(), add_writes=(), x_is_r=False,
+                 split_writes=()):
         self.reads, self.writes, self.small = reads, writes, small
         self.ws_in, self.ws_out, self.flight = ws_in, ws_out, flight
         self.streams, self.acc_packs = streams, acc_packs
         self.add_reads, self.add_writes = add_reads, add_writes
+        self.x_is_r, self.split_writes = x_is_r, split_writes
 
     def estimate(self, k: Launch, c: Call, st: PassState) -> Est:
         parts, approx = {}, False
         reads = self.reads + (self.add_reads if c.add else ())
-        writes = self.writes + (self.add_writes if c.add else ())
+        writes = (self.writes + (self.add_writes if c.add else ())
+                  + (self.split_writes if c.split_grads else ()))
         for t in reads:
-            parts[f"{t} read"] = parts.get(f"{t} read", 0) + c.E
+            parts[f"{t} read"] = parts.get(f"{t} read", 0) + c.nbytes(t, self.x_is_r)
         for t in writes:
-            parts[f"{t} write"] = parts.get(f"{t} write", 0) + c.E
+            parts[f"{t} write"] = parts.get(f"{t} write", 0) + c.nbytes(t, self.x_is_r)
         small = self.small(c) if callable(self.small) else self.small
         for s in small:
             parts[s] = c.small(s)
@@ -484,9 +514,12 @@ class Model:
         if self.flight is not None:
             packs, ok = self.flight(k, c)
             approx |= not ok
-            pack = c.acc if self.acc_packs else k.vec * c.elem
-            streams = self.streams + (len(self.add_reads) if c.add else 0)
-            per_thread = packs * streams * pack
+            if self.acc_packs:
+                per_thread = packs * self.streams * c.acc
+            else:  # the streams' packs, each in its tensor's dtype (the add's residual stream)
+                names = self.reads[:self.streams] + (self.add_reads if c.add else ())
+                per_thread = packs * sum(k.vec * c.nbytes(t, self.x_is_r) // c.numel
+                                         if c.numel else k.vec * c.elem for t in names)
         return Est(parts, per_thread, approx)
 
 
@@ -583,20 +616,23 @@ MODELS = {
                                         add_writes=("residual_out",)),
     "row_welford_finalize_kernel": _Finalize(),
     "row_apply_kernel": Model(reads=("x",), writes=("y",), small=("w", "b", "stats"),
-                              flight=_flight_items),
+                              flight=_flight_items, x_is_r=True),
     # contiguous groups, backward (groups_backward.cuh); a fused residual add: x is residual_out,
     # the dx kernels also read the gradient of residual_out and write one input gradient
     "ln_bwd_cached_kernel": Model(reads=("x", "dy"), writes=("dx",), small=("w", "stats"),
                                   ws_out=_ws_cached_bwd, flight=_flight_cached_bwd, streams=2,
-                                  add_reads=("d_residual_out",)),
+                                  add_reads=("d_residual_out",), x_is_r=True,
+                                  split_writes=("dresidual",)),
     "row_sums_partial_kernel": Model(reads=("x", "dy"),
                                      small=lambda c: ("w", "stats") if c.rows else ("stats",),
-                                     ws_out=_ws_items(2), flight=_flight_items, streams=2),
+                                     ws_out=_ws_items(2), flight=_flight_items, streams=2,
+                                     x_is_r=True),
     "row_sums_finalize_kernel": Model(ws_in=True, ws_out=_ws_row_sums, flight=one(), streams=2,
                                       acc_packs=True),
     "ln_bwd_split_kernel": Model(reads=("x", "dy"), writes=("dx",), small=("w", "stats", "row_sums"),
                                  ws_out=_ws_split, flight=_flight_split, streams=2,
-                                 add_reads=("d_residual_out",)),
+                                 add_reads=("d_residual_out",), x_is_r=True,
+                                 split_writes=("dresidual",)),
     "col_sum_finalize_kernel": Model(ws_in=True, small=("dwdb",), flight=one(), acc_packs=True),
     "gn_bwd_coef_kernel": Model(small=("nc_sums", "w", "gn_coef"), flight=one(), streams=2,
                                 acc_packs=True),
@@ -635,14 +671,15 @@ MODELS = {
 }
 
 
-def calls(op: str, shape, dtype, layout: str, groups: int, training: bool):
+def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, residual=None):
     """The (forward, backward) op calls of one case, on CPU tensors, for an Emulator's ops, as
     fastnorm's layers make them: fwd(ops) returns the forward op's outputs, bwd(ops, outputs)
     runs the backward op on them with the output mask the autograd passes.
 
     rms_norm / add_rms_norm / add_layer_norm: rows of the last dimension (eps 1e-6); the fused
-    add's residual in x's dtype, the backward with the gradient of residual_out and, one dtype,
-    only the residual's gradient asked for (the autograd gives that tensor to both inputs).
+    add's residual in `residual`'s dtype (None: x's), the backward with the gradient of
+    residual_out (the residual's dtype) and the gradients the autograd asks for: one dtype, only
+    the residual's (the autograd gives that tensor to both inputs); two, both.
     layer_norm2d: (N, C, *) in the layout. frozen_batch_norm: batch_norm_fwd in eval mode with
     buffers in x's dtype (functional.frozen_batch_norm), the backward for dx only (buffers take
     no gradient)."""
@@ -653,7 +690,9 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool):
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
     dy = torch.empty_like(x)
-    res, dres = torch.empty_like(x), torch.empty_like(x)  # the fused add's residual, d residual_out
+    # the fused add's residual and the gradient of residual_out
+    res = torch.empty_like(x, dtype=residual or dtype)
+    dres = torch.empty_like(res)
     c = shape[-1] if op in ROW_OPS else shape[1]
     pdt = torch.float32 if op == "batch_norm" else dtype
     w, b = torch.empty(c, dtype=pdt), torch.empty(c, dtype=pdt)
@@ -684,8 +723,9 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool):
             return ops.rms_norm_bwd(dy, x, out[1], w, [c], [True, True])
         if op in ("add_rms_norm", "add_layer_norm"):
             _, r, mean, rstd = out
+            two = res.dtype != dtype
             return ops.add_norm_bwd(dy, dres, r, mean, rstd, w, [c], rms, dtype,
-                                    [False, True, True, not rms])
+                                    [two, True, True, not rms])
         if op == "layer_norm2d":
             return ops.layer_norm2d_bwd(dy, x, out[1], out[2], w, mask)
         if op in ("group_norm", "instance_norm"):
@@ -697,10 +737,11 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool):
     return x, fwd, bwd
 
 
-def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, queries=None):
+def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, queries=None,
+         residual=None):
     """[(pass, kernel, grid, block, smem)] for the forward and the backward of one case. The
     occupancy queries the host plans made are appended to `queries` (a list) if given."""
-    x, fwd, bwd = calls(op, shape, dtype, layout, groups, training)
+    x, fwd, bwd = calls(op, shape, dtype, layout, groups, training, residual)
     out = []
     outs = {}
 
@@ -838,18 +879,20 @@ def legend(res: dict) -> str:
 
 
 def plan_case(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, res=None,
-              queries=None):
+              queries=None, residual=None):
     """The launches of one case with their estimates (estimate()'s dict, plus the case); the host
-    plans' occupancy queries are appended to `queries` if given."""
+    plans' occupancy queries are appended to `queries` if given. residual: the fused add's
+    residual dtype (None: x's)."""
     res = _resources() if res is None else res
     qs = [] if queries is None else queries
-    rows = plan(emu, op, shape, dtype, layout, groups, training, qs)
-    call = Call(op, shape, dtype, layout, groups, training)
+    rows = plan(emu, op, shape, dtype, layout, groups, training, qs, residual)
+    call = Call(op, shape, dtype, layout, groups, training, residual)
     call.occupancy = {_short(q[1]): q[4] for q in qs}
     est = estimate(rows, call, res)
     est["occupancy"] = dict(call.occupancy)
     est.update(op=op, shape=list(shape), dtype=str(dtype).replace("torch.", ""), layout=layout,
-               training=training)
+               training=training,
+               residual=None if residual is None else str(residual).replace("torch.", ""))
     return est
 
 
@@ -862,6 +905,9 @@ def main(argv=None):
     ap.add_argument("--groups", type=int, default=32)
     ap.add_argument("--eval", action="store_true",
                     help="BatchNorm in eval mode (frozen_batch_norm always is)")
+    ap.add_argument("--residual", choices=tuple(DTYPES),
+                    help="add_rms_norm / add_layer_norm: the residual's dtype (default: the "
+                         "input's; fp32 with a half input: a float32 residual stream)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     a = ap.parse_args(argv)
     from cuda_emu import emu as emu_mod
@@ -875,7 +921,7 @@ def main(argv=None):
     queries = []
     try:
         est = plan_case(emu, a.op, shape, DTYPES[a.dtype], a.layout, a.groups, not a.eval, res,
-                        queries)
+                        queries, DTYPES[a.residual] if a.residual else None)
     finally:
         emu.use_resource_report("")
     if a.json:
