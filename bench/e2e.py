@@ -386,6 +386,16 @@ COLUMNS = ["timestamp", "run_id", "device", "device_name", "torch", "cuda", "fas
            "loss_fastnorm", "loss_absdiff", "max_loss_absdiff"]
 
 
+def append_row(r: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = csv_is_new(path, COLUMNS)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -448,19 +458,12 @@ def main(argv=None) -> int:
             if dev_type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(r)
+        append_row(r, args.out)  # as we go: a run cut short (a step's time limit) keeps its rows
         print(f"  {m:<9} torch {r['torch_step_ms']:8.2f} ms  fastnorm {r['fastnorm_step_ms']:8.2f} ms"
               f"  x{r['speedup']:.3f}  |dloss| {r['loss_absdiff']:.2e}  ({time.perf_counter() - t:.0f} s)",
               flush=True)
 
     if rows:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        new = csv_is_new(args.out, COLUMNS)
-        with open(args.out, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            if new:
-                w.writeheader()
-            w.writerows({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
-                        for r in rows)
         print(f"e2e: {len(rows)} rows appended to {args.out}")
     print(f"\n## end to end on {'CPU (no GPU found)' if not has_gpu else name}, "
           f"{'small' if small else 'full-size'} models: "
