@@ -14,11 +14,10 @@ bandwidth).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional, Sequence, Tuple
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -173,9 +172,9 @@ class Case:
     @property
     def drop_in(self) -> bool:
         """fastnorm's layer is fastnorm.convert() of the reference layer (else fastnorm_module
-        builds it: the fused residual add, or LayerNorm2d without timm)."""
-        return self.op != "add_rms_norm" and not (
-            self.op == "layer_norm2d" and type(self._third_party()) is PermuteLayerNorm2d)
+        builds it: the fused residual add, or the stand-ins used without timm / torchvision)."""
+        return self.op != "add_rms_norm" and type(self._third_party()) not in (
+            PermuteLayerNorm2d, FormulaFrozenBatchNorm2d)
 
     def _third_party(self) -> Optional[nn.Module]:
         """timm's / torchvision's layer of this case (or its stand-in); None for other ops."""
@@ -224,8 +223,9 @@ class Case:
         if self.op == "add_rms_norm":
             assert fuse_add_norms(m) == 1
             return m
-        if self.op == "layer_norm2d" and type(m) is PermuteLayerNorm2d:
-            f = fastnorm.LayerNorm2d(self.channels, eps=m.eps).to(m.weight.device, m.weight.dtype)
+        if type(m) in (PermuteLayerNorm2d, FormulaFrozenBatchNorm2d):  # no convert() mapping
+            cls = fastnorm.LayerNorm2d if self.op == "layer_norm2d" else fastnorm.FrozenBatchNorm2d
+            f = cls(self.channels, eps=m.eps).to(m.weight.device, m.weight.dtype)
             f.load_state_dict(m.state_dict())
             return f.train(m.training)
         m = fastnorm.convert(m)

@@ -102,9 +102,14 @@ def test_fallback_baselines_without_timm_or_torchvision():
     fb.running_mean.normal_()
     fb.running_var.uniform_(0.5, 2.0)
     fb.weight.uniform_(0.5, 1.5)
+    fb.bias.normal_()
     want = torch.nn.functional.batch_norm(x, fb.running_mean, fb.running_var, fb.weight, fb.bias,
                                           False, 0.0, fb.eps)
     torch.testing.assert_close(fb(x), want, rtol=1e-5, atol=1e-5)
+    case = cases.Case("frozen_batch_norm", "t", (2, 12, 5, 3), ("fp32",))
+    fast = case.fastnorm_module(fb)
+    assert isinstance(fast, fastnorm.FrozenBatchNorm2d)
+    torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("op", NEW_OPS)
