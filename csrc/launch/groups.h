@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "kernels/groups_backward.cuh"
@@ -85,10 +86,13 @@ inline unsigned item_grid(const Items& it) {
 }
 
 
-// ---- forward: LayerNorm rows and GroupNorm NCHW rows ----------------------------------------------
-template <typename T, int VEC, bool GN>
+// ---- forward: LayerNorm / RMSNorm rows (with or without a residual add) and GroupNorm NCHW rows ----
+// RMS: RMSNorm statistics (p.mean null); X: the residual stream's dtype when p.res is present
+// (add_norm), T otherwise.
+template <typename T, int VEC, bool GN, bool RMS, typename X>
 void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
   using A = acc_of<T>;
+  static_assert(!GN || (!RMS && std::is_same_v<X, T>), "GroupNorm rows: LayerNorm statistics of x");
   const int sm = sm_count();
   const cudaStream_t stream = current_stream();
   if constexpr (GN) {
@@ -96,34 +100,38 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
     p.gn.div64 = p.L >= (int64_t(1) << 31);
     if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(p.gn.HW));
   }
-  const CachedPlan c =
-      plan_cached(p.M, p.L, VEC, int(sizeof(T)), kFwdPacks<T, VEC>, kFwdCachedMaxThreads, 128, sm);
+  // register capacity by the held element size: a row held as X = float32 (half input, fp32
+  // residual) gets half the packs, hence twice the threads per row
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kFwdPacks<T, VEC, X>,
+                                   kFwdCachedMaxThreads, 128, sm);
   // long rows too few to occupy the GPU even at one block per row: the (row, chunk) split
   const bool split = !c.ok || (p.L >= 8192 && c.max_parallel < static_cast<int64_t>(sm) * 512);
   if (!split) {
-    launch(row_fwd_cached_kernel<T, VEC, GN>, grid_of(c.row_blocks), c.threads, 0, stream,
+    launch(row_fwd_cached_kernel<T, VEC, GN, RMS, X>, grid_of(c.row_blocks), c.threads, 0, stream,
         p, c.tpr);
     return;
   }
   const Items it = plan_items(p.M, p.L, VEC, static_cast<int64_t>(sm) * 64);
   const int64_t items = it.M * it.S;
-  at::Tensor ws = at::empty({3 * items}, acc_options(like));
+  at::Tensor ws = at::empty({(RMS ? 1 : 3) * items}, acc_options(like));
   A* wsp = ws.data_ptr<A>();
-  launch(row_welford_partial_kernel<T, VEC>, item_grid(it), kItemThreads, 0, stream, p.x, it, wsp);
+  launch(row_welford_partial_kernel<T, VEC, RMS, X>, item_grid(it), kItemThreads, 0, stream, p, it,
+      wsp);
   launch(row_welford_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
-      wsp, p.M, it.S, p.eps, p.mean, p.rstd);
+      wsp, p.M, it.S, p.eps, p.mean, p.rstd, RMS ? p.L : int64_t(0));
   launch(row_apply_kernel<T, VEC, GN>, item_grid(it), kItemThreads, 0, stream, p, it);
 }
 
 // Packs of 16 bytes when the row length and every pointer allow, single elements otherwise.
 // GroupNorm reads its per-channel weight and bias one element at a time: no alignment needed.
-template <typename T, bool GN>
+template <typename T, bool GN, bool RMS = false, typename X = T>
 void row_forward(const RowFwd<T>& p, const at::Tensor& like) {
   constexpr int V = kVec16<T>;
   const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y.ptr) &&
-                   (GN || (aligned16(p.w.ptr) && aligned16(p.b.ptr)));
-  if (vec) row_forward_vec<T, V, GN>(p, like);
-  else row_forward_vec<T, 1, GN>(p, like);
+                   (GN || (aligned16(p.w.ptr) && aligned16(p.b.ptr))) &&
+                   aligned16(p.res.ptr) && aligned16(p.res_out.ptr);
+  if (vec) row_forward_vec<T, V, GN, RMS, X>(p, like);
+  else row_forward_vec<T, 1, GN, RMS, X>(p, like);
 }
 
 // ---- column sums of partials -> dweight / dbias ---------------------------------------------------
@@ -139,27 +147,29 @@ void launch_col_sums(const acc_of<T>* ws1, const acc_of<T>* ws2, int64_t K, int6
 
 // ---- LayerNorm backward ----------------------------------------------------------------------------
 // dw_out / db_out: [L] in T or float32, absent when not wanted; p.ws_dw / p.ws_db are set here.
-template <typename T, int VEC>
+// RMSNorm: p.mean null (db_out absent). add_norm: X the residual stream's dtype (p.x32 when X is
+// float32 and T is not), p.dres_in / p.dres as wanted.
+template <typename T, int VEC, typename X>
 void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
   const bool want_dw = dw_out.present(), want_db = db_out.present();
   using A = acc_of<T>;
   const int sm = sm_count();
   const cudaStream_t stream = current_stream();
   const at::TensorOptions ao = acc_options(like);
-  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(T)), kBwdPacks<VEC>,
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>,
                                    kBwdCachedMaxThreads<T, VEC>, 256, sm);
   const bool split = !c.ok || (p.L >= 4096 && c.max_parallel < static_cast<int64_t>(sm) * 512);
   at::Tensor ws_dw, ws_db;
   if (!split) {
     // one wave of resident blocks: each handles many rows, so the [grid, L] column partials
     // stay a small fraction of the traffic
-    const int per_sm = resident_blocks(ln_bwd_cached_kernel<T, VEC>, c.threads, 0);
+    const int per_sm = resident_blocks(ln_bwd_cached_kernel<T, VEC, X>, c.threads, 0);
     const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(c.row_blocks, int64_t(sm) * per_sm));
     if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
     if (want_db) ws_db = at::empty({grid, p.L}, ao);
     p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
     p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-    launch(ln_bwd_cached_kernel<T, VEC>, static_cast<unsigned>(grid), c.threads, 0, stream,
+    launch(ln_bwd_cached_kernel<T, VEC, X>, static_cast<unsigned>(grid), c.threads, 0, stream,
         p, c.tpr);
     launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out);
     return;
@@ -176,7 +186,8 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   rsp.w = p.w;
   rsp.stat_div = 1;
   rsp.ws = ws1.data_ptr<A>();
-  launch(row_sums_partial_kernel<T, VEC>, item_grid(it), kItemThreads, 0, stream, rsp, it);
+  rsp.x32 = p.x32;
+  launch(row_sums_partial_kernel<T, VEC, X>, item_grid(it), kItemThreads, 0, stream, rsp, it);
   const A* rs1 = rsp.ws;
   const A* rs2 = rsp.ws + items;
   at::Tensor rs;
@@ -196,17 +207,18 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   if (want_db) ws_db = at::empty({RG, p.L}, ao);
   p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
   p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-  launch(ln_bwd_split_kernel<T, VEC>, grid_of(RG * S2), threads, 0, stream, p, rs1, rs2, S2, RG);
+  launch(ln_bwd_split_kernel<T, VEC, X>, grid_of(RG * S2), threads, 0, stream, p, rs1, rs2, S2, RG);
   launch_col_sums<T>(p.ws_dw, p.ws_db, RG, p.L, dw_out, db_out);
 }
 
-template <typename T>
+template <typename T, typename X = T>
 void ln_backward(const RowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
   constexpr int V = kVec16<T>;
   const bool vec = p.L % V == 0 && aligned16(p.x) && is_aligned(p.dy.ptr, 16) && aligned16(p.dx) &&
-                   (!p.w.present() || is_aligned(p.w.ptr, 16));
-  if (vec) ln_backward_vec<T, V>(p, dw_out, db_out, like);
-  else ln_backward_vec<T, 1>(p, dw_out, db_out, like);
+                   (!p.w.present() || is_aligned(p.w.ptr, 16)) && aligned16(p.x32) &&
+                   aligned16(p.dres_in) && aligned16(p.dres);
+  if (vec) ln_backward_vec<T, V, X>(p, dw_out, db_out, like);
+  else ln_backward_vec<T, 1, X>(p, dw_out, db_out, like);
 }
 
 }  // namespace groups
