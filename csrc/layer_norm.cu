@@ -277,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd(
         return;
       }
     }
-    if (rms) groups::row_forward<T, false, true>(p, x);
-    else groups::row_forward<T, false, false>(p, x);
+    if (rms) groups::row_forward<T, false, true, T>(p, x);
+    else groups::row_forward<T, false, false, T>(p, x);
   });
   return {y, res_out, mean, rstd};
 }

@@ -76,27 +76,38 @@ __device__ __forceinline__ void ln_weight(const RowBwd<T>& p, int64_t j0, acc_of
   }
 }
 
-// Largest block of ln_bwd_cached_kernel: fp64 holds twice the registers per element, and the
-// single-element path (8 separate loads and column partials per thread) spilled at the 64
-// registers of a 1024-thread block; both get 128 at 512 threads.
-template <typename T, int VEC>
-inline constexpr int kBwdCachedMaxThreads = sizeof(acc_of<T>) == 8 || VEC == 1 ? 512 : 1024;
+// Largest block of ln_bwd_cached_kernel: fp64 holds twice the registers per element, the
+// single-element path (8 separate loads and column partials per thread) and a half input with
+// an fp32 residual stream (x held as floats) spilled at the 64 registers of a 1024-thread block;
+// all get 128 at 512 threads.
+template <typename T, int VEC, typename X = T>
+inline constexpr int kBwdCachedMaxThreads =
+    sizeof(acc_of<T>) == 8 || VEC == 1 || sizeof(X) > sizeof(T) ? 512 : 1024;
 
+// Dynamic shared memory of ln_bwd_cached_kernel for the column partials of a block: the tree over
+// its units (rows in flight that own the same columns: warps when tpr <= 32, groups of tpr threads
+// otherwise) stages half of them per level. 0 when neither dweight nor dbias is wanted.
+template <typename A>
+inline size_t ln_bwd_cached_smem(int threads, int tpr, int arrays) {
+  const int units = threads / (tpr < 32 ? 32 : tpr);
+  return static_cast<size_t>(units / 2) * arrays * kBwdElems * tpr * sizeof(A);
+}
+
+// blockDim = rows per block x tpr (tpr <= 32: 256 threads); a block loops over row groups and
+// keeps its own column partials of dweight / dbias, combined once at the end (see below).
 template <typename T, int VEC, typename X>
-__global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
+__global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC, X>)
     ln_bwd_cached_kernel(RowBwd<T> p, int tpr) {
   using A = acc_of<T>;
   constexpr int R = kBwdPacks<VEC>;
-  constexpr int kSubWarpWarps = 8;  // blockDim when tpr <= 32
   __shared__ A red[64];
-  __shared__ A part[2][kSubWarpWarps][32 * kBwdElems];
+  extern __shared__ __align__(16) unsigned char col_smem[];  // ln_bwd_cached_smem bytes
 
   const int rpb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
   const int L = static_cast<int>(p.L);
   const int packs = L / VEC;
   const A invL = A(1) / static_cast<A>(p.L);
-  const bool want_cols = p.ws_dw != nullptr || p.ws_db != nullptr;
   const bool rms = p.mean == nullptr;
   const X* xs = row_src<X>(p.x, p.x32);
 
@@ -142,7 +153,7 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
       s1 = warp_sum(s1, tpr);
       s2 = warp_sum(s2, tpr);
     } else {
-      block_sum2(s1, s2, red);
+      group_sum2(s1, s2, red, tpr);
     }
     const A c1 = rms ? A(0) : s1 * invL, c2 = s2 * invL;
 #pragma unroll
@@ -162,15 +173,13 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
       }
     }
   }
-  if (!want_cols) return;
+  if (p.ws_dw == nullptr && p.ws_db == nullptr) return;  // uniform
 
   // Column partials of this block, fixed order: lanes of a warp that own the same columns
-  // (tpr < 32), then warps (tpr <= 32), then written by the owners.
-  A* out_dw = p.ws_dw != nullptr ? p.ws_dw + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
-  A* out_db = p.ws_db != nullptr ? p.ws_db + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
-  if (tpr <= 32) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int nw = blockDim.x >> 5;
+  // (tpr < 32) by xor-shuffles; then a pairwise tree over the block's units (a warp when
+  // tpr <= 32, tpr threads otherwise; a power of two of them), the upper half of each level
+  // staged in dynamic shared memory; unit 0 writes ws row blockIdx.x.
+  if (tpr < 32) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -179,34 +188,47 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
           dwp[r][k] += __shfl_xor_sync(0xffffffffu, dwp[r][k], o);
           dbp[r][k] += __shfl_xor_sync(0xffffffffu, dbp[r][k], o);
         }
-    if (nw > 1) {
-      if (lane < tpr && warp < kSubWarpWarps) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            part[0][warp][lane * kBwdElems + r * VEC + k] = dwp[r][k];
-            part[1][warp][lane * kBwdElems + r * VEC + k] = dbp[r][k];
-          }
-      }
-      __syncthreads();
-      if (warp == 0 && lane < tpr) {
-        for (int w2 = 1; w2 < nw && w2 < kSubWarpWarps; ++w2) {
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              dwp[r][k] += part[0][w2][lane * kBwdElems + r * VEC + k];
-              dbp[r][k] += part[1][w2][lane * kBwdElems + r * VEC + k];
-            }
-        }
-      }
-    }
-    if (warp != 0 || lane >= tpr) return;
   }
+  const int uw = tpr < 32 ? 32 : tpr;  // threads per unit
+  const int units = blockDim.x / uw, u = threadIdx.x / uw, i = threadIdx.x % uw;
+  const bool owner = i < tpr;          // thread i of a unit owns packs r * tpr + i
+  A* stage = reinterpret_cast<A*>(col_smem);
+  const int na = (p.ws_dw != nullptr) + (p.ws_db != nullptr);
+  const int adb = p.ws_dw != nullptr ? 1 : 0;  // staged array of dbias
+  // element e of array a in slot s: ((s * na + a) * kBwdElems + e) * tpr + i (consecutive threads,
+  // consecutive words)
+  for (int s = units >> 1; s > 0; s >>= 1) {  // uniform over the block
+    if (u >= s && u < 2 * s && owner) {
+      A* slot = stage + static_cast<int64_t>(u - s) * na * kBwdElems * tpr;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int e = r * VEC + k;
+          if (p.ws_dw != nullptr) slot[e * tpr + i] = dwp[r][k];
+          if (p.ws_db != nullptr) slot[(adb * kBwdElems + e) * tpr + i] = dbp[r][k];
+        }
+    }
+    __syncthreads();
+    if (u < s && owner) {
+      const A* slot = stage + static_cast<int64_t>(u) * na * kBwdElems * tpr;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int e = r * VEC + k;
+          if (p.ws_dw != nullptr) dwp[r][k] += slot[e * tpr + i];
+          if (p.ws_db != nullptr) dbp[r][k] += slot[(adb * kBwdElems + e) * tpr + i];
+        }
+    }
+    __syncthreads();  // the slots are rewritten by the next level
+  }
+  if (u != 0 || !owner) return;
+  A* out_dw = p.ws_dw != nullptr ? p.ws_dw + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
+  A* out_db = p.ws_db != nullptr ? p.ws_db + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int pk = r * tpr + t;
+    const int pk = r * tpr + i;
     if (pk < packs) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {

@@ -4,7 +4,7 @@
 //   add_norm: LayerNorm or RMSNorm of r = round_X(input + residual): the sum is formed at load
 //   time in the accumulation type, rounded to the residual's dtype X (T, or float32 for a half /
 //   bf16 input with an fp32 residual stream), stored as residual_out in the same pass, and the
-//   norm is applied to the rounded values  -- the X template type and a run-time residual.
+//   norm is applied to the rounded values  -- the X template type (void: no residual).
 //   GroupNorm / InstanceNorm in NCHW: rows (n, g) of (C/G)*HW elements, per-channel affine
 //   (channel = g*C/G + j/HW)  -- the GN template flag.
 // Every reduction has a fixed order: per-thread sequential, then butterflies over lanes and fixed
@@ -36,9 +36,9 @@ constexpr int kItemThreads = 256;  // block size of the (row, chunk) item kernel
 // elements: 8) and by ln_bwd_cached (8 elements per thread whatever the pack size). A row held as
 // X = float32 for a half input (add_norm with an fp32 residual) holds 4 packs of VEC floats: the
 // same 32 data registers as 8 packs of halves.
-template <typename T, int VEC, typename X = T>
+template <typename T, int VEC, typename S = T>
 inline constexpr int kFwdPacks =
-    VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : (sizeof(X) > sizeof(T) ? 4 : 8));
+    VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : (sizeof(S) > sizeof(T) ? 4 : 8));
 // Largest block of row_fwd_cached: 128 registers per thread hold kFwdPacks and the row's
 // statistics and channel map without spilling (at 1024 threads, 64 registers spilled up to 352
 // bytes per thread). Rows longer than kFwdCachedMaxThreads * kFwdPacks * VEC take the split path.
@@ -71,6 +71,8 @@ struct RowFwd {
   Operand<T> res, res_out;
   int64_t M = 0, L = 0;
   A eps = 0;
+  A inv_len = 0;  // RMSNorm: 1 / L, set by the host plan (mean of squares = sum * (1 / L), as
+                  // ATen's mean computes it)
   GnMap gn;
 };
 
@@ -113,20 +115,30 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
   }
 }
 
+// The forward kernels' residual parameter X: void (no residual: the row is x), or the residual
+// stream's dtype (add_norm: the row is r = round_X(x + residual), held as X).
+template <typename T, typename X>
+using held_t = std::conditional_t<std::is_void_v<X>, T, X>;
+
 // VEC elements of the row source at i: x, or with a residual r = round_X(x + residual), formed in
-// the accumulation type and stored to residual_out on the way (add_norm).
+// the accumulation type and stored to residual_out on the way (add_norm). The residual is a
+// compile-time choice (X = void: none), so the plain LayerNorm / RMSNorm / GroupNorm kernels carry
+// none of its code or registers (as a run-time flag, its pointers stayed live across the
+// grid-stride loops and cost the plain kernels spills).
 template <typename T, int VEC, typename X>
-__device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i, X (&v)[VEC]) {
+__device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i,
+                                                held_t<T, X> (&v)[VEC]) {
   using A = acc_of<T>;
-  if constexpr (std::is_same_v<X, T>) {
+  using S = held_t<T, X>;
+  if constexpr (std::is_same_v<S, T>) {
     load_raw<T, VEC>(p.x + i, v);
   } else {
     T t[VEC];
     load_raw<T, VEC>(p.x + i, t);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = static_cast<X>(t[k]);  // exact: X is wider
+    for (int k = 0; k < VEC; ++k) v[k] = static_cast<S>(t[k]);  // exact: S is wider
   }
-  if (p.res.present()) {
+  if constexpr (!std::is_void_v<X>) {
     X r[VEC];
     load_raw<X, VEC>(static_cast<const X*>(p.res.ptr) + i, r);
 #pragma unroll
@@ -139,11 +151,15 @@ __device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i, X
 // Forward, rows in registers. tpr threads per row (a power of two): tpr <= 32 -> blockDim/tpr rows
 // per block, combined with butterflies of width tpr; tpr > 32 -> blockDim == tpr, one row per block.
 // Requires L <= tpr * kFwdPacks * VEC and L % VEC == 0.
+// Launch bounds (512, 1): without the minimum-blocks hint ptxas held several instantiations (RMS,
+// add_norm) to 64 registers and spilled 8-24 bytes; with it every one fits the 128 registers a
+// 512-thread block allows (<= 110) without spills. The same for row_welford_partial (256, 1).
 // ------------------------------------------------------------------------------------------------
 template <typename T, int VEC, bool GN, bool RMS, typename X>
-__global__ void __launch_bounds__(kFwdCachedMaxThreads) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {
+__global__ void __launch_bounds__(kFwdCachedMaxThreads, 1) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {
   using A = acc_of<T>;
-  constexpr int R = kFwdPacks<T, VEC, X>;
+  using S = held_t<T, X>;
+  constexpr int R = kFwdPacks<T, VEC, S>;
   // raw storage (a __shared__ variable cannot have a constructor); Welford<A> is three A's
   static_assert(sizeof(Welford<A>) == 3 * sizeof(A), "Welford layout");
   __shared__ A red_raw[32 * 3];
@@ -157,7 +173,7 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads) row_fwd_cached_kernel(Ro
     const int64_t row = rb * rpb + grp;
     const bool valid = row < p.M;
     const int64_t off = (valid ? row : 0) * p.L;
-    X v[R][VEC];
+    S v[R][VEC];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int pk = r * tpr + t;
@@ -181,7 +197,7 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads) row_fwd_cached_kernel(Ro
         A unused = A(0);
         block_sum2(ss, unused, red_raw);  // red_raw holds 96 >= 64 values
       }
-      rstd = rsqrt_acc(ss / static_cast<A>(p.L) + p.eps);
+      rstd = rsqrt_acc(ss * p.inv_len + p.eps);
     } else {
       // this thread's statistics: shift by its first element, exact second pass on registers
       int n = 0;
@@ -233,7 +249,7 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads) row_fwd_cached_kernel(Ro
           if constexpr (RMS) o[k] = static_cast<A>(v[r][k]) * (rstd * wv[k]);  // no bias
           else o[k] = (static_cast<A>(v[r][k]) - mean) * (rstd * wv[k]) + bv[k];
         }
-        p.y.store(off + j0, o);
+        p.y.store(row * p.L + j0, o);
       }
     }
   }
@@ -283,7 +299,7 @@ __device__ __forceinline__ void welford_add_packs(Welford<A>& w, const T (&v)[kU
 // (add_norm) the item's r = round_X(x + residual) is stored to residual_out here, so the apply
 // pass reads r once instead of x and the residual.
 template <typename T, int VEC, bool RMS, typename X>
-__global__ void __launch_bounds__(kItemThreads)
+__global__ void __launch_bounds__(kItemThreads, 1)
     row_welford_partial_kernel(RowFwd<T> p, Items it, acc_of<T>* __restrict__ ws) {
   using A = acc_of<T>;
   const int tpr = it.tpr;
@@ -301,7 +317,7 @@ __global__ void __launch_bounds__(kItemThreads)
       const int64_t off = row * it.L;
       const int64_t p1 = e1 / VEC;
       for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
-        X v[kUnroll][VEC];
+        held_t<T, X> v[kUnroll][VEC];
         int nv = 0;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -320,7 +336,7 @@ __global__ void __launch_bounds__(kItemThreads)
             }
           }
         } else {
-          welford_add_packs<A, X, VEC>(w, v, nv);
+          welford_add_packs<A, held_t<T, X>, VEC>(w, v, nv);
         }
       }
     }
@@ -339,23 +355,23 @@ __global__ void __launch_bounds__(kItemThreads)
   }
 }
 
-// A warp per row merges its S partial states in a fixed order -> mean, rstd. RMSNorm (rms_len > 0,
-// the row length): the partial sums of squares add up in the same fixed order, rstd =
-// 1 / sqrt(sum / rms_len + eps), no mean.
+// A warp per row merges its S partial states in a fixed order -> mean, rstd. RMSNorm (inv_len > 0,
+// 1 / L): the partial sums of squares add up in the same fixed order, rstd =
+// 1 / sqrt(sum * inv_len + eps), no mean.
 template <typename A>
 __global__ void __launch_bounds__(256)
     row_welford_finalize_kernel(const A* __restrict__ ws, int64_t M, int64_t S, A eps,
-                                A* __restrict__ mean, A* __restrict__ rstd, int64_t rms_len) {
+                                A* __restrict__ mean, A* __restrict__ rstd, A inv_len) {
   const int lane = threadIdx.x & 31;
   const int wpb = blockDim.x >> 5;
   const int64_t items = M * S;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * wpb + (threadIdx.x >> 5); row < M;
        row += static_cast<int64_t>(gridDim.x) * wpb) {  // uniform over the warp
-    if (rms_len > 0) {  // uniform over the grid
+    if (inv_len > A(0)) {  // uniform over the grid
       A ss = A(0);
       for (int64_t k = lane; k < S; k += 32) ss += ws[row * S + k];
       ss = warp_sum(ss);
-      if (lane == 0) rstd[row] = rsqrt_acc(ss / static_cast<A>(rms_len) + eps);
+      if (lane == 0) rstd[row] = rsqrt_acc(ss * inv_len + eps);
       continue;
     }
     Welford<A> w;
