@@ -387,18 +387,20 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Normalise with the saved mean/rstd, item by item in the reverse order. The source is x, or with
-// a residual (add_norm) residual_out, which the partial pass wrote (T or float32: an Operand).
+// Normalise with the saved mean/rstd, item by item in the reverse order. The source is x (X void),
+// or with a residual (add_norm) residual_out of dtype X, which the partial pass wrote.
 // RMSNorm: p.mean is null (mean 0, no bias).
-template <typename T, int VEC, bool GN>
+template <typename T, int VEC, bool GN, typename X>
 __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, Items it) {
   using A = acc_of<T>;
+  using S = held_t<T, X>;
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
   const int64_t items = it.M * it.S;
-  const Operand<T> src =
-      p.res_out.present() ? p.res_out : Operand<T>{const_cast<T*>(p.x), false};
+  const S* src;
+  if constexpr (std::is_void_v<X>) src = p.x;
+  else src = static_cast<const S*>(p.res_out.ptr);
   for (int64_t ib = blockIdx.x; ib * ipb < items; ib += gridDim.x) {
     const int64_t fwd = ib * ipb + grp;
     if (fwd >= items) continue;  // no collective operations in this kernel
@@ -406,16 +408,16 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, It
     const int64_t row = item / it.S, s = item - row * it.S;
     const int64_t e0 = s * it.chunk;
     const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
-    const int64_t off = row * it.L;
+    const S* xr = src + row * it.L;
     const A mean = p.mean != nullptr ? p.mean[row] : A(0), rstd = p.rstd[row];
     const int64_t cbase = GN ? p.gn.chan_base(row) : 0;
     const int64_t p1 = e1 / VEC;
     for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
-      A v[kUnroll][VEC];
+      S v[kUnroll][VEC];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t q = pk + static_cast<int64_t>(u) * tpr;
-        if (q < p1) src.template load<VEC>(off + q * VEC, v[u]);
+        if (q < p1) load_raw<S, VEC>(xr + q * VEC, v[u]);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -425,8 +427,8 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, It
           A wv[VEC], bv[VEC], o[VEC];
           row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) o[k] = (v[u][k] - mean) * (rstd * wv[k]) + bv[k];
-          p.y.store(off + j0, o);
+          for (int k = 0; k < VEC; ++k) o[k] = (static_cast<A>(v[u][k]) - mean) * (rstd * wv[k]) + bv[k];
+          p.y.store(row * it.L + j0, o);
         }
       }
     }

@@ -121,7 +121,7 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
       wsp);
   launch(row_welford_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
       wsp, p.M, it.S, p.eps, p.mean, p.rstd, RMS ? p.inv_len : A(0));
-  launch(row_apply_kernel<T, VEC, GN>, item_grid(it), kItemThreads, 0, stream, p, it);
+  launch(row_apply_kernel<T, VEC, GN, X>, item_grid(it), kItemThreads, 0, stream, p, it);
 }
 
 // Packs of 16 bytes when the row length and every pointer allow, single elements otherwise.

@@ -374,6 +374,10 @@ def test_bad_inputs_raise(target):
         ops.add_norm_fwd(x, x.to(torch.bfloat16), [8], w, None, EPS, False)
     with pytest.raises(RuntimeError, match=r"shape"):
         ops.add_norm_fwd(x, torch.randn(4, 9, device=dev, dtype=torch.float16), [8], w, None, EPS, False)
+    if not target.name == "reference":  # no kernel for an fp64 input with an fp32 residual
+        x64 = x.double()
+        with pytest.raises(RuntimeError, match=r"(?s)Double.*Float"):
+            ops.add_norm_fwd(x64, x64.float(), [8], None, None, EPS, False)
     with pytest.raises(RuntimeError, match=r"bias"):
         ops.add_norm_fwd(x, x, [8], w, w, EPS, True)
     with pytest.raises(RuntimeError, match=r"out_dtype"):
