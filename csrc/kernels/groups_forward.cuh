@@ -153,7 +153,8 @@ __device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i,
 // Requires L <= tpr * kFwdPacks * VEC and L % VEC == 0.
 // Launch bounds (512, 1): without the minimum-blocks hint ptxas held several instantiations (RMS,
 // add_norm) to 64 registers and spilled 8-24 bytes; with it every one fits the 128 registers a
-// 512-thread block allows (<= 110) without spills. The same for row_welford_partial (256, 1).
+// 512-thread block allows without spills (48-128, ptxas -v, sm_90). The same for
+// row_welford_partial (256, 1): 55-80 registers, no spills.
 // ------------------------------------------------------------------------------------------------
 template <typename T, int VEC, bool GN, bool RMS, typename X>
 __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {

@@ -19,7 +19,7 @@ per thread instead of 8; "split" forward = partials + finalize + apply, backward
 
   (m, n)       forward (RMS and add_norm)                backward
   (7, 1)       cached, sub-warp, scalar                  cached, sub-warp, scalar
-  (40, 31)     cached, one warp per row, scalar          cached, sub-warp, scalar
+  (40, 31)     cached, one warp per row, scalar          cached, one warp per row, scalar
   (40, 32)     cached, sub-warp, vector                  cached, sub-warp, vector
   (40, 33)     cached, block per row (64), scalar        cached, block per row (64), scalar
   (8, 1024)    cached, block per row, vector             cached, block per row, vector
