@@ -4,6 +4,8 @@ runs in the emulation build (tools/cuda_emu) with launches recorded instead of e
     python tools/plan.py layer_norm 4096x768 bf16
     python tools/plan.py group_norm 8x320x64x64 fp16 --layout channels_last --groups 32
     python tools/plan.py batch_norm 32x256x14x14 fp16 --eval
+    python tools/plan.py rms_norm 4096x4096 bf16
+    python tools/plan.py add_rms_norm 4096x4096 bf16 --residual fp32     # add_norm, rms=True
 
 For each launch: kernel, grid, block, dynamic shared memory, blocks, and (when the CUDA build's
 resource report build/kernel_resources.json exists) resident blocks per SM and waves.
@@ -57,27 +59,44 @@ def _short(sig: str) -> str:
     return head.replace("fastnorm::", "").replace("c10::", "").replace("void ", "")
 
 
-def calls(op: str, shape, dtype, layout: str, groups: int, training: bool):
-    """The (forward, backward) op calls of one case, on CPU tensors, for an Emulator's ops."""
+ROW_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")  # normalise the last dim
+
+
+def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, residual=None):
+    """The (forward, backward) op calls of one case, on CPU tensors, for an Emulator's ops. The
+    backward takes the forward's outputs."""
     fmt = {"channels_last": torch.channels_last if len(shape) == 4 else torch.channels_last_3d}.get(layout)
     x = torch.empty(shape, dtype=dtype)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
     dy = torch.empty_like(x)
-    c = shape[-1] if op == "layer_norm" else shape[1]
+    c = shape[-1] if op in ROW_OPS else shape[1]
     pdt = torch.float32 if op == "batch_norm" else dtype
     w, b = torch.empty(c, dtype=pdt), torch.empty(c, dtype=pdt)
+    res = torch.empty(shape, dtype=residual or dtype)
 
     def fwd(ops):
         if op == "layer_norm":
             return ops.layer_norm_fwd(x, [c], w, b, 1e-5)
+        if op == "rms_norm":
+            return ops.rms_norm_fwd(x, [c], w, 1e-5)
+        if op.startswith("add_"):
+            rms = op == "add_rms_norm"
+            return ops.add_norm_fwd(x, res, [c], w, None if rms else b, 1e-5, rms)
         if op in ("group_norm", "instance_norm"):
             return ops.group_norm_fwd(x, w, b, c if op == "instance_norm" else groups, 1e-5)
         rm, rv = torch.zeros(c), torch.ones(c)
         return ops.batch_norm_fwd(x, w, b, rm, rv, None, training, 0.1, 1e-5)
 
-    def bwd(ops, mean, rstd):
+    def bwd(ops, out):
         mask = [True, True, True]
+        if op == "rms_norm":
+            return ops.rms_norm_bwd(dy, x, out[1], w, [c], [True, True])
+        if op.startswith("add_"):
+            # the autograd's request: grad_residual alone when the dtypes agree, else both
+            return ops.add_norm_bwd(dy, out[1], out[1], out[2], out[3], w, [c], op == "add_rms_norm",
+                                    dtype, [res.dtype != dtype, True, True, op == "add_layer_norm"])
+        _, mean, rstd = out
         if op == "layer_norm":
             return ops.layer_norm_bwd(dy, x, mean, rstd, w, [c], mask)
         if op in ("group_norm", "instance_norm"):
@@ -87,9 +106,9 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool):
     return x, fwd, bwd
 
 
-def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True):
+def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True, residual=None):
     """[(pass, kernel, grid, block, smem)] for the forward and the backward of one case."""
-    x, fwd, bwd = calls(op, shape, dtype, layout, groups, training)
+    x, fwd, bwd = calls(op, shape, dtype, layout, groups, training, residual)
     out = []
     stats = {}
 
@@ -97,8 +116,7 @@ def plan(emu, op, shape, dtype, layout="contiguous", groups=32, training=True):
         stats["y"] = fwd(emu.ops)
 
     out += [("fwd",) + r for r in emu.record_launches(run_fwd)]
-    _, mean, rstd = stats["y"]
-    out += [("bwd",) + r for r in emu.record_launches(lambda: bwd(emu.ops, mean, rstd))]
+    out += [("bwd",) + r for r in emu.record_launches(lambda: bwd(emu.ops, stats["y"]))]
     return out
 
 
@@ -119,12 +137,13 @@ def report(rows, res) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("op", choices=("layer_norm", "group_norm", "instance_norm", "batch_norm"))
+    ap.add_argument("op", choices=ROW_OPS + ("group_norm", "instance_norm", "batch_norm"))
     ap.add_argument("shape", help="e.g. 4096x768")
     ap.add_argument("dtype", choices=tuple(DTYPES))
     ap.add_argument("--layout", default="contiguous", choices=("contiguous", "channels_last"))
     ap.add_argument("--groups", type=int, default=32)
     ap.add_argument("--eval", action="store_true", help="BatchNorm in eval mode")
+    ap.add_argument("--residual", choices=tuple(DTYPES), help="add_*: the residual's dtype (default: the input's)")
     a = ap.parse_args(argv)
     from cuda_emu import emu as emu_mod
 
@@ -132,7 +151,8 @@ def main(argv=None):
 
     emu = emu_mod.load("plain")
     shape = tuple(int(s) for s in a.shape.split("x"))
-    rows = plan(emu, a.op, shape, DTYPES[a.dtype], a.layout, a.groups, not a.eval)
+    rows = plan(emu, a.op, shape, DTYPES[a.dtype], a.layout, a.groups, not a.eval,
+                DTYPES[a.residual] if a.residual else None)
     print(f"{a.op} {a.shape} {a.dtype} {a.layout}: {math.prod(shape)} elements, {SMS} SMs")
     print(report(rows, _resources()))
 
