@@ -4,6 +4,9 @@ PYTHON_BOOT ?= $(shell command -v python3.11 || command -v python3.12 || command
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
+# the tests of convert() for timm's and torchvision's norm layers (fastnorm needs neither);
+# torchvision pinned to the release built for TORCH_SPEC, installed with it so pip keeps torch
+TEST_EXTRAS ?= torchvision==0.29.1 timm
 NVCC        := $(shell command -v nvcc 2>/dev/null)
 # Build the CUDA sources whenever a toolkit exists, GPU or not (CI has nvcc but no GPU).
 BUILD_ENV   := $(if $(NVCC),FASTNORM_FORCE_CUDA=1,FASTNORM_SKIP_CUDA=1)
@@ -13,7 +16,7 @@ PYTEST_ARGS ?=
 
 $(VENV)/.stamp:
 	$(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install "$(TORCH_SPEC)" ninja pybind11 pytest numpy matplotlib setuptools wheel
+	$(PY) -m pip install "$(TORCH_SPEC)" $(TEST_EXTRAS) ninja pybind11 pytest numpy matplotlib setuptools wheel
 	touch $@
 
 venv: $(VENV)/.stamp

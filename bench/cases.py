@@ -1,9 +1,16 @@
 """The benchmark cases: normalisation layers at the shapes real models run them.
 
-One table (CASES). Each entry is a torch.nn layer at one shape and layout, in one or more dtypes;
-`select()` turns it into the concrete list for a run. On a GPU the shapes are the models' own; on
-a CPU every case runs in float32 (unless --dtype says otherwise) at a shape scaled down to a few
-million elements (the batch first, then the spatial dimensions; never the normalised width).
+One table (CASES). Each entry is a layer (the torch.nn one, or the reference implementation a
+model would otherwise use: timm's LayerNorm2d, torchvision's FrozenBatchNorm2d, the unfused
+residual add + rms_norm) at one shape and layout, in one or more dtypes; `select()` turns it into
+the concrete list for a run. On a GPU the shapes are the models' own; on a CPU every case runs in
+float32 (unless --dtype says otherwise) at a shape scaled down to a few million elements (the
+batch first, then the spatial dimensions; never the normalised width).
+
+Each case also says how fastnorm computes the same layer (`fastnorm_module`: convert() of the
+reference layer, or fastnorm's fused op where no module swap can express it) and how many
+x-sized tensors a pass must move at least (`STREAMS`: the bytes of the fraction of copy
+bandwidth).
 """
 from __future__ import annotations
 
@@ -11,11 +18,124 @@ import math
 from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+import fastnorm
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm")
+OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "add_rms_norm",
+       "layer_norm2d", "frozen_batch_norm")
+
+# The fewest x-sized tensors each pass must read or write once (inputs read once, outputs written
+# once; parameters, statistics and parameter gradients are per row or per channel and left out).
+#   default: fwd reads x, writes y; bwd reads x and dy, writes dx.
+#   add_rms_norm: fwd reads input and residual, writes output and residual_out; bwd reads dy,
+#     d(residual_out) and residual_out (the one activation saved), writes d(input) = d(residual)
+#     once (one dtype: the same tensor is the gradient of both inputs).
+#   frozen_batch_norm: y = x * scale + shift per channel; bwd reads dy, writes dx (x unused).
+STREAMS = {
+    "default": {"fwd": 2, "bwd": 3, "fwdbwd": 5},
+    "add_rms_norm": {"fwd": 4, "bwd": 4, "fwdbwd": 8},
+    "frozen_batch_norm": {"fwd": 2, "bwd": 2, "fwdbwd": 4},
+}
+
+
+def streams(op: str, pass_: str) -> int:
+    """x-sized tensors pass_ of op must move at least (STREAMS)."""
+    return STREAMS.get(op, STREAMS["default"])[pass_]
+
+
+# ----------------------------------------------------------------------------------------------
+# reference layers with no torch.nn class
+# ----------------------------------------------------------------------------------------------
+class AddRMSNorm(nn.Module):
+    """The pre-norm transformer step of a Llama block, unfused, as torch code writes it:
+    r = input + residual; return F.rms_norm(r), r (the residual stream goes on). The baseline of
+    add_rms_norm (eager and torch.compile); FusedAddRMSNorm is the same step on fastnorm's op."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, input, residual):
+        r = input + residual
+        return F.rms_norm(r, (self.dim,), self.weight, self.eps), r
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+class FusedAddRMSNorm(AddRMSNorm):
+    """AddRMSNorm on fastnorm.functional.add_rms_norm (one pass: the sum is formed at load time,
+    residual_out stored by the same kernel). Same parameters and state_dict as AddRMSNorm."""
+
+    def forward(self, input, residual):
+        return fastnorm.functional.add_rms_norm(input, residual, (self.dim,), self.weight, self.eps)
+
+
+def fuse_add_norms(model: nn.Module) -> int:
+    """Every AddRMSNorm of model (in place) becomes a FusedAddRMSNorm with the same parameters
+    (the class is swapped, as convert() does). Returns how many."""
+    n = 0
+    for m in model.modules():
+        if type(m) is AddRMSNorm:
+            m.__class__ = FusedAddRMSNorm
+            n += 1
+    return n
+
+
+class PermuteLayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of (N, C, H, W): permute, F.layer_norm, permute back (timm's
+    LayerNorm2d's computation; the baseline when timm is not installed)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x):
+        y = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                         self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class FormulaFrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d's formula (x * scale + shift from four buffers): the
+    baseline when torchvision is not installed."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        for name, init in (("weight", torch.ones), ("bias", torch.zeros),
+                           ("running_mean", torch.zeros), ("running_var", torch.ones)):
+            self.register_buffer(name, init(num_features))
+
+    def forward(self, x):
+        w, b, rv, rm = (t.reshape(1, -1, 1, 1) for t in (self.weight, self.bias, self.running_var,
+                                                         self.running_mean))
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+
+def layer_norm2d_reference(c: int) -> nn.Module:
+    """timm's LayerNorm2d (what ConvNeXt runs) when timm imports, else PermuteLayerNorm2d."""
+    try:
+        from timm.layers import LayerNorm2d
+    except ImportError:
+        return PermuteLayerNorm2d(c)
+    return LayerNorm2d(c)
+
+
+def frozen_batch_norm_reference(c: int) -> nn.Module:
+    """torchvision's FrozenBatchNorm2d when torchvision imports, else FormulaFrozenBatchNorm2d."""
+    try:
+        from torchvision.ops import FrozenBatchNorm2d
+    except ImportError:
+        return FormulaFrozenBatchNorm2d(c)
+    return FrozenBatchNorm2d(c)
 
 # Elements per input on a CPU (2 cores should get through --quick in well under 2 minutes).
 CPU_MAX_NUMEL = {True: 1 << 20, False: 1 << 21}
@@ -40,15 +160,45 @@ class Case:
         lay = "" if self.layout == "contiguous" else " cl"
         return f"{self.op}/{self.name} {self.dtype}{lay}"
 
+    @property
+    def channels(self) -> int:
+        """The parameters' length: the normalised width (row ops) or C."""
+        return self.shape[-1] if self.op in ROW_OPS else self.shape[1]
+
+    @property
+    def n_inputs(self) -> int:
+        """Tensors the layer takes (add_rms_norm: input and residual) and returns as many."""
+        return 2 if self.op == "add_rms_norm" else 1
+
+    @property
+    def drop_in(self) -> bool:
+        """fastnorm's layer is fastnorm.convert() of the reference layer (else fastnorm_module
+        builds it: the fused residual add, or LayerNorm2d without timm)."""
+        return self.op != "add_rms_norm" and not (
+            self.op == "layer_norm2d" and type(self._third_party()) is PermuteLayerNorm2d)
+
+    def _third_party(self) -> Optional[nn.Module]:
+        """timm's / torchvision's layer of this case (or its stand-in); None for other ops."""
+        make = {"layer_norm2d": layer_norm2d_reference,
+                "frozen_batch_norm": frozen_batch_norm_reference}.get(self.op)
+        return make(self.channels) if make else None
+
     def module(self) -> nn.Module:
-        """The torch.nn layer, in training mode, with random (not 1/0) affine parameters.
+        """The reference layer, in training mode, with random (not 1/0) affine parameters.
         BatchNorm keeps float32 parameters (AMP training: half activations, float32 layers);
         the others take the input's dtype (a model cast with .to(dtype), as transformers and
-        diffusion models run in half precision)."""
-        c = self.shape[-1] if self.op == "layer_norm" else self.shape[1]
+        diffusion models run in half precision; FrozenBatchNorm2d's buffers too, so that its
+        output keeps the input's dtype). FrozenBatchNorm2d's running statistics are random too."""
+        c = self.channels
         nd = len(self.shape)
         if self.op == "layer_norm":
             m = nn.LayerNorm(c)
+        elif self.op == "rms_norm":
+            m = nn.RMSNorm(c, eps=1e-6)  # Llama's eps
+        elif self.op == "add_rms_norm":
+            m = AddRMSNorm(c, eps=1e-6)
+        elif self.op in ("layer_norm2d", "frozen_batch_norm"):
+            m = self._third_party()
         elif self.op == "batch_norm":
             m = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[nd](c)
         elif self.op == "group_norm":
@@ -59,10 +209,28 @@ class Case:
             raise ValueError(self.op)
         with torch.no_grad():
             m.weight.uniform_(0.5, 1.5)
-            m.bias.normal_(0.0, 0.2)
+            if getattr(m, "bias", None) is not None:
+                m.bias.normal_(0.0, 0.2)
+            if self.op == "frozen_batch_norm":
+                m.running_mean.normal_(0.1, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
         if self.op != "batch_norm":
             m = m.to(DTYPES[self.dtype])
         return m.train()
+
+    def fastnorm_module(self, ref: nn.Module) -> nn.Module:
+        """fastnorm's layer with ref's parameters and state (a copy; ref is not changed)."""
+        m = copy.deepcopy(ref)
+        if self.op == "add_rms_norm":
+            assert fuse_add_norms(m) == 1
+            return m
+        if self.op == "layer_norm2d" and type(m) is PermuteLayerNorm2d:
+            f = fastnorm.LayerNorm2d(self.channels, eps=m.eps).to(m.weight.device, m.weight.dtype)
+            f.load_state_dict(m.state_dict())
+            return f.train(m.training)
+        m = fastnorm.convert(m)
+        assert fastnorm.converted_modules(m), f"convert() swapped nothing in {type(ref).__name__}"
+        return m
 
     def memory_format(self) -> torch.memory_format:
         if self.layout == "contiguous":
@@ -70,8 +238,12 @@ class Case:
         return torch.channels_last if len(self.shape) == 4 else torch.channels_last_3d
 
 
-def _ln(name, rows, width, dtypes, quick=False):
-    return Case("layer_norm", name, (rows, width), dtypes, quick=quick)
+# ops whose parameters run along the last dimension (rows of the normalised width)
+ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm")
+
+
+def _ln(name, rows, width, dtypes, quick=False, op="layer_norm"):
+    return Case(op, name, (rows, width), dtypes, quick=quick)
 
 
 CASES: List[Case] = [
@@ -104,6 +276,26 @@ CASES: List[Case] = [
     Case("instance_norm", "style-transfer", (16, 64, 256, 256), ("fp32", "bf16"), "channels_last",
          quick=True),
     Case("instance_norm", "medseg-3d", (2, 32, 128, 128, 128), ("fp32", "bf16"), quick=True),
+    # RMSNorm and the fused residual add + RMSNorm of Llama: 4096 tokens of width 4096 (7B) and
+    # 8192 (70B), bf16 (the baseline of add_rms_norm: r = x + residual; F.rms_norm(r))
+    *[_ln(name, 4096, width, ("bf16",), quick=(width == 4096), op=op)
+      for op in ("rms_norm", "add_rms_norm")
+      for name, width in (("llama-7b-4096", 4096), ("llama-70b-8192", 8192))],
+    # LayerNorm2d of ConvNeXt-T's four stages at batch 32 (NCHW and channels_last; against timm's
+    # LayerNorm2d: permute, F.layer_norm, permute)
+    *[Case("layer_norm2d", f"convnext-t-stage{i + 1}", (32, c, hw, hw),
+           ("bf16", "fp32") if i == 0 else ("bf16",), layout, quick=(i == 0))
+      for i, (c, hw) in enumerate(((96, 56), (192, 28), (384, 14), (768, 7)))
+      for layout in ("contiguous", "channels_last")],
+    # FrozenBatchNorm2d (detection backbones) at ResNet-50's BatchNorm shapes, batch 64: NCHW
+    # fp32 and channels_last bf16 (against torchvision's FrozenBatchNorm2d)
+    *[Case("frozen_batch_norm", name, shape, dtypes, layout,
+           quick=(name == "resnet50-layer1" and layout == "contiguous"))
+      for name, shape in (("resnet50-stem", (64, 64, 112, 112)),
+                          ("resnet50-layer1", (64, 256, 56, 56)),
+                          ("resnet50-layer2", (64, 512, 28, 28)),
+                          ("resnet50-layer4", (64, 2048, 7, 7)))
+      for dtypes, layout in ((("fp32",), "contiguous"), (("bf16",), "channels_last"))],
 ]
 
 

@@ -1,5 +1,6 @@
 """fastnorm end to end: training steps of whole models, torch.nn norm layers against the same model
-after fastnorm.convert(), from the same initial weights, on the same batches.
+after fastnorm.convert() (and, for the Llama stack, its residual adds fused into the next RMSNorm),
+from the same initial weights, on the same batches.
 
     python bench/e2e.py [--quick] [--device cpu|cuda] [--steps N] [--warmup N] [--models ...]
                         [--size small|full] [--batch N] [--zoo] [--out FILE] [--threads N]
@@ -10,6 +11,12 @@ Models (defined here; --zoo takes torchvision's ResNet-50 and timm's ViT-B/16 wh
   unet       diffusion-UNet-style conv stack, GroupNorm(32), SD widths 320/640/1280 on 64x64
              latents; channels_last, bf16 autocast on a GPU
   style      Johnson et al.'s style-transfer network (InstanceNorm2d, affine), float32
+  convnext   timm's convnext_tiny, no weights (LayerNorm2d in the stem, downsamples and head;
+             timm's LayerNorm in the blocks); channels_last, bf16 autocast on a GPU (needs timm)
+  llama      a Llama-style decoder stack (4 blocks of width 4096, SwiGLU 11008, 32 heads, causal
+             attention, 2 x 2048 tokens): nn.RMSNorm at the first block, then the residual add
+             fused into each following RMSNorm (fastnorm.functional.add_rms_norm; the torch model
+             adds, then calls F.rms_norm); bf16 autocast with a float32 residual stream on a GPU
 Both variants step alternately (one torch step, one fastnorm step) so that drift in the machine's
 state hits both alike. Reported: median step time after warm-up, speed-up, and the losses after
 N steps with their difference. On a CPU the models are small versions (--size; --quick takes
@@ -35,6 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import fastnorm  # noqa: E402
+from cases import AddRMSNorm, fuse_add_norms  # noqa: E402
 from run import csv_is_new, device_name, fastnorm_commit, fastnorm_path, set_cpu_threads  # noqa: E402
 
 
@@ -178,6 +186,81 @@ class StyleNet(nn.Module):
         return self.up(h)
 
 
+class LlamaBlock(nn.Module):
+    """A Llama decoder block in the fused-residual form inference and training stacks use (vLLM,
+    TensorRT-LLM): it takes the previous block's output h and the residual stream, and its first
+    norm adds them (AddRMSNorm: residual_out = h + residual, then RMSNorm of it). The first block
+    has no h yet: a plain nn.RMSNorm of the embeddings. No rotary embedding (it does not touch the
+    norms); SwiGLU MLP; causal scaled-dot-product attention."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, first: bool, eps: float = 1e-5):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm = nn.RMSNorm(dim, eps=eps) if first else AddRMSNorm(dim, eps)
+        self.qkv, self.o = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim, bias=False)
+        self.mlp_norm = AddRMSNorm(dim, eps)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, h, res):
+        if h is None:
+            x = self.attn_norm(res)
+        else:
+            x, res = self.attn_norm(h, res)
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
+        x, res = self.mlp_norm(self.o(a.transpose(1, 2).reshape(b, t, d)), res)
+        g, u = self.gate_up(x).chunk(2, -1)
+        return self.down(F.silu(g) * u), res
+
+
+class Llama(nn.Module):
+    """Token embedding (the residual stream: float32 under autocast), LlamaBlocks, a final fused
+    add + RMSNorm, the LM head. Defaults: 4 blocks of Llama-2-7B's width."""
+
+    def __init__(self, vocab=32000, dim=4096, depth=4, heads=32, hidden=11008):
+        super().__init__()
+        self.num_classes = vocab
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(LlamaBlock(dim, heads, hidden, i == 0) for i in range(depth))
+        self.norm = AddRMSNorm(dim, 1e-5)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens):
+        h, res = None, self.embed(tokens)
+        for block in self.blocks:
+            h, res = block(h, res)
+        x, _ = self.norm(h, res)
+        return self.head(x)
+
+
+def _convnext(small: bool):
+    """timm's ConvNeXt (no weights): convnext_tiny, or a one-block-per-stage one (dims 16-128,
+    10 classes) for the CPU. Raises ImportError without timm."""
+    import timm
+    from timm.models.convnext import ConvNeXt
+
+    if small:
+        return ConvNeXt(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), num_classes=10)
+    return timm.create_model("convnext_tiny", pretrained=False)
+
+
+def _has_timm() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _classes(model: nn.Module) -> int:
+    if hasattr(model, "num_classes"):
+        return model.num_classes
+    return model.fc.out_features if hasattr(model, "fc") else model.head.out_features
+
+
 def _zoo(name: str):
     """torchvision's / timm's model when --zoo is given and the package is importable."""
     try:
@@ -193,8 +276,9 @@ def _zoo(name: str):
 
 
 # name -> (builder(small), batch(small), input shape, target, autocast, channels_last)
-# target: "class" (cross-entropy on random labels) or "same" (MSE against a random tensor like the
-# output: noise prediction for the UNet, a stylised image for the style network)
+# target: "class" (cross-entropy on random labels), "same" (MSE against a random tensor like the
+# output: noise prediction for the UNet, a stylised image for the style network) or "tokens"
+# (random token ids in, next-token cross-entropy on random labels; the input shape is (sequence,))
 MODELS: Dict[str, Tuple[Callable, Callable, Callable, str, bool, bool]] = {
     "resnet50": (lambda s: ResNet((1, 1, 1, 1), 16, 10) if s else ResNet(),
                  lambda s, q: 8 if s else (32 if q else 64),
@@ -208,6 +292,12 @@ MODELS: Dict[str, Tuple[Callable, Callable, Callable, str, bool, bool]] = {
     "style": (lambda s: StyleNet(8, 2) if s else StyleNet(),
               lambda s, q: 2 if s else (2 if q else 4),
               lambda s: (3, 64, 64) if s else (3, 256, 256), "same", False, False),
+    "convnext": (_convnext,
+                 lambda s, q: 4 if s else (32 if q else 64),
+                 lambda s: (3, 32, 32) if s else (3, 224, 224), "class", True, True),
+    "llama": (lambda s: Llama(128, 64, 2, 4, 172) if s else Llama(),
+              lambda s, q: 2 if s else (1 if q else 2),
+              lambda s: (32,) if s else (2048,), "tokens", True, False),
 }
 
 
@@ -221,7 +311,7 @@ def run_model(name: str, device: torch.device, small: bool, quick: bool, steps: 
     torch.manual_seed(seed)
     model, source = _zoo(name) if (zoo and not small) else (None, None)
     if model is None:
-        model, source = build(small), "bench/e2e.py"
+        model, source = build(small), ("timm" if name == "convnext" else "bench/e2e.py")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).train()
 
@@ -229,25 +319,36 @@ def run_model(name: str, device: torch.device, small: bool, quick: bool, steps: 
     g = torch.Generator(device=device).manual_seed(seed + 1)
     data = []
     for _ in range(4):  # a few distinct batches, cycled; the same for both variants
+        if target == "tokens":
+            x = torch.randint(0, _classes(model), (batch, *shape), generator=g, device=device)
+            y = torch.randint(0, _classes(model), (batch, *shape), generator=g, device=device)
+            data.append((x, y))
+            continue
         x = torch.randn((batch, *shape), generator=g, device=device).contiguous(memory_format=fmt)
         if target == "class":
-            classes = model.fc.out_features if hasattr(model, "fc") else model.head.out_features
-            y = torch.randint(0, classes, (batch,), generator=g, device=device)
+            y = torch.randint(0, _classes(model), (batch,), generator=g, device=device)
         else:
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
                 out_shape = model(x).shape
             y = torch.randn(out_shape, generator=g, device=device)
         data.append((x, y))
     # the copy is made after the forward above: any state it changed is in both variants
-    variants = {"torch": model, "fastnorm": fastnorm.convert(copy.deepcopy(model))}
-    n_norm = len(fastnorm.converted_modules(variants["fastnorm"]))
+    fast = fastnorm.convert(copy.deepcopy(model))
+    n_fused = fuse_add_norms(fast)  # the Llama stack's residual adds into fastnorm's add_rms_norm
+    variants = {"torch": model, "fastnorm": fast}
+    n_norm = len(fastnorm.converted_modules(fast)) + n_fused
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in variants.items()}
 
     def step(m, opt, x, y):
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             out = m(x)
-        loss = F.cross_entropy(out.float(), y) if target == "class" else F.mse_loss(out.float(), y)
+        if target == "tokens":
+            loss = F.cross_entropy(out.float().flatten(0, -2), y.flatten())
+        elif target == "class":
+            loss = F.cross_entropy(out.float(), y)
+        else:
+            loss = F.mse_loss(out.float(), y)
         loss.backward()
         opt.step()
         return loss
@@ -292,7 +393,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is visible")
     ap.add_argument("--steps", type=int, help="timed steps per variant (default 50; --quick 10)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    ap.add_argument("--models", nargs="+", choices=tuple(MODELS),
+                    help="default: all (convnext only when timm is installed)")
     ap.add_argument("--size", choices=("small", "full"),
                     help="model size (default: full on a GPU, small on a CPU)")
     ap.add_argument("--batch", type=int, help="batch size (default: per model)")
@@ -302,6 +404,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "results", "e2e.csv"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.models is None:
+        args.models = [m for m in MODELS if m != "convnext" or _has_timm()]
+        if "convnext" not in args.models:
+            print("e2e: timm is not installed: convnext left out")
 
     has_gpu = torch.cuda.is_available()
     dev_type = args.device or ("cuda" if has_gpu else "cpu")

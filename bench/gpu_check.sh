@@ -11,7 +11,11 @@
 #   info       python -m fastnorm.info (and --kernels: registers, spills, occupancy), nvidia-smi,
 #              tool versions
 #   plan       bench/run.py --plan: each benchmark case's launches (grid, block, resident blocks
-#              per SM, waves), to read next to its measured time
+#              per SM, waves) with estimated bytes moved, passes over memory and bytes in flight
+#              -> plan.log, OUTDIR/plan.json
+# After bench / bench-full (or after plan, when results.csv is already there), every measured
+# case and pass is written next to its plan: OUTDIR/plan_vs_measured.csv and .json (estimated
+# bytes, passes, launches low in flight, median time, GB/s on the minimum and on the estimate).
 #   tests      python -m pytest tests -q (tests/cuda and the CPU tests, on the GPU)
 #   memcheck   compute-sanitizer --tool memcheck  on tests/cuda -k "not graph" -m "not slow",
 #              FASTNORM_TEST_SHORT=1 (short shapes), PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -113,7 +117,20 @@ step_info() {
 # The launch plan of every benchmark case (the emulation build, no GPU needed), to read next to
 # the measured times: grid, block, resident blocks per SM and waves per kernel.
 step_plan() {
-    "$PY" bench/run.py --plan
+    "$PY" bench/run.py --plan --plan-json "$OUTDIR/plan.json" || return
+    [ -s "$OUTDIR/results.csv" ] && plan_join
+    return 0
+}
+
+# The plans next to the measurements (after bench, or after plan when bench ran first). Never
+# changes the bench step's status: a failure is reported in the log only.
+plan_join() {
+    if [ -s "$OUTDIR/plan.json" ] && [ -s "$OUTDIR/results.csv" ]; then
+        "$PY" bench/run.py --plan-join "$OUTDIR/results.csv" --plan-json "$OUTDIR/plan.json" \
+            --plan-out "$OUTDIR/plan_vs_measured" || echo "gpu_check: plan_vs_measured failed (ignored)"
+    else
+        echo "gpu_check: no plan.json yet: the plan step writes it and then joins the measurements"
+    fi
 }
 
 step_tests() {
@@ -140,6 +157,9 @@ step_bench() {
     [ -s bench/results/results.csv ] && compare=(--compare bench/results/results.csv)
     "$PY" bench/run.py --quick --budget "$(bench_budget)" --out "$OUTDIR/results.csv" "${compare[@]}" \
         ${BENCH_ARGS:-}
+    local status=$?
+    plan_join
+    return $status
 }
 
 step_e2e() {
@@ -151,6 +171,9 @@ step_bench_full() {
     [ -s bench/results/results.csv ] && compare=(--compare bench/results/results.csv)
     "$PY" bench/run.py --budget "$(bench_budget)" --out "$OUTDIR/results.csv" "${compare[@]}" \
         ${BENCH_ARGS:-}
+    local status=$?
+    plan_join
+    return $status
 }
 
 step_e2e_full() {
@@ -158,7 +181,7 @@ step_e2e_full() {
 }
 
 export PY OUTDIR SANITIZER
-export -f sanitize bench_budget step_build step_info step_tests step_memcheck step_racecheck step_bench \
+export -f sanitize bench_budget plan_join step_build step_info step_plan step_tests step_memcheck step_racecheck step_bench \
     step_e2e step_bench_full step_e2e_full
 
 echo "gpu_check: steps ${STEPS[*]}; budget ${BUDGET}s; python $PY; out $OUTDIR"
@@ -171,7 +194,7 @@ for s in "${STEPS[@]}"; do
     fi
     if [ "$s" = build ]; then
         built=1
-    elif [ "$s" != info ] && [ $built = 0 ] && ! ext_loaded; then
+    elif [ "$s" != info ] && [ "$s" != plan ] && [ $built = 0 ] && ! ext_loaded; then
         echo "gpu_check: the extension does not load: building first"
         built=1
         run_step build

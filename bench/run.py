@@ -1,5 +1,7 @@
 """fastnorm microbenchmarks: forward, backward and forward+backward of every case (bench/cases.py)
-for fastnorm, PyTorch eager and torch.compile (and Apex / Liger when importable).
+for fastnorm, PyTorch eager and torch.compile (and Apex / Liger when importable); the eager and
+compiled baselines of LayerNorm2d and FrozenBatchNorm2d are timm's and torchvision's layers, that
+of the fused residual add + RMSNorm the unfused add and F.rms_norm.
 
     python bench/run.py [--quick] [--device cpu|cuda] [--ops ...] [--dtype ...]
                         [--providers ...] [--out FILE] [--compare FILE] [--budget SECONDS]
@@ -13,6 +15,7 @@ import argparse
 import copy
 import csv
 import datetime as dt
+import json
 import math
 import os
 import platform
@@ -30,7 +33,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import fastnorm  # noqa: E402
-from cases import DTYPES, OPS, Case, select  # noqa: E402
+from cases import DTYPES, OPS, Case, select, streams  # noqa: E402
 
 PASSES = ("fwd", "bwd", "fwdbwd")
 CORE_PROVIDERS = ("fastnorm", "eager", "compile")
@@ -123,11 +126,12 @@ class Timer:
         return times, (peak / 2**20 if self.cuda else float("nan"))
 
 
-def min_bytes(numel: int, itemsize: int, pass_: str) -> int:
-    """The fewest bytes a pass must move: fwd reads x and writes y; bwd reads x and dy and writes
-    dx; fwdbwd is both. Parameters, statistics and parameter gradients are left out (they are
-    per-channel or per-row: small)."""
-    return numel * itemsize * {"fwd": 2, "bwd": 3, "fwdbwd": 5}[pass_]
+def min_bytes(numel: int, itemsize: int, pass_: str, op: str = "layer_norm") -> int:
+    """The fewest bytes a pass must move: each x-sized input read once, each x-sized output
+    written once (cases.STREAMS: fwd reads x and writes y; bwd reads x and dy and writes dx;
+    fwdbwd is both; add_rms_norm and frozen_batch_norm have their own counts). Parameters,
+    statistics and parameter gradients are left out (they are per-channel or per-row: small)."""
+    return numel * itemsize * streams(op, pass_)
 
 
 def quantiles(times: List[float]):
@@ -175,9 +179,7 @@ def make_provider(name: str, case: Case, ref: torch.nn.Module) -> torch.nn.Modul
     if name == "eager":
         return copy.deepcopy(ref)
     if name == "fastnorm":
-        m = fastnorm.convert(copy.deepcopy(ref))
-        assert fastnorm.converted_modules(m), "convert() swapped nothing"
-        return m
+        return case.fastnorm_module(ref)  # convert() of ref, or fastnorm's fused op
     if name == "compile":
         torch._dynamo.reset()  # a fresh cache: the torch.nn forward code is shared by all cases
         return torch.compile(copy.deepcopy(ref), dynamic=False)
@@ -215,51 +217,72 @@ def available_extras(device: torch.device) -> List[str]:
 # one case
 # ----------------------------------------------------------------------------------------------
 def make_inputs(case: Case, device: torch.device, seed: int):
-    """Random x (mean 0.3, std 1.5: not centred, not unit) and dy, in the case's layout."""
+    """The layer's inputs and the gradients of its outputs, in the case's layout: x random (mean
+    0.3, std 1.5: not centred, not unit), dy ~ N(0, 1); add_rms_norm also takes a residual
+    (N(0, 1)) and gets a gradient of residual_out (N(0, 1)). Returns (inputs, grads), tuples of
+    case.n_inputs tensors; the inputs require grad."""
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[case.dtype]
     fmt = case.memory_format()
     x = torch.randn(case.shape, generator=g, device=device, dtype=torch.float32) * 1.5 + 0.3
     dy = torch.randn(case.shape, generator=g, device=device, dtype=torch.float32)
-    x = x.to(dtype).contiguous(memory_format=fmt).requires_grad_(True)
-    dy = dy.to(dtype).contiguous(memory_format=fmt)
-    return x, dy
+    inputs, grads = [x], [dy]
+    if case.n_inputs == 2:
+        inputs.append(torch.randn(case.shape, generator=g, device=device, dtype=torch.float32))
+        grads.append(torch.randn(case.shape, generator=g, device=device, dtype=torch.float32))
+    inputs = tuple(t.to(dtype).contiguous(memory_format=fmt).requires_grad_(True) for t in inputs)
+    grads = tuple(t.to(dtype).contiguous(memory_format=fmt) for t in grads)
+    return inputs, grads
 
 
-def pass_fns(m: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
+def _outputs(y) -> tuple:
+    return (y,) if isinstance(y, torch.Tensor) else tuple(y)
+
+
+def pass_fns(m: torch.nn.Module, inputs, grads):
     """pass -> (fn, setup) for Timer. fwd: a training forward (grad enabled, as in a training
     step); bwd: the backward alone, of a forward run untimed just before (setup); fwdbwd: both.
-    Gradients of x, weight and bias are returned, not accumulated into .grad."""
-    wrt = [x] + [p for p in m.parameters() if p.requires_grad]
+    Gradients of the inputs and the parameters that require grad are returned, not accumulated
+    into .grad; every output gets its gradient (add_rms_norm: output and residual_out)."""
+    inputs, grads = _as_tuple(inputs), _as_tuple(grads)
+    wrt = list(inputs) + [p for p in m.parameters() if p.requires_grad]
     return {
-        "fwd": (lambda _: m(x), None),
-        "bwd": (lambda y: torch.autograd.grad(y, wrt, dy), lambda: m(x)),
-        "fwdbwd": (lambda _: torch.autograd.grad(m(x), wrt, dy), None),
+        "fwd": (lambda _: m(*inputs), None),
+        "bwd": (lambda y: torch.autograd.grad(_outputs(y), wrt, grads), lambda: m(*inputs)),
+        "fwdbwd": (lambda _: torch.autograd.grad(_outputs(m(*inputs)), wrt, grads), None),
     }
 
 
-def reference(ref: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
-    """y and dx of one training step of the torch layer in float64 on contiguous inputs: the
-    yardstick for every provider, eager included (eager in the case's layout can be wrong: torch
-    2.14's CPU InstanceNorm backward is, for N=1 with a channels_last dy)."""
+def _as_tuple(t) -> tuple:
+    return (t,) if isinstance(t, torch.Tensor) else tuple(t)
+
+
+def reference(ref: torch.nn.Module, inputs, grads):
+    """The outputs and the inputs' gradients of one training step of the reference layer in
+    float64 on contiguous inputs: the yardstick for every provider, eager included (eager in the
+    case's layout can be wrong: torch 2.14's CPU InstanceNorm backward is, for N=1 with a
+    channels_last dy). Returns (outputs, input gradients), tuples."""
     m = copy.deepcopy(ref).double()
-    x64 = x.detach().double().contiguous().requires_grad_(True)
-    y = m(x64)
-    (dx,) = torch.autograd.grad(y, [x64], dy.double().contiguous())
-    return y.detach(), dx
+    x64 = tuple(t.detach().double().contiguous().requires_grad_(True) for t in _as_tuple(inputs))
+    ys = _outputs(m(*x64))
+    dxs = torch.autograd.grad(ys, x64, tuple(g.double().contiguous() for g in _as_tuple(grads)))
+    return tuple(y.detach() for y in ys), dxs
 
 
-def check(case: Case, m: torch.nn.Module, ref_out, x, dy):
-    """max |y - y_ref| and max |dx - dx_ref| of one training step, and whether both are finite and
-    within TOL of the float64 reference."""
-    y = m(x)
-    (dx,) = torch.autograd.grad(y, [x], dy)
+def check(case: Case, m: torch.nn.Module, ref_out, inputs, grads):
+    """max |y - y_ref| over the outputs and max |dx - dx_ref| over the inputs' gradients of one
+    training step, and whether all are finite and within TOL of the float64 reference."""
+    inputs, grads = _as_tuple(inputs), _as_tuple(grads)
+    ys = _outputs(m(*inputs))
+    dxs = torch.autograd.grad(ys, inputs, grads)
     tol = TOL[case.dtype]
-    diffs, ok = [], True
-    for a, b in zip((y.detach(), dx), ref_out):
-        d = (a.double() - b).abs()
-        diffs.append(d.max().item())
-        ok &= bool((d <= tol * (1 + b.abs())).all())  # NaN fails
+    diffs, ok = [0.0, 0.0], True
+    for i, (got, want) in enumerate(((ys, ref_out[0]), (dxs, ref_out[1]))):
+        assert len(got) == len(want), f"{len(got)} tensors where the reference has {len(want)}"
+        for a, b in zip(got, want):
+            d = (a.detach().double() - b).abs()
+            diffs[i] = max(diffs[i], d.max().item() if d.numel() else 0.0)
+            ok &= bool((d <= tol * (1 + b.abs())).all())  # NaN fails
     return diffs[0], diffs[1], ok
 
 
@@ -268,20 +291,20 @@ def bench_case(case: Case, providers: List[str], timer: Timer, meta: dict, copy_
     dev = timer.device
     torch.manual_seed(seed)
     ref = case.module().to(dev)
-    x, dy = make_inputs(case, dev, seed)
-    numel, itemsize = x.numel(), x.element_size()
+    inputs, grads = make_inputs(case, dev, seed)
+    numel, itemsize = inputs[0].numel(), inputs[0].element_size()
     # correctness first, each provider on a fresh copy of the same state
-    ref_out = reference(ref, x, dy)
+    ref_out = reference(ref, inputs, grads)
     results: Dict[str, dict] = {}
     for p in providers:
         m = fns = None
         try:
             m = make_provider(p, case, ref)
-            diff_y, diff_dx, ok = check(case, m, ref_out, x, dy)
+            diff_y, diff_dx, ok = check(case, m, ref_out, inputs, grads)
             if not ok:
                 print(f"  MISMATCH {p} against float64: max|y-y_ref| {diff_y:.3g}, "
                       f"max|dx-dx_ref| {diff_dx:.3g} (tolerance {TOL[case.dtype]} x (1+|ref|))")
-            fns = pass_fns(m, x, dy)
+            fns = pass_fns(m, inputs, grads)
             for pass_ in PASSES:
                 times, peak = timer(*fns[pass_])
                 results[(p, pass_)] = dict(times=times, peak=peak, diff_y=diff_y,
@@ -297,7 +320,7 @@ def bench_case(case: Case, providers: List[str], timer: Timer, meta: dict, copy_
     rows = []
     for (p, pass_), r in results.items():
         med, p20, p80 = quantiles(r["times"])
-        gbps = min_bytes(numel, itemsize, pass_) / (med * 1e-3) / 1e9
+        gbps = min_bytes(numel, itemsize, pass_, case.op) / (med * 1e-3) / 1e9
         def speedup(peer):
             other = results.get((peer, pass_))
             return statistics.median(other["times"]) / med if other else float("nan")
@@ -532,21 +555,123 @@ def compare(rows: List[dict], path: str, threshold: float = 0.05) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-def print_plans(cases) -> int:
-    """The launch plan of every case's forward and backward at its GPU shape (no GPU needed)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+def _planner():
+    """tools/plan.py and the emulation build it runs the host wrappers in (built when missing)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
     import plan as planner  # noqa: E402  (tools/plan.py)
     from cuda_emu import emu as emu_mod  # noqa: E402
 
     emu = emu_mod.load("plain")
+    emu.use_resource_report()  # the H100's occupancy answers when the CUDA build's report exists
+    return planner, emu
+
+
+def case_plans(cases) -> List[dict]:
+    """tools/plan.py's plan and estimates of every case's forward and backward at its GPU shape
+    (no GPU needed): one dict per case (plan.estimate()'s, plus the case's name); a case the
+    planner cannot run carries its error instead."""
+    planner, emu = _planner()
     res = planner._resources()
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    out = []
     for case in cases:
-        layout = "channels_last" if case.layout != "contiguous" else "contiguous"
         groups = 32 if case.op == "group_norm" else 1
-        rows = planner.plan(emu, case.op, case.shape, dtypes[case.dtype], layout, groups)
-        print(f"\n{case.label} {'x'.join(map(str, case.shape))}")
-        print(planner.report(rows, res))
+        head = {"op": case.op, "case": case.name, "shape": "x".join(map(str, case.shape)),
+                "dtype": case.dtype, "layout": case.layout}
+        try:
+            est = planner.plan_case(emu, case.op, case.shape, DTYPES[case.dtype],
+                                    "channels_last" if case.layout != "contiguous" else "contiguous",
+                                    groups, True, res)
+        except Exception as e:  # a new op or kernel the planner does not know: say so, go on
+            out.append({**head, "error": f"{type(e).__name__}: {e}"})
+            continue
+        est.update(head)
+        out.append(est)
+    return out
+
+
+def print_plans(cases, json_path: Optional[str] = None) -> int:
+    """The launch plan of every case's forward and backward at its GPU shape, with the estimated
+    bytes moved, passes over memory and bytes in flight (tools/plan.py; no GPU needed)."""
+    planner, _ = _planner()
+    res = planner._resources()
+    plans = case_plans(cases)
+    print(planner.legend(res))
+    for case, est in zip(cases, plans):
+        print(f"\n{case.label} {est['shape']}")
+        print(f"plan failed: {est['error']}" if "error" in est else planner.report(est, res))
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump({"sms": planner.SMS, "little_bytes_per_sm": planner.LITTLE_BYTES_PER_SM,
+                       "legend": planner.legend(res), "cases": plans}, f, indent=1)
+        print(f"\nplan: wrote {json_path}")
+    return 1 if any("error" in p for p in plans) else 0
+
+
+PLAN_COLUMNS = ["run_id", "device_name", "fastnorm_commit", "op", "case", "shape", "dtype", "layout",
+                "pass", "launches", "kernels", "est_bytes", "plan_min_bytes", "passes",
+                "low_inflight", "median_ms", "p20_ms", "p80_ms", "bench_min_bytes",
+                "measured_gbps", "est_gbps", "copy_gbps", "est_frac_of_copy"]
+
+
+def plan_vs_measured(results_csv: str, plan_json: str, out_prefix: str) -> int:
+    """Each measured fastnorm case and pass next to its plan: <out_prefix>.csv (one row per case
+    and pass: estimated bytes, passes, launches flagged low in flight, the measured median and
+    GB/s, and est_gbps = estimated bytes / median, the rate the kernels moved memory at if the
+    model is right) and <out_prefix>.json (the same with each launch's plan line)."""
+    with open(plan_json) as f:
+        plans = {(p["op"], p["case"], p["shape"], p["dtype"], p["layout"]): p
+                 for p in json.load(f)["cases"]}
+    with open(results_csv, newline="") as f:
+        measured = [r for r in csv.DictReader(f) if r["provider"] == "fastnorm"]
+    if not measured:
+        print(f"plan: no fastnorm rows in {results_csv}")
+        return 1
+    last = max(r["run_id"] for r in measured)
+    rows, records, missing = [], [], 0
+    for r in measured:
+        if r["run_id"] != last:
+            continue
+        p = plans.get((r["op"], r["case"], r["shape"], r["dtype"], r["layout"]))
+        if p is None or "error" in p:
+            missing += 1
+            continue
+        t = p["passes"][r["pass"]]
+        med = float(r["median_ms"])
+        est = t["est_bytes"]
+        est_gbps = est / (med * 1e-3) / 1e9 if est is not None and med > 0 else None
+        copy = float(r["copy_gbps"])
+        launches = [ln for ln in p["launches"] if r["pass"] == "fwdbwd" or ln["pass"] == r["pass"]]
+        row = {"run_id": r["run_id"], "device_name": r["device_name"],
+               "fastnorm_commit": r["fastnorm_commit"], "op": r["op"], "case": r["case"],
+               "shape": r["shape"], "dtype": r["dtype"], "layout": r["layout"], "pass": r["pass"],
+               "launches": len(launches), "kernels": "; ".join(ln["kernel"] for ln in launches),
+               "est_bytes": est, "plan_min_bytes": t["min_bytes"], "passes": t["passes"],
+               "low_inflight": "; ".join(t["low"]), "median_ms": med, "p20_ms": r["p20_ms"],
+               "p80_ms": r["p80_ms"],
+               "bench_min_bytes": min_bytes(math.prod(int(v) for v in r["shape"].split("x")),
+                                            torch.empty((), dtype=DTYPES[r["dtype"]]).element_size(),
+                                            r["pass"], r["op"]),
+               "measured_gbps": float(r["gbps"]), "est_gbps": est_gbps, "copy_gbps": copy,
+               "est_frac_of_copy": est_gbps / copy if est_gbps is not None and copy else None}
+        rows.append(row)
+        records.append({**row, "plan": launches})
+    with open(out_prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PLAN_COLUMNS)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v))
+                        for k, v in row.items()})
+    with open(out_prefix + ".json", "w") as f:
+        json.dump({"results": results_csv, "plan": plan_json, "rows": records}, f, indent=1)
+    print(f"plan: {len(rows)} measured case passes of run {last} next to their plans in "
+          f"{out_prefix}.csv and .json" + (f"; {missing} without a plan" if missing else ""))
+    for row in rows:
+        frac = row["est_frac_of_copy"]
+        print(f"  {row['op']}/{row['case']} {row['dtype']} {row['layout']} {row['pass']:6} "
+              f"{row['median_ms'] * 1e3:9.1f} us  passes {_fmt(row['passes'])}  "
+              f"{row['measured_gbps']:7.0f} GB/s on the minimum, {_fmt(row['est_gbps'], 4)} GB/s "
+              f"on the estimate ({'-' if frac is None else f'{100 * frac:.0f}%'} of copy)")
     return 0
 
 
@@ -568,11 +693,27 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int,
                     help="CPU: torch threads (default: torch's, or 1 when the load average is >= 1)")
     ap.add_argument("--plan", action="store_true",
-                    help="print the kernels each case launches on an H100 (tools/plan.py: the host "
+                    help="print the kernels each case launches on an H100 with estimated bytes "
+                         "moved, passes over memory and bytes in flight (tools/plan.py: the host "
                          "wrappers' own plans, run in the CPU emulation build), measure nothing")
+    ap.add_argument("--plan-json", metavar="FILE",
+                    help="with --plan: also write every case's plan as JSON; with --plan-join: "
+                         "the plans to join (written by --plan --plan-json)")
+    ap.add_argument("--plan-join", metavar="RESULTS_CSV",
+                    help="put the latest run's fastnorm rows of RESULTS_CSV next to the plans of "
+                         "--plan-json: writes --plan-out.csv and .json, measures nothing")
+    ap.add_argument("--plan-out", metavar="PREFIX", default=None,
+                    help="output prefix of --plan-join (default: beside RESULTS_CSV, "
+                         "plan_vs_measured)")
     args = ap.parse_args(argv)
+    if args.plan_join:
+        if not args.plan_json:
+            ap.error("--plan-join needs --plan-json FILE (bench/run.py --plan --plan-json FILE)")
+        out = args.plan_out or os.path.join(os.path.dirname(os.path.abspath(args.plan_join)),
+                                            "plan_vs_measured")
+        return plan_vs_measured(args.plan_join, args.plan_json, out)
     if args.plan:
-        return print_plans(select("cuda", args.quick, args.ops, args.dtype))
+        return print_plans(select("cuda", args.quick, args.ops, args.dtype), args.plan_json)
 
     t_start = time.perf_counter()
     has_gpu = torch.cuda.is_available()

@@ -67,17 +67,23 @@ void cl_forward_vec(channels::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T
                     const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
-  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count());
-  const channels::ClShape& s = p.s;
-  const int64_t blocks = s.N * s.K * s.CT;
+  const int sm = sm_count();
+  // Each pass gets its own plan, its grid a wave of that kernel (their register budgets differ);
+  // the statistics' plan also fixes the partials' layout, which the finalize reads.
+  const channels::ClShape s = channels::plan_cl(
+      d.N, d.HW, d.C, d.G, VEC, sm,
+      resident_blocks(channels::cl_welford_partial_kernel<T, VEC>, channels::kClThreads, 0));
   at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, acc_options(like));
-  launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(blocks), s.bx * s.by, 0, stream,
-      p.x, s, ws.data_ptr<A>());
+  launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
+      stream, p.x, s, ws.data_ptr<A>());
   launch(channels::cl_welford_finalize_kernel<A>, grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream,
       ws.data_ptr<A>(), s, eps, mean, rstd);
   p.mean = mean;
   p.rstd = rstd;
-  launch(channels::cl_apply_kernel<T, VEC>, grid_of(blocks), s.bx * s.by, 0, stream, p);
+  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm,
+                          resident_blocks(channels::cl_apply_kernel<T, VEC>, channels::kClThreads, 0));
+  launch(channels::cl_apply_kernel<T, VEC>, grid_of(p.s.N * p.s.K * p.s.CT), p.s.bx * p.s.by, 0,
+      stream, p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
@@ -191,7 +197,8 @@ void cl_channel_sums(const channels::ClBwd<T>& base, const Dims& d, at::Tensor& 
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
   channels::ClBwd<T> p = base;
-  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count());
+  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count(),
+                          resident_blocks(channels::cl_bwd_sums_kernel<T, VEC>, channels::kClThreads, 0));
   const channels::ClShape& s = p.s;
   const int64_t plane = s.N * s.K * s.C;
   at::Tensor ws = at::empty({2 * plane}, acc_options(like));
@@ -211,6 +218,16 @@ void cl_channel_sums(const channels::ClBwd<T>& base, const Dims& d, at::Tensor& 
       ws.data_ptr<A>(), nc, s.K, s.C, s.K * s.C, 1, s.C, plane, o, o + nc);
   S = o;
   B = o + nc;
+}
+
+// dx, channels_last: a plan of its own (a wave of cl_dx, whose register budget is not the sums').
+template <typename T, int VEC>
+void cl_dx(const groups::GnDx<T>& p, const Dims& d) {
+  const channels::ClShape s = channels::plan_cl(
+      d.N, d.HW, d.C, d.G, VEC, sm_count(),
+      resident_blocks(channels::cl_dx_kernel<T, VEC>, channels::kClThreads, 0));
+  launch(channels::cl_dx_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, current_stream(),
+      p, s);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
@@ -311,13 +328,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     } else {
       const bool vec = d.C % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16) &&
                        is_aligned(p.dx, 16);
-      const channels::ClShape sd2 = channels::plan_cl(d.N, d.HW, d.C, d.G, vec ? V : 1, sm_count());
-      if (vec)
-        launch(channels::cl_dx_kernel<T, V>, grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream,
-            p, sd2);
-      else
-        launch(channels::cl_dx_kernel<T, 1>, grid_of(sd2.N * sd2.K * sd2.CT), sd2.bx * sd2.by, 0, stream,
-            p, sd2);
+      if (vec) cl_dx<T, V>(p, d);
+      else cl_dx<T, 1>(p, d);
     }
   });
   return {dx, dw, db};

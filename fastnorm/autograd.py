@@ -367,7 +367,279 @@ class BatchNormFunction(_BatchNormFunction):
         return ty, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# RMSNorm and the fused residual-add norms
+# ----------------------------------------------------------------------------------------------
+def _trailing(x, k):
+    """(normalised dims, row dims) of x for a normalized_shape of k dims."""
+    return list(range(x.dim() - k, x.dim())), list(range(x.dim() - k))
+
+
+def _row_sum(t, rows):
+    return t.sum(rows) if rows else t  # sum([]) would reduce every dim
+
+
+def _norm_input_grad(g, xhat, rstd, dims, rms):
+    """dx of xhat = norm(x), given g = dy * weight (statistics dtype, differentiable)."""
+    proj = xhat * (g * xhat).mean(dims, keepdim=True)
+    if rms:
+        return rstd * (g - proj)
+    return rstd * (g - g.mean(dims, keepdim=True) - proj)
+
+
+def _recomputed_xhat(xs, dims, eps, rms):
+    """(xhat, rstd) recomputed from x with differentiable ops, for second derivatives."""
+    if rms:
+        rstd = torch.rsqrt(xs.square().mean(dims, keepdim=True) + eps)
+        return xs * rstd, rstd
+    mu = xs.mean(dims, keepdim=True)
+    rstd = torch.rsqrt((xs - mu).square().mean(dims, keepdim=True) + eps)
+    return (xs - mu) * rstd, rstd
+
+
+def _rms_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
+    input, normalized_shape, weight, eps, *_ = inputs
+    _, rstd = output
+    save(ctx, input, weight, rstd)
+    ctx.normalized_shape = list(normalized_shape)
+    ctx.eps = eps
+
+
+def _rms_backward(ctx, dy, _drstd):
+    x, w, rstd = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2] and w is not None]
+    if torch.is_grad_enabled():
+        dims, rows = _trailing(x, len(ctx.normalized_shape))
+        sd = stat_dtype(x.dtype)
+        g = dy.to(sd)
+        xhat, r = _recomputed_xhat(x.to(sd), dims, ctx.eps, rms=True)
+        dx = dw = None
+        if needs[0]:
+            gw = g if w is None else g * w.to(sd)
+            dx = _norm_input_grad(gw, xhat, r, dims, rms=True).to(x.dtype)
+        if needs[1]:
+            dw = _row_sum(g * xhat, rows).to(w.dtype)
+    else:
+        dx, dw = _fn.rms_norm_bwd(dy, x, rstd, w, ctx.normalized_shape, needs)
+        dx, dw = (t if m else None for t, m in zip((dx, dw), needs))
+    return dx, None, dw, None, None
+
+
+torch.library.register_autograd("fastnorm::rms_norm_fwd", _rms_backward, setup_context=_rms_setup)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """(y, rstd) = rms_norm(x); rstd is not differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, normalized_shape, weight, eps, out_dtype):
+        return _fn.rms_norm_fwd(input, normalized_shape, weight, eps, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, rstd = output
+        ctx.mark_non_differentiable(rstd)
+        _rms_setup(ctx, inputs, output, _save)
+        ctx.y_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, drstd):
+        return _rms_backward(ctx, dy, drstd)
+
+
+class RMSNormFunction(_RMSNormFunction):
+    @staticmethod
+    def jvp(ctx, tx, _tshape, tw, _teps, _tdtype):
+        x, w, rstd = ctx.saved_tensors
+        k = len(ctx.normalized_shape)
+        dims, _ = _trailing(x, k)
+        sd = stat_dtype(x.dtype)
+        r = rstd.reshape(list(x.shape[: x.dim() - k]) + [1] * k)
+        xhat = x.to(sd) * r
+        ty = None
+        if tx is not None:
+            ty = _norm_input_grad(tx.to(sd), xhat, r, dims, rms=True)  # self-adjoint
+            if w is not None:
+                ty = ty * w.to(sd)
+        if tw is not None:
+            t = xhat * tw.to(sd)
+            ty = t if ty is None else ty + t
+        if ty is None:
+            return torch.zeros(x.shape, dtype=ctx.y_dtype, device=x.device), None
+        return ty.to(ctx.y_dtype).contiguous(), None
+
+
+def _add_norm_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
+    input, _, normalized_shape, weight, bias, eps, rms = inputs
+    _, r, mean, rstd = output
+    save(ctx, r, weight, bias, mean, rstd)
+    ctx.normalized_shape = list(normalized_shape)
+    ctx.eps, ctx.rms, ctx.input_dtype = eps, rms, input.dtype
+
+
+def _add_norm_backward(ctx, dout, dr, _dmean, _drstd):
+    r, w, b, mean, rstd = ctx.saved_tensors
+    ni, nr = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    nw, nb = ctx.needs_input_grad[3] and w is not None, ctx.needs_input_grad[4] and b is not None
+    if dout is None:
+        dout = torch.zeros(r.shape, dtype=ctx.input_dtype, device=r.device)
+    if torch.is_grad_enabled():
+        # Differentiable ops; residual_out is this node's output, so second derivatives flow
+        # back to input and residual through it.
+        dims, rows = _trailing(r, len(ctx.normalized_shape))
+        sd = stat_dtype(ctx.input_dtype)
+        g = dout.to(sd)
+        xhat, rs = _recomputed_xhat(r.to(sd), dims, ctx.eps, ctx.rms)
+        d_r = None
+        if ni or nr:
+            d_r = _norm_input_grad(g if w is None else g * w.to(sd), xhat, rs, dims, ctx.rms)
+            if dr is not None:
+                d_r = d_r + dr.to(sd)
+        dx = d_r.to(ctx.input_dtype) if ni else None
+        dres = d_r.to(r.dtype) if nr else None
+        dw = _row_sum(g * xhat, rows).to(w.dtype) if nw else None
+        db = _row_sum(g, rows).to(b.dtype) if nb else None
+    else:
+        same = ctx.input_dtype == r.dtype
+        # one dtype: one gradient tensor serves input and residual (one write pass)
+        mask = [ni and not same, nr or (same and ni), nw, nb]
+        dx, dres, dw, db = _fn.add_norm_bwd(dout, dr, r, mean, rstd, w, ctx.normalized_shape,
+                                            ctx.rms, ctx.input_dtype, mask)
+        if same:
+            dx = dres if ni else None
+            dres = dres if nr else None
+        else:
+            dx, dres = dx if ni else None, dres if nr else None
+        dw = dw if nw else None
+        db = db.to(b.dtype) if nb else None  # the op gives it in weight's (or input's) dtype
+    return dx, dres, None, dw, db, None, None
+
+
+torch.library.register_autograd("fastnorm::add_norm_fwd", _add_norm_backward,
+                                setup_context=_add_norm_setup)
+
+
+class _AddNormFunction(torch.autograd.Function):
+    """(output, residual_out, mean, rstd) = add_norm(input, residual): residual_out = input +
+    residual (residual's dtype), output = LayerNorm or RMSNorm of residual_out (input's dtype).
+    Only residual_out is saved (with the statistics): the backward recomputes xhat from it.
+    mean and rstd are not differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, residual, normalized_shape, weight, bias, eps, rms):
+        return _fn.add_norm_fwd(input, residual, normalized_shape, weight, bias, eps, rms)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _add_norm_setup(ctx, inputs, output, _save)
+
+    @staticmethod
+    def backward(ctx, dout, dr, dmean, drstd):
+        return _add_norm_backward(ctx, dout, dr, dmean, drstd)
+
+
+class AddNormFunction(_AddNormFunction):
+    @staticmethod
+    def jvp(ctx, t_in, t_res, _tshape, tw, tb, _teps, _trms):
+        r, w, _, mean, rstd = ctx.saved_tensors
+        k = len(ctx.normalized_shape)
+        dims, _ = _trailing(r, k)
+        sd = stat_dtype(ctx.input_dtype)
+        view = list(r.shape[: r.dim() - k]) + [1] * k
+        rv = rstd.reshape(view)
+        rs = r.to(sd)
+        xhat = (rs if ctx.rms else rs - mean.reshape(view)) * rv
+        t_r = None
+        for t in (t_in, t_res):
+            if t is not None:
+                t_r = t.to(sd) if t_r is None else t_r + t.to(sd)
+        ty = None
+        if t_r is not None:
+            ty = _norm_input_grad(t_r, xhat, rv, dims, ctx.rms)  # self-adjoint
+            if w is not None:
+                ty = ty * w.to(sd)
+        if tw is not None:
+            t = xhat * tw.to(sd)
+            ty = t if ty is None else ty + t
+        if tb is not None:
+            t = tb.to(sd).expand(r.shape)
+            ty = t if ty is None else ty + t
+        zeros = lambda dt: torch.zeros(r.shape, dtype=dt, device=r.device)  # noqa: E731
+        ty = zeros(ctx.input_dtype) if ty is None else ty.to(ctx.input_dtype).contiguous()
+        tr = zeros(r.dtype) if t_r is None else t_r.to(r.dtype).contiguous()
+        return ty, tr, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm2d: statistics over the channels (dim 1) of each position of (N, C, *spatial)
+# ----------------------------------------------------------------------------------------------
+def _ln2d_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
+    input, weight, bias, eps, *_ = inputs
+    _, mean, rstd = output
+    save(ctx, input, weight, bias, mean, rstd)
+    ctx.eps = eps
+
+
+def _ln2d_backward(ctx, dy, _dmean, _drstd):
+    x, w, b, mean, rstd = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+    if torch.is_grad_enabled():
+        param_dims, affine_shape = _channel_dims(x)
+        dx, dw, db = _normalization_grads(
+            x, dy, w, ctx.eps, lambda t: t, [1], affine_shape, param_dims,
+            (needs[0], needs[1], needs[2] and b is not None))
+        db = None if db is None else db.reshape(b.shape).to(b.dtype)
+    else:
+        mask = [needs[0], needs[1] and w is not None, needs[2] and b is not None]
+        dx, dw, db = _fn.layer_norm2d_bwd(dy, x, mean, rstd, w, mask)
+        dx, dw, db = (t if m else None for t, m in zip((dx, dw, db), mask))
+    return dx, dw, db
+
+
+torch.library.register_autograd(
+    "fastnorm::layer_norm2d_fwd",
+    lambda ctx, dy, dm, dr: (*_ln2d_backward(ctx, dy, dm, dr), None, None),
+    setup_context=_ln2d_setup)
+
+
+class _LayerNorm2dFunction(torch.autograd.Function):
+    """(y, mean, rstd) = layer_norm2d(x); mean and rstd are not differentiable."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, eps, out_dtype):
+        return _fn.layer_norm2d_fwd(input, weight, bias, eps, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        _ln2d_setup(ctx, inputs, output, _save)
+        ctx.y_dtype = y.dtype
+
+    @staticmethod
+    def backward(ctx, dy, dmean, drstd):
+        return (*_ln2d_backward(ctx, dy, dmean, drstd), None, None)
+
+
+class LayerNorm2dFunction(_LayerNorm2dFunction):
+    @staticmethod
+    def jvp(ctx, tx, tw, tb, _teps, _tdtype):
+        x, w, _, mean, rstd = ctx.saved_tensors
+        _, affine_shape = _channel_dims(x)
+        ty = _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t, [1],
+                                [x.shape[0], 1, *x.shape[2:]], affine_shape, ctx.y_dtype)
+        return ty, None, None
+
+
 apply_layer_norm = _applier(LayerNormFunction, _LayerNormFunction)
 apply_group_norm = _applier(GroupNormFunction, _GroupNormFunction)
 apply_instance_norm_tracked = _applier(InstanceNormTrackedFunction, _InstanceNormTrackedFunction)
 apply_batch_norm = _applier(BatchNormFunction, _BatchNormFunction)
+apply_layer_norm2d = _applier(LayerNorm2dFunction, _LayerNorm2dFunction)
+apply_rms_norm = _applier(RMSNormFunction, _RMSNormFunction)
+apply_add_norm = _applier(AddNormFunction, _AddNormFunction)

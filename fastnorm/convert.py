@@ -1,29 +1,40 @@
-"""Swap torch.nn norm layers in a built model for fastnorm's, and back.
+"""Swap the norm layers of a built model for fastnorm's, and back.
 
 The swap changes each module's class in place (`module.__class__`): fastnorm's classes subclass
-torch's and add no state, so the module keeps its identity and with it everything a user holds
-on to: Parameter and buffer objects (an optimizer built before keeps working), training mode,
-requires_grad, hooks, device, dtype, and its place in the parent.
+the original ones and add no state, so the module keeps its identity and with it everything a
+user holds on to: Parameter and buffer objects (an optimizer built before keeps working), training
+mode, requires_grad, hooks, device, dtype, and its place in the parent; isinstance checks against
+the original class stay true.
+
+What is swapped: the torch.nn classes fastnorm.modules mirrors (TORCH_TO_FASTNORM), SyncBatchNorm,
+and the timm / torchvision classes of fastnorm.third_party when those packages are imported.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from torch import nn
 
+from . import third_party
 from .modules import TORCH_TO_FASTNORM
 from .sync_batchnorm import SyncBatchNorm
 
-_TO_FASTNORM = {**TORCH_TO_FASTNORM, nn.SyncBatchNorm: SyncBatchNorm}
-_TO_TORCH = {v: k for k, v in _TO_FASTNORM.items()}
-
 __all__ = ["convert", "revert", "converted_modules"]
+
+_TORCH_TABLE = {**TORCH_TO_FASTNORM, nn.SyncBatchNorm: SyncBatchNorm}
+
+
+def _tables() -> Tuple[Dict[type, type], Dict[type, type]]:
+    """(original class -> fastnorm class, fastnorm class -> original class): the torch.nn
+    classes, and the third-party adapters of the packages imported so far (a model can hold
+    their classes only once they are imported)."""
+    to_fastnorm = {**_TORCH_TABLE, **third_party.adapters()}
+    return to_fastnorm, {v: k for k, v in to_fastnorm.items()}
 
 
 def _swap(model: nn.Module, table) -> nn.Module:
     for module in model.modules():
-        # exactly a torch class: subclasses (timm's LayerNorm2d, BatchNormAct2d) have their own
-        # forward and are left alone
+        # exactly the listed class: a subclass has its own forward and is left alone
         new_cls = table.get(type(module))
         if new_cls is not None:
             module.__class__ = new_cls
@@ -31,18 +42,31 @@ def _swap(model: nn.Module, table) -> nn.Module:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replace, in place, every module whose type is exactly a torch.nn BatchNorm*, LazyBatchNorm*,
-    SyncBatchNorm, LayerNorm, GroupNorm, InstanceNorm* or LazyInstanceNorm* by its fastnorm
-    counterpart.
-    Returns the model. `converted_modules(model)` lists what was swapped."""
-    return _swap(model, _TO_FASTNORM)
+    """Replace, in place, every module whose type is exactly one of these classes (not a
+    subclass) by fastnorm's counterpart, a subclass of it:
+
+    - torch.nn: BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm,
+      InstanceNorm1d/2d/3d, LazyInstanceNorm1d/2d/3d, RMSNorm (every torch.nn class
+      fastnorm.modules has a twin of: fastnorm.modules.TORCH_TO_FASTNORM);
+    - timm (when imported): timm.layers.LayerNorm2d (fastnorm.functional.layer_norm2d) and
+      timm.layers.RmsNorm (fastnorm.functional.rms_norm), their `_fast_norm` mode included;
+    - torchvision (when imported): torchvision.ops.FrozenBatchNorm2d
+      (fastnorm.functional.frozen_batch_norm).
+
+    Each keeps its original semantics, class (isinstance), parameters, buffers, training flag and
+    hooks (fastnorm.third_party says how the timm and torchvision ones do).
+    Returns the model. `converted_modules(model)` lists what was swapped, `revert(model)` undoes
+    it."""
+    return _swap(model, _tables()[0])
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo convert(): fastnorm layers become the torch.nn classes again, in place."""
-    return _swap(model, _TO_TORCH)
+    """Undo convert(): fastnorm's layers become the original classes again, in place."""
+    return _swap(model, _tables()[1])
 
 
 def converted_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(qualified name, module) of every fastnorm layer in the model."""
-    return [(name, m) for name, m in model.named_modules() if type(m) in _TO_TORCH]
+    """(qualified name, module) of every module convert() swapped (a fastnorm class that
+    convert() maps to), in model.named_modules() order."""
+    to_original = _tables()[1]
+    return [(name, m) for name, m in model.named_modules() if type(m) in to_original]

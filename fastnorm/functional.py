@@ -38,8 +38,15 @@ from torch import Tensor
 from .ops import memory_format_of
 from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
                        apply_layer_norm)
+from .autograd import apply_layer_norm2d
 
-__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm"]
+__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "frozen_batch_norm"]
+__all__.append("layer_norm2d")
+
+from .autograd import apply_add_norm, apply_rms_norm
+from .ops import stat_dtype as _stat_dtype
+
+__all__ += ["rms_norm", "add_rms_norm", "add_layer_norm"]
 
 _is_compiling = torch.compiler.is_compiling
 _functorch_level = torch._C._functorch.peek_interpreter_stack
@@ -262,6 +269,67 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 
 # ----------------------------------------------------------------------------------------------
+# FrozenBatchNorm (torchvision.ops.FrozenBatchNorm2d)
+# ----------------------------------------------------------------------------------------------
+def frozen_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      running_mean: Tensor, running_var: Tensor, eps: float = 1e-5) -> Tensor:
+    """torchvision.ops.FrozenBatchNorm2d's computation, for an (N, C, *) input: per channel c
+
+        y = x * scale[c] + shift[c],  scale = weight * rsqrt(running_var + eps),
+                                      shift = bias - running_mean * scale
+
+    (weight None: ones, bias None: zeros). Nothing is updated; training and evaluation are the
+    same. The output dtype is torch's type promotion of the input and the four per-channel
+    tensors, as torchvision's elementwise formula gives it (a float16 input with float32 buffers
+    gives float32; autocast does not change it: multiply and add are not autocast ops). The
+    output keeps the input's memory format (channels_last in, channels_last out).
+
+    Computed by BatchNorm's evaluation path (one elementwise pass: fastnorm::batch_norm_fwd with
+    training=False on CUDA, ATen's batch_norm on CPU) as
+    (x - running_mean) * rsqrt(running_var + eps) * weight + bias in float32 (float64 for float64),
+    rounded once to the output dtype. torchvision rounds scale and shift to the buffers' dtype
+    first and then x * scale and the sum to the output dtype: the two agree to a few units in the
+    last place of the output dtype (fastnorm's is the closer to the exact value; for float16
+    buffers scale is not rounded to float16 here). When the input's dtype is below the promoted
+    dtype (float16 input, float32 buffers) the input is cast up first, as torchvision's
+    promotion does; mixed-dtype per-channel tensors are cast to the output dtype (C elements).
+
+    Gradients flow to input (dx = dy * weight * rsqrt(running_var + eps)), and to weight and bias
+    when they require grad. When running_mean or running_var require grad (as buffers they do
+    not) torchvision's formula is evaluated with torch ops so that they get theirs too.
+    """
+    name = "frozen_batch_norm"
+    for what, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is None:
+            raise RuntimeError(f"{name}: {what} must be a tensor (frozen statistics), got None")
+    if input.dim() < 2:
+        raise RuntimeError(f"{name}: expected an input with at least 2 dimensions (N, C, *), but "
+                           f"got input of shape {tuple(input.shape)}")
+    _check_floating(name, input)
+    c = input.shape[1]
+    params = (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+              ("running_var", running_var))
+    out_dtype = input.dtype
+    for what, t in params:
+        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+        if t is not None:
+            out_dtype = torch.promote_types(out_dtype, t.dtype)
+    if torch.is_grad_enabled() and (running_mean.requires_grad or running_var.requires_grad):
+        shape = [1, c] + [1] * (input.dim() - 2)
+        scale = torch.rsqrt(running_var.reshape(shape) + eps)
+        if weight is not None:
+            scale = weight.reshape(shape) * scale
+        shift = -running_mean.reshape(shape) * scale
+        if bias is not None:
+            shift = bias.reshape(shape) + shift
+        return input * scale + shift
+    x = input if input.dtype == out_dtype else input.to(out_dtype)
+    w, b, rm, rv = (t if t is None or t.dtype == out_dtype else t.to(out_dtype)
+                    for _, t in params)
+    return _batch_norm(x, rm, rv, w, b, False, 0.0, eps, check_eps=False)
+
+
+# ----------------------------------------------------------------------------------------------
 # LayerNorm
 # ----------------------------------------------------------------------------------------------
 def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
@@ -293,6 +361,48 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
         # nothing to normalise over (torch returns the empty result; the op needs N > 0)
         return _empty_affine(input, weight, bias)
     y, _, _ = apply_layer_norm(input, shape, weight, bias, eps, _autocast_dtype(input))
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm2d (channels-first LayerNorm)
+# ----------------------------------------------------------------------------------------------
+def layer_norm2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                 eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the C channels of each position of an (N, C, *) input: timm's LayerNorm2d,
+    `F.layer_norm(x.permute(0, 2, 3, 1), (C,), weight, bias, eps).permute(0, 3, 1, 2)`, for any
+    spatial rank ((N, C), (N, C, L), (N, C, H, W), (N, C, D, H, W)) and without the permute
+    copies. The output keeps the input's memory format (channels_last in, channels_last out).
+    Half inputs are computed in float32; under CUDA autocast the output is float32 (as
+    layer_norm's)."""
+    refused = None
+    if cpu_fast_path(input) and input.dim() >= 2:
+        try:
+            # ATen's LayerNorm over the (N, *, C) view: no copy for channels_last input
+            y = torch.layer_norm(input.movedim(1, -1), (input.shape[1],), weight, bias, eps, False)
+            return y.movedim(-1, 1).contiguous(memory_format=memory_format_of(input))
+        except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+            refused = e
+    name = "layer_norm2d"
+    if input.dim() < 2:
+        raise RuntimeError(f"{name}: expected an input of shape (N, C, *) with at least 2 "
+                           f"dimensions, but got input of shape {list(input.shape)}")
+    _check_floating(name, input)
+    c = input.shape[1]
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and list(t.shape) != [c]:
+            raise RuntimeError(f"{name}: expected {what} of shape [{c}] (one per channel of input "
+                               f"of shape {list(input.shape)}), but got {what} of shape "
+                               f"{list(t.shape)}")
+        _check_vector(name, what, t, input, c, f"one per channel, C={c}")
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
+    if c == 0:
+        # nothing to normalise over (torch's composition returns the empty result)
+        shape = [1, 0] + [1] * (input.dim() - 2)
+        return _empty_affine(input, None if weight is None else weight.reshape(shape),
+                             None if bias is None else bias.reshape(shape))
+    y, _, _ = apply_layer_norm2d(input, weight, bias, eps, _autocast_dtype(input))
     return y
 
 
@@ -427,3 +537,133 @@ def _instance_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
     y, _, _ = apply_instance_norm_tracked(input, weight, bias, running_mean, running_var,
                                           momentum, eps, update_running_stats)
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm and the fused residual-add norms
+# ----------------------------------------------------------------------------------------------
+def _rms_eps(eps: Optional[float], dtype: torch.dtype) -> float:
+    """torch's default: the machine epsilon of the computation dtype (float32 for half inputs,
+    which torch.nn.RMSNorm's documentation calls torch.finfo(x.dtype).eps)."""
+    return torch.finfo(_stat_dtype(dtype)).eps if eps is None else eps
+
+
+def _check_normalized_shape(name: str, input: Tensor, shape: List[int],
+                            params=()) -> None:
+    """torch's checks of layer_norm/rms_norm, in its order, with the shapes in the message."""
+    k = len(shape)
+    if k == 0:
+        raise RuntimeError(f"{name}: expected normalized_shape to be at least 1-dimensional, i.e., "
+                           f"containing at least one element, but got normalized_shape = {shape}")
+    if list(input.shape[max(input.dim() - k, 0):]) != shape or input.dim() < k:
+        raise RuntimeError(f"{name}: given normalized_shape={shape}, expected input with shape "
+                           f"[*, {', '.join(map(str, shape))}], but got input of shape {list(input.shape)}")
+    for what, t in params:
+        if t is not None and list(t.shape) != shape:
+            raise RuntimeError(f"{name}: expected {what} of shape {shape} (normalized_shape), but "
+                               f"got {what} of shape {list(t.shape)}")
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{name}: expected {what} on the input's device {input.device}, "
+                               f"but got {what} on {t.device}")
+
+
+def _op_dtypes(input: Tensor, *params: Optional[Tensor]) -> bool:
+    """The dtypes the ops take: parameters of the input's dtype or float32."""
+    return all(t is None or t.dtype in (input.dtype, torch.float32) for t in params)
+
+
+def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """Same as torch.nn.functional.rms_norm: y = x / sqrt(mean(x^2) + eps) * weight over the
+    trailing normalized_shape dims, computed in float32 for half inputs (float64 for float64)
+    and rounded once to the input's dtype; eps=None is the computation dtype's epsilon. Under
+    CUDA autocast a half input gives a float32 output, as torch's."""
+    if isinstance(normalized_shape, int):
+        raise TypeError(f"rms_norm(): argument 'normalized_shape' (position 2) must be tuple of "
+                        f"ints, not int")
+    shape = list(normalized_shape)
+    refused = None
+    if cpu_fast_path(input):
+        try:
+            return torch.rms_norm(input, shape, weight, eps)
+        except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+            refused = e
+    name = "rms_norm"
+    if input.is_floating_point() or input.is_complex():
+        pass
+    else:
+        raise NotImplementedError(f"{name}: expected a floating-point input (float16, bfloat16, "
+                                  f"float32 or float64), but got dtype {input.dtype}")
+    if shape and input.dim() < len(shape):
+        raise ValueError(f"{name}: expected an input with at least {len(shape)} dimensions for "
+                         f"normalized_shape={shape}, but got input of shape {list(input.shape)}")
+    _check_normalized_shape(name, input, shape, (("weight", weight),))
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
+    if input.is_complex() or not _op_dtypes(input, weight):
+        return torch.rms_norm(input, shape, weight, eps)  # ATen's own: pairs the op does not take
+    if input.numel() == 0:
+        # nothing to normalise (torch returns the empty result); autograd stays connected
+        return input.clone() if weight is None else (input * weight).to(input.dtype)
+    y, _ = apply_rms_norm(input, shape, weight, _rms_eps(eps, input.dtype), _autocast_dtype(input))
+    return y
+
+
+def _add_norm_aten(input: Tensor, residual: Tensor, shape: List[int], weight: Optional[Tensor],
+                   bias: Optional[Tensor], eps: float, rms: bool):
+    """add_norm with ATen ops (the same semantics): dtype pairs the op does not take, empty
+    inputs, and the CPU fast path."""
+    acc = torch.float64 if torch.float64 in (input.dtype, residual.dtype) else torch.float32
+    r = (input.to(acc) + residual.to(acc)).to(residual.dtype)
+    w = None if weight is None else weight.to(acc)
+    if rms:
+        y = torch.rms_norm(r.to(acc), shape, w, eps)
+    else:
+        y = torch.layer_norm(r.to(acc), shape, w, None if bias is None else bias.to(acc), eps, False)
+    return y.to(input.dtype), r
+
+
+def _add_norm(name: str, input: Tensor, residual: Tensor, normalized_shape, weight, bias, eps,
+              rms: bool):
+    shape: List[int] = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    if input.shape != residual.shape:
+        raise RuntimeError(f"{name}: expected input and residual of the same shape, but got input "
+                           f"of shape {list(input.shape)} and residual of shape {list(residual.shape)}")
+    _check_floating(name, input)
+    if not residual.is_floating_point():
+        raise NotImplementedError(f"{name}: expected a floating-point residual (float16, bfloat16, "
+                                  f"float32 or float64), but got dtype {residual.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(f"{name}: expected residual on the input's device {input.device}, but "
+                           f"got residual on {residual.device}")
+    params = (("weight", weight), ("bias", bias))
+    _check_normalized_shape(name, input, shape, params)
+    for what, t in params:
+        if t is not None and not t.is_floating_point():
+            raise RuntimeError(f"{name}: expected {what} of a floating-point dtype, but got {t.dtype}")
+    if rms:
+        eps = _rms_eps(eps, input.dtype)
+    op_ok = (residual.dtype in (input.dtype, torch.float32) and _op_dtypes(input, weight, bias)
+             and input.numel() > 0)
+    if not op_ok or cpu_fast_path(input):
+        return _add_norm_aten(input, residual, shape, weight, bias, eps, rms)
+    out, r, _, _ = apply_add_norm(input, residual, shape, weight, bias, eps, rms)
+    return out, r
+
+
+def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape: Union[int, Sequence[int]],
+                 weight: Optional[Tensor] = None, eps: Optional[float] = None):
+    """The pre-norm transformer step with RMSNorm, fused: returns (output, residual_out) where
+    residual_out = input + residual (summed in float32, or float64 for float64 data, and stored
+    in residual's dtype: a float32 residual stream under bf16/fp16 activations works) and
+    output = rms_norm(residual_out, normalized_shape, weight, eps) in input's dtype. Gradients
+    reach input, residual and weight from both outputs."""
+    return _add_norm("add_rms_norm", input, residual, normalized_shape, weight, None, eps, True)
+
+
+def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: Union[int, Sequence[int]],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5):
+    """add_rms_norm with LayerNorm: returns (layer_norm(residual_out, normalized_shape, weight,
+    bias, eps) in input's dtype, residual_out = input + residual in residual's dtype)."""
+    return _add_norm("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False)

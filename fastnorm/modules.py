@@ -17,8 +17,11 @@ __all__ = [
     "LayerNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LazyInstanceNorm1d", "LazyInstanceNorm2d", "LazyInstanceNorm3d",
+    "FrozenBatchNorm2d",
+    "LayerNorm2d",
 ]
 
+__all__.append("RMSNorm")
 
 class _BatchNormForward:
     """torch.nn's _BatchNorm.forward, on fastnorm's op: num_batches_tracked is incremented by the
@@ -125,8 +128,75 @@ class GroupNorm(nn.GroupNorm):
         return FN.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
 
-# torch.nn class -> fastnorm class; convert() and revert() use it both ways.
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with frozen statistics and affine parameters: torchvision.ops.FrozenBatchNorm2d
+    (the detection backbones' norm layer), without a torchvision dependency.
+
+    Args:
+        num_features: C of an (N, C, H, W) input.
+        eps: added to running_var. Default: 1e-5.
+
+    Buffers only, no parameters: weight (ones), bias (zeros), running_mean (zeros), running_var
+    (ones); the same state_dict keys as torchvision's, and loading a BatchNorm2d's state_dict
+    drops its num_batches_tracked as torchvision's does. Training and evaluation compute the same
+    thing: y = x * scale + shift per channel (fastnorm.functional.frozen_batch_norm: output dtype
+    by type promotion with the buffers, the input's memory format, gradient to the input only).
+    Unlike torchvision's module, whose broadcasting turns some wrong shapes into outputs of
+    another shape, an input that is not (N, num_features, H, W) raises.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # a BatchNorm2d checkpoint has a counter that a frozen layer has no use for
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input of shape "
+                             f"{tuple(input.shape)})")
+        return FN.frozen_batch_norm(input, self.weight, self.bias, self.running_mean,
+                                    self.running_var, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RMSNorm(nn.RMSNorm):
+    __doc__ = nn.RMSNorm.__doc__
+
+    def forward(self, x: Tensor) -> Tensor:
+        return FN.rms_norm(x, list(self.normalized_shape), self.weight, self.eps)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each position of an (N, C, H, W) input (ConvNeXt's
+    channels-first LayerNorm): timm's `LayerNorm2d`, with its arguments and state_dict (a
+    torch.nn.LayerNorm with normalized_shape (C,): weight and bias of shape (C,)), computed
+    without permute copies; the output keeps the input's memory format. Any spatial rank
+    (N, C, *) is accepted."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, device=device,
+                         dtype=dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return FN.layer_norm2d(input, self.weight, self.bias, self.eps)
+
+
+# torch.nn class -> fastnorm class; convert() and revert() use it both ways. Classes with no
+# torch.nn twin (FrozenBatchNorm2d) are not in it.
 TORCH_TO_FASTNORM = {
-    getattr(nn, name): globals()[name] for name in __all__
+    getattr(nn, name): globals()[name] for name in __all__ if hasattr(nn, name)
 }
 FASTNORM_TO_TORCH = {v: k for k, v in TORCH_TO_FASTNORM.items()}

@@ -31,6 +31,10 @@ SCHEMAS = {
                       "float? momentum, float eps) -> (Tensor, Tensor, Tensor)",
     "batch_norm_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
                       "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+    "layer_norm2d_fwd": "(Tensor input, Tensor? weight, Tensor? bias, float eps, "
+                        "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)",
+    "layer_norm2d_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
+                        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
     "rms_norm_fwd": "(Tensor input, int[] normalized_shape, Tensor? weight, float eps, "
                     "ScalarType? out_dtype=None) -> (Tensor, Tensor)",
     "rms_norm_bwd": "(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, "
@@ -116,9 +120,12 @@ def _layer_norm_bwd_ref(grad_out, input, mean, rstd, weight, normalized_shape, o
     k = len(normalized_shape)
     stat_shape = list(x.shape[: x.dim() - k]) + [1] * k
     md = sd or _aten_stat_dtype(x, w)
+    # ATen's bias argument only tells it whether dbias is wanted: without a weight, give it a
+    # stand-in, or a layer with a bias and no weight gets no dbias
+    b = w if w is not None or not output_mask[2] else x.new_zeros(list(normalized_shape))
     dx, dw, db = torch.ops.aten.native_layer_norm_backward(
         dy, x, list(normalized_shape), mean.reshape(stat_shape).to(md),
-        rstd.reshape(stat_shape).to(md), w, w, list(output_mask))
+        rstd.reshape(stat_shape).to(md), w, b, list(output_mask))
     wd = weight.dtype if weight is not None else in_dtype
     return (dx.to(in_dtype) if output_mask[0] else _empty(input, in_dtype),
             dw.to(wd) if output_mask[1] else _empty(input, wd),
@@ -457,6 +464,76 @@ def _add_norm_bwd_fake(grad_out, grad_residual_out, residual_out, mean, rstd, we
 
 
 # ----------------------------------------------------------------------------------------------
+# LayerNorm2d: LayerNorm over the C channels of each position of an (N, C, *spatial) input
+# (ConvNeXt's channels-first LayerNorm). Statistics: one per position, [N * prod(spatial)], in
+# the order (n, position). The reference normalises the (N, *spatial, C) view with ATen's
+# LayerNorm (a view with no copy for channels_last input).
+# ----------------------------------------------------------------------------------------------
+def _ln2d_positions(x: torch.Tensor) -> int:
+    return x.shape[0] * _spatial(x)
+
+
+def _ln2d_layout(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """t (a channels-last view of a fresh tensor) in the input's memory format, strides included
+    when it has no elements (a view of zero elements counts as contiguous whatever its strides)."""
+    fmt = memory_format_of(input)
+    if t.numel() == 0:
+        return torch.empty_like(t, memory_format=fmt)
+    return t.contiguous(memory_format=fmt)
+
+
+@torch.library.impl(lib, "layer_norm2d_fwd", "CompositeExplicitAutograd")
+def _layer_norm2d_fwd_ref(input, weight, bias, eps, out_dtype=None):
+    x = input if out_dtype is None or out_dtype == input.dtype else input.to(out_dtype)
+    y, mean, rstd = torch.native_layer_norm(x.movedim(1, -1), [input.shape[1]], weight, bias, eps)
+    m = _ln2d_positions(input)
+    sd = stat_dtype(input.dtype)
+    return _ln2d_layout(y.movedim(-1, 1), input), mean.reshape(m).to(sd), rstd.reshape(m).to(sd)
+
+
+@torch.library.impl(lib, "layer_norm2d_bwd", "CompositeExplicitAutograd")
+def _layer_norm2d_bwd_ref(grad_out, input, mean, rstd, weight, output_mask):
+    if grad_out.shape != input.shape:
+        raise RuntimeError(f"layer_norm2d_bwd: grad_out has shape {list(grad_out.shape)} but input "
+                           f"has shape {list(input.shape)}")
+    in_dtype = input.dtype
+    if grad_out.dtype != input.dtype:  # autocast: the forward normalised a float32 copy
+        input = input.to(grad_out.dtype)
+    dy, x, w, sd = _ref_inputs(grad_out, input, weight)
+    c = x.shape[1]
+    rows = x.movedim(1, -1)
+    stat_shape = list(rows.shape[:-1]) + [1]
+    md = sd or _aten_stat_dtype(x, w)
+    # ATen computes dbias only when it is given a bias; any [C] tensor stands in for it
+    b_like = w if w is not None or not output_mask[2] else x.new_empty((c,))
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy.movedim(1, -1), rows, [c], mean.reshape(stat_shape).to(md),
+        rstd.reshape(stat_shape).to(md), w, b_like, list(output_mask))
+    wd = weight.dtype if weight is not None else in_dtype
+    return (_ln2d_layout(dx.movedim(-1, 1).to(in_dtype), input) if output_mask[0]
+            else _empty(input, in_dtype),
+            dw.to(wd) if output_mask[1] else _empty(input, wd),
+            db.to(wd) if output_mask[2] else _empty(input, wd))
+
+
+@torch.library.register_fake("fastnorm::layer_norm2d_fwd")
+def _layer_norm2d_fwd_fake(input, weight, bias, eps, out_dtype=None):
+    m = _ln2d_positions(input)
+    sd = stat_dtype(input.dtype)
+    y = torch.empty_like(input, dtype=out_dtype or input.dtype, memory_format=memory_format_of(input))
+    return y, input.new_empty((m,), dtype=sd), input.new_empty((m,), dtype=sd)
+
+
+@torch.library.register_fake("fastnorm::layer_norm2d_bwd")
+def _layer_norm2d_bwd_fake(grad_out, input, mean, rstd, weight, output_mask):
+    wd = weight.dtype if weight is not None else input.dtype
+    c = input.shape[1]
+    return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
+            input.new_empty((c,), dtype=wd) if output_mask[1] else _empty(input, wd),
+            input.new_empty((c,), dtype=wd) if output_mask[2] else _empty(input, wd))
+
+
+# ----------------------------------------------------------------------------------------------
 # vmap (torch.func.vmap) batching rules: every op folds the vmapped dimension into a dimension
 # the op already has (rows, samples or channels) and runs once, so functorch never takes its
 # slow per-sample fallback. Each rule gets the physical tensors and `in_dims` (the vmapped
@@ -672,5 +749,188 @@ def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, tra
             (1 if output_mask[0] else None, 0 if output_mask[1] else None,
              0 if output_mask[2] else None))
 
+
+def _ln2d_param(t: torch.Tensor, d: Optional[int], b: int, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector, batched or not, as [B, 1, C, 1...] against (B, N, C, *) x."""
+    t = _to_front(t, d, b)
+    return t.reshape(b, 1, t.shape[-1], *([1] * (x.dim() - 3)))
+
+
+@torch.library.register_vmap("fastnorm::layer_norm2d_fwd")
+def _layer_norm2d_fwd_vmap(info, in_dims, input, weight, bias, eps, out_dtype=None):
+    xd, wd, bd = in_dims[:3]
+    b = info.batch_size
+    x = _to_front(input, xd, b)  # (B, N, C, *)
+    m = _ln2d_positions(x[0]) if b else 0
+    if wd is None and bd is None:
+        # The vmapped dimension is one more sample dimension: (B * N, C, *).
+        y, mean, rstd = _fn_ops.layer_norm2d_fwd(x.flatten(0, 1), weight, bias, eps, out_dtype)
+        return (y.reshape(x.shape), mean.view(b, m), rstd.view(b, m)), (0, 0, 0)
+    # Batched affine parameters: the statistics of one unweighted call, then each sample's
+    # weight and bias applied to xhat in the statistics dtype, rounded once (as the op does).
+    y, mean, rstd = _fn_ops.layer_norm2d_fwd(x.flatten(0, 1), None, None, eps, out_dtype)
+    sd = stat_dtype(input.dtype)
+    stat = (b, x.shape[1], 1, *x.shape[3:])
+    out = (x.to(sd) - mean.view(stat)) * rstd.view(stat)
+    if weight is not None:
+        out = out * _ln2d_param(weight, wd, b, x).to(sd)
+    if bias is not None:
+        out = out + _ln2d_param(bias, bd, b, x).to(sd)
+    out = out.to(y.dtype).contiguous()
+    return (out, mean.view(b, m), rstd.view(b, m)), (0, 0, 0)
+
+
+@torch.library.register_vmap("fastnorm::layer_norm2d_bwd")
+def _layer_norm2d_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, output_mask):
+    b = info.batch_size
+    gd, xd, md, rd, wd = in_dims[:5]
+    dy, x = _to_front(grad_out, gd, b), _to_front(input, xd, b)  # (B, N, C, *)
+    m, r = _to_front(mean, md, b).reshape(-1), _to_front(rstd, rd, b).reshape(-1)
+    sd = stat_dtype(input.dtype)
+    dx = _empty(input)
+    if output_mask[0]:
+        if wd is None:
+            dx = _fn_ops.layer_norm2d_bwd(dy.flatten(0, 1), x.flatten(0, 1), m, r, weight,
+                                          [True, False, False])[0]
+        else:  # dx depends on the weight only through dy * weight (float32 or float64 here)
+            g = dy.to(sd) * _ln2d_param(weight, wd, b, x).to(sd)
+            dx = _fn_ops.layer_norm2d_bwd(g.flatten(0, 1), x.flatten(0, 1), m, r, None,
+                                          [True, False, False])[0]
+        dx = dx.reshape(x.shape)
+    wdt = weight.dtype if weight is not None else input.dtype
+    dw = db = _empty(input, wdt)
+    if output_mask[1] or output_mask[2]:
+        # Per-sample parameter gradients: sums over each sample's (n, position) only.
+        dims = [1] + list(range(3, x.dim()))
+        g = dy.to(sd)
+        if output_mask[1]:
+            stat = (b, x.shape[1], 1, *x.shape[3:])
+            xhat = (x.to(sd) - m.view(stat)) * r.view(stat)
+            dw = (g * xhat).sum(dims).to(wdt)
+        if output_mask[2]:
+            db = g.sum(dims).to(wdt)
+    return (dx, dw, db), (0 if output_mask[0] else None, 0 if output_mask[1] else None,
+                          0 if output_mask[2] else None)
+
+
+# RMSNorm and add_norm batching rules: the vmapped dimension is one more row dimension; batched
+# affine parameters (model ensembles) are applied per sample to the unweighted normalisation in
+# the statistics dtype and rounded once, as the ops do.
+def _row_param(t: torch.Tensor, d: Optional[int], b: int, lead: int) -> torch.Tensor:
+    """A normalized_shape parameter, batched or not, as [B, 1 (x lead), *normalized_shape]."""
+    t = _to_front(t, d, b)
+    return t.reshape(b, *([1] * lead), *t.shape[1:])
+
+
+def _row_sums(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-sample sums over the row dims of a (B, *rows, *normalized_shape) tensor."""
+    rows = list(range(1, t.dim() - k))
+    return t.sum(rows) if rows else t
+
+
+@torch.library.register_vmap("fastnorm::rms_norm_fwd")
+def _rms_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, eps, out_dtype=None):
+    xd, _, wd = in_dims[:3]
+    b = info.batch_size
+    if wd is None:
+        y, rstd = _fn_ops.rms_norm_fwd(input.movedim(xd, 0), normalized_shape, weight, eps, out_dtype)
+        return (y, rstd.view(b, -1)), (0, 0)
+    x = input if xd is None else input.movedim(xd, 0)
+    sd = stat_dtype(input.dtype)
+    xhat, rstd = _fn_ops.rms_norm_fwd(x, normalized_shape, None, eps,
+                                      None if sd == input.dtype else torch.float32)
+    lead = x.dim() - len(normalized_shape) - (0 if xd is None else 1)
+    out = xhat if xd is not None else xhat.unsqueeze(0)
+    out = (out.to(sd) * _row_param(weight, wd, b, lead).to(sd)).to(out_dtype or input.dtype)
+    out = out.expand(b, *out.shape[1:]).contiguous()
+    if xd is None:
+        return (out, rstd), (0, None)
+    return (out, rstd.view(b, -1)), (0, 0)
+
+
+@torch.library.register_vmap("fastnorm::rms_norm_bwd")
+def _rms_norm_bwd_vmap(info, in_dims, grad_out, input, rstd, weight, normalized_shape, output_mask):
+    b = info.batch_size
+    gd, xd, rd, wd = in_dims[:4]
+    dy, x = _to_front(grad_out, gd, b), _to_front(input, xd, b)
+    r = _to_front(rstd, rd, b).reshape(-1)
+    k = len(normalized_shape)
+    sd = stat_dtype(input.dtype)
+    dx = _empty(input)
+    if output_mask[0]:
+        if wd is None:
+            dx = _fn_ops.rms_norm_bwd(dy, x, r, weight, normalized_shape, [True, False])[0]
+        else:  # dx depends on the weight only through dy * weight (float32 or float64 here)
+            g = dy.to(sd) * _row_param(weight, wd, b, x.dim() - 1 - k).to(sd)
+            dx = _fn_ops.rms_norm_bwd(g, x, r, None, normalized_shape, [True, False])[0]
+    wdt = weight.dtype if weight is not None else input.dtype
+    dw = _empty(input, wdt)
+    if output_mask[1]:
+        xhat = x.to(sd) * r.view(_stat_view(x, normalized_shape))
+        dw = _row_sums(dy.to(sd) * xhat, k).to(wdt)
+    return (dx, dw), (0 if output_mask[0] else None, 0 if output_mask[1] else None)
+
+
+@torch.library.register_vmap("fastnorm::add_norm_fwd")
+def _add_norm_fwd_vmap(info, in_dims, input, residual, normalized_shape, weight, bias, eps, rms):
+    xd, rd, _, wd, bd = in_dims[:5]
+    b = info.batch_size
+    x, res = _to_front(input, xd, b), _to_front(residual, rd, b)
+    dims = (0, 0, None if rms else 0, 0)
+    if wd is None and bd is None:
+        out, r, mean, rstd = _fn_ops.add_norm_fwd(x, res, normalized_shape, weight, bias, eps, rms)
+        return (out, r, mean if rms else mean.view(b, -1), rstd.view(b, -1)), dims
+    _, r, mean, rstd = _fn_ops.add_norm_fwd(x, res, normalized_shape, None, None, eps, rms)
+    sd = stat_dtype(input.dtype)
+    view = _stat_view(r, normalized_shape)
+    rs = r.to(sd)
+    out = (rs if rms else rs - mean.view(view)) * rstd.view(view)
+    lead = x.dim() - 1 - len(normalized_shape)
+    if weight is not None:
+        out = out * _row_param(weight, wd, b, lead).to(sd)
+    if bias is not None:
+        out = out + _row_param(bias, bd, b, lead).to(sd)
+    out = out.to(input.dtype).contiguous()
+    return (out, r, mean if rms else mean.view(b, -1), rstd.view(b, -1)), dims
+
+
+@torch.library.register_vmap("fastnorm::add_norm_bwd")
+def _add_norm_bwd_vmap(info, in_dims, grad_out, grad_residual_out, residual_out, mean, rstd,
+                       weight, normalized_shape, rms, input_dtype, output_mask):
+    b = info.batch_size
+    gd, grd, rod, md, rsd, wd = in_dims[:6]
+    k = len(normalized_shape)
+    dy, r = _to_front(grad_out, gd, b), _to_front(residual_out, rod, b)
+    dro = None if grad_residual_out is None else _to_front(grad_residual_out, grd, b)
+    m = mean if rms else _to_front(mean, md, b).reshape(-1)
+    rs = _to_front(rstd, rsd, b).reshape(-1)
+    sd = stat_dtype(input_dtype)
+    view = _stat_view(r, normalized_shape)
+    dx = _empty(residual_out, input_dtype)
+    dres = _empty(residual_out)
+    if output_mask[0] or output_mask[1]:
+        if wd is None:
+            dx, dres, _, _ = _fn_ops.add_norm_bwd(dy, dro, r, m, rs, weight, normalized_shape, rms,
+                                                  input_dtype, [output_mask[0], output_mask[1],
+                                                                False, False])
+        else:  # per-sample weights: the op's formula, in the statistics dtype
+            xhat = (r.to(sd) if rms else r.to(sd) - m.view(view)) * rs.view(view)
+            g = dy.to(sd) * _row_param(weight, wd, b, r.dim() - 1 - k).to(sd)
+            d_r = _norm_dx(g, xhat, rs.view(view), _norm_dims(r, normalized_shape), rms)
+            if dro is not None:
+                d_r = d_r + dro.to(sd)
+            if output_mask[0]:
+                dx = d_r.to(input_dtype)
+            if output_mask[1]:
+                dres = d_r.to(residual_out.dtype, copy=True)
+    wdt = weight.dtype if weight is not None else input_dtype
+    dw = db = _empty(residual_out, wdt)
+    if output_mask[2]:
+        xhat = (r.to(sd) if rms else r.to(sd) - m.view(view)) * rs.view(view)
+        dw = _row_sums(dy.to(sd) * xhat, k).to(wdt)
+    if output_mask[3] and not rms:
+        db = _row_sums(dy.to(sd), k).to(wdt)
+    return ((dx, dres, dw, db),
+            tuple(0 if on and (i < 3 or not rms) else None for i, on in enumerate(output_mask)))
 
 _fn_ops = torch.ops.fastnorm

@@ -93,6 +93,46 @@ def test_resident_blocks_meet_launch_bounds(kernels):
                        + _listing(short))
 
 
+def _report_kernels():
+    """The kernels of build/kernel_resources.json (the last CUDA build's report; CI's kernels
+    fixture writes it), or a skip saying why there is none."""
+    import json
+    try:
+        with open(resources.REPORT_PATH) as f:
+            data = json.load(f)
+    except OSError:
+        pytest.skip(f"no resource report ({resources.REPORT_PATH}): python -m fastnorm.info "
+                    "--kernels writes it from a CUDA build")
+    assert data.get("arch") == resources.ARCH, data.get("arch")
+    return data["kernels"]
+
+
+def test_report_budgets_met():
+    """From the report alone (no extension or cuobjdump needed, so also where the report was
+    copied from a CUDA build): each kernel's resident blocks per SM, computed again here from its
+    registers, static shared memory and barriers at its __launch_bounds__ block size, reach the
+    min_blocks its launch bounds declare (the register budget its plan counts on: the channels_last
+    GroupNorm kernels choose theirs from bytes in flight, kernels/channels_common.cuh), and no
+    kernel spills at its register cap."""
+    short, spilling = [], []
+    for k in _report_kernels():
+        if not k["max_threads"]:
+            continue
+        blocks, limits = resources.resident_blocks(k["max_threads"], k["registers"],
+                                                   k["static_smem"], 0, k.get("barriers", 0))
+        want = k.get("min_blocks") or 1
+        if blocks < want:
+            short.append(f"{k['name']} [{k['source']}]: {blocks} resident block(s)/SM < min_blocks "
+                         f"{want} ({k['registers']} registers, {k['static_smem']} B static smem; "
+                         f"limits {limits})")
+        if k.get("spill_stores") and k["registers"] >= (k.get("register_cap") or 255):
+            spilling.append(f"{k['name']} [{k['source']}]: {k['spill_stores']} B spill stores, "
+                            f"{k.get('spill_loads')} B loads at its cap of {k['registers']} registers")
+    assert not short and not spilling, "\n".join(
+        ([f"{len(short)} kernel(s) below their launch-bounds budget:"] + short if short else [])
+        + ([f"{len(spilling)} kernel(s) spill at their register cap:"] + spilling if spilling else []))
+
+
 def test_report_json_and_table(kernels, tmp_path):
     path = resources.write_report(kernels, resources.find_extension(), str(tmp_path / "r.json"))
     import json

@@ -252,3 +252,17 @@ def test_fake_matches_real_bwd(fwd, case, mask, _id, device):
     for t, on in zip((dw, db), m[1:]):
         if on:
             assert t.dtype == w.dtype and t.shape == w.shape
+
+
+def test_layer_norm_bwd_reference_bias_without_weight():
+    # a bias and no weight: dbias must still come out (ATen's backward decides it from its bias arg)
+    x = torch.randn(5, 7, dtype=torch.float64)
+    b = torch.randn(7, dtype=torch.float64)
+    dy = torch.randn(5, 7, dtype=torch.float64)
+    _, mean, rstd = torch.ops.fastnorm.layer_norm_fwd(x, [7], None, b, 1e-5)
+    dx, dw, db = torch.ops.fastnorm.layer_norm_bwd(dy, x, mean, rstd, None, [7], [True, False, True])
+    x2, b2 = x.clone().requires_grad_(), b.clone().requires_grad_()
+    torch.nn.functional.layer_norm(x2, [7], None, b2).backward(dy)
+    torch.testing.assert_close(dx, x2.grad)
+    torch.testing.assert_close(db, b2.grad)
+    assert dw.numel() == 0

@@ -54,7 +54,7 @@ def test_torch_samples_found():
     assert {op.name for op in OPS} == set(FUNCTIONALS)
     assert {m.module_cls.__name__ for m in MODULES} == {
         "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d",
-        "InstanceNorm3d", "LayerNorm", "GroupNorm"}
+        "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm"}
 
 
 def _clone(tree, requires_grad=False):

@@ -471,9 +471,10 @@ struct ClBwd {
 // Per-(n, chunk, channel) sums, channels_last: ws[0][(n*K + k)*C + c] = sum(dy * xhat),
 // ws[1][...] = sum(dy).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kClThreads)
+__global__ void __launch_bounds__(kClThreads, kClSumsBlocks<T, VEC>)
     cl_bwd_sums_kernel(ClBwd<T> p, acc_of<T>* __restrict__ ws) {
   using A = acc_of<T>;
+  constexpr int kU = kClSumsPacks<T, VEC>;  // packs of x and of dy in flight per thread
   __shared__ A sm_a[kClThreads * VEC];
   __shared__ A sm_b[kClThreads * VEC];
   const ClShape& s = p.s;
@@ -485,38 +486,36 @@ __global__ void __launch_bounds__(kClThreads)
   int by_p2 = 1;
   while (by_p2 < s.by) by_p2 <<= 1;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform over the block
-    const int64_t ct = item % s.CT, nk = item / s.CT;
-    const int64_t k = nk % s.K, n = nk / s.K;
+    const ClItem it = cl_item(item, s);
+    const int64_t ct = it.ct, nk = it.nk, k = it.k, n = it.n;
     const int64_t cp = ct * s.bx + tx;
     const bool cv = cp < Cp;
-    A sa[VEC], sb[VEC], mu[VEC], rs[VEC];
+    A sa[VEC], sb[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) sa[v] = sb[v] = mu[v] = rs[v] = A(0);
+    for (int v = 0; v < VEC; ++v) sa[v] = sb[v] = A(0);
     if (cv) {
+      A mu[VEC];
+      GroupWalk gw(n, s.G, cp * VEC, s.Cg);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        const int64_t ng = n * s.G + (cp * VEC + v) / s.Cg;
-        mu[v] = p.mean[ng];
-        rs[v] = p.rstd[ng];
-      }
+      for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) mu[v] = p.mean[gw.ng];
       const int64_t h0 = k * s.rpc;
       const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
-      const int64_t base = n * s.HW * s.C + cp * VEC;
-      for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kUnroll) {
-        T xv[kUnroll][VEC];
-        A gv[kUnroll][VEC];
+      const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
+      int64_t off = (n * s.HW + h0 + ty) * s.C + cp * VEC;
+      #pragma unroll 1  // kU packs are the unroll: nothing more in flight
+      for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kU, off += kU * step) {
+        T xv[kU][VEC];
+        A gv[kU][VEC];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t hh = h + static_cast<int64_t>(u) * s.by;
-          if (hh < h1) {
-            load_raw<T, VEC>(p.x + base + hh * s.C, xv[u]);
-            p.dy.load(base + hh * s.C, gv[u]);
+        for (int u = 0; u < kU; ++u) {
+          if (h + u * s.by < h1) {
+            load_raw<T, VEC>(p.x + off + u * step, xv[u]);
+            p.dy.load(off + u * step, gv[u]);
           }
         }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t hh = h + static_cast<int64_t>(u) * s.by;
-          if (hh < h1) {
+        for (int u = 0; u < kU; ++u) {
+          if (h + u * s.by < h1) {
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               sa[v] += gv[u][v] * (static_cast<A>(xv[u][v]) - mu[v]);
@@ -525,8 +524,6 @@ __global__ void __launch_bounds__(kClThreads)
           }
         }
       }
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) sa[v] *= rs[v];
     }
     __syncthreads();  // the previous item's reads of shared memory are done
 #pragma unroll
@@ -549,10 +546,13 @@ __global__ void __launch_bounds__(kClThreads)
       __syncthreads();
     }
     if (ty == 0 && cv) {
+      // sum(dy * xhat) = rstd * sum(dy * (x - mean)): rstd is applied to the block's total, read
+      // here and not before the loop, where its VEC registers would be held across it
       const int64_t base = nk * s.C + cp * VEC;
+      GroupWalk gw(n, s.G, cp * VEC, s.Cg);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        ws[base + v] = sa[v];
+      for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) {
+        ws[base + v] = sa[v] * p.rstd[gw.ng];
         ws[plane + base + v] = sb[v];
       }
     }
@@ -561,22 +561,24 @@ __global__ void __launch_bounds__(kClThreads)
 
 // The same dx, channels_last; blocks as in cl_apply_kernel.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kClThreads) cl_dx_kernel(groups::GnDx<T> p, ClShape s) {
+__global__ void __launch_bounds__(kClThreads, kClDxBlocks<T, VEC>) cl_dx_kernel(groups::GnDx<T> p, ClShape s) {
   using A = acc_of<T>;
+  constexpr int kU = kClDxPacks<T, VEC>;  // packs of x and of dy in flight per thread
   const int tx = threadIdx.x % s.bx, ty = threadIdx.x / s.bx;
   const int64_t Cp = s.C / VEC;
   const int64_t items = s.N * s.K * s.CT;
   for (int64_t fwd = blockIdx.x; fwd < items; fwd += gridDim.x) {
     const int64_t item = items - 1 - fwd;
-    const int64_t ct = item % s.CT, nk = item / s.CT;
-    const int64_t k = nk % s.K, n = nk / s.K;
+    const ClItem it = cl_item(item, s);
+    const int64_t ct = it.ct, k = it.k, n = it.n;
     const int64_t cp = ct * s.bx + tx;
     if (cp >= Cp) continue;  // no collective operations in this kernel
     A mu[VEC], rs[VEC], wr[VEC], k1[VEC], k2[VEC];
+    GroupWalk gw(n, s.G, cp * VEC, s.Cg);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
+    for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) {
       const int64_t c = cp * VEC + v;
-      const int64_t ng = n * s.G + c / s.Cg;
+      const int64_t ng = gw.ng;
       mu[v] = p.mean[ng];
       rs[v] = p.rstd[ng];
       const A wc = p.w.get_or(c, A(1));
@@ -586,27 +588,27 @@ __global__ void __launch_bounds__(kClThreads) cl_dx_kernel(groups::GnDx<T> p, Cl
     }
     const int64_t h0 = k * s.rpc;
     const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
-    const int64_t base = n * s.HW * s.C + cp * VEC;
-    for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kUnroll) {
-      T xv[kUnroll][VEC];
-      A gv[kUnroll][VEC];
+    const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
+    int64_t off = (n * s.HW + h0 + ty) * s.C + cp * VEC;
+    #pragma unroll 1  // kU packs are the unroll: nothing more in flight
+    for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kU, off += kU * step) {
+      T xv[kU][VEC];
+      A gv[kU][VEC];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t hh = h + static_cast<int64_t>(u) * s.by;
-        if (hh < h1) {
-          load_raw<T, VEC>(p.x + base + hh * s.C, xv[u]);
-          p.dy.load(base + hh * s.C, gv[u]);
+      for (int u = 0; u < kU; ++u) {
+        if (h + u * s.by < h1) {
+          load_raw<T, VEC>(p.x + off + u * step, xv[u]);
+          p.dy.load(off + u * step, gv[u]);
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t hh = h + static_cast<int64_t>(u) * s.by;
-        if (hh < h1) {
+      for (int u = 0; u < kU; ++u) {
+        if (h + u * s.by < h1) {
           A o[VEC];
 #pragma unroll
           for (int v = 0; v < VEC; ++v)
             o[v] = wr[v] * gv[u][v] - k1[v] - (static_cast<A>(xv[u][v]) - mu[v]) * k2[v];
-          store_as<T, VEC, A>(p.dx + base + hh * s.C, o);
+          store_as<T, VEC, A>(p.dx + off + u * step, o);
         }
       }
     }

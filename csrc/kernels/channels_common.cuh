@@ -22,11 +22,90 @@ constexpr int kUnroll = 4;     // independent loads in flight per thread per ite
 
 constexpr int kClThreads = 256;  // bx * by never exceeds this
 
+// ---- Register budgets of the GroupNorm / InstanceNorm channels_last kernels --------------------
+// Each of them streams memory, so what it needs from occupancy is bytes in flight: by Little's
+// law an H100 SXM (3.35 TB/s over 132 SMs = 25 B/ns per SM, DRAM latency under load ~0.65-1.3 us)
+// keeps its bandwidth with 16-32 KB of loads outstanding per SM. We aim for at least 32 KB:
+//
+//   bytes in flight per SM = min_blocks x 256 threads x packs per thread x pack bytes x inputs
+//
+// and pick min_blocks (the __launch_bounds__ second argument: ptxas then caps the registers at
+// 16384 / ceil(min_blocks * 8 warps / 4) / 256 * 8 per thread: 4 -> 64, 3 -> 80, 2 -> 128) and
+// the packs per thread together, so that the code fits the cap without spilling (checked with
+// -Xptxas -v; tests/test_kernel_resources.py fails on spills at the cap and on resident blocks
+// below min_blocks). 16-byte packs (VEC > 1):
+//
+//   kernel              inputs  VEC  min_blocks  packs  in flight per SM
+//   cl_welford_partial  x       all  4           4      4 x 256 x 4 x 16 B         = 64 KB
+//   cl_apply            x       8    4           2      4 x 256 x 2 x 16 B         = 32 KB
+//                               4,2  4           4      4 x 256 x 4 x 16 B         = 64 KB
+//   cl_bwd_sums         x, dy   all  3           2      3 x 256 x 2 x (16 + 16) B  = 48 KB
+//   cl_dx               x, dy   8    2           4      2 x 256 x 4 x (16 + 16) B  = 64 KB
+//                               4,2  3           2      3 x 256 x 2 x (16 + 16) B  = 48 KB
+//   (a float32 dy reads 32 B a pack for VEC 8: more in flight)
+//
+// What does not fit: cl_apply with 8-element packs needs 73 registers at 4 packs (3 blocks);
+// cl_bwd_sums and cl_dx with 8-element packs needed 128 at 4 packs, and forcing 3 blocks at 4
+// packs spilled 432-716 B. At 2 packs cl_bwd_sums fits 80 once rstd is applied to the block's
+// total (not held across the loop) and the item and group indices use 32-bit divisions (a 64-bit
+// division is a call: at the cap, ptxas saves registers around it); cl_dx still spilled 16-24 B
+// inside its loop at 80 (four coefficient arrays of 8 floats live across it), so it keeps 2
+// blocks of 4 packs, which holds more in flight anyway. The scalar fallback (VEC == 1: C not a
+// multiple of the pack, or a misaligned tensor) has small state and 2-8 byte loads: 4 packs at
+// 5 (partial, apply) or 4 (sums, dx) blocks, as many as fit without spilling. The host plans
+// (plan_cl) size grids from the resident blocks the runtime reports, not from these numbers.
+template <typename T, int VEC>
+inline constexpr int kClStreamBlocks = VEC > 1 ? 4 : 5;  // cl_welford_partial, cl_apply
+template <typename T, int VEC>
+inline constexpr int kClSumsBlocks = VEC > 1 ? 3 : 4;
+template <typename T, int VEC>
+inline constexpr int kClDxBlocks = VEC >= 8 ? 2 : VEC > 1 ? 3 : 4;
+template <typename T, int VEC>
+inline constexpr int kClPartialPacks = 4;
+template <typename T, int VEC>
+inline constexpr int kClApplyPacks = VEC >= 8 ? 2 : 4;
+template <typename T, int VEC>
+inline constexpr int kClSumsPacks = VEC > 1 ? 2 : 4;
+template <typename T, int VEC>
+inline constexpr int kClDxPacks = VEC >= 8 || VEC == 1 ? 4 : 2;
+
 struct ClShape {
   int64_t N = 0, HW = 0, C = 0, G = 1, Cg = 1;
   int64_t K = 1, rpc = 1;  // HW split into K chunks of rpc rows
   int64_t CT = 1;          // channel tiles of bx packs
   int bx = 1, by = 1;      // blockDim.x == bx * by <= kClThreads
+};
+
+// Index arithmetic of the channels_last kernels in 32 bits where plan_cl guarantees it (items <
+// 2^32, C < 2^31): a 64-bit division is an out-of-line routine on the GPU, and at a kernel's
+// register cap the registers ptxas saves around each call are spills.
+struct ClItem {
+  int64_t n, k, ct;
+  int64_t nk;  // n * K + k
+};
+__device__ __forceinline__ ClItem cl_item(int64_t item, const ClShape& s) {
+  const uint32_t i = static_cast<uint32_t>(item), CT = static_cast<uint32_t>(s.CT),
+                 K = static_cast<uint32_t>(s.K);
+  const uint32_t nk = i / CT, n = nk / K;
+  return ClItem{n, nk - n * K, i - nk * CT, nk};
+}
+
+// The (n, g) statistics rows of a pack's channels c0, c0 + 1, ... in order: one division per
+// pack (the first channel's group) instead of one per channel.
+struct GroupWalk {
+  int64_t ng;  // n * G + group of the current channel
+  uint32_t r;  // the channel's index inside its group
+  __device__ __forceinline__ GroupWalk(int64_t n, int64_t G, int64_t c0, int64_t Cg) {
+    const uint32_t g = static_cast<uint32_t>(c0) / static_cast<uint32_t>(Cg);
+    ng = n * G + g;
+    r = static_cast<uint32_t>(c0) - g * static_cast<uint32_t>(Cg);
+  }
+  __device__ __forceinline__ void next(int64_t Cg) {
+    if (++r == static_cast<uint32_t>(Cg)) {
+      r = 0;
+      ++ng;
+    }
+  }
 };
 
 // Merge a chunk of `cnt` values per channel into K running states that share one count (every

@@ -445,9 +445,10 @@ __global__ void __launch_bounds__(kThreads)
 // Per-(n, chunk, channel) Welford states: ws[0][(n*K + k)*C + c] = mean, ws[1][...] = m2
 // (the count is the chunk's row count, recomputed by the finalize).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kClThreads)
+__global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>)
     cl_welford_partial_kernel(const T* __restrict__ x, ClShape s, acc_of<T>* __restrict__ ws) {
   using A = acc_of<T>;
+  constexpr int kU = kClPartialPacks<T, VEC>;  // packs in flight per thread
   __shared__ A sm_mean[kClThreads * VEC];
   __shared__ A sm_m2[kClThreads * VEC];
   __shared__ A sm_cnt[kClThreads];
@@ -459,8 +460,8 @@ __global__ void __launch_bounds__(kClThreads)
   int by_p2 = 1;
   while (by_p2 < s.by) by_p2 <<= 1;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // uniform over the block
-    const int64_t ct = item % s.CT, nk = item / s.CT;
-    const int64_t k = nk % s.K, n = nk / s.K;
+    const ClItem it = cl_item(item, s);
+    const int64_t ct = it.ct, nk = it.nk, k = it.k, n = it.n;
     const int64_t cp = ct * s.bx + tx;
     const bool cv = cp < Cp;
     const int64_t h0 = k * s.rpc;
@@ -470,18 +471,17 @@ __global__ void __launch_bounds__(kClThreads)
     for (int v = 0; v < VEC; ++v) mean[v] = m2[v] = A(0);
     int cnt = 0;
     if (cv) {
-      const T* xb = x + n * s.HW * s.C + cp * VEC;
-      for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kUnroll) {
-        T xv[kUnroll][VEC];
+      const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
+      const T* xp = x + (n * s.HW + h0 + ty) * s.C + cp * VEC;
+      #pragma unroll 1  // kU packs are the unroll: nothing more in flight
+      for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kU, xp += kU * step) {
+        T xv[kU][VEC];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t hh = h + static_cast<int64_t>(u) * s.by;
-          if (hh < h1) load_raw<T, VEC>(xb + hh * s.C, xv[u]);
-        }
+        for (int u = 0; u < kU; ++u)
+          if (h + u * s.by < h1) load_raw<T, VEC>(xp + u * step, xv[u]);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const int64_t hh = h + static_cast<int64_t>(u) * s.by;
-          if (hh < h1) {
+        for (int u = 0; u < kU; ++u) {
+          if (h + u * s.by < h1) {
             ++cnt;
             const A inv = A(1) / static_cast<A>(cnt);
 #pragma unroll
@@ -570,46 +570,46 @@ struct ClFwd {
 
 // y = (x - mean) * (rstd * w) + b, channels_last, items in the reverse order.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kClThreads) cl_apply_kernel(ClFwd<T> p) {
+__global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>) cl_apply_kernel(ClFwd<T> p) {
   using A = acc_of<T>;
+  constexpr int kU = kClApplyPacks<T, VEC>;  // packs in flight per thread
   const ClShape& s = p.s;
   const int tx = threadIdx.x % s.bx, ty = threadIdx.x / s.bx;
   const int64_t Cp = s.C / VEC;
   const int64_t items = s.N * s.K * s.CT;
   for (int64_t fwd = blockIdx.x; fwd < items; fwd += gridDim.x) {
     const int64_t item = items - 1 - fwd;
-    const int64_t ct = item % s.CT, nk = item / s.CT;
-    const int64_t k = nk % s.K, n = nk / s.K;
+    const ClItem it = cl_item(item, s);
+    const int64_t ct = it.ct, k = it.k, n = it.n;
     const int64_t cp = ct * s.bx + tx;
     if (cp >= Cp) continue;  // no collective operations in this kernel
     A mu[VEC], sc[VEC], bb[VEC];
+    GroupWalk gw(n, s.G, cp * VEC, s.Cg);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) {
+    for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) {
       const int64_t c = cp * VEC + v;
-      const int64_t ng = n * s.G + c / s.Cg;
-      mu[v] = p.mean[ng];
+      mu[v] = p.mean[gw.ng];
       const A wc = p.w.get_or(c, A(1));
-      sc[v] = p.rstd[ng] * wc;
+      sc[v] = p.rstd[gw.ng] * wc;
       bb[v] = p.b.get_or(c, A(0));
     }
     const int64_t h0 = k * s.rpc;
     const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
-    const int64_t base = n * s.HW * s.C + cp * VEC;
-    for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kUnroll) {
-      T xv[kUnroll][VEC];
+    const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
+    int64_t off = (n * s.HW + h0 + ty) * s.C + cp * VEC;
+    #pragma unroll 1  // kU packs are the unroll: nothing more in flight
+    for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kU, off += kU * step) {
+      T xv[kU][VEC];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t hh = h + static_cast<int64_t>(u) * s.by;
-        if (hh < h1) load_raw<T, VEC>(p.x + base + hh * s.C, xv[u]);
-      }
+      for (int u = 0; u < kU; ++u)
+        if (h + u * s.by < h1) load_raw<T, VEC>(p.x + off + u * step, xv[u]);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t hh = h + static_cast<int64_t>(u) * s.by;
-        if (hh < h1) {
+      for (int u = 0; u < kU; ++u) {
+        if (h + u * s.by < h1) {
           A o[VEC];
 #pragma unroll
           for (int v = 0; v < VEC; ++v) o[v] = (static_cast<A>(xv[u][v]) - mu[v]) * sc[v] + bb[v];
-          p.y.store(base + hh * s.C, o);
+          p.y.store(off + u * step, o);
         }
       }
     }

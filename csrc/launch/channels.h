@@ -84,12 +84,19 @@ inline dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
 
 // ---- GroupNorm / InstanceNorm channels_last ----------------------------------------------------
 // channels_last blocks: bx channel packs x by rows; the HW rows of each n split into K chunks so
-// that about 4 blocks per SM run, with at least 16 rows per chunk (the per-chunk partials
-// [N, K, C] stay a small fraction of the data). When even the most chunks leave the GPU short of
-// blocks (small HW: 8 x 1280 x 16 x 16 fp16 made 128 blocks for 132 SMs), the channel tiles get
-// narrower first (down to 32 packs = 512 bytes per row), which adds blocks without adding
-// partials; tiles are balanced (no tile mostly idle).
-inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int sm) {
+// that one wave of the kernel fills the GPU: per_sm x SMs blocks, per_sm the blocks of that
+// kernel one SM holds (resident_blocks(): its registers and shared memory, see the budgets in
+// kernels/channels_common.cuh). Each block takes one (n, chunk, tile) item, so the grid is rounded
+// down to whole waves (a grid of one wave plus a few blocks takes two waves' time); chunks keep at
+// least 16 rows (the per-chunk partials [N, K, C] stay a small fraction of the data). When even
+// the most chunks leave the GPU short of blocks (small HW: 8 x 1280 x 16 x 16 fp16 made 128
+// blocks for 132 SMs), the channel tiles get narrower first (down to 32 packs = 512 bytes per
+// row), which adds blocks without adding partials; tiles are balanced (no tile mostly idle).
+// When N x tiles alone exceed a wave, K = 1 and the grid is what the data gives.
+inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int sm, int per_sm) {
+  // the kernels index items and channels in 32 bits (ClItem, GroupWalk)
+  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "fastnorm group_norm: ", C,
+              " channels: at most 2^31 - 1 are supported on the channels_last path");
   ClShape s;
   s.N = N;
   s.HW = HW;
@@ -97,7 +104,7 @@ inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int
   s.G = G;
   s.Cg = C / G;
   const int64_t Cp = C / vec;
-  const int64_t target = 4 * static_cast<int64_t>(sm);
+  const int64_t target = static_cast<int64_t>(std::max(per_sm, 1)) * sm;
   auto kmax_for = [&](int64_t bx) {  // most row chunks with >= max(by, 16) rows each
     const int64_t by = std::max<int64_t>(1, kClThreads / bx);
     return std::max<int64_t>(1, HW / std::max<int64_t>(by, 16));
@@ -107,10 +114,12 @@ inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int
   s.bx = static_cast<int>(ceil_div(Cp, CT));
   s.CT = ceil_div(Cp, s.bx);
   s.by = std::max(1, kClThreads / s.bx);
-  const int64_t want = ceil_div(target, N * s.CT);
-  const int64_t K = std::max<int64_t>(1, std::min(want, kmax_for(s.bx)));
+  const int64_t fit = target / (N * s.CT);  // chunks per (n, tile) that keep the grid in one wave
+  const int64_t K = std::max<int64_t>(1, std::min(fit, kmax_for(s.bx)));
   s.rpc = ceil_div(HW, K);
   s.K = ceil_div(HW, s.rpc);
+  TORCH_CHECK(N * s.K * s.CT <= std::numeric_limits<uint32_t>::max(), "fastnorm group_norm: ",
+              N * s.K * s.CT, " work items: at most 2^32 - 1 are supported on the channels_last path");
   return s;
 }
 

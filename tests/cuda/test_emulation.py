@@ -293,3 +293,64 @@ def test_every_kernel_ran(emu, request):
     assert not missing, f"kernels defined in csrc/kernels that no test ran: {missing}"
     assert compiled, f"no kernel instantiations found in {emu.path} (nm)"
     assert not not_run, f"{len(not_run)} kernel instantiations compiled but never run (listed above)"
+
+
+# ------------------------------------------------------------------------------------------------
+# the occupancy answer (cudaOccupancyMaxActiveBlocksPerMultiprocessor, resident_blocks())
+# ------------------------------------------------------------------------------------------------
+def test_occupancy_arithmetic_matches_resources(emu):
+    """The emulator's calculator is fastnorm/resources.py's (checked there against
+    cuda_occupancy.h); regs 0 means registers unknown (no register limit)."""
+    from fastnorm import resources
+
+    for threads in (32, 96, 129, 240, 256, 512, 1024):
+        for regs in (0, 16, 40, 64, 73, 80, 128, 200, 255):
+            for smem, dyn in ((0, 0), (17408, 0), (0, 6144), (40000, 100000)):
+                for barriers in (0, 1):
+                    got = emu.lib.fastnorm_emu_resident_blocks(threads, regs, smem, dyn, barriers)
+                    if regs == 0:
+                        _, limits = resources.resident_blocks(threads, 16, smem, dyn, barriers)
+                        want = min(v for k, v in limits.items() if k != "registers")
+                    else:
+                        want = resources.resident_blocks(threads, regs, smem, dyn, barriers)[0]
+                    assert got == want, (threads, regs, smem, dyn, barriers)
+
+
+def test_occupancy_from_resource_report(emu, tmp_path):
+    """With a kernel's registers loaded, the channels_last GroupNorm plans size their grids from
+    them (one wave: blocks <= resident blocks x SMs); without, from threads alone."""
+    import json
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
+    from cuda_emu import emu as emu_mod
+
+    x = torch.empty(8, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    w = torch.ones(64)
+
+    def queries():
+        emu.record_launches(lambda: emu.ops.group_norm_fwd(x, w, w, 8, EPS))
+        return emu.occupancy_queries(), emu.record_launches(
+            lambda: emu.ops.group_norm_fwd(x, w, w, 8, EPS))
+
+    emu.use_resource_report("")
+    before, _ = queries()
+    assert before and all(src == "threads" for *_, src in before), before
+    names = [q[0] for q in before]
+    try:
+        for name in names:  # 128 registers: 2 blocks of 256 threads
+            emu.lib.fastnorm_emu_kernel_resources(name.encode(), 128, 0, 1)
+        after, launches = queries()
+        assert [q[0] for q in after] == names and all(q[3] == 2 and q[4] == "report" for q in after)
+        for k, g, b, sm in launches:
+            if "cl_welford_partial" in k or "cl_apply" in k:
+                assert g[0] <= 2 * 132, (k, g)
+        # a report file is matched by name + template arguments (not in it: threads only)
+        report = tmp_path / "r.json"
+        report.write_text(json.dumps({"kernels": []}))
+        assert emu.use_resource_report(str(report)) == 0
+        assert all(src == "threads" for *_, src in queries()[0])
+        assert emu_mod.signature_head(
+            "void fastnorm::channels::cl_apply_kernel<c10::Half, 8>(fastnorm::channels::ClFwd<c10::Half>)"
+        ) == "fastnorm::channels::cl_apply_kernel<c10::Half, 8>"
+    finally:
+        emu.use_resource_report("")

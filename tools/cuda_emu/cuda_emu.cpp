@@ -101,6 +101,11 @@ struct State {
   std::map<const void*, int> optin;  // cudaFuncAttributeMaxDynamicSharedMemorySize
   std::map<std::string, long> coverage;
   std::vector<std::string> recorded;  // record_only: "kernel<TAB>grid<TAB>block<TAB>smem"
+  // The CUDA build's resources per kernel instantiation ("ns::name<args>": registers, static
+  // shared memory, named barriers), loaded from build/kernel_resources.json by emu.py; empty:
+  // occupancy queries answer from threads and shared memory alone.
+  std::map<std::string, std::tuple<int, int, int>> resources;
+  std::vector<std::string> occupancy_log;  // "kernel<TAB>threads<TAB>smem<TAB>blocks<TAB>source"
   long launches = 0;
   std::mt19937_64 rng;
 };
@@ -139,6 +144,26 @@ std::string symbol_name(const void* fn) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%p", fn);
   return buf;
+}
+
+// 'void fastnorm::channels::k<c10::Half, 8>(fastnorm::channels::ClFwd<c10::Half>)' ->
+// 'fastnorm::channels::k<c10::Half, 8>': the name and template arguments, as emu.py keys the
+// resource report (the parameter list is spelled differently by some demanglers).
+std::string signature_head(const std::string& sig) {
+  std::string t = sig;
+  if (!t.empty() && t.back() == ')') {
+    int depth = 0;
+    for (size_t i = t.size(); i-- > 0;) {
+      depth += t[i] == ')' ? 1 : t[i] == '(' ? -1 : 0;
+      if (depth == 0) {
+        t.resize(i);
+        break;
+      }
+    }
+  }
+  if (t.rfind("void ", 0) == 0) t = t.substr(5);
+  while (!t.empty() && t.back() == ' ') t.pop_back();
+  return t;
 }
 
 std::string where(const State& s, const Fiber* f) {
@@ -568,6 +593,26 @@ using fastnorm_emu::st;
 
 extern "C" {
 
+// cudaOccMaxActiveBlocksPerMultiprocessor of cuda_occupancy.h for sm_90 (default carveout):
+// the least of the warp, block, register, shared memory and barrier limits. regs == 0: registers
+// unknown (no limit from them).
+int fastnorm_emu_resident_blocks(int threads, int regs, int static_smem, int dynamic_smem,
+                                 int barriers) {
+  if (threads <= 0 || threads > 1024) return 0;
+  const int warps = (threads + 31) / 32;
+  int n = std::min(32, 64 / warps);
+  if (regs > 0) {
+    const int per_warp = (regs * 32 + 255) / 256 * 256;
+    if (regs > 255 || per_warp * warps > 65536 || per_warp * ((warps + 3) / 4 * 4) > 65536) return 0;
+    n = std::min(n, (16384 / per_warp) * 4 / warps);
+  }
+  const long bytes = (static_cast<long>(static_smem) + dynamic_smem + 1024 + 127) / 128 * 128;
+  if (bytes > 227 * 1024 + 1024) return 0;
+  n = std::min<long>(n, static_cast<long>(fastnorm_emu::kSharedPerSm) / bytes);
+  if (barriers > 0) n = std::min(n, 64 / barriers);
+  return n;
+}
+
 cudaError_t cudaGetDevice(int* device) {
   *device = st().device;
   return cudaSuccess;
@@ -598,21 +643,36 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
   return cudaSuccess;
 }
 
-// Resident blocks per SM: the device's configured answer, else from threads and shared memory
-// (registers are unknown here: the build's resource report covers them).
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* num_blocks, const void*,
+// Resident blocks per SM: the device's configured answer; else the occupancy calculator's
+// arithmetic for sm_90 (cuda_occupancy.h; fastnorm/resources.py's resident_blocks, which the test
+// compares with this) with the kernel's registers and static shared memory from the CUDA build's
+// resource report when one was loaded; else from warps and dynamic shared memory alone.
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* num_blocks, const void* func,
                                                                     int block_size, size_t smem,
                                                                     unsigned int) {
   auto& s = st();
+  std::lock_guard<std::recursive_mutex> lock(s.mu);
   if (block_size <= 0 || block_size > 1024) return cudaErrorInvalidValue;
   const int fixed = s.devices[s.device].second;
+  const std::string name = fastnorm_emu::signature_head(fastnorm_emu::symbol_name(func));
+  const char* source = "device";
   if (fixed > 0) {
     *num_blocks = fixed;
-    return cudaSuccess;
+  } else {
+    int regs = 0, static_smem = 0, barriers = 0;
+    const auto it = s.resources.find(name);
+    if (it != s.resources.end()) {
+      std::tie(regs, static_smem, barriers) = it->second;
+      source = "report";
+    } else {
+      source = "threads";
+    }
+    *num_blocks = fastnorm_emu_resident_blocks(block_size, regs, static_smem,
+                                               static_cast<int>(smem), barriers);
   }
-  int n = std::min(32, 2048 / block_size);
-  if (smem > 0) n = std::min<int>(n, static_cast<int>(fastnorm_emu::kSharedPerSm / (smem + 1024)));
-  *num_blocks = n;
+  if (s.cfg.record_only)
+    s.occupancy_log.push_back(name + "\t" + std::to_string(block_size) + "\t" + std::to_string(smem) +
+                              "\t" + std::to_string(*num_blocks) + "\t" + source);
   return cudaSuccess;
 }
 
@@ -672,7 +732,10 @@ void fastnorm_emu_record_only(int on) {
   auto& s = st();
   std::lock_guard<std::recursive_mutex> lock(s.mu);
   s.cfg.record_only = on != 0;
-  if (on) s.recorded.clear();
+  if (on) {
+    s.recorded.clear();
+    s.occupancy_log.clear();
+  }
 }
 
 // The recorded launches, one per line; returns the length needed.
@@ -685,5 +748,26 @@ long fastnorm_emu_recorded(char* buf, long cap) {
 }
 
 int fastnorm_emu_sanitized(void) { return FASTNORM_EMU_ASAN; }
+
+// One kernel instantiation's resources from the CUDA build ("ns::name<args>"); an empty name
+// clears the table (occupancy from threads and shared memory again).
+void fastnorm_emu_kernel_resources(const char* name, int regs, int static_smem, int barriers) {
+  auto& s = st();
+  std::lock_guard<std::recursive_mutex> lock(s.mu);
+  if (name == nullptr || *name == 0) {
+    s.resources.clear();
+    return;
+  }
+  s.resources[name] = std::make_tuple(regs, static_smem, barriers);
+}
+
+// The occupancy queries made while launches were recorded, one per line; returns the length needed.
+long fastnorm_emu_occupancy_log(char* buf, long cap) {
+  auto& s = st();
+  std::lock_guard<std::recursive_mutex> lock(s.mu);
+  std::string out;
+  for (auto& r : s.occupancy_log) out += r + "\n";
+  return copy_out(out, buf, cap);
+}
 
 }  // extern "C"

@@ -26,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 # FASTNORM_EMU_SRC / FASTNORM_EMU_BUILD: another source tree and build folder (the mutation check).
 CSRC = os.environ.get("FASTNORM_EMU_SRC", os.path.join(ROOT, "csrc"))
-HOST_SOURCES = ("layer_norm.cu", "group_norm.cu", "batch_norm.cu")
+HOST_SOURCES = ("layer_norm.cu", "group_norm.cu", "batch_norm.cu", "layer_norm2d.cu")
 VARIANTS = {
     "plain": [],
     "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
@@ -182,12 +182,78 @@ class Emulator:
             out.append((k, tuple(map(int, g.split(","))), tuple(map(int, b.split(","))), int(sm)))
         return out
 
+    def use_resource_report(self, path: str | None = None) -> int:
+        """Occupancy queries (cudaOccupancyMaxActiveBlocksPerMultiprocessor, resident_blocks() of
+        csrc/device.h) answer with each kernel instantiation's registers and static shared memory
+        from the CUDA build's resource report (build/kernel_resources.json, fastnorm.resources), so
+        the host plans here are the GPU's. Returns the number of kernels loaded; 0 (no report, or
+        path=""): the table is cleared and queries answer from threads and shared memory alone.
+        Kernels are matched by name and template arguments."""
+        self.lib.fastnorm_emu_kernel_resources(b"", 0, 0, 0)
+        table = resource_table(REPORT if path is None else path) if path != "" else {}
+        for name, (regs, smem, barriers) in table.items():
+            self.lib.fastnorm_emu_kernel_resources(name.encode(), regs, smem, barriers)
+        return len(table)
+
+    def occupancy_queries(self) -> list:
+        """The occupancy queries of the last record_launches: [(kernel, threads, dynamic smem,
+        resident blocks, source)], source 'report' (the resource report's registers and shared
+        memory), 'threads' (not in the report: threads and dynamic shared memory only) or
+        'device' (a configured blocks_per_sm)."""
+        out = []
+        for line in self._text(self.lib.fastnorm_emu_occupancy_log).splitlines():
+            k, t, sm, b, src = line.split("\t")
+            out.append((k, int(t), int(sm), int(b), src))
+        return out
+
     @property
     def sanitized(self) -> bool:
         return bool(self.lib.fastnorm_emu_sanitized())
 
 
 _LOADED: dict = {}
+REPORT = os.path.join(ROOT, "build", "kernel_resources.json")
+
+
+def signature_head(sig: str) -> str:
+    """'void ns::k<c10::Half, 8>(ns::Args<c10::Half>)' -> 'ns::k<c10::Half, 8>' (as the
+    emulator's signature_head)."""
+    s = sig.strip()
+    if s.endswith(")"):
+        depth = 0
+        for i in range(len(s) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(s[i], 0)
+            if depth == 0:
+                s = s[:i]
+                break
+    if s.startswith("void "):
+        s = s[5:]
+    return s.rstrip()
+
+
+def resource_table(path: str = REPORT) -> dict:
+    """{'ns::kernel<template args>': (registers, static shared memory, barriers)} from a resource
+    report; {} when there is none. A kernel compiled into two translation units keeps the entry
+    with more registers (the fewer resident blocks)."""
+    import json
+
+    sys.path.insert(0, ROOT)
+    from fastnorm import resources
+
+    try:
+        with open(path) as f:
+            kernels = json.load(f)["kernels"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    names = resources.demangle(sorted({k["mangled"] for k in kernels}))
+    table: dict = {}
+    for k in kernels:
+        key = signature_head(names[k["mangled"]])
+        entry = (k["registers"], k["static_smem"], k.get("barriers", 0))
+        if key not in table or entry > table[key]:
+            table[key] = entry
+    return table
+
 
 
 def _define_schemas():
@@ -226,6 +292,12 @@ def load(variant: str) -> Emulator:
     lib.fastnorm_emu_coverage.restype = ctypes.c_long
     lib.fastnorm_emu_recorded.argtypes = [ctypes.c_char_p, ctypes.c_long]
     lib.fastnorm_emu_recorded.restype = ctypes.c_long
+    lib.fastnorm_emu_occupancy_log.argtypes = [ctypes.c_char_p, ctypes.c_long]
+    lib.fastnorm_emu_occupancy_log.restype = ctypes.c_long
+    lib.fastnorm_emu_kernel_resources.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int,
+                                                   ctypes.c_int]
+    lib.fastnorm_emu_resident_blocks.argtypes = [ctypes.c_int] * 5
+    lib.fastnorm_emu_resident_blocks.restype = ctypes.c_int
     emu = Emulator(variant, path, lib, torch.ops.fastnorm_emu)
     emu.configure()
     _LOADED[variant] = emu

@@ -1,0 +1,173 @@
+"""bench/: the CPU smoke path of run.py and e2e.py for issue 10's layers (RMSNorm, the fused
+residual add + RMSNorm, LayerNorm2d, FrozenBatchNorm2d). The same code runs on a GPU; here it
+runs on the CPU at small shapes with short timings, and the checks are what the harness itself
+computes: correctness against float64, the minimum bytes, the providers' modules."""
+import math
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import cases  # noqa: E402
+import run  # noqa: E402
+
+import fastnorm  # noqa: E402
+
+NEW_OPS = ("rms_norm", "add_rms_norm", "layer_norm2d", "frozen_batch_norm")
+
+
+def small(case):
+    """The case at a shape a CPU test runs in milliseconds (channels and width kept)."""
+    return replace(case, shape=cases.fit(case.shape, 1 << 14, case.op))
+
+
+def test_every_new_op_has_gpu_and_quick_cases():
+    gpu = cases.select("cuda", False, NEW_OPS)
+    assert {c.op for c in gpu} == set(NEW_OPS)
+    assert {c.op for c in cases.select("cuda", True, NEW_OPS)} == set(NEW_OPS)
+    assert {c.op for c in cases.select("cpu", True, NEW_OPS)} == set(NEW_OPS)
+    by = {(c.op, c.name, c.layout, c.dtype): c.shape for c in gpu}
+    # the issue's shapes: Llama 4096 tokens x 4096 / 8192 bf16; ConvNeXt-T stages at N = 32 in
+    # both layouts; ResNet-50's BatchNorm shapes
+    for op in ("rms_norm", "add_rms_norm"):
+        assert by[(op, "llama-7b-4096", "contiguous", "bf16")] == (4096, 4096)
+        assert by[(op, "llama-70b-8192", "contiguous", "bf16")] == (4096, 8192)
+    for i, (c, hw) in enumerate(((96, 56), (192, 28), (384, 14), (768, 7))):
+        for layout in ("contiguous", "channels_last"):
+            assert by[("layer_norm2d", f"convnext-t-stage{i + 1}", layout, "bf16")] == (32, c, hw, hw)
+    assert by[("frozen_batch_norm", "resnet50-layer1", "contiguous", "fp32")] == (64, 256, 56, 56)
+
+
+def test_min_bytes_per_op():
+    n, b = 1000, 2
+    assert [run.min_bytes(n, b, p) for p in run.PASSES] == [2 * n * b, 3 * n * b, 5 * n * b]
+    # add_rms_norm: fwd reads input and residual, writes output and residual_out; bwd reads dy,
+    # d residual_out and residual_out, writes one input gradient
+    assert [run.min_bytes(n, b, p, "add_rms_norm") for p in run.PASSES] == [4 * n * b, 4 * n * b,
+                                                                             8 * n * b]
+    # FrozenBatchNorm2d: dx = dy * scale reads dy only
+    assert [run.min_bytes(n, b, p, "frozen_batch_norm") for p in run.PASSES] == [2 * n * b,
+                                                                                  2 * n * b,
+                                                                                  4 * n * b]
+    for op in ("rms_norm", "layer_norm2d"):
+        assert [run.min_bytes(n, b, p, op) for p in run.PASSES] == [2 * n * b, 3 * n * b, 5 * n * b]
+
+
+def test_reference_layers_and_fastnorm_modules():
+    # the baselines are the layers a model would otherwise run, fastnorm's the drop-in or fused one
+    want = {"rms_norm": (torch.nn.RMSNorm, fastnorm.RMSNorm),
+            "add_rms_norm": (cases.AddRMSNorm, cases.FusedAddRMSNorm)}
+    for c in cases.select("cpu", True, NEW_OPS):
+        ref = c.module()
+        fast = c.fastnorm_module(ref)
+        assert fast is not ref
+        if c.op in want:
+            assert type(ref) is want[c.op][0] and type(fast) is want[c.op][1]
+        elif c.op == "layer_norm2d":
+            timm = pytest.importorskip("timm")
+            assert type(ref) is timm.layers.LayerNorm2d and c.drop_in
+            assert fastnorm.converted_modules(fast)
+        else:
+            tv = pytest.importorskip("torchvision")
+            assert type(ref) is tv.ops.FrozenBatchNorm2d and c.drop_in
+            assert fastnorm.converted_modules(fast)
+            assert float(ref.running_var.min()) >= 0.5  # random statistics, not the identity
+        # the same parameters and state
+        for k, v in ref.state_dict().items():
+            assert torch.equal(v, fast.state_dict()[k]), k
+
+
+def test_fallback_baselines_without_timm_or_torchvision():
+    # the stand-ins compute what timm's and torchvision's layers compute, and fastnorm's module
+    # for the LayerNorm2d stand-in is built from its state (convert() does not know the class)
+    torch.manual_seed(0)
+    ln = cases.PermuteLayerNorm2d(12)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.normal_()
+    x = torch.randn(2, 12, 5, 3)
+    ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (12,), ln.weight, ln.bias,
+                                         ln.eps).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ln(x), ref)
+    case = cases.Case("layer_norm2d", "t", (2, 12, 5, 3), ("fp32",))
+    fast = case.fastnorm_module(ln)
+    assert isinstance(fast, fastnorm.LayerNorm2d)
+    torch.testing.assert_close(fast(x), ref, rtol=1e-5, atol=1e-5)
+    fb = cases.FormulaFrozenBatchNorm2d(12)
+    fb.running_mean.normal_()
+    fb.running_var.uniform_(0.5, 2.0)
+    fb.weight.uniform_(0.5, 1.5)
+    want = torch.nn.functional.batch_norm(x, fb.running_mean, fb.running_var, fb.weight, fb.bias,
+                                          False, 0.0, fb.eps)
+    torch.testing.assert_close(fb(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", NEW_OPS)
+def test_bench_case_runs_on_cpu(op):
+    # run.py's own path: reference in float64, each provider checked, the three passes timed,
+    # rows with the op's minimum bytes (eager and fastnorm; compile is the same code path and
+    # takes inductor's C++ build here)
+    layouts = ("contiguous", "channels_last") if op in ("layer_norm2d", "frozen_batch_norm") else ("contiguous",)
+    for layout in layouts:
+        (c,) = [small(c) for c in cases.select("cpu", False, [op]) if c.layout == layout][:1]
+        timer = run.Timer(torch.device("cpu"), quick=True)
+        timer.target_ms, timer.min_reps, timer.max_reps = 1, 2, 2
+        meta = {k: "" for k in run.COLUMNS[:8]}
+        rows = run.bench_case(c, ["fastnorm", "eager"], timer, meta, 10.0, seed=0)
+        assert len(rows) == 6, [(r["provider"], r["pass"]) for r in rows]
+        for r in rows:
+            assert r["correct"], r
+            assert r["maxdiff_y"] < 1e-4 and r["maxdiff_dx"] < 1e-4
+            want = run.min_bytes(math.prod(c.shape), 4, r["pass"], op)
+            assert r["gbps"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9)
+            assert r["shape"] == "x".join(map(str, c.shape)) and r["layout"] == layout
+
+
+def test_add_rms_norm_check_sees_both_outputs():
+    # check() compares every output and every input gradient: a provider that gets residual_out
+    # wrong fails even with a right normalised output
+    c = small(cases.select("cpu", True, ["add_rms_norm"])[0])
+    ref = c.module()
+    inputs, grads = run.make_inputs(c, torch.device("cpu"), 0)
+    assert len(inputs) == len(grads) == 2 and all(t.requires_grad for t in inputs)
+    ref_out = run.reference(ref, inputs, grads)
+    assert len(ref_out[0]) == 2 and len(ref_out[1]) == 2
+    assert run.check(c, c.fastnorm_module(ref), ref_out, inputs, grads)[2]
+
+    class WrongResidual(cases.AddRMSNorm):
+        def forward(self, input, residual):
+            y, r = super().forward(input, residual)
+            return y, r * 1.1
+
+    bad = WrongResidual(c.channels, ref.eps)
+    bad.load_state_dict(ref.state_dict())
+    diff_y, _, ok = run.check(c, bad, ref_out, inputs, grads)
+    assert not ok and diff_y > 0.01
+
+
+def test_e2e_llama_fuses_the_adds_and_matches():
+    import e2e
+
+    r = e2e.run_model("llama", torch.device("cpu"), small=True, quick=True, steps=2, warmup=0,
+                      zoo=False, seed=0)
+    # 2 blocks: the first block's nn.RMSNorm, 3 fused adds in the blocks, the final fused add
+    assert r["norm_layers"] == 5
+    assert r["max_loss_absdiff"] < 1e-4
+    model = e2e.Llama(128, 64, 2, 4, 172)
+    assert cases.fuse_add_norms(model) == 4
+    assert all(type(m) is not cases.AddRMSNorm for m in model.modules())
+
+
+def test_e2e_convnext_runs():
+    pytest.importorskip("timm")
+    import e2e
+
+    r = e2e.run_model("convnext", torch.device("cpu"), small=True, quick=True, steps=1, warmup=0,
+                      zoo=False, seed=0)
+    assert r["source"] == "timm" and r["norm_layers"] >= 5  # LayerNorm2d: stem, 3 downsamples, head
+    assert r["max_loss_absdiff"] < 1e-4
