@@ -159,7 +159,7 @@ void nchw_channel_sums(const groups::RowSums<T>& base, const Dims& d, at::Tensor
   p.w = Operand<T>{};
   p.stat_div = d.Cg;
   p.ws = ws.data_ptr<A>();
-  launch(groups::row_sums_partial_kernel<T, VEC>, groups::item_grid(it), groups::kItemThreads, 0, stream,
+  launch(groups::row_sums_partial_kernel<T, VEC, T>, groups::item_grid(it), groups::kItemThreads, 0, stream,
       p, it);
   // row_sums_partial: ws[0] = sum(dy) (= B), ws[1] = sum(dy * xhat) (= S)
   if (it.S == 1) {

@@ -1,5 +1,7 @@
-// fastnorm::layer_norm_fwd / layer_norm_bwd on CUDA: host side (checks, device guard, dtype
-// dispatch). Kernels: kernels/groups_*.cuh; plans and launches: launch/groups.h.
+// fastnorm::layer_norm_fwd / layer_norm_bwd, rms_norm_fwd / rms_norm_bwd and add_norm_fwd /
+// add_norm_bwd (LayerNorm or RMSNorm of input + residual) on CUDA: host side (checks, device
+// guard, dtype dispatch). All of them run the same row kernels: kernels/groups_*.cuh; plans and
+// launches: launch/groups.h.
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -130,10 +132,258 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   return {dx, dw, db};
 }
 
+
+// ---- RMSNorm -----------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& input,
+                                                at::IntArrayRef normalized_shape,
+                                                const std::optional<at::Tensor>& weight, double eps,
+                                                std::optional<at::ScalarType> out_dtype) {
+  constexpr const char* op = "fastnorm::rms_norm_fwd";
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  check_float_dtype(dt, op);
+  const at::ScalarType odt = out_dtype.value_or(dt);
+  TORCH_CHECK(odt == dt || odt == at::kFloat, op, ": out_dtype must be the input's dtype (", dt,
+              ") or float32, got ", odt);
+  const int64_t N = row_length(input, normalized_shape, op);
+  const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
+  const at::Tensor w = param(weight, input, N, op, "weight");
+  const at::Tensor x = input.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(odt));
+  const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
+  if (M == 0) return {y, at::empty({0}, ao)};
+  if (N == 0) return {y, at::full({M}, NAN, ao)};  // 1 / sqrt(mean of no elements + eps)
+  at::Tensor rstd = at::empty({M}, ao);
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::rms_norm_fwd", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    groups::RowFwd<T> p;
+    p.x = x.data_ptr<T>();
+    p.y = operand<T>(y);
+    p.w = operand<T>(w);
+    p.rstd = rstd.data_ptr<A>();
+    p.M = M;
+    p.L = N;
+    p.eps = static_cast<A>(eps);
+    groups::row_forward<T, false, true>(p, x);
+  });
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
+                                                const at::Tensor& rstd,
+                                                const std::optional<at::Tensor>& weight,
+                                                at::IntArrayRef normalized_shape,
+                                                std::array<bool, 2> output_mask) {
+  constexpr const char* op = "fastnorm::rms_norm_bwd";
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  check_float_dtype(dt, op);
+  check_backward_inputs(grad_out, input, rstd, rstd, op);
+  const int64_t N = row_length(input, normalized_shape, op);
+  const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
+  const at::Tensor w = param(weight, input, N, op, "weight");
+  const at::ScalarType wd = w.defined() ? w.scalar_type() : dt;
+  const at::Tensor x = input.contiguous();
+  const at::TensorOptions wo = x.options().dtype(wd);
+  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  if (M == 0 || N == 0)
+    return {dx, output_mask[1] ? at::zeros(normalized_shape, wo) : at::empty({0}, wo)};
+  at::Tensor dw = output_mask[1] ? at::empty(normalized_shape, wo) : at::empty({0}, wo);
+  if (!output_mask[0] && !output_mask[1]) return {dx, dw};
+  TORCH_CHECK(rstd.numel() == M, op, ": rstd must have ", M, " elements (one per row), got ",
+              rstd.numel());
+  const at::Tensor rs = rstd.to(stat_dtype(dt)).contiguous();
+  const at::Tensor dy = grad_out.contiguous();
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::rms_norm_bwd", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    groups::RowBwd<T> p;
+    p.x = x.data_ptr<T>();
+    p.dy = operand<T>(dy);
+    p.mean = nullptr;  // RMSNorm
+    p.rstd = rs.data_ptr<A>();
+    p.w = operand<T>(w);
+    p.dx = output_mask[0] ? dx.data_ptr<T>() : nullptr;
+    p.M = M;
+    p.L = N;
+    groups::ln_backward<T>(p, output_mask[1] ? operand<T>(dw) : Operand<T>{}, Operand<T>{}, x);
+  });
+  return {dx, dw};
+}
+
+// ---- input + residual, then LayerNorm or RMSNorm ------------------------------------------------
+// The residual stream's dtype against the input's: the same (fp32, fp16, bf16, fp64), or float32
+// with a half / bf16 input. (fp64 input with an fp32 residual has no kernel.)
+void check_residual_dtype(at::ScalarType in, at::ScalarType res, const char* op,
+                          const char* what) {
+  TORCH_CHECK(res == in || (res == at::kFloat && (in == at::kHalf || in == at::kBFloat16)), op,
+              ": expected ", what, " of the input's dtype (", in, ") or, with a float16 / bfloat16 "
+              "input, float32; got input of dtype ", in, " and ", what, " of dtype ", res);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd(
+    const at::Tensor& input, const at::Tensor& residual, at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool rms) {
+  constexpr const char* op = "fastnorm::add_norm_fwd";
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  check_float_dtype(dt, op);
+  TORCH_CHECK(residual.device() == input.device(), op, ": residual is on ", residual.device(),
+              " but input is on ", input.device());
+  check_residual_dtype(dt, residual.scalar_type(), op, "residual");
+  TORCH_CHECK(residual.sizes() == input.sizes(), op, ": expected input and residual of the same "
+              "shape, got input of shape ", input.sizes(), " and residual of shape ",
+              residual.sizes());
+  TORCH_CHECK(!rms || !has(bias), op, ": RMSNorm (rms=True) takes no bias");
+  const int64_t N = row_length(input, normalized_shape, op);
+  const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
+  const at::Tensor w = param(weight, input, N, op, "weight");
+  const at::Tensor b = param(bias, input, N, op, "bias");
+  const at::Tensor x = input.contiguous();
+  const at::Tensor res = residual.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor res_out = at::empty(res.sizes(), res.options());
+  const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
+  if (M == 0) return {y, res_out, at::empty({0}, ao), at::empty({0}, ao)};
+  if (N == 0)
+    return {y, res_out, rms ? at::empty({0}, ao) : at::zeros({M}, ao), at::full({M}, NAN, ao)};
+  at::Tensor mean = rms ? at::empty({0}, ao) : at::empty({M}, ao);
+  at::Tensor rstd = at::empty({M}, ao);
+  const bool res32 = res.scalar_type() != dt;  // an fp32 residual stream with a half input
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::add_norm_fwd", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    groups::RowFwd<T> p;
+    p.x = x.data_ptr<T>();
+    p.y = operand<T>(y);
+    p.w = operand<T>(w);
+    p.b = operand<T>(b);
+    p.res = operand<T>(res);
+    p.res_out = operand<T>(res_out);
+    p.mean = rms ? nullptr : mean.data_ptr<A>();
+    p.rstd = rstd.data_ptr<A>();
+    p.M = M;
+    p.L = N;
+    p.eps = static_cast<A>(eps);
+    if constexpr (sizeof(T) == 2) {
+      if (res32) {
+        if (rms) groups::row_forward<T, false, true, float>(p, x);
+        else groups::row_forward<T, false, false, float>(p, x);
+        return;
+      }
+    }
+    if (rms) groups::row_forward<T, false, true, T>(p, x);
+    else groups::row_forward<T, false, false, T>(p, x);
+  });
+  return {y, res_out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& residual_out, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, at::IntArrayRef normalized_shape, bool rms,
+    at::ScalarType input_dtype, std::array<bool, 4> output_mask) {
+  constexpr const char* op = "fastnorm::add_norm_bwd";
+  check_kernel_device(residual_out, op);
+  DeviceGuard guard(residual_out.device());
+  const at::ScalarType dt = input_dtype;
+  check_float_dtype(dt, op);
+  const at::ScalarType rd = residual_out.scalar_type();
+  check_residual_dtype(dt, rd, op, "residual_out");
+  TORCH_CHECK(grad_out.device() == residual_out.device() && mean.device() == residual_out.device() &&
+                  rstd.device() == residual_out.device(),
+              op, ": all tensors must be on ", residual_out.device());
+  TORCH_CHECK(grad_out.sizes() == residual_out.sizes(), op, ": grad_out has shape ",
+              grad_out.sizes(), " but residual_out has shape ", residual_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == dt || grad_out.scalar_type() == at::kFloat, op,
+              ": grad_out must have the input's dtype (", dt, ") or float32, got ",
+              grad_out.scalar_type());
+  const bool has_gr = has(grad_residual_out);
+  if (has_gr) {
+    TORCH_CHECK(grad_residual_out->device() == residual_out.device(), op,
+                ": grad_residual_out is on ", grad_residual_out->device(), " but residual_out is on ",
+                residual_out.device());
+    TORCH_CHECK(grad_residual_out->sizes() == residual_out.sizes(), op,
+                ": grad_residual_out has shape ", grad_residual_out->sizes(),
+                " but residual_out has shape ", residual_out.sizes());
+    TORCH_CHECK(grad_residual_out->scalar_type() == rd, op,
+                ": grad_residual_out must have residual_out's dtype (", rd, "), got ",
+                grad_residual_out->scalar_type());
+  }
+  const int64_t N = row_length(residual_out, normalized_shape, op);
+  const int64_t M = leading_rows(residual_out, static_cast<int64_t>(normalized_shape.size()));
+  TORCH_CHECK(!has(weight) || weight->device() == residual_out.device(), op, ": weight is on ",
+              weight->device(), " but residual_out is on ", residual_out.device());
+  TORCH_CHECK(!has(weight) || weight->scalar_type() == dt || weight->scalar_type() == at::kFloat, op,
+              ": weight must have the input's dtype (", dt, ") or float32, got ",
+              weight->scalar_type());
+  TORCH_CHECK(!has(weight) || weight->numel() == N, op, ": weight must have ", N,
+              " elements, got ", weight->numel());
+  const at::Tensor w = has(weight) ? weight->contiguous() : at::Tensor();
+  const at::ScalarType wd = w.defined() ? w.scalar_type() : dt;
+  const at::Tensor r = residual_out.contiguous();
+  const at::TensorOptions wo = r.options().dtype(wd);
+  at::Tensor dx = output_mask[0] ? at::empty(r.sizes(), r.options().dtype(dt))
+                                 : at::empty({0}, r.options().dtype(dt));
+  at::Tensor dres = output_mask[1] ? at::empty(r.sizes(), r.options()) : at::empty({0}, r.options());
+  const bool want_db = output_mask[3] && !rms;
+  if (M == 0 || N == 0) {
+    return {dx, dres, output_mask[2] ? at::zeros(normalized_shape, wo) : at::empty({0}, wo),
+            want_db ? at::zeros(normalized_shape, wo) : at::empty({0}, wo)};
+  }
+  at::Tensor dw = output_mask[2] ? at::empty(normalized_shape, wo) : at::empty({0}, wo);
+  at::Tensor db = want_db ? at::empty(normalized_shape, wo) : at::empty({0}, wo);
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2] && !want_db) return {dx, dres, dw, db};
+  const at::ScalarType sd = stat_dtype(dt);
+  TORCH_CHECK(rstd.numel() == M && (rms || mean.numel() == M), op, ": mean and rstd must have ", M,
+              " elements (one per row; mean unused with rms=True), got ", mean.numel(), " and ",
+              rstd.numel());
+  const at::Tensor mu = rms ? at::Tensor() : mean.to(sd).contiguous();
+  const at::Tensor rs = rstd.to(sd).contiguous();
+  const at::Tensor dy = grad_out.contiguous();
+  const at::Tensor gr = has_gr ? grad_residual_out->contiguous() : at::Tensor();
+  const bool res32 = rd != dt;
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::add_norm_bwd", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    groups::RowBwd<T> p;
+    p.dy = operand<T>(dy);
+    p.mean = rms ? nullptr : mu.data_ptr<A>();
+    p.rstd = rs.data_ptr<A>();
+    p.w = operand<T>(w);
+    p.dx = output_mask[0] ? dx.data_ptr<T>() : nullptr;
+    p.dres = output_mask[1] ? dres.data_ptr() : nullptr;
+    p.dres_in = has_gr ? gr.data_ptr() : nullptr;
+    p.M = M;
+    p.L = N;
+    const Operand<T> dw_out = output_mask[2] ? operand<T>(dw) : Operand<T>{};
+    const Operand<T> db_out = want_db ? operand<T>(db) : Operand<T>{};
+    if constexpr (sizeof(T) == 2) {
+      if (res32) {
+        p.x32 = r.data_ptr<float>();
+        groups::ln_backward<T, float>(p, dw_out, db_out, r);
+        return;
+      }
+    }
+    p.x = r.data_ptr<T>();
+    groups::ln_backward<T>(p, dw_out, db_out, r);
+  });
+  return {dx, dres, dw, db};
+}
+
 }  // namespace
 }  // namespace fastnorm
 
 TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
   m.impl("layer_norm_fwd", TORCH_FN(fastnorm::layer_norm_fwd));
   m.impl("layer_norm_bwd", TORCH_FN(fastnorm::layer_norm_bwd));
+  m.impl("rms_norm_fwd", TORCH_FN(fastnorm::rms_norm_fwd));
+  m.impl("rms_norm_bwd", TORCH_FN(fastnorm::rms_norm_bwd));
+  m.impl("add_norm_fwd", TORCH_FN(fastnorm::add_norm_fwd));
+  m.impl("add_norm_bwd", TORCH_FN(fastnorm::add_norm_bwd));
 }

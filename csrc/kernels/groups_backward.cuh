@@ -1,6 +1,9 @@
 // Contiguous groups, backward (rows as in groups_forward.cuh).
 //   ln_bwd_cached    LayerNorm backward for rows in registers: dx plus per-block dweight/dbias
 //                    column partials [gridDim, N] in one pass over x and dy.
+// The LayerNorm kernels also run RMSNorm (mean null: xhat = x * rstd and no sum(g) term) and the
+// add_norm backward (x is residual_out, of dtype X; d_r = dx + grad_residual_out written as
+// grad_input (T) and / or grad_residual (X)): run-time flags, the X template type.
 //   row_sums_partial + row_sums_finalize + ln_bwd_split
 //                    LayerNorm backward for long rows; row_sums_partial also gives GroupNorm's
 //                    per-(n, c) sums in NCHW.
@@ -11,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/groups_forward.cuh"
 
@@ -25,14 +29,39 @@ struct RowBwd {
   using A = acc_of<T>;
   const T* x = nullptr;
   Operand<T> dy;  // T or float32
-  const A* mean = nullptr;
+  const A* mean = nullptr;  // null: RMSNorm (xhat = x * rstd, dx without the mean(g) term)
   const A* rstd = nullptr;
   Operand<T> w;  // absent, or per element of a row (LayerNorm): T or float32
   T* dx = nullptr;       // nullable: dx not requested
   A* ws_dw = nullptr;    // nullable: [K, L] column partials of sum(dy * xhat)
   A* ws_db = nullptr;    // nullable: [K, L] column partials of sum(dy)
   int64_t M = 0, L = 0;
+  // add_norm, residual stream of dtype X (the kernels' template type). X == T: x above is
+  // residual_out; X == float32 with a half / bf16 input: x32 is, and x is unused.
+  const float* x32 = nullptr;
+  const void* dres_in = nullptr;  // nullable: grad_residual_out (X), added to dx in acc type
+  void* dres = nullptr;           // nullable: d_r written in X (grad_residual)
 };
+
+// The normalised row's storage: x (X == T) or the fp32 residual stream (add_norm).
+template <typename X, typename T>
+__device__ __forceinline__ const X* row_src(const T* x, const float* x32) {
+  if constexpr (std::is_same_v<X, T>) return x;
+  else return x32;
+}
+
+// d_r = dx (+ grad_residual_out) -> grad_input (T) and / or grad_residual (X).
+template <typename T, int VEC, typename X>
+__device__ __forceinline__ void store_dx(const RowBwd<T>& p, int64_t i, acc_of<T> (&o)[VEC]) {
+  if (p.dres_in != nullptr) {
+    X g[VEC];
+    load_raw<X, VEC>(static_cast<const X*>(p.dres_in) + i, g);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o[k] += static_cast<acc_of<T>>(g[k]);
+  }
+  if (p.dx != nullptr) store_as<T, VEC>(p.dx + i, o);
+  if (p.dres != nullptr) store_as<X, VEC>(static_cast<X*>(p.dres) + i, o);
+}
 
 // LayerNorm backward with rows in registers (L <= tpr * kBwdElems, L % VEC == 0).
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w
@@ -47,27 +76,40 @@ __device__ __forceinline__ void ln_weight(const RowBwd<T>& p, int64_t j0, acc_of
   }
 }
 
-// Largest block of ln_bwd_cached_kernel: fp64 holds twice the registers per element, and the
-// single-element path (8 separate loads and column partials per thread) spilled at the 64
-// registers of a 1024-thread block; both get 128 at 512 threads.
-template <typename T, int VEC>
-inline constexpr int kBwdCachedMaxThreads = sizeof(acc_of<T>) == 8 || VEC == 1 ? 512 : 1024;
+// Largest block of ln_bwd_cached_kernel: fp64 holds twice the registers per element, the
+// single-element path (8 separate loads and column partials per thread) and a half input with
+// an fp32 residual stream (x held as floats) spilled at the 64 registers of a 1024-thread block;
+// all get 128 at 512 threads.
+template <typename T, int VEC, typename X = T>
+inline constexpr int kBwdCachedMaxThreads =
+    sizeof(acc_of<T>) == 8 || VEC == 1 || sizeof(X) > sizeof(T) ? 512 : 1024;
 
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
+// Dynamic shared memory of ln_bwd_cached_kernel for the column partials of a block: the tree over
+// its units (rows in flight that own the same columns: warps when tpr <= 32, groups of tpr threads
+// otherwise) stages half of them per level. 0 when neither dweight nor dbias is wanted.
+template <typename A>
+inline size_t ln_bwd_cached_smem(int threads, int tpr, int arrays) {
+  const int units = threads / (tpr < 32 ? 32 : tpr);
+  return static_cast<size_t>(units / 2) * arrays * kBwdElems * tpr * sizeof(A);
+}
+
+// blockDim = rows per block x tpr (tpr <= 32: 256 threads); a block loops over row groups and
+// keeps its own column partials of dweight / dbias, combined once at the end (see below).
+template <typename T, int VEC, typename X>
+__global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC, X>)
     ln_bwd_cached_kernel(RowBwd<T> p, int tpr) {
   using A = acc_of<T>;
   constexpr int R = kBwdPacks<VEC>;
-  constexpr int kSubWarpWarps = 8;  // blockDim when tpr <= 32
   __shared__ A red[64];
-  __shared__ A part[2][kSubWarpWarps][32 * kBwdElems];
+  extern __shared__ __align__(16) unsigned char col_smem[];  // ln_bwd_cached_smem bytes
 
   const int rpb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
   const int L = static_cast<int>(p.L);
   const int packs = L / VEC;
   const A invL = A(1) / static_cast<A>(p.L);
-  const bool want_cols = p.ws_dw != nullptr || p.ws_db != nullptr;
+  const bool rms = p.mean == nullptr;
+  const X* xs = row_src<X>(p.x, p.x32);
 
   A dwp[R][VEC], dbp[R][VEC];
 #pragma unroll
@@ -79,17 +121,17 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
     const int64_t row = rb * rpb + grp;
     const bool valid = row < p.M;
     const int64_t off = (valid ? row : 0) * p.L;
-    T xv[R][VEC];
+    X xv[R][VEC];
     A gv[R][VEC];  // dy; the weight is re-read from L1 rather than held (register budget)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int pk = r * tpr + t;
       if (valid && pk < packs) {
-        load_raw<T, VEC>(p.x + off + pk * VEC, xv[r]);
+        load_raw<X, VEC>(xs + off + pk * VEC, xv[r]);
         p.dy.load(off + pk * VEC, gv[r]);
       }
     }
-    const A mean = valid ? p.mean[row] : A(0);
+    const A mean = valid && !rms ? p.mean[row] : A(0);
     const A rstd = valid ? p.rstd[row] : A(0);
     A s1 = A(0), s2 = A(0);
 #pragma unroll
@@ -111,9 +153,9 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
       s1 = warp_sum(s1, tpr);
       s2 = warp_sum(s2, tpr);
     } else {
-      block_sum2(s1, s2, red);
+      group_sum2(s1, s2, red, tpr);
     }
-    const A c1 = s1 * invL, c2 = s2 * invL;
+    const A c1 = rms ? A(0) : s1 * invL, c2 = s2 * invL;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int pk = r * tpr + t;
@@ -127,19 +169,17 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
           dwp[r][k] += gv[r][k] * xh;
           dbp[r][k] += gv[r][k];
         }
-        if (p.dx != nullptr) store_as<T, VEC, A>(p.dx + off + pk * VEC, o);
+        store_dx<T, VEC, X>(p, off + pk * VEC, o);
       }
     }
   }
-  if (!want_cols) return;
+  if (p.ws_dw == nullptr && p.ws_db == nullptr) return;  // uniform
 
   // Column partials of this block, fixed order: lanes of a warp that own the same columns
-  // (tpr < 32), then warps (tpr <= 32), then written by the owners.
-  A* out_dw = p.ws_dw != nullptr ? p.ws_dw + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
-  A* out_db = p.ws_db != nullptr ? p.ws_db + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
-  if (tpr <= 32) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int nw = blockDim.x >> 5;
+  // (tpr < 32) by xor-shuffles; then a pairwise tree over the block's units (a warp when
+  // tpr <= 32, tpr threads otherwise; a power of two of them), the upper half of each level
+  // staged in dynamic shared memory; unit 0 writes ws row blockIdx.x.
+  if (tpr < 32) {
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -148,34 +188,47 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC>)
           dwp[r][k] += __shfl_xor_sync(0xffffffffu, dwp[r][k], o);
           dbp[r][k] += __shfl_xor_sync(0xffffffffu, dbp[r][k], o);
         }
-    if (nw > 1) {
-      if (lane < tpr && warp < kSubWarpWarps) {
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int k = 0; k < VEC; ++k) {
-            part[0][warp][lane * kBwdElems + r * VEC + k] = dwp[r][k];
-            part[1][warp][lane * kBwdElems + r * VEC + k] = dbp[r][k];
-          }
-      }
-      __syncthreads();
-      if (warp == 0 && lane < tpr) {
-        for (int w2 = 1; w2 < nw && w2 < kSubWarpWarps; ++w2) {
-#pragma unroll
-          for (int r = 0; r < R; ++r)
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) {
-              dwp[r][k] += part[0][w2][lane * kBwdElems + r * VEC + k];
-              dbp[r][k] += part[1][w2][lane * kBwdElems + r * VEC + k];
-            }
-        }
-      }
-    }
-    if (warp != 0 || lane >= tpr) return;
   }
+  const int uw = tpr < 32 ? 32 : tpr;  // threads per unit
+  const int units = blockDim.x / uw, u = threadIdx.x / uw, i = threadIdx.x % uw;
+  const bool owner = i < tpr;          // thread i of a unit owns packs r * tpr + i
+  A* stage = reinterpret_cast<A*>(col_smem);
+  const int na = (p.ws_dw != nullptr) + (p.ws_db != nullptr);
+  const int adb = p.ws_dw != nullptr ? 1 : 0;  // staged array of dbias
+  // element e of array a in slot s: ((s * na + a) * kBwdElems + e) * tpr + i (consecutive threads,
+  // consecutive words)
+  for (int s = units >> 1; s > 0; s >>= 1) {  // uniform over the block
+    if (u >= s && u < 2 * s && owner) {
+      A* slot = stage + static_cast<int64_t>(u - s) * na * kBwdElems * tpr;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int e = r * VEC + k;
+          if (p.ws_dw != nullptr) slot[e * tpr + i] = dwp[r][k];
+          if (p.ws_db != nullptr) slot[(adb * kBwdElems + e) * tpr + i] = dbp[r][k];
+        }
+    }
+    __syncthreads();
+    if (u < s && owner) {
+      const A* slot = stage + static_cast<int64_t>(u) * na * kBwdElems * tpr;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const int e = r * VEC + k;
+          if (p.ws_dw != nullptr) dwp[r][k] += slot[e * tpr + i];
+          if (p.ws_db != nullptr) dbp[r][k] += slot[(adb * kBwdElems + e) * tpr + i];
+        }
+    }
+    __syncthreads();  // the slots are rewritten by the next level
+  }
+  if (u != 0 || !owner) return;
+  A* out_dw = p.ws_dw != nullptr ? p.ws_dw + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
+  A* out_db = p.ws_db != nullptr ? p.ws_db + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int pk = r * tpr + t;
+    const int pk = r * tpr + i;
     if (pk < packs) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -200,9 +253,11 @@ struct RowSums {
   Operand<T> w;  // absent, T or float32
   int64_t stat_div = 1;
   A* ws = nullptr;
+  const float* x32 = nullptr;  // add_norm with an fp32 residual stream (X = float): the rows
 };
 
-template <typename T, int VEC>
+// mean null: RMSNorm (xhat = x * rstd). X: the rows' dtype (T, or float32: add_norm's x32).
+template <typename T, int VEC, typename X>
 __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(RowSums<T> p, Items it) {
   using A = acc_of<T>;
   const int tpr = it.tpr;
@@ -217,17 +272,18 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(RowSums<
       const int64_t e0 = s * it.chunk;
       const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
       const int64_t srow = p.stat_div == 1 ? row : row / p.stat_div;
-      const A mean = p.mean[srow], rstd = p.rstd[srow];
+      const A mean = p.mean != nullptr ? p.mean[srow] : A(0), rstd = p.rstd[srow];
       const int64_t off = row * it.L;
       const int64_t p1 = e1 / VEC;
+      const X* xs = row_src<X>(p.x, p.x32);
       for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
-        T xv[kUnroll][VEC];
+        X xv[kUnroll][VEC];
         A gv[kUnroll][VEC];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t q = pk + static_cast<int64_t>(u) * tpr;
           if (q < p1) {
-            load_raw<T, VEC>(p.x + off + q * VEC, xv[u]);
+            load_raw<X, VEC>(xs + off + q * VEC, xv[u]);
             p.dy.load(off + q * VEC, gv[u]);
           }
         }
@@ -292,7 +348,7 @@ __global__ void __launch_bounds__(256)
 // Column partials -> ws row rg.
 constexpr int kBwdSplitMaxThreads = 512;
 
-template <typename T, int VEC>
+template <typename T, int VEC, typename X>
 __global__ void __launch_bounds__(kBwdSplitMaxThreads)
     ln_bwd_split_kernel(RowBwd<T> p, const acc_of<T>* __restrict__ rs1,
                         const acc_of<T>* __restrict__ rs2, int64_t S2, int64_t RG) {
@@ -300,6 +356,8 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
   constexpr int R = kBwdPacks<VEC>;
   const A invL = A(1) / static_cast<A>(p.L);
   const int64_t cw = static_cast<int64_t>(blockDim.x) * kBwdElems;  // chunk width
+  const bool rms = p.mean == nullptr;
+  const X* xs = row_src<X>(p.x, p.x32);
   for (int64_t item = blockIdx.x; item < RG * S2; item += gridDim.x) {
     const int64_t rg = item / S2, s = item - rg * S2;
     const int64_t c0 = s * cw;
@@ -319,16 +377,16 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
       }
     }
     for (int64_t row = rg; row < p.M; row += RG) {
-      const A mean = p.mean[row], rstd = p.rstd[row];
-      const A c1 = rs1[row] * invL, c2 = rs2[row] * invL;
+      const A mean = rms ? A(0) : p.mean[row], rstd = p.rstd[row];
+      const A c1 = rms ? A(0) : rs1[row] * invL, c2 = rs2[row] * invL;
       const int64_t off = row * p.L;
-      T xv[R][VEC];
+      X xv[R][VEC];
       A gv[R][VEC];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t j0 = c0 + (static_cast<int64_t>(r) * blockDim.x + threadIdx.x) * VEC;
         if (j0 < p.L) {
-          load_raw<T, VEC>(p.x + off + j0, xv[r]);
+          load_raw<X, VEC>(xs + off + j0, xv[r]);
           p.dy.load(off + j0, gv[r]);
         }
       }
@@ -344,7 +402,7 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
             dwp[r][k] += gv[r][k] * xh;
             dbp[r][k] += gv[r][k];
           }
-          if (p.dx != nullptr) store_as<T, VEC, A>(p.dx + off + j0, o);
+          store_dx<T, VEC, X>(p, off + j0, o);
         }
       }
     }

@@ -1,5 +1,10 @@
 // Contiguous groups, forward: each normalisation group is a contiguous row of L elements.
 //   LayerNorm: rows [M, N], per-element affine (column j).
+//   RMSNorm: the same rows, statistics mean(x^2) instead of (mean, var)  -- the RMS template flag.
+//   add_norm: LayerNorm or RMSNorm of r = round_X(input + residual): the sum is formed at load
+//   time in the accumulation type, rounded to the residual's dtype X (T, or float32 for a half /
+//   bf16 input with an fp32 residual stream), stored as residual_out in the same pass, and the
+//   norm is applied to the rounded values  -- the X template type (void: no residual).
 //   GroupNorm / InstanceNorm in NCHW: rows (n, g) of (C/G)*HW elements, per-channel affine
 //   (channel = g*C/G + j/HW)  -- the GN template flag.
 // Every reduction has a fixed order: per-thread sequential, then butterflies over lanes and fixed
@@ -16,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/pack.cuh"
 #include "kernels/welford.cuh"
@@ -27,9 +33,12 @@ constexpr int kUnroll = 4;        // packs in flight per thread in the streaming
 constexpr int kItemThreads = 256;  // block size of the (row, chunk) item kernels
 
 // Packs per thread kept in registers by row_fwd_cached (16-byte packs: 8 (4 for fp64); single
-// elements: 8) and by ln_bwd_cached (8 elements per thread whatever the pack size).
-template <typename T, int VEC>
-inline constexpr int kFwdPacks = VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : 8);
+// elements: 8) and by ln_bwd_cached (8 elements per thread whatever the pack size). A row held as
+// X = float32 for a half input (add_norm with an fp32 residual) holds 4 packs of VEC floats: the
+// same 32 data registers as 8 packs of halves.
+template <typename T, int VEC, typename S = T>
+inline constexpr int kFwdPacks =
+    VEC == 1 ? 8 : (sizeof(T) == 8 ? 4 : (sizeof(S) > sizeof(T) ? 4 : 8));
 // Largest block of row_fwd_cached: 128 registers per thread hold kFwdPacks and the row's
 // statistics and channel map without spilling (at 1024 threads, 64 registers spilled up to 352
 // bytes per thread). Rows longer than kFwdCachedMaxThreads * kFwdPacks * VEC take the split path.
@@ -55,10 +64,15 @@ struct RowFwd {
   const T* x = nullptr;
   Operand<T> y;     // T or float32 (autocast)
   Operand<T> w, b;  // absent, T or float32
-  A* mean = nullptr;  // [M]
+  A* mean = nullptr;  // [M]; null for RMSNorm (no mean)
   A* rstd = nullptr;
+  // add_norm only (absent otherwise): the residual input and r = round(x + residual), both of the
+  // residual's dtype X (the kernels' X template type: T, or float32 with a half / bf16 input)
+  Operand<T> res, res_out;
   int64_t M = 0, L = 0;
   A eps = 0;
+  A inv_len = 0;  // RMSNorm: 1 / L, set by the host plan (mean of squares = sum * (1 / L), as
+                  // ATen's mean computes it)
   GnMap gn;
 };
 
@@ -101,16 +115,52 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
   }
 }
 
+// The forward kernels' residual parameter X: void (no residual: the row is x), or the residual
+// stream's dtype (add_norm: the row is r = round_X(x + residual), held as X).
+template <typename T, typename X>
+using held_t = std::conditional_t<std::is_void_v<X>, T, X>;
+
+// VEC elements of the row source at i: x, or with a residual r = round_X(x + residual), formed in
+// the accumulation type and stored to residual_out on the way (add_norm). The residual is a
+// compile-time choice (X = void: none), so the plain LayerNorm / RMSNorm / GroupNorm kernels carry
+// none of its code or registers (as a run-time flag, its pointers stayed live across the
+// grid-stride loops and cost the plain kernels spills).
+template <typename T, int VEC, typename X>
+__device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i,
+                                                held_t<T, X> (&v)[VEC]) {
+  using A = acc_of<T>;
+  using S = held_t<T, X>;
+  if constexpr (std::is_same_v<S, T>) {
+    load_raw<T, VEC>(p.x + i, v);
+  } else {
+    T t[VEC];
+    load_raw<T, VEC>(p.x + i, t);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = static_cast<S>(t[k]);  // exact: S is wider
+  }
+  if constexpr (!std::is_void_v<X>) {
+    X r[VEC];
+    load_raw<X, VEC>(static_cast<const X*>(p.res.ptr) + i, r);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = static_cast<X>(static_cast<A>(v[k]) + static_cast<A>(r[k]));
+    store_raw<X, VEC>(static_cast<X*>(p.res_out.ptr) + i, v);
+  }
+}
 
 // ------------------------------------------------------------------------------------------------
 // Forward, rows in registers. tpr threads per row (a power of two): tpr <= 32 -> blockDim/tpr rows
 // per block, combined with butterflies of width tpr; tpr > 32 -> blockDim == tpr, one row per block.
 // Requires L <= tpr * kFwdPacks * VEC and L % VEC == 0.
+// Launch bounds (512, 1): without the minimum-blocks hint ptxas held several instantiations (RMS,
+// add_norm) to 64 registers and spilled 8-24 bytes; with it every one fits the 128 registers a
+// 512-thread block allows without spills (48-128, ptxas -v, sm_90). The same for
+// row_welford_partial (256, 1): 55-80 registers, no spills.
 // ------------------------------------------------------------------------------------------------
-template <typename T, int VEC, bool GN>
-__global__ void __launch_bounds__(kFwdCachedMaxThreads) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {
+template <typename T, int VEC, bool GN, bool RMS, typename X>
+__global__ void __launch_bounds__(kFwdCachedMaxThreads, 1) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {
   using A = acc_of<T>;
-  constexpr int R = kFwdPacks<T, VEC>;
+  using S = held_t<T, X>;
+  constexpr int R = kFwdPacks<T, VEC, S>;
   // raw storage (a __shared__ variable cannot have a constructor); Welford<A> is three A's
   static_assert(sizeof(Welford<A>) == 3 * sizeof(A), "Welford layout");
   __shared__ A red_raw[32 * 3];
@@ -123,47 +173,68 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads) row_fwd_cached_kernel(Ro
   for (int64_t rb = blockIdx.x; rb * rpb < p.M; rb += gridDim.x) {  // uniform over the block
     const int64_t row = rb * rpb + grp;
     const bool valid = row < p.M;
-    const T* xr = p.x + (valid ? row : 0) * p.L;
-    T v[R][VEC];
+    const int64_t off = (valid ? row : 0) * p.L;
+    S v[R][VEC];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int pk = r * tpr + t;
-      if (valid && pk < packs) load_raw<T, VEC>(xr + pk * VEC, v[r]);
+      if (valid && pk < packs) load_row_source<T, VEC, X>(p, off + pk * VEC, v[r]);
     }
-    // this thread's statistics: shift by its first element, exact second pass on registers
-    int n = 0;
-    A shift = A(0), s = A(0);
-    if (valid && t < packs) shift = static_cast<A>(v[0][0]);
+    A mean = A(0), rstd;
+    if constexpr (RMS) {
+      // mean of x^2 in the accumulation type is the definition: a plain fixed-order sum
+      A ss = A(0);
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int pk = r * tpr + t;
-      if (valid && pk < packs) {
+      for (int r = 0; r < R; ++r) {
+        const int pk = r * tpr + t;
+        if (valid && pk < packs) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) s += static_cast<A>(v[r][k]) - shift;
-        n += VEC;
-      }
-    }
-    const A cnt = static_cast<A>(n);
-    const A lmean = n > 0 ? shift + s / cnt : A(0);
-    A m2 = A(0);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int pk = r * tpr + t;
-      if (valid && pk < packs) {
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const A d = static_cast<A>(v[r][k]) - lmean;
-          m2 += d * d;
+          for (int k = 0; k < VEC; ++k) ss += static_cast<A>(v[r][k]) * static_cast<A>(v[r][k]);
         }
       }
+      if (tpr <= 32) {
+        ss = warp_sum(ss, tpr);
+      } else {
+        A unused = A(0);
+        block_sum2(ss, unused, red_raw);  // red_raw holds 96 >= 64 values
+      }
+      rstd = rsqrt_acc(ss * p.inv_len + p.eps);
+    } else {
+      // this thread's statistics: shift by its first element, exact second pass on registers
+      int n = 0;
+      A shift = A(0), s = A(0);
+      if (valid && t < packs) shift = static_cast<A>(v[0][0]);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int pk = r * tpr + t;
+        if (valid && pk < packs) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) s += static_cast<A>(v[r][k]) - shift;
+          n += VEC;
+        }
+      }
+      const A cnt = static_cast<A>(n);
+      const A lmean = n > 0 ? shift + s / cnt : A(0);
+      A m2 = A(0);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int pk = r * tpr + t;
+        if (valid && pk < packs) {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const A d = static_cast<A>(v[r][k]) - lmean;
+            m2 += d * d;
+          }
+        }
+      }
+      Welford<A> w(lmean, m2, cnt);
+      if (tpr <= 32) w = warp_merge(w, tpr);
+      else w = block_merge(w, red);
+      mean = w.mean;
+      rstd = rsqrt_acc(w.var_biased() + p.eps);
     }
-    Welford<A> w(lmean, m2, cnt);
-    if (tpr <= 32) w = warp_merge(w, tpr);
-    else w = block_merge(w, red);
-    const A mean = w.mean;
-    const A rstd = rsqrt_acc(w.var_biased() + p.eps);
     if (valid && t == 0) {
-      p.mean[row] = mean;
+      if constexpr (!RMS) p.mean[row] = mean;
       p.rstd[row] = rstd;
     }
     const int64_t cbase = (GN && valid) ? p.gn.chan_base(row) : 0;
@@ -175,7 +246,10 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads) row_fwd_cached_kernel(Ro
         A wv[VEC], bv[VEC], o[VEC];
         row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) o[k] = (static_cast<A>(v[r][k]) - mean) * (rstd * wv[k]) + bv[k];
+        for (int k = 0; k < VEC; ++k) {
+          if constexpr (RMS) o[k] = static_cast<A>(v[r][k]) * (rstd * wv[k]);  // no bias
+          else o[k] = (static_cast<A>(v[r][k]) - mean) * (rstd * wv[k]) + bv[k];
+        }
         p.y.store(row * p.L + j0, o);
       }
     }
@@ -221,10 +295,13 @@ __device__ __forceinline__ void welford_add_packs(Welford<A>& w, const T (&v)[kU
   w.merge(Welford<A>(lmean, m2, cnt));
 }
 
-// Partial Welford state per item -> ws[0][item] = mean, ws[1][item] = m2, ws[2][item] = count.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kItemThreads)
-    row_welford_partial_kernel(const T* __restrict__ x, Items it, acc_of<T>* __restrict__ ws) {
+// Partial statistics per item: LayerNorm / GroupNorm: the Welford state, ws[0][item] = mean,
+// ws[1][item] = m2, ws[2][item] = count; RMSNorm: ws[0][item] = sum of squares. With a residual
+// (add_norm) the item's r = round_X(x + residual) is stored to residual_out here, so the apply
+// pass reads r once instead of x and the residual.
+template <typename T, int VEC, bool RMS, typename X>
+__global__ void __launch_bounds__(kItemThreads, 1)
+    row_welford_partial_kernel(RowFwd<T> p, Items it, acc_of<T>* __restrict__ ws) {
   using A = acc_of<T>;
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
@@ -233,45 +310,71 @@ __global__ void __launch_bounds__(kItemThreads)
   for (int64_t ib = blockIdx.x; ib * ipb < items; ib += gridDim.x) {  // uniform over the block
     const int64_t item = ib * ipb + grp;
     Welford<A> w;
+    A ss = A(0);
     if (item < items) {
       const int64_t row = item / it.S, s = item - row * it.S;
       const int64_t e0 = s * it.chunk;
       const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
-      const T* xr = x + row * it.L;
+      const int64_t off = row * it.L;
       const int64_t p1 = e1 / VEC;
       for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
-        T v[kUnroll][VEC];
+        held_t<T, X> v[kUnroll][VEC];
         int nv = 0;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t q = pk + static_cast<int64_t>(u) * tpr;
           if (q < p1) {
-            load_raw<T, VEC>(xr + q * VEC, v[u]);
+            load_row_source<T, VEC, X>(p, off + q * VEC, v[u]);
             nv = u + 1;
           }
         }
-        welford_add_packs<A, T, VEC>(w, v, nv);
+        if constexpr (RMS) {
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            if (u < nv) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) ss += static_cast<A>(v[u][k]) * static_cast<A>(v[u][k]);
+            }
+          }
+        } else {
+          welford_add_packs<A, held_t<T, X>, VEC>(w, v, nv);
+        }
       }
     }
-    w = warp_merge(w, tpr);  // every lane of the warp takes part
-    if (item < items && t == 0) {
-      ws[item] = w.mean;
-      ws[items + item] = w.m2;
-      ws[2 * items + item] = w.count;
+    // every lane of the warp takes part
+    if constexpr (RMS) {
+      ss = warp_sum(ss, tpr);
+      if (item < items && t == 0) ws[item] = ss;
+    } else {
+      w = warp_merge(w, tpr);
+      if (item < items && t == 0) {
+        ws[item] = w.mean;
+        ws[items + item] = w.m2;
+        ws[2 * items + item] = w.count;
+      }
     }
   }
 }
 
-// A warp per row merges its S partial states in a fixed order -> mean, rstd.
+// A warp per row merges its S partial states in a fixed order -> mean, rstd. RMSNorm (inv_len > 0,
+// 1 / L): the partial sums of squares add up in the same fixed order, rstd =
+// 1 / sqrt(sum * inv_len + eps), no mean.
 template <typename A>
 __global__ void __launch_bounds__(256)
     row_welford_finalize_kernel(const A* __restrict__ ws, int64_t M, int64_t S, A eps,
-                                A* __restrict__ mean, A* __restrict__ rstd) {
+                                A* __restrict__ mean, A* __restrict__ rstd, A inv_len) {
   const int lane = threadIdx.x & 31;
   const int wpb = blockDim.x >> 5;
   const int64_t items = M * S;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * wpb + (threadIdx.x >> 5); row < M;
        row += static_cast<int64_t>(gridDim.x) * wpb) {  // uniform over the warp
+    if (inv_len > A(0)) {  // uniform over the grid
+      A ss = A(0);
+      for (int64_t k = lane; k < S; k += 32) ss += ws[row * S + k];
+      ss = warp_sum(ss);
+      if (lane == 0) rstd[row] = rsqrt_acc(ss * inv_len + eps);
+      continue;
+    }
     Welford<A> w;
     for (int64_t k = lane; k < S; k += 32) {
       const int64_t i = row * S + k;
@@ -285,14 +388,20 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Normalise with the saved mean/rstd, item by item in the reverse order.
-template <typename T, int VEC, bool GN>
+// Normalise with the saved mean/rstd, item by item in the reverse order. The source is x (X void),
+// or with a residual (add_norm) residual_out of dtype X, which the partial pass wrote.
+// RMSNorm: p.mean is null (mean 0, no bias).
+template <typename T, int VEC, bool GN, typename X>
 __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, Items it) {
   using A = acc_of<T>;
+  using S = held_t<T, X>;
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
   const int64_t items = it.M * it.S;
+  const S* src;
+  if constexpr (std::is_void_v<X>) src = p.x;
+  else src = static_cast<const S*>(p.res_out.ptr);
   for (int64_t ib = blockIdx.x; ib * ipb < items; ib += gridDim.x) {
     const int64_t fwd = ib * ipb + grp;
     if (fwd >= items) continue;  // no collective operations in this kernel
@@ -300,16 +409,16 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, It
     const int64_t row = item / it.S, s = item - row * it.S;
     const int64_t e0 = s * it.chunk;
     const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
-    const T* xr = p.x + row * it.L;
-    const A mean = p.mean[row], rstd = p.rstd[row];
+    const S* xr = src + row * it.L;
+    const A mean = p.mean != nullptr ? p.mean[row] : A(0), rstd = p.rstd[row];
     const int64_t cbase = GN ? p.gn.chan_base(row) : 0;
     const int64_t p1 = e1 / VEC;
     for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
-      T v[kUnroll][VEC];
+      S v[kUnroll][VEC];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t q = pk + static_cast<int64_t>(u) * tpr;
-        if (q < p1) load_raw<T, VEC>(xr + q * VEC, v[u]);
+        if (q < p1) load_raw<S, VEC>(xr + q * VEC, v[u]);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {

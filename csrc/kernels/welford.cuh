@@ -109,4 +109,27 @@ __device__ __forceinline__ void block_sum2(acc_t& a, acc_t& b, acc_t* sh) {
   b = sh[32];
 }
 
+// Two sums over each group of `width` consecutive threads of a block (width a multiple of 32
+// dividing blockDim.x): a warp tree, then the group's warps in order. Every thread gets its
+// group's sums. sh holds 64 values. Must be called by all threads of the block.
+template <typename acc_t>
+__device__ __forceinline__ void group_sum2(acc_t& a, acc_t& b, acc_t* sh, int width) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  a = warp_sum(a);
+  b = warp_sum(b);
+  __syncthreads();  // `sh` may still be read by a previous call
+  if (lane == 0) {
+    sh[warp] = a;
+    sh[32 + warp] = b;
+  }
+  __syncthreads();
+  const int wpg = width >> 5, w0 = warp - warp % wpg;
+  a = sh[w0];
+  b = sh[32 + w0];
+  for (int i = 1; i < wpg; ++i) {
+    a += sh[w0 + i];
+    b += sh[32 + w0 + i];
+  }
+}
+
 }  // namespace fastnorm

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common.h"
 #include "kernels/groups_backward.cuh"
@@ -85,45 +86,54 @@ inline unsigned item_grid(const Items& it) {
 }
 
 
-// ---- forward: LayerNorm rows and GroupNorm NCHW rows ----------------------------------------------
-template <typename T, int VEC, bool GN>
+// ---- forward: LayerNorm / RMSNorm rows (with or without a residual add) and GroupNorm NCHW rows ----
+// RMS: RMSNorm statistics (p.mean null); X: void, or the residual stream's dtype (add_norm:
+// p.res and p.res_out set).
+template <typename T, int VEC, bool GN, bool RMS, typename X>
 void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
   using A = acc_of<T>;
+  static_assert(!GN || (!RMS && std::is_void_v<X>), "GroupNorm rows: LayerNorm statistics of x");
+  using S = held_t<T, X>;  // the row as held in registers
   const int sm = sm_count();
   const cudaStream_t stream = current_stream();
+  if constexpr (RMS) p.inv_len = A(1) / static_cast<A>(p.L);
   if constexpr (GN) {
     p.gn.pack_in_channel = p.gn.HW % VEC == 0;
     p.gn.div64 = p.L >= (int64_t(1) << 31);
     if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(p.gn.HW));
   }
-  const CachedPlan c =
-      plan_cached(p.M, p.L, VEC, int(sizeof(T)), kFwdPacks<T, VEC>, kFwdCachedMaxThreads, 128, sm);
+  // register capacity by the held element size: a row held as X = float32 (half input, fp32
+  // residual) gets half the packs, hence twice the threads per row
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(S)), kFwdPacks<T, VEC, S>,
+                                   kFwdCachedMaxThreads, 128, sm);
   // long rows too few to occupy the GPU even at one block per row: the (row, chunk) split
   const bool split = !c.ok || (p.L >= 8192 && c.max_parallel < static_cast<int64_t>(sm) * 512);
   if (!split) {
-    launch(row_fwd_cached_kernel<T, VEC, GN>, grid_of(c.row_blocks), c.threads, 0, stream,
+    launch(row_fwd_cached_kernel<T, VEC, GN, RMS, X>, grid_of(c.row_blocks), c.threads, 0, stream,
         p, c.tpr);
     return;
   }
   const Items it = plan_items(p.M, p.L, VEC, static_cast<int64_t>(sm) * 64);
   const int64_t items = it.M * it.S;
-  at::Tensor ws = at::empty({3 * items}, acc_options(like));
+  at::Tensor ws = at::empty({(RMS ? 1 : 3) * items}, acc_options(like));
   A* wsp = ws.data_ptr<A>();
-  launch(row_welford_partial_kernel<T, VEC>, item_grid(it), kItemThreads, 0, stream, p.x, it, wsp);
+  launch(row_welford_partial_kernel<T, VEC, RMS, X>, item_grid(it), kItemThreads, 0, stream, p, it,
+      wsp);
   launch(row_welford_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
-      wsp, p.M, it.S, p.eps, p.mean, p.rstd);
-  launch(row_apply_kernel<T, VEC, GN>, item_grid(it), kItemThreads, 0, stream, p, it);
+      wsp, p.M, it.S, p.eps, p.mean, p.rstd, RMS ? p.inv_len : A(0));
+  launch(row_apply_kernel<T, VEC, GN, X>, item_grid(it), kItemThreads, 0, stream, p, it);
 }
 
 // Packs of 16 bytes when the row length and every pointer allow, single elements otherwise.
 // GroupNorm reads its per-channel weight and bias one element at a time: no alignment needed.
-template <typename T, bool GN>
+template <typename T, bool GN, bool RMS = false, typename X = void>
 void row_forward(const RowFwd<T>& p, const at::Tensor& like) {
   constexpr int V = kVec16<T>;
   const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y.ptr) &&
-                   (GN || (aligned16(p.w.ptr) && aligned16(p.b.ptr)));
-  if (vec) row_forward_vec<T, V, GN>(p, like);
-  else row_forward_vec<T, 1, GN>(p, like);
+                   (GN || (aligned16(p.w.ptr) && aligned16(p.b.ptr))) &&
+                   aligned16(p.res.ptr) && aligned16(p.res_out.ptr);
+  if (vec) row_forward_vec<T, V, GN, RMS, X>(p, like);
+  else row_forward_vec<T, 1, GN, RMS, X>(p, like);
 }
 
 // ---- column sums of partials -> dweight / dbias ---------------------------------------------------
@@ -139,27 +149,52 @@ void launch_col_sums(const acc_of<T>* ws1, const acc_of<T>* ws2, int64_t K, int6
 
 // ---- LayerNorm backward ----------------------------------------------------------------------------
 // dw_out / db_out: [L] in T or float32, absent when not wanted; p.ws_dw / p.ws_db are set here.
-template <typename T, int VEC>
+// RMSNorm: p.mean null (db_out absent). add_norm: X the residual stream's dtype (p.x32 when X is
+// float32 and T is not), p.dres_in / p.dres as wanted.
+template <typename T, int VEC, typename X>
 void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
   const bool want_dw = dw_out.present(), want_db = db_out.present();
   using A = acc_of<T>;
   const int sm = sm_count();
   const cudaStream_t stream = current_stream();
   const at::TensorOptions ao = acc_options(like);
-  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(T)), kBwdPacks<VEC>,
-                                   kBwdCachedMaxThreads<T, VEC>, 256, sm);
+  constexpr int kMaxThreads = kBwdCachedMaxThreads<T, VEC, X>;
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256, sm);
   const bool split = !c.ok || (p.L >= 4096 && c.max_parallel < static_cast<int64_t>(sm) * 512);
   at::Tensor ws_dw, ws_db;
   if (!split) {
-    // one wave of resident blocks: each handles many rows, so the [grid, L] column partials
-    // stay a small fraction of the traffic
-    const int per_sm = resident_blocks(ln_bwd_cached_kernel<T, VEC>, c.threads, 0);
-    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(c.row_blocks, int64_t(sm) * per_sm));
+    // Rows per block. A block keeps one set of column partials however many rows it loops over,
+    // and writes them once: [grid, L] partials in acc type, written and read back by
+    // col_sum_finalize. One row per block of tpr > 32 threads made 4096 x 768 bf16 a grid of
+    // 1056 blocks (the occupancy limit) and 6.5 MB of fp32 partials (+69% over x, dy and dx).
+    // So when tpr > 32 a block holds up to kRowBlockThreads / tpr rows in flight (no more than
+    // give every SM one block), and the grid is one wave of resident blocks: 512-thread blocks at
+    // <= 64 registers are 2 per SM (two, so that one block's barriers never idle the SM), hence
+    // partials [264, L] (4096 x 768 bf16: 0.8 MB, 4% of the 18.9 MB of x, dy and dx).
+    // Bytes in flight per SM stay what the registers allow, whatever the block shape: resident
+    // threads / tpr rows, each loading its whole row of x and dy before the reduction, i.e.
+    // (resident threads) x kBwdElems x (bytes of x + dy) x (fill L / (tpr * kBwdElems) >= 1/2):
+    // 1024 x 8 x 4 B x (1/2 .. 1) = 16-32 KB for half data (4096 x 768 bf16: 8 rows x 3 KB =
+    // 24 KB), 32-64 KB for fp32 -- the ~16-32 KB Little's law asks of an H100 SM (3.35 TB/s /
+    // 132 SMs = 25 B/ns, times ~0.7-1 us of DRAM latency under load).
+    constexpr int kRowBlockThreads = 512;
+    int threads = c.threads;
+    if (c.tpr > 32) {
+      const int64_t rows_per_sm = std::max<int64_t>(1, p.M / sm);
+      int rpb = 1;
+      while (int64_t(rpb) * 2 * c.tpr <= kRowBlockThreads && rpb * 2 <= rows_per_sm) rpb *= 2;
+      threads = c.tpr * rpb;
+    }
+    const int64_t row_blocks = ceil_div(p.M, threads / c.tpr);
+    const int arrays = int(want_dw) + int(want_db);
+    const size_t smem = ln_bwd_cached_smem<A>(threads, c.tpr, arrays);
+    const int per_sm = resident_blocks(ln_bwd_cached_kernel<T, VEC, X>, threads, smem);
+    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(row_blocks, int64_t(sm) * per_sm));
     if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
     if (want_db) ws_db = at::empty({grid, p.L}, ao);
     p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
     p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-    launch(ln_bwd_cached_kernel<T, VEC>, static_cast<unsigned>(grid), c.threads, 0, stream,
+    launch(ln_bwd_cached_kernel<T, VEC, X>, static_cast<unsigned>(grid), threads, smem, stream,
         p, c.tpr);
     launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out);
     return;
@@ -176,7 +211,8 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   rsp.w = p.w;
   rsp.stat_div = 1;
   rsp.ws = ws1.data_ptr<A>();
-  launch(row_sums_partial_kernel<T, VEC>, item_grid(it), kItemThreads, 0, stream, rsp, it);
+  rsp.x32 = p.x32;
+  launch(row_sums_partial_kernel<T, VEC, X>, item_grid(it), kItemThreads, 0, stream, rsp, it);
   const A* rs1 = rsp.ws;
   const A* rs2 = rsp.ws + items;
   at::Tensor rs;
@@ -196,17 +232,18 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   if (want_db) ws_db = at::empty({RG, p.L}, ao);
   p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
   p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-  launch(ln_bwd_split_kernel<T, VEC>, grid_of(RG * S2), threads, 0, stream, p, rs1, rs2, S2, RG);
+  launch(ln_bwd_split_kernel<T, VEC, X>, grid_of(RG * S2), threads, 0, stream, p, rs1, rs2, S2, RG);
   launch_col_sums<T>(p.ws_dw, p.ws_db, RG, p.L, dw_out, db_out);
 }
 
-template <typename T>
+template <typename T, typename X = T>
 void ln_backward(const RowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
   constexpr int V = kVec16<T>;
   const bool vec = p.L % V == 0 && aligned16(p.x) && is_aligned(p.dy.ptr, 16) && aligned16(p.dx) &&
-                   (!p.w.present() || is_aligned(p.w.ptr, 16));
-  if (vec) ln_backward_vec<T, V>(p, dw_out, db_out, like);
-  else ln_backward_vec<T, 1>(p, dw_out, db_out, like);
+                   (!p.w.present() || is_aligned(p.w.ptr, 16)) && aligned16(p.x32) &&
+                   aligned16(p.dres_in) && aligned16(p.dres);
+  if (vec) ln_backward_vec<T, V, X>(p, dw_out, db_out, like);
+  else ln_backward_vec<T, 1, X>(p, dw_out, db_out, like);
 }
 
 }  // namespace groups

@@ -162,11 +162,41 @@ def _bn(ops, shape, layout, dtype):
     return (y, mean, rstd, rm, rv, nbt, *grads), (y, ref)
 
 
-# Each case crosses a different kernel path (at 132 SMs; the smaller devices move some of them).
+def _rms(ops, m, n, dtype):
+    x, dy = _randn((m, n), dtype, 13), _randn((m, n), dtype, 14)
+    w = _randn((n,), dtype, 15)
+    y, rstd = ops.rms_norm_fwd(x, [n], w, EPS)
+    grads = ops.rms_norm_bwd(dy, x, rstd, w, [n], [True, True])
+    xd = x.double()
+    ref = xd * (xd.square().mean(-1, keepdim=True) + EPS).rsqrt() * w.double()
+    return (y, rstd, *grads), (y, ref)
+
+
+def _add(ops, m, n, dtype, res_dtype, rms):
+    x, dy = _randn((m, n), dtype, 16), _randn((m, n), dtype, 17)
+    res, gro = _randn((m, n), res_dtype, 18), _randn((m, n), res_dtype, 19)
+    w, b = _randn((n,), dtype, 20), None if rms else _randn((n,), dtype, 21)
+    out = ops.add_norm_fwd(x, res, [n], w, b, EPS, rms)
+    grads = ops.add_norm_bwd(dy, gro, out[1], out[2], out[3], w, [n], rms, dtype, [True, True, True, True])
+    r = out[1].double()
+    if rms:
+        ref = r * (r.square().mean(-1, keepdim=True) + EPS).rsqrt() * w.double()
+    else:
+        ref = F.layer_norm(r, [n], w.double(), b.double(), EPS)
+    return (*out, *grads), (out[0], ref)
+
+
+# Each case crosses a different kernel path (at 132 SMs; the smaller devices move some of them:
+# "ln-bwd-rows" gets several rows per backward block (tpr 128) at 8 SMs and 1 SM).
 CASES = {
     "ln-subwarp": lambda ops: _ln(ops, 37, 24, torch.float32),
     "ln-block-cached": lambda ops: _ln(ops, 9, 1000, torch.float16),
     "ln-split": lambda ops: _ln(ops, 3, 40000, torch.float32),
+    "ln-bwd-rows": lambda ops: _ln(ops, 40, 520, torch.float32),
+    "rms-subwarp": lambda ops: _rms(ops, 37, 24, torch.bfloat16),
+    "rms-split": lambda ops: _rms(ops, 2, 20000, torch.float32),
+    "add-ln-block": lambda ops: _add(ops, 9, 1000, torch.float16, torch.float32, False),
+    "add-rms-split": lambda ops: _add(ops, 2, 9000, torch.bfloat16, torch.bfloat16, True),
     "gn-nchw": lambda ops: _gn(ops, (3, 12, 7, 9), 4, None, torch.bfloat16),
     "gn-cl": lambda ops: _gn(ops, (2, 16, 20, 20), 4, "cl", torch.float32),
     "bn-nchw": lambda ops: _bn(ops, (4, 3, 30, 30), None, torch.float32),

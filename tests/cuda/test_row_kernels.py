@@ -26,6 +26,11 @@ of V = 4 fp32, 8 fp16/bf16, 2 fp64 elements; "split" = Welford partials + finali
   (8192, 2)         split, vector, S > 1                  split, vector, S > 1
   (8193, 2)         split, scalar (no cached plan fits)   split, scalar (no cached plan fits)
 
+  The cached backward puts several rows in a block when tpr > 32 and the rows give every SM more
+  than one (rows per block <= 512 / tpr, a power of two): at 132 SMs only the CUDA-sized cases;
+  test_layer_norm_backward_rows_per_block runs (40, 520) and (64, 1000) (tpr 128) on emulated
+  devices of 8 SMs and of 1 SM (4 rows a block).
+
   GroupNorm: NCHW rows use the same plans with L = Cg*HW (vector packs inside one channel when
   HW % V == 0, else straddling channels); channels_last: plan_cl (K > 1 row chunks + finalize, or
   K == 1; several channel tiles when C/V > 256). See the comments on GN_CASES.
@@ -329,6 +334,32 @@ def test_layer_norm_fp16_large_values_and_constant_rows(target, n):
     assert torch.equal(mean, c[:, 0].float())
     dx, dw, db = target.ops.layer_norm_bwd(torch.ones_like(c), c, mean, rstd, w, [n], [True, True, True])
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all() and torch.isfinite(db).all()
+
+
+@pytest.mark.parametrize("device", [dict(sm_count=8), dict(sm_count=1, blocks_per_sm=1)], ids=["8sm", "1sm-1block"])
+@pytest.mark.parametrize("n,m", [(520, 40), (1000, 64)])
+@pytest.mark.parametrize("mask", [(True, True, True), (True, True, False), (False, False, True)], ids=["all", "dx-dw", "db"])
+def test_layer_norm_backward_rows_per_block(target, device, n, m, mask):
+    """Several rows per cached backward block (tpr 128, 4 rows a block of 512 on the emulated
+    8-SM and 1-SM devices; the 1-SM grid loops over row groups) and the column partials of dweight
+    and / or dbias combined across the block's rows through dynamic shared memory."""
+    target.require("emu", why="the emulated device sizes")
+    dev = target.device
+    with target.schedule(**device):
+        for dtype in (torch.float32, torch.float16, torch.float64):
+            x = _randn(dev, (m, n), dtype, 2.0, 0.5)
+            w, b = _params(dev, (n,), dtype, None, "wb")
+            dy = _randn(dev, (m, n), dtype)
+            y, mean, rstd = target.ops.layer_norm_fwd(x, [n], w, b, EPS)
+            _, _, _, (rdx, rdw, rdb) = _ln_ref(x, [n], w, b, dy)
+            dx, dw, db = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], list(mask))
+            if mask[0]:
+                _check(dx, rdx, dtype, 1, None, "dx")
+            if mask[1]:
+                _check(dw, rdw, dtype, 1, None, "dweight")
+            if mask[2]:
+                _check(db, rdb, dtype, 1, None, "dbias")
+            assert (dw.numel() == 0) != mask[1] and (db.numel() == 0) != mask[2]
 
 
 @pytest.mark.parametrize("n,m", [(32, 3000), (1024, 700), (4097, 64), (65536, 4), (1048577, 2),
