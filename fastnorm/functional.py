@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import ops
 from .ops import memory_format_of
 from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
                        apply_layer_norm)
@@ -643,7 +644,7 @@ def _add_norm(name: str, input: Tensor, residual: Tensor, normalized_shape, weig
             raise RuntimeError(f"{name}: expected {what} of a floating-point dtype, but got {t.dtype}")
     if rms:
         eps = _rms_eps(eps, input.dtype)
-    op_ok = (residual.dtype in (input.dtype, torch.float32) and _op_dtypes(input, weight, bias)
+    op_ok = (ops.residual_pair_supported(input.dtype, residual.dtype) and _op_dtypes(input, weight, bias)
              and input.numel() > 0)
     if not op_ok or cpu_fast_path(input):
         return _add_norm_aten(input, residual, shape, weight, bias, eps, rms)

@@ -287,8 +287,11 @@ def _batch_norm_bwd_fake(grad_out, input, mean, rstd, weight, training, output_m
 # backward and no fused add-norm), rounding once at the end, as the CUDA kernels do.
 # ----------------------------------------------------------------------------------------------
 def _norm_dims(x: torch.Tensor, normalized_shape: Sequence[int]) -> list:
-    """The trailing dims normalised over."""
+    """The trailing dims normalised over (they must be normalized_shape, as the kernels check)."""
     k = len(normalized_shape)
+    if not 1 <= k <= x.dim() or list(x.shape[x.dim() - k:]) != list(normalized_shape):
+        raise RuntimeError(f"expected input with trailing shape {list(normalized_shape)}, but got "
+                           f"input of shape {list(x.shape)}")
     return list(range(x.dim() - k, x.dim()))
 
 
@@ -307,11 +310,18 @@ def _check_out_dtype(input: torch.Tensor, out_dtype: Optional[torch.dtype]) -> t
     return out_dtype
 
 
+def residual_pair_supported(input_dtype: torch.dtype, residual_dtype: torch.dtype) -> bool:
+    """The dtype pairs add_norm_fwd takes: one dtype, or a float32 residual stream under float16 /
+    bfloat16 activations (the kernels' two instantiations)."""
+    return residual_dtype == input_dtype or (
+        residual_dtype == torch.float32 and input_dtype in (torch.float16, torch.bfloat16))
+
+
 def _check_residual_dtype(input: torch.Tensor, residual: torch.Tensor) -> None:
-    if residual.dtype not in (input.dtype, torch.float32):
-        raise RuntimeError(f"add_norm_fwd: expected residual of the input's dtype ({input.dtype}) "
-                           f"or torch.float32, but got input of dtype {input.dtype} and residual "
-                           f"of dtype {residual.dtype}")
+    if not residual_pair_supported(input.dtype, residual.dtype):
+        raise RuntimeError(f"add_norm_fwd: expected residual of the input's dtype ({input.dtype}), "
+                           f"or torch.float32 with a float16/bfloat16 input, but got input of "
+                           f"dtype {input.dtype} and residual of dtype {residual.dtype}")
     if residual.shape != input.shape:
         raise RuntimeError(f"add_norm_fwd: expected input and residual of the same shape, but got "
                            f"input of shape {tuple(input.shape)} and residual of shape "
@@ -394,6 +404,8 @@ def _add_norm_fwd_ref(input, residual, normalized_shape, weight, bias, eps, rms)
         mean = input.new_empty((0,), dtype=sd)
     else:
         var, mu = torch.var_mean(rs, dims, correction=0, keepdim=True)
+        if rs.numel() == 0:  # rows of no elements: mean 0 (rstd NaN), as ATen's layer_norm
+            mu = torch.zeros_like(mu)
         rstd = torch.rsqrt(var + eps)
         y = (rs - mu) * rstd
         mean = mu.reshape(m)
