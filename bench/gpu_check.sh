@@ -22,8 +22,8 @@
 #   racecheck  compute-sanitizer --tool racecheck on the same
 #   bench      bench/run.py --quick: the quick cases, no new case within 45 s of the step's limit
 #              -> OUTDIR/results.csv + PNGs
-#   e2e        bench/e2e.py --quick: four models, 10 steps each       -> OUTDIR/e2e.csv
-#   bench-full bench/run.py, every case (49; about 10 minutes: run it alone, or a part of it with
+#   e2e        bench/e2e.py --quick: six models, 10 steps each        -> OUTDIR/e2e.csv
+#   bench-full bench/run.py, every case (71; over 10 minutes: run it in parts with or a part of it with
 #              BENCH_ARGS="--ops layer_norm", say; cases past its budget are listed as skipped)
 #   e2e-full   bench/e2e.py, full batches, 50 steps
 # tests, memcheck, racecheck, bench and e2e build first when the extension does not load yet
@@ -31,10 +31,11 @@
 #
 # Time: one command may run 10 minutes. The steps share GPU_CHECK_BUDGET seconds (default 570);
 # each runs under min(its cap, what is left) and is skipped with less than 20 s left. Caps
-# (seconds): build 240, info 30, tests 120, memcheck 75, racecheck 75, bench 120, e2e 75,
+# (seconds): build 240, info 30, tests 180, memcheck 90, racecheck 90, bench 180, e2e 150,
 # bench-full 560, e2e-full 300. A cold build plus everything can outrun the budget: then split it,
-#   call 1: bash bench/gpu_check.sh OUT build info tests memcheck racecheck
-#   call 2: bash bench/gpu_check.sh OUT bench e2e        (reuses the build on a warm machine)
+#   call 1: bash bench/gpu_check.sh OUT build info plan tests
+#   call 2: bash bench/gpu_check.sh OUT memcheck racecheck
+#   call 3: bash bench/gpu_check.sh OUT bench e2e        (reuses the build on a warm machine)
 #
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET, GPU_CHECK_BUNDLE=FILE.tar.gz (after every
 # step, OUTDIR is packed into FILE: one file to fetch, complete up to the last step even when the
@@ -55,8 +56,8 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-570}
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-declare -A CAP=([build]=240 [info]=30 [plan]=90 [tests]=120 [memcheck]=75 [racecheck]=75 [bench]=120
-                [e2e]=75 [bench-full]=560 [e2e-full]=300)
+declare -A CAP=([build]=240 [info]=30 [plan]=90 [tests]=180 [memcheck]=90 [racecheck]=90 [bench]=180
+                [e2e]=150 [bench-full]=560 [e2e-full]=300)
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null \
             || echo compute-sanitizer)
 START=$SECONDS
