@@ -48,8 +48,10 @@ def convert(model: nn.Module) -> nn.Module:
     - torch.nn: BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm,
       InstanceNorm1d/2d/3d, LazyInstanceNorm1d/2d/3d, RMSNorm (every torch.nn class
       fastnorm.modules has a twin of: fastnorm.modules.TORCH_TO_FASTNORM);
-    - timm (when imported): timm.layers.LayerNorm2d (fastnorm.functional.layer_norm2d) and
-      timm.layers.RmsNorm (fastnorm.functional.rms_norm), their `_fast_norm` mode included;
+    - timm (when imported): timm.layers.LayerNorm (fastnorm.functional.layer_norm),
+      LayerNorm2d (fastnorm.functional.layer_norm2d), GroupNorm and GroupNorm1
+      (fastnorm.functional.group_norm) and RmsNorm (fastnorm.functional.rms_norm), their
+      `_fast_norm` mode included;
     - torchvision (when imported): torchvision.ops.FrozenBatchNorm2d
       (fastnorm.functional.frozen_batch_norm).
 

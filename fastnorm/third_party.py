@@ -8,7 +8,10 @@ buffers, training flag and hooks; revert() swaps it back.
 
 | original (exactly this class)              | adapter                       | computed by                  |
 |--------------------------------------------|-------------------------------|------------------------------|
+| timm.layers.LayerNorm                      | TimmLayerNorm                 | functional.layer_norm        |
 | timm.layers.LayerNorm2d                    | TimmLayerNorm2d               | functional.layer_norm2d      |
+| timm.layers.GroupNorm                      | TimmGroupNorm                 | functional.group_norm        |
+| timm.layers.GroupNorm1                     | TimmGroupNorm1                | functional.group_norm (G=1)  |
 | timm.layers.RmsNorm                        | TimmRmsNorm                   | functional.rms_norm          |
 | torchvision.ops.FrozenBatchNorm2d          | TorchvisionFrozenBatchNorm2d  | functional.frozen_batch_norm |
 
@@ -17,9 +20,9 @@ fastnorm does not import timm or torchvision: an adapter is created the first ti
 imported, since a model can hold an instance of the class only then. Unpickling a converted
 module creates its adapter on demand (the module-level __getattr__ below), importing the package.
 
-Inputs an adapter does not take (another rank, a channel count torchvision's broadcasting
-accepts, timm's fast-norm mode with apex installed) go to the original forward, so a converted
-model computes what it computed before, errors included.
+Inputs an adapter does not take (another rank, a shape that does not fit the layer, a channel
+count torchvision's broadcasting accepts, timm's fast-norm mode with apex installed) go to the
+original forward, so a converted model computes what it computed before, errors included.
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ def _finish(cls: type, name: str) -> type:
 def _timm_fast_norm_inputs(fast_norm, x: Tensor, *params: Optional[Tensor]):
     """timm's fast-norm mode (timm.layers.set_fast_norm) without apex: under autocast the input
     and parameters are cast to the autocast dtype and the norm runs with autocast off, so the
-    output stays in that low-precision dtype (fast_norm.fast_layer_norm / fast_rms_norm)."""
+    output stays in that low-precision dtype (fast_norm.fast_layer_norm / fast_group_norm /
+    fast_rms_norm)."""
     if fast_norm.is_autocast_enabled(x.device.type):
         dt = fast_norm.get_autocast_dtype(x.device.type)
         x = x.to(dt)
@@ -75,6 +79,59 @@ def _make_timm_layer_norm2d(base: type) -> type:
             return FN.layer_norm2d(x, self.weight, self.bias, self.eps)
 
     return _finish(Adapter, "TimmLayerNorm2d")
+
+
+def _make_timm_layer_norm(base: type) -> type:
+    fast_norm = importlib.import_module("timm.layers.fast_norm")
+
+    class Adapter(base):
+        __doc__ = (f"timm's LayerNorm (torch.nn.functional.layer_norm semantics, which timm's "
+                   f"forward calls) on fastnorm.functional.layer_norm, converted by "
+                   f"fastnorm.convert().\n\n{base.__doc__ or ''}")
+
+        def forward(self, x: Tensor) -> Tensor:
+            fast = getattr(self, "_fast_norm", False)
+            shape = self.normalized_shape
+            if ((fast and fast_norm.has_apex)
+                    or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape):
+                # apex's kernels; torch's error for a shape that does not end in normalized_shape
+                return super().forward(x)
+            if fast:
+                x, w, b = _timm_fast_norm_inputs(fast_norm, x, self.weight, self.bias)
+                with torch.autocast(x.device.type, enabled=False):
+                    return FN.layer_norm(x, shape, w, b, self.eps)
+            return FN.layer_norm(x, shape, self.weight, self.bias, self.eps)
+
+    return _finish(Adapter, "TimmLayerNorm")
+
+
+def _make_timm_group_norm(name: str) -> Callable[[type], type]:
+    """timm's GroupNorm and GroupNorm1 (a GroupNorm of one group, num_groups=1 set by its
+    __init__) have the same forward: torch's group_norm, or in fast-norm mode timm's
+    fast_group_norm, which never uses apex."""
+
+    def make(base: type) -> type:
+        fast_norm = importlib.import_module("timm.layers.fast_norm")
+
+        class Adapter(base):
+            __doc__ = (f"timm's {base.__name__} (torch.nn.functional.group_norm semantics, which "
+                       f"timm's forward calls, with the module's num_groups) on "
+                       f"fastnorm.functional.group_norm, converted by fastnorm.convert()."
+                       f"\n\n{base.__doc__ or ''}")
+
+            def forward(self, x: Tensor) -> Tensor:
+                if x.dim() < 2 or x.shape[1] != self.num_channels:
+                    # torch's error for another channel count (or rank) than the layer's
+                    return super().forward(x)
+                if getattr(self, "_fast_norm", False):
+                    x, w, b = _timm_fast_norm_inputs(fast_norm, x, self.weight, self.bias)
+                    with torch.autocast(x.device.type, enabled=False):
+                        return FN.group_norm(x, self.num_groups, w, b, self.eps)
+                return FN.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+        return _finish(Adapter, name)
+
+    return make
 
 
 def _make_timm_rms_norm(base: type) -> Optional[type]:
@@ -128,7 +185,11 @@ def _make_torchvision_frozen_batch_norm(base: type) -> type:
 
 # adapter name -> (module defining the original class, its name, the adapter's maker)
 _SPECS: Dict[str, Tuple[str, str, Callable[[type], Optional[type]]]] = {
+    "TimmLayerNorm": ("timm.layers.norm", "LayerNorm", _make_timm_layer_norm),
     "TimmLayerNorm2d": ("timm.layers.norm", "LayerNorm2d", _make_timm_layer_norm2d),
+    "TimmGroupNorm": ("timm.layers.norm", "GroupNorm", _make_timm_group_norm("TimmGroupNorm")),
+    "TimmGroupNorm1": ("timm.layers.norm", "GroupNorm1",
+                       _make_timm_group_norm("TimmGroupNorm1")),
     "TimmRmsNorm": ("timm.layers.norm", "RmsNorm", _make_timm_rms_norm),
     "TorchvisionFrozenBatchNorm2d": ("torchvision.ops.misc", "FrozenBatchNorm2d",
                                      _make_torchvision_frozen_batch_norm),

@@ -1,5 +1,5 @@
-"""convert() of timm's LayerNorm2d / RmsNorm, torchvision's FrozenBatchNorm2d and torch.nn.RMSNorm:
-the same outputs and gradients before and after, the original class still true for isinstance,
+"""convert() of timm's LayerNorm / LayerNorm2d / GroupNorm / GroupNorm1 / RmsNorm, torchvision's
+FrozenBatchNorm2d and torch.nn.RMSNorm: the same outputs and gradients before and after, the original class still true for isinstance,
 parameters, buffers and hooks kept, revert(), converted_modules(), real timm and torchvision models.
 fastnorm itself needs neither package (checked in a subprocess that hides them)."""
 from __future__ import annotations
@@ -517,3 +517,348 @@ def test_pickled_converted_model_loads_in_a_fresh_process(tmp_path):
     """)
     assert out.strip() == str(sorted(["TorchvisionFrozenBatchNorm2d", "TimmLayerNorm2d",
                                       "TimmRmsNorm", "BatchNorm2d"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# timm LayerNorm, GroupNorm, GroupNorm1
+# ----------------------------------------------------------------------------------------------
+def _timm_ln_gn():
+    norm = pytest.importorskip("timm.layers.norm")
+    return norm.LayerNorm, norm.GroupNorm, norm.GroupNorm1
+
+
+@pytest.fixture(params=["aten", "op"])
+def cpu_path(request):
+    """Both CPU paths of fastnorm.functional: ATen called directly, and fastnorm's op (the path
+    a CUDA tensor takes, here on its CPU implementation)."""
+    FN = fastnorm.functional
+    was = FN.set_cpu_fast_path(request.param == "aten")
+    yield request.param
+    FN.set_cpu_fast_path(was)
+
+
+def _timm_pair(kind, c, dtype=F32, **kw):
+    """(timm's module, a converted deep copy) of kind "ln", "gn" or "gn1", random affine."""
+    LayerNorm, GroupNorm, GroupNorm1 = _timm_ln_gn()
+    cls = {"ln": LayerNorm, "gn": GroupNorm, "gn1": GroupNorm1}[kind]
+    m = _randomize(cls(c, **kw), seed=7)
+    m = m.to(dtype)
+    conv = fastnorm.convert(copy.deepcopy(m))
+    assert type(conv) is not cls and isinstance(conv, cls) and type(conv).__bases__ == (cls,)
+    assert type(conv).__qualname__ == {"ln": "TimmLayerNorm", "gn": "TimmGroupNorm",
+                                       "gn1": "TimmGroupNorm1"}[kind]
+    return m, conv
+
+
+def _compare(m, conv, x, dtype, out_factor=2, grad_factor=4):
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+    y, dx, grads = _fwd_bwd(conv, x, g)
+    yt, dxt, grads_t = _fwd_bwd(m, x, g)
+    assert y.dtype == yt.dtype and y.shape == yt.shape
+    assert_close_scaled(y, yt, dtype, factor=out_factor, msg="output")
+    assert_close_scaled(dx, dxt, dtype, factor=grad_factor, msg="input grad")
+    assert grads.keys() == grads_t.keys()
+    for k in grads_t:
+        assert_close_scaled(grads[k], grads_t[k], dtype, factor=grad_factor, msg=k)
+    return y, yt
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16, F64], ids=str)
+@pytest.mark.parametrize("shape,channels", [((4, 7), 7), ((2, 3, 16), 16), ((1, 1), 1),
+                                            ((0, 5), 5), ((2, 3, 4), (3, 4)), ((5, 2, 97), 97),
+                                            ((2, 3, 5, 192), 192)], ids=str)
+def test_timm_layer_norm(shape, channels, dtype, cpu_path):
+    m, conv = _timm_pair("ln", channels, dtype)
+    assert conv.eps == 1e-6  # timm's default, not torch's
+    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+    _compare(m, conv, x, dtype)
+
+
+def _layouts(cases, shape_of=lambda case: case):
+    """(case, channels_last) for each case: contiguous, and channels_last too when 4-d."""
+    return [(case, cl) for case in cases for cl in (False, True) if not cl or len(shape_of(case)) == 4]
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16, F64], ids=str)
+@pytest.mark.parametrize("case,channels_last", _layouts([
+    ((2, 6, 5), 3), ((2, 8, 3, 3), 4), ((1, 4, 1), 2), ((3, 15, 7, 1), 5), ((2, 64, 2, 2), 32),
+    ((0, 6, 3, 3), 3), ((2, 13, 3, 5), 13)], lambda case: case[0]), ids=str)
+def test_timm_group_norm(case, channels_last, dtype, cpu_path):
+    shape, groups = case
+    m, conv = _timm_pair("gn", shape[1], dtype, num_groups=groups)
+    assert conv.num_groups == groups and conv.eps == 1e-5
+    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y, yt = _compare(m, conv, x, dtype)
+    if x.numel() and channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16, F64], ids=str)
+@pytest.mark.parametrize("shape,channels_last", _layouts([
+    (2, 5, 3, 3), (1, 1, 2), (3, 13, 1, 9), (2, 64, 4, 4), (0, 4, 3, 3), (4, 3, 11)]), ids=str)
+def test_timm_group_norm1(shape, channels_last, dtype, cpu_path):
+    m, conv = _timm_pair("gn1", shape[1], dtype)
+    assert conv.num_groups == 1 and conv.num_channels == shape[1]
+    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # one group: a reduction over all of C*H*W, longer than the LayerNorm rows
+    _compare(m, conv, x, dtype, grad_factor=8)
+
+
+def test_timm_ln_gn_options(cpu_path):
+    x = torch.randn(3, 4, 6)
+    for kw in (dict(affine=False), dict(bias=False), dict(eps=1e-2)):
+        m, conv = _timm_pair("ln", 6, **kw)
+        assert (conv.weight is None) == (kw.get("affine") is False)
+        assert (conv.bias is None) == (kw.get("affine") is False or kw.get("bias") is False)
+        assert conv.eps == kw.get("eps", 1e-6)
+        _compare(m, conv, x * 0.1, F32)
+    x = torch.randn(2, 6, 5)
+    for kind, kw in (("gn", dict(num_groups=2, affine=False)), ("gn", dict(num_groups=3, eps=0.5)),
+                     ("gn1", dict(affine=False)), ("gn1", dict(eps=1e-2))):
+        m, conv = _timm_pair(kind, 6, **kw)
+        assert (conv.weight is None) == (kw.get("affine") is False)
+        assert conv.eps == kw.get("eps", 1e-5)
+        _compare(m, conv, x * 0.1, F32)
+
+
+def test_timm_ln_gn_gradcheck_float64():
+    FN = fastnorm.functional
+    was = FN.set_cpu_fast_path(False)  # fastnorm's op and its backward, not ATen's
+    try:
+        for kind, c, shape, kw in (("ln", 5, (3, 2, 5), {}), ("gn", 6, (2, 6, 3), dict(num_groups=3)),
+                                   ("gn1", 4, (2, 4, 2, 3), {})):
+            _, conv = _timm_pair(kind, c, F64, **kw)
+            x = torch.randn(shape, dtype=F64, requires_grad=True)
+            w = conv.weight.detach().clone().requires_grad_()
+            b = conv.bias.detach().clone().requires_grad_()
+
+            def f(x, w, b, conv=conv):
+                conv.weight, conv.bias = nn.Parameter(w), nn.Parameter(b)
+                return torch.func.functional_call(conv, {"weight": w, "bias": b}, (x,))
+
+            assert torch.autograd.gradcheck(f, (x, w, b)), kind
+    finally:
+        FN.set_cpu_fast_path(was)
+
+
+def test_timm_ln_gn_fallback_errors():
+    """Inputs that do not fit the layer go to timm's forward: the same errors."""
+    cases = [("ln", 4, {}, [(2, 3), (3,), (2, 4, 3)]),
+             ("ln", (3, 4), {}, [(2, 4, 3), (4,)]),
+             ("gn", 6, dict(num_groups=3), [(2, 4, 3), (6,), (2, 5)]),
+             ("gn", 6, dict(num_groups=6), [(1, 6)]),   # one value per group
+             ("gn1", 4, {}, [(2, 3, 5), (4,), (2, 5, 3)])]
+    for kind, c, kw, shapes in cases:
+        m, conv = _timm_pair(kind, c, **kw)
+        for shape in shapes:
+            x = torch.randn(shape)
+            with pytest.raises((RuntimeError, ValueError)) as e_timm:
+                m(x)
+            with pytest.raises(e_timm.type) as e_conv:
+                conv(x)
+            if kind == "ln" or x.dim() < 2 or x.shape[1] != c:  # the original forward ran
+                assert str(e_conv.value) == str(e_timm.value), (kind, shape)
+
+
+@pytest.mark.parametrize("kind", ["ln", "gn", "gn1"])
+@pytest.mark.parametrize("fast_norm", [False, True])
+@pytest.mark.parametrize("xd", [F32, BF16], ids=str)
+def test_timm_ln_gn_autocast(kind, fast_norm, xd, cpu_path):
+    """Under autocast timm's fast-norm mode casts the input and parameters to the autocast dtype
+    and runs with autocast off (bfloat16 output); without it, torch's autocast rule applies."""
+    m, conv = _timm_pair(kind, 8, **({"num_groups": 4} if kind == "gn" else {}))
+    m._fast_norm = conv._fast_norm = fast_norm
+    x = torch.randn(2, 8, 3, 8, dtype=xd)
+    g = torch.randn(2, 8, 3, 8, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for mod in (conv, m):
+        mod.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            y = mod(xi)
+        y.backward(g.to(y.dtype))
+        outs.append((y, xi.grad, mod.weight.grad, mod.bias.grad))
+    (y, dx, dw, db), (yt, dxt, dwt, dbt) = outs
+    assert y.dtype == yt.dtype and dx.dtype == dxt.dtype == xd
+    assert dw.dtype == dwt.dtype == F32
+    if fast_norm:
+        assert y.dtype == BF16
+    tol = BF16 if BF16 in (y.dtype, xd) or fast_norm else F32
+    assert_close_scaled(y, yt, tol, factor=2, msg="output")
+    for a, b, what in ((dx, dxt, "input grad"), (dw, dwt, "weight grad"), (db, dbt, "bias grad")):
+        assert_close_scaled(a, b, tol, factor=4, msg=what)
+
+
+def test_timm_ln_gn_fast_norm_with_apex(monkeypatch):
+    """With apex installed timm's fast LayerNorm runs apex's kernel (the adapter leaves it to
+    timm); timm's fast GroupNorm never uses apex, so the adapters compute it."""
+    fast_norm = pytest.importorskip("timm.layers.fast_norm")
+    calls = []
+
+    def fake_ln(x, weight, bias, shape, eps):
+        calls.append("apex layer_norm")
+        return nn.functional.layer_norm(x, shape, weight, bias, eps)
+
+    monkeypatch.setattr(fast_norm, "has_apex", True)
+    monkeypatch.setattr(fast_norm, "fused_layer_norm_affine", fake_ln, raising=False)
+    mods = [_timm_pair("ln", 4)[1], _timm_pair("gn", 4, num_groups=2)[1], _timm_pair("gn1", 4)[1]]
+    for mod in mods:
+        mod._fast_norm = True
+    x = torch.randn(2, 3, 4)
+    y_ln = mods[0](x)
+    for mod in mods[1:]:
+        mod(torch.randn(2, 4, 3))
+    assert calls == ["apex layer_norm"]
+    mods[0]._fast_norm = False  # the usual mode: fastnorm's
+    assert_close_scaled(mods[0](x), y_ln, F32)
+    assert calls == ["apex layer_norm"]
+
+
+def test_timm_ln_gn_set_fast_norm_at_construction():
+    """timm reads is_fast_norm() when a layer is built: the flag travels with the module."""
+    fast_norm = pytest.importorskip("timm.layers.fast_norm")
+    was = fast_norm.is_fast_norm()
+    fast_norm.set_fast_norm(True)
+    try:
+        pairs = [_timm_pair("ln", 8), _timm_pair("gn", 8, num_groups=2), _timm_pair("gn1", 8)]
+    finally:
+        fast_norm.set_fast_norm(was)
+    x = torch.randn(2, 8, 4, 8)
+    for m, conv in pairs:
+        assert m._fast_norm and conv._fast_norm
+        with torch.autocast("cpu", dtype=BF16):
+            y, yt = conv(x), m(x)
+        assert y.dtype == yt.dtype == BF16
+        assert_close_scaled(y, yt, BF16, factor=2)
+
+
+class _TimmLnGnNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        LayerNorm, GroupNorm, GroupNorm1 = _timm_ln_gn()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = GroupNorm(8, num_groups=4)
+        self.gn1 = GroupNorm1(8)
+        self.ln = LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.gn1(self.gn(self.conv(x)))
+        return self.head(self.ln(x.flatten(2).transpose(1, 2))).mean(1)
+
+
+@pytest.mark.parametrize("fast_norm", [False, True])
+def test_timm_ln_gn_compiled_fullgraph(fast_norm):
+    torch._dynamo.reset()
+    model = _randomize(_TimmLnGnNet())
+    for mod in (model.gn, model.gn1, model.ln):
+        mod._fast_norm = fast_norm
+    twin = copy.deepcopy(model)
+    fastnorm.convert(model)
+    assert len(fastnorm.converted_modules(model)) == 3
+    x = torch.randn(2, 3, 5, 6)
+    opt = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+            y, dx, grads = _fwd_bwd(opt, x)
+            yt, dxt, grads_t = _fwd_bwd(twin, x)
+        tol = BF16 if autocast else F32
+        assert y.dtype == yt.dtype
+        assert_close_scaled(y, yt, tol, factor=2)
+        assert_close_scaled(dx, dxt, tol, factor=4)
+        grads = {k.removeprefix("_orig_mod."): v for k, v in grads.items()}
+        assert grads.keys() == grads_t.keys()
+        for k in grads_t:
+            assert_close_scaled(grads[k], grads_t[k], tol, factor=4, msg=k)
+    torch._dynamo.reset()
+
+
+def test_timm_ln_gn_pickled_in_a_fresh_process(tmp_path):
+    LayerNorm, GroupNorm, GroupNorm1 = _timm_ln_gn()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), GroupNorm(4, num_groups=2), GroupNorm1(4),
+                          LayerNorm(4))
+    model = fastnorm.convert(_randomize(model).eval())
+    x = torch.randn(1, 3, 4, 4)
+    path = tmp_path / "model.pt"
+    torch.save({"model": model, "x": x, "y": model(x)}, path)
+    out = _run_python(f"""
+        import torch, fastnorm
+        d = torch.load({str(path)!r}, weights_only=False)
+        m = d["model"]
+        print(sorted(type(mod).__qualname__ for _, mod in fastnorm.converted_modules(m)))
+        torch.testing.assert_close(m(d["x"]), d["y"])
+    """)
+    assert out.strip() == str(sorted(["TimmLayerNorm", "TimmGroupNorm", "TimmGroupNorm1"]))
+
+
+def test_timm_ln_gn_subclasses_left_alone():
+    LayerNorm, GroupNorm, GroupNorm1 = _timm_ln_gn()
+
+    class MyLN(LayerNorm):
+        pass
+
+    class MyGN1(GroupNorm1):
+        pass
+
+    model = nn.Sequential(MyLN(4), MyGN1(4), GroupNorm1(4))
+    fastnorm.convert(model)
+    assert type(model[0]) is MyLN and type(model[1]) is MyGN1
+    assert [n for n, _ in fastnorm.converted_modules(model)] == ["2"]
+
+
+# whole timm models: every timm norm class in `originals`, so the count is everything swapped
+def _all_timm_norms():
+    LayerNorm, GroupNorm, GroupNorm1 = _timm_ln_gn()
+    LayerNorm2d, RmsNorm = _timm_norms()
+    return {LayerNorm, GroupNorm, GroupNorm1, LayerNorm2d, RmsNorm}
+
+
+def test_timm_vit_layer_norm():
+    timm = pytest.importorskip("timm")
+    LayerNorm, _, _ = _timm_ln_gn()
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                         depth=2))
+    # norm1 and norm2 of each block, the final norm: timm's LayerNorm
+    assert {type(m) for m in model.modules()} & _all_timm_norms() == {LayerNorm}
+    _check_converted_model(model, torch.randn(2, 3, 32, 32), _all_timm_norms(), 5)
+
+
+def test_timm_convnext_atto_block_layer_norm():
+    timm = pytest.importorskip("timm")
+    LayerNorm, _, _ = _timm_ln_gn()
+    LayerNorm2d, _ = _timm_norms()
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model("convnext_atto", pretrained=False, conv_mlp=False,
+                                         depths=(1, 2, 1, 1)))
+    # without conv_mlp the block norms are timm's LayerNorm (channels-last blocks; 5 blocks with
+    # these depths, 12 in convnext_atto's); stem, 3 downsamples and the head stay LayerNorm2d
+    counts = {cls: sum(type(m) is cls for m in model.modules()) for cls in (LayerNorm, LayerNorm2d)}
+    assert counts == {LayerNorm: 5, LayerNorm2d: 5}
+    _check_converted_model(model, torch.randn(1, 3, 32, 32), _all_timm_norms(), 10)
+
+
+def test_timm_resnet18_group_norm():
+    timm = pytest.importorskip("timm")
+    _, GroupNorm, _ = _timm_ln_gn()
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model("resnet18", pretrained=False, norm_layer=GroupNorm))
+    # bn1, two per BasicBlock (8 blocks), three downsample norms: GroupNorm(C, 32 groups)
+    assert {type(m) for m in model.modules()} & _all_timm_norms() == {GroupNorm}
+    _check_converted_model(model, torch.randn(2, 3, 32, 32), _all_timm_norms(), 20)
+
+
+def test_timm_poolformer_s12_group_norm1():
+    timm = pytest.importorskip("timm")
+    _, _, GroupNorm1 = _timm_ln_gn()
+    LayerNorm2d, _ = _timm_norms()
+    torch.manual_seed(0)
+    model = _randomize(timm.create_model("poolformer_s12", pretrained=False))
+    # norm1 and norm2 of each of the 12 blocks (GroupNorm1), the head's LayerNorm2d
+    counts = {cls: sum(type(m) is cls for m in model.modules()) for cls in (GroupNorm1, LayerNorm2d)}
+    assert counts == {GroupNorm1: 24, LayerNorm2d: 1}
+    _check_converted_model(model, torch.randn(1, 3, 32, 32), _all_timm_norms(), 25)
