@@ -44,6 +44,16 @@ inline void check_float_dtype(at::ScalarType dt, const char* op) {
               ": expected a floating input (float32, float64, float16, bfloat16), got ", dt);
 }
 
+// The output dtype of a forward: the input's, or float32 when asked (CUDA autocast: the kernel
+// reads the half input and writes float32, the cast fused).
+inline at::ScalarType out_dtype_of(at::ScalarType dt, std::optional<at::ScalarType> out_dtype,
+                                   const char* op) {
+  const at::ScalarType odt = out_dtype.value_or(dt);
+  TORCH_CHECK(odt == dt || odt == at::kFloat, op, ": out_dtype must be the input's dtype (", dt,
+              ") or float32, got ", odt);
+  return odt;
+}
+
 // An affine parameter: the input's device, the input's dtype or float32, n elements.
 inline at::Tensor param(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t n,
                         const char* op, const char* name) {

@@ -95,9 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
   DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
   check_float_dtype(dt, op);
-  const at::ScalarType odt = out_dtype.value_or(dt);
-  TORCH_CHECK(odt == dt || odt == at::kFloat, op, ": out_dtype must be the input's dtype (", dt,
-              ") or float32, got ", odt);
+  const at::ScalarType odt = out_dtype_of(dt, out_dtype, op);
   const Dims d = dims_of(input, num_groups, op);
   const at::Tensor w = param(weight, input, d.C, op, "weight");
   const at::Tensor b = param(bias, input, d.C, op, "bias");

@@ -50,9 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
   check_float_dtype(dt, op);
-  const at::ScalarType odt = out_dtype.value_or(dt);
-  TORCH_CHECK(odt == dt || odt == at::kFloat, op, ": out_dtype must be the input's dtype (", dt,
-              ") or float32, got ", odt);
+  const at::ScalarType odt = out_dtype_of(dt, out_dtype, op);
   const int64_t N = row_length(input, normalized_shape, op);
   const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
   const at::Tensor w = param(weight, input, N, op, "weight");
@@ -143,9 +141,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& input,
   DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
   check_float_dtype(dt, op);
-  const at::ScalarType odt = out_dtype.value_or(dt);
-  TORCH_CHECK(odt == dt || odt == at::kFloat, op, ": out_dtype must be the input's dtype (", dt,
-              ") or float32, got ", odt);
+  const at::ScalarType odt = out_dtype_of(dt, out_dtype, op);
   const int64_t N = row_length(input, normalized_shape, op);
   const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
   const at::Tensor w = param(weight, input, N, op, "weight");
