@@ -63,19 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   at::Tensor mean = at::empty({M}, ao);
   at::Tensor rstd = at::empty({M}, ao);
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::layer_norm_fwd", [&] {
-    using T = scalar_t;
-    using A = acc_of<T>;
-    groups::RowFwd<T> p;
-    p.x = x.data_ptr<T>();
-    p.y = operand<T>(y);
-    p.w = operand<T>(w);
-    p.b = operand<T>(b);
-    p.mean = mean.data_ptr<A>();
-    p.rstd = rstd.data_ptr<A>();
-    p.M = M;
-    p.L = N;
-    p.eps = static_cast<A>(eps);
-    groups::row_forward<T, false>(p, x);
+    groups::layer_norm_rows_forward<scalar_t>(x, y, w, b, mean, rstd, M, N, eps);
   });
   return {y, mean, rstd};
 }
@@ -113,19 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   const at::Tensor rs = rstd.to(sd).contiguous();
   const at::Tensor dy = grad_out.contiguous();
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::layer_norm_bwd", [&] {
-    using T = scalar_t;
-    using A = acc_of<T>;
-    groups::RowBwd<T> p;
-    p.x = x.data_ptr<T>();
-    p.dy = operand<T>(dy);
-    p.mean = mu.data_ptr<A>();
-    p.rstd = rs.data_ptr<A>();
-    p.w = operand<T>(w);
-    p.dx = output_mask[0] ? dx.data_ptr<T>() : nullptr;
-    p.M = M;
-    p.L = N;
-    groups::ln_backward<T>(p, output_mask[1] ? operand<T>(dw) : Operand<T>{},
-                        output_mask[2] ? operand<T>(db) : Operand<T>{}, x);
+    groups::layer_norm_rows_backward<scalar_t>(x, dy, mu, rs, w, output_mask[0] ? &dx : nullptr,
+                                               output_mask[1] ? dw : at::Tensor(),
+                                               output_mask[2] ? db : at::Tensor(), M, N);
   });
   return {dx, dw, db};
 }

@@ -80,17 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_fwd(
     using T = scalar_t;
     using A = acc_of<T>;
     if (rows_layout(fmt, s)) {
-      groups::RowFwd<T> p;
-      p.x = x.data_ptr<T>();
-      p.y = operand<T>(y);
-      p.w = operand<T>(w);
-      p.b = operand<T>(b);
-      p.mean = mean.data_ptr<A>();
-      p.rstd = rstd.data_ptr<A>();
-      p.M = M;
-      p.L = s.C;
-      p.eps = static_cast<A>(eps);
-      groups::row_forward<T, false>(p, x);
+      groups::layer_norm_rows_forward<T>(x, y, w, b, mean, rstd, M, s.C, eps);
     } else {
       positions::PosFwd<T> p;
       p.x = x.data_ptr<T>();
@@ -107,25 +97,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_fwd(
     }
   });
   return {y, mean, rstd};
-}
-
-// LayerNorm's rows backward over [M, C] rows of x and dy (both in the same rows layout).
-template <typename T>
-void rows_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& mu,
-                   const at::Tensor& rs, const at::Tensor& w, at::Tensor* dx, const at::Tensor& dw,
-                   const at::Tensor& db, int64_t M, int64_t C) {
-  using A = acc_of<T>;
-  groups::RowBwd<T> p;
-  p.x = x.data_ptr<T>();
-  p.dy = operand<T>(dy);
-  p.mean = mu.data_ptr<A>();
-  p.rstd = rs.data_ptr<A>();
-  p.w = operand<T>(w);
-  p.dx = dx != nullptr ? dx->data_ptr<T>() : nullptr;
-  p.M = M;
-  p.L = C;
-  groups::ln_backward<T>(p, dw.defined() ? operand<T>(dw) : Operand<T>{},
-                         db.defined() ? operand<T>(db) : Operand<T>{}, x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_bwd(
@@ -169,15 +140,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_bwd(
     using T = scalar_t;
     using A = acc_of<T>;
     if (rows_layout(fmt, s)) {
-      rows_backward<T>(x, dy, mu, rs, w, output_mask[0] ? &dx : nullptr, dw_out, db_out, M, s.C);
+      groups::layer_norm_rows_backward<T>(x, dy, mu, rs, w, output_mask[0] ? &dx : nullptr, dw_out,
+                                          db_out, M, s.C);
     } else if (s.C > positions::kMaxBwdChannels<T>) {
       // channels too many for the positions backward's per-block parameter sums in shared
       // memory: the rows family on channels_last copies of x and dy (one extra pass each way)
       const at::Tensor xr = x.movedim(1, -1).contiguous();
       const at::Tensor dyr = dy.movedim(1, -1).contiguous();
       at::Tensor dxr = output_mask[0] ? at::empty(xr.sizes(), xr.options()) : at::Tensor();
-      rows_backward<T>(xr, dyr, mu, rs, w, output_mask[0] ? &dxr : nullptr, dw_out, db_out, M,
-                       s.C);
+      groups::layer_norm_rows_backward<T>(xr, dyr, mu, rs, w, output_mask[0] ? &dxr : nullptr,
+                                          dw_out, db_out, M, s.C);
       if (output_mask[0]) dx.copy_(dxr.movedim(-1, 1));
     } else {
       positions::PosBwd<T> p;

@@ -246,5 +246,45 @@ void ln_backward(const RowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out, const
   else ln_backward_vec<T, 1, X>(p, dw_out, db_out, like);
 }
 
+// ---- LayerNorm over rows, tensor level: what layer_norm.cu and layer_norm2d.cu (channels_last)
+// both launch. x: contiguous rows [M, L] of T; y: T or float32; w, b, dw, db: undefined when
+// absent or not wanted; mean / rstd: [M] in the accumulation type.
+template <typename T>
+void layer_norm_rows_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
+                             const at::Tensor& b, const at::Tensor& mean, const at::Tensor& rstd,
+                             int64_t M, int64_t L, double eps) {
+  using A = acc_of<T>;
+  RowFwd<T> p;
+  p.x = x.data_ptr<T>();
+  p.y = operand<T>(y);
+  p.w = operand<T>(w);
+  p.b = operand<T>(b);
+  p.mean = mean.data_ptr<A>();
+  p.rstd = rstd.data_ptr<A>();
+  p.M = M;
+  p.L = L;
+  p.eps = static_cast<A>(eps);
+  row_forward<T, false>(p, x);
+}
+
+// dx: null when not wanted.
+template <typename T>
+void layer_norm_rows_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean,
+                              const at::Tensor& rstd, const at::Tensor& w, const at::Tensor* dx,
+                              const at::Tensor& dw, const at::Tensor& db, int64_t M, int64_t L) {
+  using A = acc_of<T>;
+  RowBwd<T> p;
+  p.x = x.data_ptr<T>();
+  p.dy = operand<T>(dy);
+  p.mean = mean.data_ptr<A>();
+  p.rstd = rstd.data_ptr<A>();
+  p.w = operand<T>(w);
+  p.dx = dx != nullptr ? dx->data_ptr<T>() : nullptr;
+  p.M = M;
+  p.L = L;
+  ln_backward<T>(p, dw.defined() ? operand<T>(dw) : Operand<T>{},
+                 db.defined() ? operand<T>(db) : Operand<T>{}, x);
+}
+
 }  // namespace groups
 }  // namespace fastnorm
