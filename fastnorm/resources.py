@@ -381,10 +381,9 @@ def demangle(names: list[str]) -> dict[str, str]:
     return {n: n for n in names}
 
 
-def short_name(demangled: str) -> str:
-    """'void fastnorm::row::row_fwd_cached_kernel<c10::Half, 8, true>(fastnorm::row::RowFwd<..>, int)'
-    -> 'row::row_fwd_cached_kernel<Half, 8, true>': no return type, parameter list, fastnorm:: or
-    c10:: qualifiers."""
+def signature_head(demangled: str) -> str:
+    """'void ns::k<c10::Half, 8>(ns::Args<c10::Half>)' -> 'ns::k<c10::Half, 8>': no return type,
+    no parameter list (the emulator names its kernels the same way)."""
     s = demangled.strip()
     if s.endswith(")"):  # drop the parameter list: the '(' that matches the last ')'
         depth = 0
@@ -395,6 +394,14 @@ def short_name(demangled: str) -> str:
                 break
     if s.startswith("void "):
         s = s[5:]
+    return s.rstrip()
+
+
+def short_name(demangled: str) -> str:
+    """'void fastnorm::row::row_fwd_cached_kernel<c10::Half, 8, true>(fastnorm::row::RowFwd<..>, int)'
+    -> 'row::row_fwd_cached_kernel<Half, 8, true>': signature_head() without fastnorm:: or c10::
+    qualifiers."""
+    s = signature_head(demangled)
     s = re.sub(r"\b(fastnorm|c10|at)::", "", s)
     s = re.sub(r"\(anonymous namespace\)::", "", s)
     return s

@@ -215,22 +215,6 @@ _LOADED: dict = {}
 REPORT = os.path.join(ROOT, "build", "kernel_resources.json")
 
 
-def signature_head(sig: str) -> str:
-    """'void ns::k<c10::Half, 8>(ns::Args<c10::Half>)' -> 'ns::k<c10::Half, 8>' (as the
-    emulator's signature_head)."""
-    s = sig.strip()
-    if s.endswith(")"):
-        depth = 0
-        for i in range(len(s) - 1, -1, -1):
-            depth += {")": 1, "(": -1}.get(s[i], 0)
-            if depth == 0:
-                s = s[:i]
-                break
-    if s.startswith("void "):
-        s = s[5:]
-    return s.rstrip()
-
-
 def resource_table(path: str = REPORT) -> dict:
     """{'ns::kernel<template args>': (registers, static shared memory, barriers)} from a resource
     report; {} when there is none. A kernel compiled into two translation units keeps the entry
@@ -248,7 +232,7 @@ def resource_table(path: str = REPORT) -> dict:
     names = resources.demangle(sorted({k["mangled"] for k in kernels}))
     table: dict = {}
     for k in kernels:
-        key = signature_head(names[k["mangled"]])
+        key = resources.signature_head(names[k["mangled"]])
         entry = (k["registers"], k["static_smem"], k.get("barriers", 0))
         if key not in table or entry > table[key]:
             table[key] = entry
