@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "device.h"
+#include "kernels/activation.cuh"
 #include "kernels/pack.cuh"
 
 namespace fastnorm {
@@ -84,6 +85,18 @@ inline void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& 
 
 
 constexpr int64_t kMaxGrid = int64_t(1) << 20;  // kernels loop (grid-stride) beyond this
+
+// The `activation` / `activation_param` arguments of the norm ops -> the kernels' epilogue
+// (kernels/activation.cuh). An unknown code is a caller's error: ValueError, as torch raises for
+// a bad enum-like argument.
+inline Activation activation_of(int64_t kind, double param, const char* op) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind < kActCount, op, ": activation must be a code in [0, ", int(kActCount),
+                    ") (fastnorm.activations), got ", kind);
+  Activation a;
+  a.kind = static_cast<int>(kind);
+  a.param = static_cast<float>(param);
+  return a;
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
