@@ -13,6 +13,9 @@ Models (defined here; --zoo takes torchvision's ResNet-50 and timm's ViT-B/16 wh
   style      Johnson et al.'s style-transfer network (InstanceNorm2d, affine), float32
   convnext   timm's convnext_tiny, no weights (LayerNorm2d in the stem, downsamples and head;
              timm's LayerNorm in the blocks); channels_last, bf16 autocast on a GPU (needs timm)
+  effnet-b0  timm's efficientnet_b0, no weights (BatchNormAct2d: BatchNorm + SiLU, the activation
+             fused into fastnorm's kernel after convert()); channels_last, bf16 autocast on a GPU
+  vit-s      timm's vit_small_patch16_224, no weights (timm's LayerNorm); bf16 autocast on a GPU
   llama      a Llama-style decoder stack (4 blocks of width 4096, SwiGLU 11008, 32 heads, causal
              attention, 2 x 2048 tokens): nn.RMSNorm at the first block, then the residual add
              fused into each following RMSNorm (fastnorm.functional.add_rms_norm; the torch model
@@ -247,6 +250,19 @@ def _convnext(small: bool):
     return timm.create_model("convnext_tiny", pretrained=False)
 
 
+def _timm_model(name: str, small_kwargs: dict):
+    """A timm model without weights; small: the same architecture cut down by small_kwargs (for
+    the CPU). Raises ImportError without timm."""
+    import timm
+
+    def build(small: bool):
+        return timm.create_model(name, pretrained=False, **(small_kwargs if small else {}))
+    return build
+
+
+TIMM_MODELS = ("convnext", "effnet-b0", "vit-s")
+
+
 def _has_timm() -> bool:
     try:
         import timm  # noqa: F401
@@ -295,6 +311,13 @@ MODELS: Dict[str, Tuple[Callable, Callable, Callable, str, bool, bool]] = {
     "convnext": (_convnext,
                  lambda s, q: 4 if s else (32 if q else 64),
                  lambda s: (3, 32, 32) if s else (3, 224, 224), "class", True, True),
+    "effnet-b0": (_timm_model("efficientnet_b0", {"num_classes": 10}),
+                  lambda s, q: 4 if s else (64 if q else 128),
+                  lambda s: (3, 32, 32) if s else (3, 224, 224), "class", True, True),
+    "vit-s": (_timm_model("vit_small_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2,
+                                                    "num_classes": 10}),
+              lambda s, q: 4 if s else (64 if q else 128),
+              lambda s: (3, 32, 32) if s else (3, 224, 224), "class", True, False),
     "llama": (lambda s: Llama(128, 64, 2, 4, 172) if s else Llama(),
               lambda s, q: 2 if s else (1 if q else 2),
               lambda s: (32,) if s else (2048,), "tokens", True, False),
@@ -311,7 +334,7 @@ def run_model(name: str, device: torch.device, small: bool, quick: bool, steps: 
     torch.manual_seed(seed)
     model, source = _zoo(name) if (zoo and not small) else (None, None)
     if model is None:
-        model, source = build(small), ("timm" if name == "convnext" else "bench/e2e.py")
+        model, source = build(small), ("timm" if name in TIMM_MODELS else "bench/e2e.py")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).train()
 
@@ -404,7 +427,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="timed steps per variant (default 50; --quick 10)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     ap.add_argument("--models", nargs="+", choices=tuple(MODELS),
-                    help="default: all (convnext only when timm is installed)")
+                    help="default: all (the timm models only when timm is installed)")
     ap.add_argument("--size", choices=("small", "full"),
                     help="model size (default: full on a GPU, small on a CPU)")
     ap.add_argument("--batch", type=int, help="batch size (default: per model)")
@@ -415,9 +438,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.models is None:
-        args.models = [m for m in MODELS if m != "convnext" or _has_timm()]
+        args.models = [m for m in MODELS if m not in TIMM_MODELS or _has_timm()]
         if "convnext" not in args.models:
-            print("e2e: timm is not installed: convnext left out")
+            print("e2e: timm is not installed: " + ", ".join(TIMM_MODELS) + " left out")
 
     has_gpu = torch.cuda.is_available()
     dev_type = args.device or ("cuda" if has_gpu else "cpu")
