@@ -136,6 +136,31 @@ def frozen_batch_norm_reference(c: int) -> nn.Module:
         return FormulaFrozenBatchNorm2d(c)
     return FrozenBatchNorm2d(c)
 
+# The activations of the norm + activation cases (timm's BatchNormAct2d / GroupNormAct with
+# act_layer=...): SiLU (EfficientNet, diffusion UNets), ReLU (RegNet, ResNetV2/BiT).
+ACTS = {"silu": nn.SiLU, "relu": nn.ReLU}
+
+
+def timm_norm_act(op: str, c: int, act: str) -> nn.Module:
+    """timm's BatchNormAct2d(c) or GroupNormAct(32, c) with the activation act (inplace, as timm's
+    models build them). Raises ImportError without timm (select() leaves these cases out then)."""
+    from timm.layers import BatchNormAct2d, GroupNormAct
+
+    if op == "batch_norm":
+        return BatchNormAct2d(c, act_layer=ACTS[act])
+    if op == "group_norm":
+        return GroupNormAct(c, 32, act_layer=ACTS[act])
+    raise ValueError(f"no timm norm + activation layer for {op}")
+
+
+def _has_timm() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 # Elements per input on a CPU (2 cores should get through --quick in well under 2 minutes).
 CPU_MAX_NUMEL = {True: 1 << 20, False: 1 << 21}
 
@@ -148,6 +173,9 @@ class Case:
     dtypes: Tuple[str, ...]      # keys of DTYPES; --quick takes the first
     layout: str = "contiguous"   # or "channels_last" (channels_last_3d for 5-d)
     quick: bool = False          # part of --quick
+    act: Optional[str] = None    # batch_norm / group_norm followed by this activation (ACTS):
+                                 # timm's BatchNormAct2d / GroupNormAct, the activation fused
+                                 # into fastnorm's kernel after convert()
 
     @property
     def dtype(self) -> str:
@@ -157,7 +185,8 @@ class Case:
     @property
     def label(self) -> str:
         lay = "" if self.layout == "contiguous" else " cl"
-        return f"{self.op}/{self.name} {self.dtype}{lay}"
+        act = f"+{self.act}" if self.act else ""
+        return f"{self.op}{act}/{self.name} {self.dtype}{lay}"
 
     @property
     def channels(self) -> int:
@@ -190,7 +219,9 @@ class Case:
         output keeps the input's dtype). FrozenBatchNorm2d's running statistics are random too."""
         c = self.channels
         nd = len(self.shape)
-        if self.op == "layer_norm":
+        if self.act is not None:
+            m = timm_norm_act(self.op, c, self.act)
+        elif self.op == "layer_norm":
             m = nn.LayerNorm(c)
         elif self.op == "rms_norm":
             m = nn.RMSNorm(c, eps=1e-6)  # Llama's eps
@@ -296,6 +327,24 @@ CASES: List[Case] = [
                           ("resnet50-layer2", (64, 512, 28, 28)),
                           ("resnet50-layer4", (64, 2048, 7, 7)))
       for dtypes, layout in ((("fp32",), "contiguous"), (("bf16",), "channels_last"))],
+    # timm's BatchNormAct2d with SiLU at EfficientNet-B0 (224x224, batch 64) and B4 (380x380,
+    # batch 32) shapes, with ReLU at RegNetX-1.6GF's stage widths (batch 64); GroupNormAct(32)
+    # with SiLU at the diffusion UNet's shapes. NCHW fp32 and channels_last bf16 (BatchNorm);
+    # both layouts in bf16 (GroupNorm). Against timm's unfused layer (norm, then activation).
+    *[Case("batch_norm", name, shape, dtypes, layout, act=act,
+           quick=(name == "effnet-b0-expand2" and layout == "channels_last"))
+      for name, shape, act in (("effnet-b0-stem", (64, 32, 112, 112), "silu"),
+                               ("effnet-b0-expand2", (64, 144, 56, 56), "silu"),
+                               ("effnet-b0-head", (64, 1280, 7, 7), "silu"),
+                               ("effnet-b4-stem", (32, 48, 190, 190), "silu"),
+                               ("effnet-b4-expand2", (32, 192, 95, 95), "silu"),
+                               ("regnetx-016-s1", (64, 72, 56, 56), "relu"),
+                               ("regnetx-016-s3", (64, 408, 14, 14), "relu"))
+      for dtypes, layout in ((("fp32",), "contiguous"), (("bf16",), "channels_last"))],
+    *[Case("group_norm", f"sd-unet-{c}+silu", (8, c, hw, hw), ("bf16",), layout, act="silu",
+           quick=(c == 320 and layout == "channels_last"))
+      for c, hw in ((320, 64), (640, 32), (1280, 16))
+      for layout in ("contiguous", "channels_last")],
 ]
 
 
@@ -324,8 +373,9 @@ def select(device: str, quick: bool, ops: Optional[Iterable[str]] = None,
     ops = set(ops or OPS)
     dtypes = list(dtypes) if dtypes else None
     out: List[Case] = []
+    timm_ok = _has_timm()
     for c in CASES:
-        if c.op not in ops or (quick and not c.quick):
+        if c.op not in ops or (quick and not c.quick) or (c.act and not timm_ok):
             continue
         if device == "cpu":
             shape = fit(c.shape, CPU_MAX_NUMEL[quick], c.op)

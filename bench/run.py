@@ -1,7 +1,8 @@
 """fastnorm microbenchmarks: forward, backward and forward+backward of every case (bench/cases.py)
 for fastnorm, PyTorch eager and torch.compile (and Apex / Liger when importable); the eager and
 compiled baselines of LayerNorm2d and FrozenBatchNorm2d are timm's and torchvision's layers, that
-of the fused residual add + RMSNorm the unfused add and F.rms_norm.
+of the fused residual add + RMSNorm the unfused add and F.rms_norm, and those of the norm +
+activation cases (batch_norm+silu, group_norm+silu, ...) timm's BatchNormAct2d / GroupNormAct.
 
     python bench/run.py [--quick] [--device cpu|cuda] [--ops ...] [--dtype ...]
                         [--providers ...] [--out FILE] [--compare FILE] [--budget SECONDS]
@@ -189,6 +190,8 @@ def make_provider(name: str, case: Case, ref: torch.nn.Module) -> torch.nn.Modul
         from apex.normalization import FusedLayerNorm
         return _copy_affine(FusedLayerNorm(ref.normalized_shape, eps=ref.eps), ref)
     if name == "liger":
+        if case.act is not None:
+            raise RuntimeError("liger: no norm + activation layer")
         if case.op == "layer_norm":
             from liger_kernel.transformers import LigerLayerNorm
             return _copy_affine(LigerLayerNorm(ref.normalized_shape[0], eps=ref.eps, bias=True), ref)
