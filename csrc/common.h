@@ -37,6 +37,25 @@ inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
+// The layout the kernels read (group_norm.cu, nc_norm.cu): channels_last(_3d) natively, plain
+// contiguous, or a contiguous copy.
+inline bool channels_last_layout(const at::Tensor& input, at::MemoryFormat& fmt) {
+  if (input.is_contiguous()) {
+    fmt = at::MemoryFormat::Contiguous;
+    return false;
+  }
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    fmt = at::MemoryFormat::ChannelsLast;
+    return true;
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    fmt = at::MemoryFormat::ChannelsLast3d;
+    return true;
+  }
+  fmt = at::MemoryFormat::Contiguous;
+  return false;
+}
+
 // Host-side checks shared by the op wrappers.
 inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 

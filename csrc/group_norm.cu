@@ -43,24 +43,6 @@ Dims dims_of(const at::Tensor& x, int64_t num_groups, const char* op) {
   return d;
 }
 
-// The layout the kernels read: channels_last(_3d) natively, plain contiguous, or a contiguous copy.
-bool channels_last_layout(const at::Tensor& input, at::MemoryFormat& fmt) {
-  if (input.is_contiguous()) {
-    fmt = at::MemoryFormat::Contiguous;
-    return false;
-  }
-  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    fmt = at::MemoryFormat::ChannelsLast;
-    return true;
-  }
-  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    fmt = at::MemoryFormat::ChannelsLast3d;
-    return true;
-  }
-  fmt = at::MemoryFormat::Contiguous;
-  return false;
-}
-
 // ---- forward -------------------------------------------------------------------------------------
 template <typename T, int VEC>
 void cl_forward_vec(channels::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T>* mean, acc_of<T>* rstd,
@@ -77,7 +59,7 @@ void cl_forward_vec(channels::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T
   launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
       stream, p.x, s, ws.data_ptr<A>());
   launch(channels::cl_welford_finalize_kernel<A>, grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream,
-      ws.data_ptr<A>(), s, eps, mean, rstd);
+      ws.data_ptr<A>(), s, eps, mean, rstd, false);
   p.mean = mean;
   p.rstd = rstd;
   p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm,

@@ -469,7 +469,8 @@ struct ClBwd {
 };
 
 // Per-(n, chunk, channel) sums, channels_last: ws[0][(n*K + k)*C + c] = sum(dy * xhat),
-// ws[1][...] = sum(dy).
+// ws[1][...] = sum(dy). rstd null: sum(dy * (x - mean)), the centred sums of nc_grad_sums (G = C;
+// rstd is applied to the block's total, so the choice is outside the loop).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kClThreads, kClSumsBlocks<T, VEC>)
     cl_bwd_sums_kernel(ClBwd<T> p, acc_of<T>* __restrict__ ws) {
@@ -552,15 +553,17 @@ __global__ void __launch_bounds__(kClThreads, kClSumsBlocks<T, VEC>)
       GroupWalk gw(n, s.G, cp * VEC, s.Cg);
 #pragma unroll
       for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) {
-        ws[base + v] = sa[v] * p.rstd[gw.ng];
+        ws[base + v] = p.rstd != nullptr ? sa[v] * p.rstd[gw.ng] : sa[v];
         ws[plane + base + v] = sb[v];
       }
     }
   }
 }
 
-// The same dx, channels_last; blocks as in cl_apply_kernel.
-template <typename T, int VEC>
+// The same dx, channels_last; blocks as in cl_apply_kernel. NC (nc_affine_grad, G = C): the
+// coefficients per (n, c) as in groups::GnDx (w = a, c1 = c, c2 = b: rstd = 1, k1 = -c, k2 = -b),
+// dy possibly absent; a compile-time flag, so GroupNorm's instantiations keep their code.
+template <typename T, int VEC, bool NC = false>
 __global__ void __launch_bounds__(kClThreads, kClDxBlocks<T, VEC>) cl_dx_kernel(groups::GnDx<T> p, ClShape s) {
   using A = acc_of<T>;
   constexpr int kU = kClDxPacks<T, VEC>;  // packs of x and of dy in flight per thread
@@ -580,12 +583,13 @@ __global__ void __launch_bounds__(kClThreads, kClDxBlocks<T, VEC>) cl_dx_kernel(
       const int64_t c = cp * VEC + v;
       const int64_t ng = gw.ng;
       mu[v] = p.mean[ng];
-      rs[v] = p.rstd[ng];
-      const A wc = p.w.get_or(c, A(1));
+      rs[v] = NC ? A(1) : p.rstd[ng];
+      const A wc = NC ? p.w.get_or(ng, A(0)) : p.w.get_or(c, A(1));
       wr[v] = rs[v] * wc;
-      k1[v] = rs[v] * p.c1[ng];
-      k2[v] = rs[v] * rs[v] * p.c2[ng];
+      k1[v] = rs[v] * (NC ? -p.c1[ng] : p.c1[ng]);
+      k2[v] = rs[v] * rs[v] * (NC ? -p.c2[ng] : p.c2[ng]);
     }
+    const bool has_dy = !NC || p.dy.present();
     const int64_t h0 = k * s.rpc;
     const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
     const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
@@ -598,7 +602,12 @@ __global__ void __launch_bounds__(kClThreads, kClDxBlocks<T, VEC>) cl_dx_kernel(
       for (int u = 0; u < kU; ++u) {
         if (h + u * s.by < h1) {
           load_raw<T, VEC>(p.x + off + u * step, xv[u]);
-          p.dy.load(off + u * step, gv[u]);
+          if (has_dy) {
+            p.dy.load(off + u * step, gv[u]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) gv[u][v] = A(0);
+          }
         }
       }
 #pragma unroll

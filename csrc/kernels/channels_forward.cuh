@@ -530,10 +530,12 @@ __global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>)
 }
 
 // A warp per (n, g) merges the Cg channels x K chunks of states in a fixed order -> mean, rstd.
+// var_out (nc_moments, G = C): the biased variance m2 / count goes to `rstd` instead (a run-time
+// flag of the epilogue: the merge is the same).
 template <typename A>
 __global__ void __launch_bounds__(256)
     cl_welford_finalize_kernel(const A* __restrict__ ws, ClShape s, A eps, A* __restrict__ mean,
-                               A* __restrict__ rstd) {
+                               A* __restrict__ rstd, bool var_out) {
   const int lane = threadIdx.x & 31;
   const int wpb = blockDim.x >> 5;
   const int64_t plane = s.N * s.K * s.C;
@@ -552,7 +554,7 @@ __global__ void __launch_bounds__(256)
     w = warp_merge(w);
     if (lane == 0) {
       mean[ng] = w.mean;
-      rstd[ng] = rsqrt_acc(w.var_biased() + eps);
+      rstd[ng] = var_out ? w.var_biased() : rsqrt_acc(w.var_biased() + eps);
     }
   }
 }
@@ -569,7 +571,10 @@ struct ClFwd {
 };
 
 // y = (x - mean) * (rstd * w) + b, channels_last, items in the reverse order.
-template <typename T, int VEC>
+// NC (nc_affine, G = C): y = x * scale[n, c] + shift[n, c] with rstd = scale and b = shift, both
+// per (n, c) (index n * C + c), mean and w unused. A compile-time flag: GroupNorm's instantiations
+// keep their code (registers and speed); only the per-item prologue differs.
+template <typename T, int VEC, bool NC = false>
 __global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>) cl_apply_kernel(ClFwd<T> p) {
   using A = acc_of<T>;
   constexpr int kU = kClApplyPacks<T, VEC>;  // packs in flight per thread
@@ -588,10 +593,10 @@ __global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>) cl_apply_
 #pragma unroll
     for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) {
       const int64_t c = cp * VEC + v;
-      mu[v] = p.mean[gw.ng];
-      const A wc = p.w.get_or(c, A(1));
+      mu[v] = NC ? A(0) : p.mean[gw.ng];
+      const A wc = NC ? A(1) : p.w.get_or(c, A(1));
       sc[v] = p.rstd[gw.ng] * wc;
-      bb[v] = p.b.get_or(c, A(0));
+      bb[v] = NC ? p.b.get(gw.ng) : p.b.get_or(c, A(0));
     }
     const int64_t h0 = k * s.rpc;
     const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;

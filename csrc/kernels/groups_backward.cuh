@@ -242,6 +242,8 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC, X>)
 // Per-item sums for the backward, over (row, chunk) items:
 //   s1 = sum(g), s2 = sum(g * xhat), g = dy * w[j] (w null: g = dy), xhat = (x - mean) * rstd,
 // with the statistics of row / stat_div (GroupNorm NCHW: rows are (n, c) planes, stat_div = C/G).
+// rstd null: 1, the centred sums sum(dy * (x - mean)) of nc_grad_sums (rstd is read once per
+// item, so the choice costs nothing in the loop).
 // ws[0][item] = s1, ws[1][item] = s2.
 template <typename T>
 struct RowSums {
@@ -272,7 +274,8 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(RowSums<
       const int64_t e0 = s * it.chunk;
       const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
       const int64_t srow = p.stat_div == 1 ? row : row / p.stat_div;
-      const A mean = p.mean != nullptr ? p.mean[srow] : A(0), rstd = p.rstd[srow];
+      const A mean = p.mean != nullptr ? p.mean[srow] : A(0);
+      const A rstd = p.rstd != nullptr ? p.rstd[srow] : A(1);
       const int64_t off = row * it.L;
       const int64_t p1 = e1 / VEC;
       const X* xs = row_src<X>(p.x, p.x32);
@@ -480,6 +483,11 @@ __global__ void __launch_bounds__(256)
 }
 
 // dx = rstd * (w_c * dy - c1 - xhat * c2) for GroupNorm; rows (n, g) of NCHW data.
+// nc_affine_grad (the dx kernels' NC template flag): rows (n, c), coefficients given per row,
+//   dx = a * dy + b * (x - mean) + c,  held as  w = a (absent with dy), c1 = c, c2 = b, rstd unused
+// and computed as this formula with rstd = 1, k1 = -c, k2 = -b (exact negations: the same value).
+// A compile-time flag, so GroupNorm's instantiations are the code they were (registers, speed);
+// dy may be absent there (the gradient of nc_moments alone: the a * dy term drops).
 template <typename T>
 struct GnDx {
   using A = acc_of<T>;
@@ -494,7 +502,7 @@ struct GnDx {
   GnMap gn;
 };
 
-template <typename T, int VEC>
+template <typename T, int VEC, bool NC = false>
 __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(GnDx<T> p, Items it) {
   using A = acc_of<T>;
   const int tpr = it.tpr;
@@ -509,9 +517,11 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(GnDx<T> p, Ite
     const int64_t e0 = s * it.chunk;
     const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
     const int64_t off = row * it.L;
-    const A mean = p.mean[row], rstd = p.rstd[row];
-    const A k1 = p.c1[row], k2 = p.c2[row];
-    const int64_t cbase = p.gn.chan_base(row);
+    const A mean = p.mean[row], rstd = NC ? A(1) : p.rstd[row];
+    const A k1 = NC ? -p.c1[row] : p.c1[row], k2 = NC ? -p.c2[row] : p.c2[row];
+    const int64_t cbase = NC ? 0 : p.gn.chan_base(row);
+    const A a_row = NC ? p.w.get_or(row, A(0)) : A(0);  // NC: a of the row (0 without dy)
+    const bool has_dy = !NC || p.dy.present();
     const int64_t p1 = e1 / VEC;
     for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
       T xv[kUnroll][VEC];
@@ -521,7 +531,12 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(GnDx<T> p, Ite
         const int64_t q = pk + static_cast<int64_t>(u) * tpr;
         if (q < p1) {
           load_raw<T, VEC>(p.x + off + q * VEC, xv[u]);
-          p.dy.load(off + q * VEC, gv[u]);
+          if (has_dy) {
+            p.dy.load(off + q * VEC, gv[u]);
+          } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) gv[u][k] = A(0);
+          }
         }
       }
 #pragma unroll
@@ -530,7 +545,10 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(GnDx<T> p, Ite
         if (q < p1) {
           const int64_t j0 = q * VEC;
           A wv[VEC], o[VEC];
-          if (!p.w.present()) {
+          if constexpr (NC) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) wv[k] = a_row;
+          } else if (!p.w.present()) {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) wv[k] = A(1);
           } else if (p.gn.pack_in_channel) {

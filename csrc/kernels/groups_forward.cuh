@@ -47,6 +47,9 @@ template <int VEC> inline constexpr int kBwdPacks = 8 / VEC;
 inline constexpr int kBwdElems = 8;
 
 // GroupNorm's element -> channel map inside a row (n, g): channel = (row % G) * Cg + j / HW.
+// nc_affine (csrc/nc_norm.cu) reuses it with G = N * C, Cg = 1, HW = L: the "channel" of row
+// (n, c) is the row itself, so row_apply (GN) with mean null, rstd = scale and b = shift applies
+// per-(n, c) coefficients, y = x * scale + shift, with no kernel or template flag of its own.
 struct GnMap {
   int64_t G = 1, Cg = 1, HW = 1;
   FastDiv hw_div;                 // j / HW when !div64
@@ -359,10 +362,13 @@ __global__ void __launch_bounds__(kItemThreads, 1)
 // A warp per row merges its S partial states in a fixed order -> mean, rstd. RMSNorm (inv_len > 0,
 // 1 / L): the partial sums of squares add up in the same fixed order, rstd =
 // 1 / sqrt(sum * inv_len + eps), no mean.
+// var_out (nc_moments): the biased variance m2 / L goes to `rstd` instead (a run-time flag of the
+// epilogue, uniform over the grid: the merge is the same, so one kernel serves both).
 template <typename A>
 __global__ void __launch_bounds__(256)
     row_welford_finalize_kernel(const A* __restrict__ ws, int64_t M, int64_t S, A eps,
-                                A* __restrict__ mean, A* __restrict__ rstd, A inv_len) {
+                                A* __restrict__ mean, A* __restrict__ rstd, A inv_len,
+                                bool var_out) {
   const int lane = threadIdx.x & 31;
   const int wpb = blockDim.x >> 5;
   const int64_t items = M * S;
@@ -383,7 +389,7 @@ __global__ void __launch_bounds__(256)
     w = warp_merge(w);
     if (lane == 0) {
       mean[row] = w.mean;
-      rstd[row] = rsqrt_acc(w.var_biased() + eps);
+      rstd[row] = var_out ? w.var_biased() : rsqrt_acc(w.var_biased() + eps);
     }
   }
 }

@@ -120,7 +120,7 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
   launch(row_welford_partial_kernel<T, VEC, RMS, X>, item_grid(it), kItemThreads, 0, stream, p, it,
       wsp);
   launch(row_welford_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
-      wsp, p.M, it.S, p.eps, p.mean, p.rstd, RMS ? p.inv_len : A(0));
+      wsp, p.M, it.S, p.eps, p.mean, p.rstd, RMS ? p.inv_len : A(0), false);
   launch(row_apply_kernel<T, VEC, GN, X>, item_grid(it), kItemThreads, 0, stream, p, it);
 }
 

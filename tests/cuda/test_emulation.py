@@ -186,6 +186,21 @@ def _add(ops, m, n, dtype, res_dtype, rms):
     return (*out, *grads), (out[0], ref)
 
 
+def _nc(ops, shape, layout, dtype):
+    """InstanceNorm composed of the per-(n, c) ops, forward and backward (the way SwitchNorm /
+    AdaIN use them): moments -> scale, shift -> affine; sums -> a, b, c -> affine_grad."""
+    x, dy = _randn(shape, dtype, 22, layout), _randn(shape, dtype, 23, layout)
+    length = x[0, 0].numel()
+    mean, var = ops.nc_moments(x)
+    rstd = (var + EPS).rsqrt()
+    y = ops.nc_affine(x, rstd, -mean * rstd)
+    sum_dy, sum_dy_xc = ops.nc_grad_sums(dy, x, mean)
+    # dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat))
+    dx = ops.nc_affine_grad(dy, x, mean, rstd, -rstd ** 3 * sum_dy_xc / length, -rstd * sum_dy / length)
+    ref = F.instance_norm(x.double(), eps=EPS)
+    return (mean, var, y, sum_dy, sum_dy_xc, dx), (y, ref)
+
+
 # Each case crosses a different kernel path (at 132 SMs; the smaller devices move some of them:
 # "ln-bwd-rows" gets several rows per backward block (tpr 128) at 8 SMs and 1 SM).
 CASES = {
@@ -202,6 +217,9 @@ CASES = {
     "bn-nchw": lambda ops: _bn(ops, (4, 3, 30, 30), None, torch.float32),
     "bn-nhwc": lambda ops: _bn(ops, (8, 24, 9, 9), "cl", torch.float16),
     "bn-nc": lambda ops: _bn(ops, (300, 5), None, torch.float64),
+    "nc-rows-split": lambda ops: _nc(ops, (1, 3, 48, 48), None, torch.float32),
+    "nc-rows-scalar": lambda ops: _nc(ops, (3, 5, 7, 9), None, torch.bfloat16),
+    "nc-cl": lambda ops: _nc(ops, (2, 16, 20, 20), "cl", torch.float16),
 }
 ORDERS = [dict(thread_order="forward", block_order="forward"),
           dict(thread_order="reverse", block_order="reverse"),

@@ -1,0 +1,377 @@
+// fastnorm::nc_moments / nc_affine / nc_grad_sums / nc_affine_grad on CUDA: the per-(n, c)
+// primitives SwitchNorm, AdaIN and IBN are built on (docs/ops.md; issue 11). Host side only: the
+// work runs on the two existing kernel families, as GroupNorm with one channel per group.
+//   NCHW / NCDHW (contiguous): rows (n, c) of L = prod(spatial) elements, the contiguous-groups
+//     kernels (kernels/groups_*.cuh, plans in launch/groups.h):
+//       moments      row_welford_partial + row_welford_finalize (var_out: var instead of rstd)
+//       affine       row_apply (GN) with the GnMap of G = N * C rows: per-row scale and shift
+//       grad sums    row_sums_partial (rstd null: centred sums) + row_sums_finalize
+//       affine grad  gn_dx_nchw<NC>: dx = a * dy + b * (x - mean) + c per row
+//   channels_last / channels_last_3d: x[n] an [L, C] matrix, G = C (kernels/channels_*.cuh, plans
+//     plan_cl in launch/channels.h):
+//       moments      cl_welford_partial + cl_welford_finalize (var_out)
+//       affine       cl_apply<NC>
+//       grad sums    cl_bwd_sums (rstd null) + row_sums_finalize
+//       affine grad  cl_dx<NC>
+// Any other strides: .contiguous() first. Every [N, C] tensor is in the statistics dtype (float64
+// for float64 input, float32 otherwise), contiguous; one given in another float dtype is cast.
+// The sums always end with row_sums_finalize, even over a single partial per row (S == 1,
+// K == 1): the two outputs are separate tensors (outputs of an op may not alias each other), and
+// the partial kernels write one workspace of two planes.
+#include "common.h"
+
+#include <ATen/ops/empty.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "kernels/channels_backward.cuh"
+#include "kernels/channels_forward.cuh"
+#include "launch/channels.h"
+#include "launch/groups.h"
+
+namespace fastnorm {
+namespace {
+
+struct NcDims {
+  int64_t N = 0, C = 0, L = 1;
+};
+
+// The input of every op: on the kernels' device, floating, rank >= 3.
+NcDims nc_dims(const at::Tensor& x, const char* op) {
+  check_kernel_device(x, op);
+  check_float_dtype(x.scalar_type(), op);
+  TORCH_CHECK(x.dim() >= 3, op, ": expected an input of rank >= 3 (N, C, *spatial), got shape ",
+              x.sizes());
+  NcDims d;
+  d.N = x.size(0);
+  d.C = x.size(1);
+  for (int64_t i = 2; i < x.dim(); ++i) d.L *= x.size(i);
+  return d;
+}
+
+// An [N, C] per-(n, c) tensor: the input's device, a floating dtype, shape (N, C) -> contiguous in
+// the statistics dtype.
+at::Tensor nc_stat(const at::Tensor& t, const at::Tensor& x, const NcDims& d, const char* op,
+                   const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but input is on ",
+              x.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == d.N && t.size(1) == d.C, op, ": expected ", name,
+              " of shape [", d.N, ", ", d.C, "] (N, C of the input of shape ", x.sizes(),
+              "), got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": expected ", name,
+              " of a floating dtype, got ", t.scalar_type());
+  return t.to(stat_dtype(x.scalar_type())).contiguous();
+}
+
+// grad_out: the input's device and shape, the input's dtype or float32; read in x's layout.
+at::Tensor nc_grad(const at::Tensor& g, const at::Tensor& input, at::MemoryFormat fmt,
+                   const char* op) {
+  TORCH_CHECK(g.device() == input.device(), op, ": grad_out is on ", g.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(g.sizes() == input.sizes(), op, ": expected grad_out of the input's shape ",
+              input.sizes(), ", got shape ", g.sizes());
+  TORCH_CHECK(g.scalar_type() == input.scalar_type() || g.scalar_type() == at::kFloat, op,
+              ": expected grad_out of the input's dtype (", input.scalar_type(),
+              ") or float32, got ", g.scalar_type());
+  return g.contiguous(fmt);
+}
+
+// Items of the row kernels: the (row, chunk) plan GroupNorm's split passes use.
+groups::Items nc_items(const NcDims& d, int vec) {
+  return groups::plan_items(d.N * d.C, d.L, vec, static_cast<int64_t>(sm_count()) * 64);
+}
+
+// ---- nc_moments ----------------------------------------------------------------------------------
+template <typename T, int VEC>
+void moments_rows(const T* x, const NcDims& d, acc_of<T>* mean, acc_of<T>* var, const at::Tensor& like) {
+  using A = acc_of<T>;
+  const cudaStream_t stream = current_stream();
+  groups::RowFwd<T> p;
+  p.x = x;
+  p.M = d.N * d.C;
+  p.L = d.L;
+  const groups::Items it = nc_items(d, VEC);
+  const int64_t items = it.M * it.S;
+  at::Tensor ws = at::empty({3 * items}, acc_options(like));
+  A* wsp = ws.data_ptr<A>();
+  launch(groups::row_welford_partial_kernel<T, VEC, false, void>, groups::item_grid(it),
+         groups::kItemThreads, 0, stream, p, it, wsp);
+  launch(groups::row_welford_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
+         static_cast<const A*>(wsp), p.M, it.S, A(0), mean, var, A(0), true);
+}
+
+template <typename T, int VEC>
+void moments_cl(const T* x, const NcDims& d, acc_of<T>* mean, acc_of<T>* var, const at::Tensor& like) {
+  using A = acc_of<T>;
+  const cudaStream_t stream = current_stream();
+  const channels::ClShape s = channels::plan_cl(
+      d.N, d.L, d.C, d.C, VEC, sm_count(),
+      resident_blocks(channels::cl_welford_partial_kernel<T, VEC>, channels::kClThreads, 0));
+  at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, acc_options(like));
+  launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
+         stream, x, s, ws.data_ptr<A>());
+  launch(channels::cl_welford_finalize_kernel<A>, grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream,
+         static_cast<const A*>(ws.data_ptr<A>()), s, A(0), mean, var, true);
+}
+
+std::tuple<at::Tensor, at::Tensor> nc_moments(const at::Tensor& input) {
+  constexpr const char* op = "fastnorm::nc_moments";
+  const NcDims d = nc_dims(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  at::MemoryFormat fmt;
+  const bool cl = channels_last_layout(input, fmt);
+  const at::Tensor x = cl ? input : input.contiguous();
+  at::Tensor mean = at::empty({d.N, d.C}, acc_options(x));
+  at::Tensor var = at::empty({d.N, d.C}, acc_options(x));
+  if (d.N * d.C == 0) return {mean, var};
+  if (d.L == 0) {  // moments of nothing: NaN, as torch.var_mean
+    mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    var.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {mean, var};
+  }
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_moments", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    constexpr int V = kVec16<T>;
+    const T* xp = x.data_ptr<T>();
+    A* mp = mean.data_ptr<A>();
+    A* vp = var.data_ptr<A>();
+    if (!cl) {
+      if (d.L % V == 0 && is_aligned(xp, 16)) moments_rows<T, V>(xp, d, mp, vp, x);
+      else moments_rows<T, 1>(xp, d, mp, vp, x);
+    } else {
+      if (d.C % V == 0 && is_aligned(xp, 16)) moments_cl<T, V>(xp, d, mp, vp, x);
+      else moments_cl<T, 1>(xp, d, mp, vp, x);
+    }
+  });
+  return {mean, var};
+}
+
+// ---- nc_affine -----------------------------------------------------------------------------------
+// NCHW: row_apply with the GnMap of N * C groups of one "channel" each (kernels/groups_forward.cuh):
+// mean null (0), rstd = scale, w absent (1), b = shift, all per row.
+template <typename T, int VEC>
+void affine_rows(groups::RowFwd<T> p, const NcDims& d) {
+  p.M = d.N * d.C;
+  p.L = d.L;
+  p.gn.G = p.M;
+  p.gn.Cg = 1;
+  p.gn.HW = d.L;
+  p.gn.pack_in_channel = true;  // a row is one "channel"; with VEC > 1, L % VEC == 0
+  p.gn.div64 = d.L >= (int64_t(1) << 31);
+  if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(d.L));
+  const groups::Items it = nc_items(d, VEC);
+  launch(groups::row_apply_kernel<T, VEC, true, void>, groups::item_grid(it), groups::kItemThreads,
+         0, current_stream(), p, it);
+}
+
+template <typename T, int VEC>
+void affine_cl(channels::ClFwd<T> p, const NcDims& d) {
+  p.s = channels::plan_cl(
+      d.N, d.L, d.C, d.C, VEC, sm_count(),
+      resident_blocks(channels::cl_apply_kernel<T, VEC, true>, channels::kClThreads, 0));
+  launch(channels::cl_apply_kernel<T, VEC, true>, grid_of(p.s.N * p.s.K * p.s.CT), p.s.bx * p.s.by,
+         0, current_stream(), p);
+}
+
+at::Tensor nc_affine(const at::Tensor& input, const at::Tensor& scale, const at::Tensor& shift) {
+  constexpr const char* op = "fastnorm::nc_affine";
+  const NcDims d = nc_dims(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  const at::Tensor sc = nc_stat(scale, input, d, op, "scale");
+  const at::Tensor sh = nc_stat(shift, input, d, op, "shift");
+  at::MemoryFormat fmt;
+  const bool cl = channels_last_layout(input, fmt);
+  const at::Tensor x = cl ? input : input.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (x.numel() == 0) return y;
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_affine", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    constexpr int V = kVec16<T>;
+    const T* xp = x.data_ptr<T>();
+    const bool aligned = is_aligned(xp, 16) && is_aligned(y.data_ptr(), 16);
+    if (!cl) {
+      groups::RowFwd<T> p;
+      p.x = xp;
+      p.y = operand<T>(y);
+      p.b = operand<T>(sh);
+      p.mean = nullptr;
+      p.rstd = const_cast<A*>(sc.data_ptr<A>());  // read only (row_apply's rstd)
+      if (d.L % V == 0 && aligned) affine_rows<T, V>(p, d);
+      else affine_rows<T, 1>(p, d);
+    } else {
+      channels::ClFwd<T> p;
+      p.x = xp;
+      p.y = operand<T>(y);
+      p.b = operand<T>(sh);
+      p.rstd = sc.data_ptr<A>();
+      if (d.C % V == 0 && aligned) affine_cl<T, V>(p, d);
+      else affine_cl<T, 1>(p, d);
+    }
+  });
+  return y;
+}
+
+// ---- nc_grad_sums --------------------------------------------------------------------------------
+template <typename T, int VEC>
+void grad_sums_rows(groups::RowSums<T> p, const NcDims& d, acc_of<T>* sum_dy, acc_of<T>* sum_dy_xc,
+                    const at::Tensor& like) {
+  using A = acc_of<T>;
+  const cudaStream_t stream = current_stream();
+  const groups::Items it = nc_items(d, VEC);
+  const int64_t items = it.M * it.S;
+  at::Tensor ws = at::empty({2 * items}, acc_options(like));
+  p.ws = ws.data_ptr<A>();
+  launch(groups::row_sums_partial_kernel<T, VEC, T>, groups::item_grid(it), groups::kItemThreads, 0,
+         stream, p, it);
+  // ws[0] = sum(dy), ws[1] = sum(dy * (x - mean)) per item (row r: items r * S .. r * S + S - 1)
+  launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(it.M, 8)), 256, 0, stream,
+         static_cast<const A*>(p.ws), it.M, it.S, int64_t(1), it.S, int64_t(0), int64_t(1), items,
+         sum_dy, sum_dy_xc);
+}
+
+template <typename T, int VEC>
+void grad_sums_cl(channels::ClBwd<T> p, const NcDims& d, acc_of<T>* sum_dy, acc_of<T>* sum_dy_xc,
+                  const at::Tensor& like) {
+  using A = acc_of<T>;
+  const cudaStream_t stream = current_stream();
+  p.s = channels::plan_cl(
+      d.N, d.L, d.C, d.C, VEC, sm_count(),
+      resident_blocks(channels::cl_bwd_sums_kernel<T, VEC>, channels::kClThreads, 0));
+  const channels::ClShape& s = p.s;
+  const int64_t plane = s.N * s.K * s.C;
+  at::Tensor ws = at::empty({2 * plane}, acc_options(like));
+  launch(channels::cl_bwd_sums_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
+         p, ws.data_ptr<A>());
+  // ws[0] = sum(dy * (x - mean)), ws[1] = sum(dy), laid out [N, K, C]: (n, c) sums K partials
+  // C apart from n * K * C + c
+  const int64_t nc = d.N * d.C;
+  launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
+         static_cast<const A*>(ws.data_ptr<A>()), nc, s.K, s.C, s.K * s.C, int64_t(1), s.C, plane,
+         sum_dy_xc, sum_dy);
+}
+
+std::tuple<at::Tensor, at::Tensor> nc_grad_sums(const at::Tensor& grad_out, const at::Tensor& input,
+                                                const at::Tensor& mean) {
+  constexpr const char* op = "fastnorm::nc_grad_sums";
+  const NcDims d = nc_dims(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  const at::Tensor mu = nc_stat(mean, input, d, op, "mean");
+  at::MemoryFormat fmt;
+  const bool cl = channels_last_layout(input, fmt);
+  const at::Tensor x = cl ? input : input.contiguous();
+  const at::Tensor dy = nc_grad(grad_out, input, fmt, op);
+  at::Tensor sum_dy = at::empty({d.N, d.C}, acc_options(x));
+  at::Tensor sum_dy_xc = at::empty({d.N, d.C}, acc_options(x));
+  if (d.N * d.C == 0) return {sum_dy, sum_dy_xc};
+  if (d.L == 0) {  // sums over nothing
+    sum_dy.zero_();
+    sum_dy_xc.zero_();
+    return {sum_dy, sum_dy_xc};
+  }
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_grad_sums", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    constexpr int V = kVec16<T>;
+    const T* xp = x.data_ptr<T>();
+    const bool aligned = is_aligned(xp, 16) && is_aligned(dy.data_ptr(), 16);
+    A* o_dy = sum_dy.data_ptr<A>();
+    A* o_xc = sum_dy_xc.data_ptr<A>();
+    if (!cl) {
+      groups::RowSums<T> p;
+      p.x = xp;
+      p.dy = operand<T>(dy);
+      p.mean = mu.data_ptr<A>();
+      p.rstd = nullptr;  // centred sums: sum(dy * (x - mean))
+      p.stat_div = 1;
+      if (d.L % V == 0 && aligned) grad_sums_rows<T, V>(p, d, o_dy, o_xc, x);
+      else grad_sums_rows<T, 1>(p, d, o_dy, o_xc, x);
+    } else {
+      channels::ClBwd<T> p;
+      p.x = xp;
+      p.dy = operand<T>(dy);
+      p.mean = mu.data_ptr<A>();
+      p.rstd = nullptr;
+      if (d.C % V == 0 && aligned) grad_sums_cl<T, V>(p, d, o_dy, o_xc, x);
+      else grad_sums_cl<T, 1>(p, d, o_dy, o_xc, x);
+    }
+  });
+  return {sum_dy, sum_dy_xc};
+}
+
+// ---- nc_affine_grad ------------------------------------------------------------------------------
+// groups::GnDx in the NC mapping (kernels/groups_backward.cuh): w = a, c1 = c, c2 = b.
+template <typename T, int VEC>
+void affine_grad_rows(const groups::GnDx<T>& p, const NcDims& d) {
+  const groups::Items it = nc_items(d, VEC);
+  launch(groups::gn_dx_nchw_kernel<T, VEC, true>, groups::item_grid(it), groups::kItemThreads, 0,
+         current_stream(), p, it);
+}
+
+template <typename T, int VEC>
+void affine_grad_cl(const groups::GnDx<T>& p, const NcDims& d) {
+  const channels::ClShape s = channels::plan_cl(
+      d.N, d.L, d.C, d.C, VEC, sm_count(),
+      resident_blocks(channels::cl_dx_kernel<T, VEC, true>, channels::kClThreads, 0));
+  launch(channels::cl_dx_kernel<T, VEC, true>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
+         current_stream(), p, s);
+}
+
+at::Tensor nc_affine_grad(const std::optional<at::Tensor>& grad_out, const at::Tensor& input,
+                          const at::Tensor& mean, const at::Tensor& a, const at::Tensor& b,
+                          const at::Tensor& c) {
+  constexpr const char* op = "fastnorm::nc_affine_grad";
+  const NcDims d = nc_dims(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  const at::Tensor mu = nc_stat(mean, input, d, op, "mean");
+  const at::Tensor ka = nc_stat(a, input, d, op, "a");
+  const at::Tensor kb = nc_stat(b, input, d, op, "b");
+  const at::Tensor kc = nc_stat(c, input, d, op, "c");
+  at::MemoryFormat fmt;
+  const bool cl = channels_last_layout(input, fmt);
+  const at::Tensor x = cl ? input : input.contiguous();
+  const at::Tensor dy = has(grad_out) ? nc_grad(*grad_out, input, fmt, op) : at::Tensor();
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  if (x.numel() == 0) return dx;
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_affine_grad", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    constexpr int V = kVec16<T>;
+    groups::GnDx<T> p;
+    p.x = x.data_ptr<T>();
+    p.dy = operand<T>(dy);  // absent without grad_out: the a * dy term drops
+    p.mean = mu.data_ptr<A>();
+    p.w = dy.defined() ? operand<T>(ka) : Operand<T>{};
+    p.c1 = kc.data_ptr<A>();
+    p.c2 = kb.data_ptr<A>();
+    p.dx = dx.data_ptr<T>();
+    const bool aligned = is_aligned(p.x, 16) && is_aligned(p.dx, 16) &&
+                         (!dy.defined() || is_aligned(dy.data_ptr(), 16));
+    if (!cl) {
+      if (d.L % V == 0 && aligned) affine_grad_rows<T, V>(p, d);
+      else affine_grad_rows<T, 1>(p, d);
+    } else {
+      if (d.C % V == 0 && aligned) affine_grad_cl<T, V>(p, d);
+      else affine_grad_cl<T, 1>(p, d);
+    }
+  });
+  return dx;
+}
+
+}  // namespace
+}  // namespace fastnorm
+
+TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
+  m.impl("nc_moments", TORCH_FN(fastnorm::nc_moments));
+  m.impl("nc_affine", TORCH_FN(fastnorm::nc_affine));
+  m.impl("nc_grad_sums", TORCH_FN(fastnorm::nc_grad_sums));
+  m.impl("nc_affine_grad", TORCH_FN(fastnorm::nc_affine_grad));
+}
