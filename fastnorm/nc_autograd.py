@@ -171,33 +171,37 @@ class SwitchNormFunction(torch.autograd.Function):
         w, b = _param(weight, sd), _param(bias, sd)
         r, scale, shift = _switch_norm_scale_shift(mean, var, w, b, eps)
         y = _fn.nc_affine(x, scale, shift)
-        ctx.save_for_backward(x, weight, bias, mean_weight, var_weight, running_mean, running_var,
-                              m, mean, r, scale)
-        ctx.bn_batch, ctx.using_bn, ctx.eps = bn_batch, using_bn, eps
-        ctx.mixed_bn = None if mean_bn is None else (mean_bn, var_bn)
-        ctx.parts = parts
+        # with frozen BN statistics (eval) mean_bn / var_bn are the running buffers in the stat
+        # dtype; in training the module updates the buffers in place after this call, which is
+        # why the buffers themselves are never saved
+        k, vu, mean_ln, var_ln, pm, pv = parts
+        # every tensor the backward reads is saved (torch.compile traces the backward from them)
+        ctx.save_for_backward(x, weight, bias, mean_weight, var_weight, m, mean, r, scale, vu,
+                              mean_ln, var_ln, pm, pv, mean_bn, var_bn)
+        ctx.bn_batch, ctx.using_bn, ctx.eps, ctx.k = bn_batch, using_bn, eps, k
         if using_bn and bn_batch:
             out_mean, out_var = mean_bn.reshape(-1), var_bn.reshape(-1)
         else:
-            out_mean = out_var = m.new_empty((0,))
+            out_mean, out_var = m.new_empty((0,)), m.new_empty((0,))
         ctx.mark_non_differentiable(out_mean, out_var)
         return y, out_mean, out_var
 
     @staticmethod
     def backward(ctx, dy, _dmean_bn, _dvar_bn):
-        (x, weight, bias, mean_weight, var_weight, running_mean, running_var, m, mean, r,
-         scale) = ctx.saved_tensors
+        (x, weight, bias, mean_weight, var_weight, m, mean, r, scale, vu, mean_ln, var_ln, pm,
+         pv, mean_bn, var_bn) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
+            # with frozen statistics mean_bn / var_bn are the running buffers (stat dtype)
             grads = _double_backward(
                 lambda *a: _switch_norm_differentiable(*a, ctx.bn_batch, ctx.using_bn, ctx.eps),
-                (x, weight, bias, mean_weight, var_weight, running_mean, running_var),
+                (x, weight, bias, mean_weight, var_weight, mean_bn, var_bn),
                 dy, [needs[i] for i in range(7)])
             return (*grads[:5], None, None, None, None, None)
         sd = m.dtype
         n, c = m.shape
         count = _spatial_count(x)
-        k, vu, mean_ln, var_ln, pm, pv = ctx.parts
+        k = ctx.k
         A, B = _fn.nc_grad_sums(dy, x, m)
         w = _param(weight, sd)
         # y = (x - mean) * scale + bias, scale = weight * r, r = rsqrt(var + eps)
@@ -213,7 +217,6 @@ class SwitchNormFunction(torch.autograd.Function):
         stats_m = [m, mean_ln]
         stats_v = [vu, var_ln]
         if ctx.using_bn:
-            mean_bn, var_bn = ctx.mixed_bn
             stats_m.append(mean_bn)
             stats_v.append(var_bn)
         if needs[3]:
@@ -289,20 +292,21 @@ class SwitchNorm1dFunction(torch.autograd.Function):
         r, scale, shift = _switch_norm_scale_shift(mean, var, _param(weight, sd),
                                                    _param(bias, sd), eps)
         y = _fn.nc_affine(x.unsqueeze(-1), scale, shift).squeeze(-1)
-        ctx.save_for_backward(x, weight, bias, mean_weight, var_weight, running_mean, running_var,
-                              mean, r, scale)
-        ctx.parts, ctx.bn_batch, ctx.eps = parts, bn_batch, eps
+        ctx.save_for_backward(x, weight, bias, mean_weight, var_weight,  # buffers: see SwitchNorm
+                              None if bn_batch else running_mean,
+                              None if bn_batch else running_var, mean, r, scale, *parts)
+        ctx.bn_batch, ctx.eps = bn_batch, eps
         if bn_batch:
             out_mean, out_var = parts[2].reshape(-1), parts[3].reshape(-1)
         else:
-            out_mean = out_var = xs.new_empty((0,))
+            out_mean, out_var = xs.new_empty((0,)), xs.new_empty((0,))
         ctx.mark_non_differentiable(out_mean, out_var)
         return y, out_mean, out_var
 
     @staticmethod
     def backward(ctx, dy, _dm, _dv):
         (x, weight, bias, mean_weight, var_weight, running_mean, running_var, mean, r,
-         scale) = ctx.saved_tensors
+         scale, mean_ln, var_ln, mean_bn, var_bn, pm, pv) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():
             grads = _double_backward(
@@ -312,7 +316,6 @@ class SwitchNorm1dFunction(torch.autograd.Function):
             return (*grads[:5], None, None, None, None)
         sd = mean.dtype
         n, c = x.shape
-        mean_ln, var_ln, mean_bn, var_bn, pm, pv = ctx.parts
         xs, g = x.to(sd), dy.to(sd)
         centred = xs - mean
         g_mean = -scale * g
@@ -475,13 +478,14 @@ class IBNFunction(torch.autograd.Function):
             m, v, h, _vec(in_w, sd), _vec(in_b, sd), _vec(bn_w, sd), _vec(bn_b, sd), bn_mean,
             bn_var, in_eps, bn_eps)
         y = _fn.nc_affine(x, scale, shift)
-        ctx.save_for_backward(x, in_w, in_b, bn_w, bn_b, running_mean, running_var, m, scale,
-                              r_in, r_bn, bn_mean)
+        ctx.save_for_backward(x, in_w, in_b, bn_w, bn_b,  # buffers: see SwitchNorm
+                              None if bn_batch else running_mean,
+                              None if bn_batch else running_var, m, scale, r_in, r_bn, bn_mean)
         ctx.h, ctx.bn_batch, ctx.in_eps, ctx.bn_eps = h, bn_batch, in_eps, bn_eps
         if bn_batch:
             out_mean, out_var = bn_mean, bn_var
         else:
-            out_mean = out_var = m.new_empty((0,))
+            out_mean, out_var = m.new_empty((0,)), m.new_empty((0,))
         ctx.mark_non_differentiable(out_mean, out_var)
         return y, out_mean, out_var
 
