@@ -267,7 +267,8 @@ class IBN(nn.Module):
         y, mean_bn, var_bn = IBNFunction.apply(
             input, inorm.weight, inorm.bias, bn.weight, bn.bias, rm, rv, h, bn_training,
             inorm.eps, bn.eps)
-        if bn_training and rm is not None and not recompute:
+        # a BN half of no channels (ratio 1) is not run: its counter stays as it is
+        if bn_training and rm is not None and not recompute and h < self.planes:
             count = mean_bn.new_full(mean_bn.shape, float(input.shape[0] * math.prod(input.shape[2:])))
             with torch.no_grad():
                 _update_running_stats(rm, rv, bn.num_batches_tracked if tracking else None,
