@@ -285,3 +285,15 @@ def test_integer_input_raises():
     with pytest.raises(RuntimeError, match="floating-point"):
         mod(torch.ones(2, 4, 3, 3, dtype=torch.int64))
     assert int(mod.BN.num_batches_tracked) == 0
+
+
+def test_checkpoint_updates_running_statistics_once():
+    from torch.utils.checkpoint import checkpoint
+
+    mod = randomize(fastnorm.IBN(6, 0.5))
+    twin = copy.deepcopy(mod)
+    x = _x((4, 6, 5, 5), torch.float32).requires_grad_()
+    checkpoint(mod, x, use_reentrant=False).sum().backward()
+    twin(x.detach())
+    for (k, b), (_, bt) in zip(mod.named_buffers(), twin.named_buffers()):
+        assert torch.equal(b, bt) if not b.is_floating_point() else torch.allclose(b, bt), k

@@ -375,3 +375,15 @@ def test_integer_input_raises():
 
 def test_tolerances_cover_dtypes():
     assert set(DTYPES) <= set(TOL)
+
+
+def test_checkpoint_updates_running_statistics_once():
+    from torch.utils.checkpoint import checkpoint
+
+    mod = randomize(fastnorm.SwitchNorm2d(3))
+    twin = copy.deepcopy(mod)
+    x = make_x((4, 3, 5, 5), torch.float32).requires_grad_()
+    checkpoint(mod, x, use_reentrant=False).sum().backward()
+    twin(x.detach()).sum()
+    for (k, b), (_, bt) in zip(mod.named_buffers(), twin.named_buffers()):
+        assert torch.allclose(b, bt), k
