@@ -27,7 +27,7 @@ import fastnorm
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "add_rms_norm",
-       "layer_norm2d", "frozen_batch_norm")
+       "layer_norm2d", "frozen_batch_norm", "switch_norm", "adain", "ibn")
 
 # The fewest x-sized tensors each pass must read or write once (inputs read once, outputs written
 # once; parameters, statistics and parameter gradients are per row or per channel and left out).
@@ -36,10 +36,13 @@ OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "a
 #     d(residual_out) and residual_out (the one activation saved), writes d(input) = d(residual)
 #     once (one dtype: the same tensor is the gradient of both inputs).
 #   frozen_batch_norm: y = x * scale + shift per channel; bwd reads dy, writes dx (x unused).
+#   adain: fwd reads content and style (the same shape here), writes y; bwd reads content, style
+#     and dy, writes both gradients.
 STREAMS = {
     "default": {"fwd": 2, "bwd": 3, "fwdbwd": 5},
     "add_rms_norm": {"fwd": 4, "bwd": 4, "fwdbwd": 8},
     "frozen_batch_norm": {"fwd": 2, "bwd": 2, "fwdbwd": 4},
+    "adain": {"fwd": 3, "bwd": 5, "fwdbwd": 8},
 }
 
 
@@ -119,6 +122,84 @@ class FormulaFrozenBatchNorm2d(nn.Module):
         return x * scale + (b - rm * scale)
 
 
+class ReferenceSwitchNorm2d(nn.Module):
+    """Switchable Normalization as the authors' devkit computes it, unfused (the baseline of
+    fastnorm.SwitchNorm2d; the same parameters, buffers and state_dict): per-(n, c) mean and
+    unbiased variance, LN and BN statistics derived from them, softmax-mixed, then
+    (x - mean) / sqrt(var + eps) * weight + bias; running = momentum * running + (1 - momentum)
+    * batch."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(1, num_features, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, num_features, 1, 1))
+        self.mean_weight = nn.Parameter(torch.ones(3))
+        self.var_weight = nn.Parameter(torch.ones(3))
+        self.register_buffer("running_mean", torch.zeros(1, num_features, 1))
+        self.register_buffer("running_var", torch.zeros(1, num_features, 1))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        flat = x.reshape(n, c, -1)
+        mean_in = flat.mean(-1, keepdim=True)
+        var_in = flat.var(-1, keepdim=True)
+        mean_ln = mean_in.mean(1, keepdim=True)
+        sq = var_in + mean_in ** 2
+        var_ln = sq.mean(1, keepdim=True) - mean_ln ** 2
+        if self.training:
+            mean_bn = mean_in.mean(0, keepdim=True)
+            var_bn = sq.mean(0, keepdim=True) - mean_bn ** 2
+            with torch.no_grad():
+                self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean_bn)
+                self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var_bn)
+        else:
+            mean_bn, var_bn = self.running_mean, self.running_var
+        pm = torch.softmax(self.mean_weight, 0)
+        pv = torch.softmax(self.var_weight, 0)
+        mean = pm[0] * mean_in + pm[1] * mean_ln + pm[2] * mean_bn
+        var = pv[0] * var_in + pv[1] * var_ln + pv[2] * var_bn
+        y = (flat - mean) / (var + self.eps).sqrt()
+        return y.reshape(n, c, h, w) * self.weight + self.bias
+
+
+class ReferenceAdaIN(nn.Module):
+    """AdaIN as the widely used PyTorch implementation of Huang & Belongie composes it (per-(n, c)
+    mean and unbiased std of each input, then normalise and re-scale): the baseline of
+    fastnorm.AdaptiveInstanceNorm."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def _mean_std(self, t):
+        n, c = t.shape[:2]
+        flat = t.reshape(n, c, -1)
+        shape = (n, c) + (1,) * (t.dim() - 2)
+        return flat.mean(-1).reshape(shape), (flat.var(-1) + self.eps).sqrt().reshape(shape)
+
+    def forward(self, content, style):
+        c_mean, c_std = self._mean_std(content)
+        s_mean, s_std = self._mean_std(style)
+        return (content - c_mean) / c_std * s_std + s_mean
+
+
+class ReferenceIBN(nn.Module):
+    """IBN-Net's IBN block as its repository writes it: split the channels, an affine
+    InstanceNorm2d on the first half and a BatchNorm2d on the rest, cat (the baseline of
+    fastnorm.IBN; the same state_dict)."""
+
+    def __init__(self, planes: int, ratio: float = 0.5):
+        super().__init__()
+        self.half = int(planes * ratio)
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(planes - self.half)
+
+    def forward(self, x):
+        a, b = torch.split(x, [self.half, x.shape[1] - self.half], 1)
+        return torch.cat((self.IN(a.contiguous()), self.BN(b.contiguous())), 1)
+
+
 def layer_norm2d_reference(c: int) -> nn.Module:
     """timm's LayerNorm2d (what ConvNeXt runs) when timm imports, else PermuteLayerNorm2d."""
     try:
@@ -195,14 +276,21 @@ class Case:
 
     @property
     def n_inputs(self) -> int:
-        """Tensors the layer takes (add_rms_norm: input and residual) and returns as many."""
+        """Tensors the layer takes (add_rms_norm: input and residual; adain: content and style,
+        here of one shape)."""
+        return 2 if self.op in ("add_rms_norm", "adain") else 1
+
+    @property
+    def n_outputs(self) -> int:
+        """Tensors the layer returns (add_rms_norm: output and residual_out)."""
         return 2 if self.op == "add_rms_norm" else 1
 
     @property
     def drop_in(self) -> bool:
         """fastnorm's layer is fastnorm.convert() of the reference layer (else fastnorm_module
-        builds it: the fused residual add, or the stand-ins used without timm / torchvision)."""
-        return self.op != "add_rms_norm" and type(self._third_party()) not in (
+        builds it: the fused residual add, the stand-ins used without timm / torchvision, and
+        issue 11's layers, whose references have no torch.nn class)."""
+        return self.op not in ("add_rms_norm",) + NC_OPS and type(self._third_party()) not in (
             PermuteLayerNorm2d, FormulaFrozenBatchNorm2d)
 
     def _third_party(self) -> Optional[nn.Module]:
@@ -235,21 +323,43 @@ class Case:
             m = nn.GroupNorm(32, c)
         elif self.op == "instance_norm":
             m = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}[nd](c, affine=True)
+        elif self.op == "switch_norm":
+            m = ReferenceSwitchNorm2d(c)
+        elif self.op == "adain":
+            m = ReferenceAdaIN()
+        elif self.op == "ibn":
+            m = ReferenceIBN(c)
         else:
             raise ValueError(self.op)
         with torch.no_grad():
-            m.weight.uniform_(0.5, 1.5)
-            if getattr(m, "bias", None) is not None:
-                m.bias.normal_(0.0, 0.2)
+            for layer in (m.IN, m.BN) if self.op == "ibn" else (() if self.op == "adain" else (m,)):
+                layer.weight.uniform_(0.5, 1.5)
+                if getattr(layer, "bias", None) is not None:
+                    layer.bias.normal_(0.0, 0.2)
             if self.op == "frozen_batch_norm":
                 m.running_mean.normal_(0.1, 0.3)
                 m.running_var.uniform_(0.5, 2.0)
-        if self.op != "batch_norm":
+            if self.op == "switch_norm":
+                m.mean_weight.normal_(0.0, 0.5)
+                m.var_weight.normal_(0.0, 0.5)
+        # IBN's BatchNorm half keeps float32 parameters as batch_norm's cases (AMP)
+        if self.op not in ("batch_norm", "ibn"):
             m = m.to(DTYPES[self.dtype])
         return m.train()
 
     def fastnorm_module(self, ref: nn.Module) -> nn.Module:
         """fastnorm's layer with ref's parameters and state (a copy; ref is not changed)."""
+        if self.op in NC_OPS:  # issue 11's layers: the reference's state loaded into fastnorm's
+            if self.op == "adain":
+                return fastnorm.AdaptiveInstanceNorm(eps=ref.eps).train(ref.training)
+            if self.op == "switch_norm":
+                f = fastnorm.SwitchNorm2d(self.channels, eps=ref.eps, momentum=ref.momentum)
+                f = f.to(ref.weight.device, ref.weight.dtype)
+            else:
+                f = fastnorm.IBN(self.channels, ref.half / self.channels).to(ref.BN.weight.device)
+                assert f.half == ref.half
+            f.load_state_dict(ref.state_dict())
+            return f.train(ref.training)
         m = copy.deepcopy(ref)
         if self.op == "add_rms_norm":
             assert fuse_add_norms(m) == 1
@@ -271,6 +381,8 @@ class Case:
 
 # ops whose parameters run along the last dimension (rows of the normalised width)
 ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm")
+# issue 11's layers on the per-(n, c) ops (fastnorm_module builds them from the reference's state)
+NC_OPS = ("switch_norm", "adain", "ibn")
 
 
 def _ln(name, rows, width, dtypes, quick=False, op="layer_norm"):
@@ -345,6 +457,27 @@ CASES: List[Case] = [
            quick=(c == 320 and layout == "channels_last"))
       for c, hw in ((320, 64), (640, 32), (1280, 16))
       for layout in ("contiguous", "channels_last")],
+    # SwitchNorm2d at ResNet-50's stage shapes, batch 64 (ResNet-50-SN): NCHW fp32, channels_last
+    # bf16; against the authors' formulas unfused (ReferenceSwitchNorm2d)
+    *[Case("switch_norm", name, shape, dtypes, layout,
+           quick=(name == "resnet50-layer1" and layout == "contiguous"))
+      for name, shape in (("resnet50-stem", (64, 64, 112, 112)),
+                          ("resnet50-layer1", (64, 256, 56, 56)),
+                          ("resnet50-layer2", (64, 512, 28, 28)),
+                          ("resnet50-layer4", (64, 2048, 7, 7)))
+      for dtypes, layout in ((("fp32",), "contiguous"), (("bf16",), "channels_last"))],
+    # AdaIN on VGG-19 relu4_1 features of 512x512 images, batch 8 (style transfer), content and
+    # style of one shape; against the unfused mean/std composition (ReferenceAdaIN)
+    Case("adain", "vgg-relu4_1", (8, 512, 64, 64), ("fp32", "bf16"), "contiguous", quick=True),
+    Case("adain", "vgg-relu4_1", (8, 512, 64, 64), ("bf16",), "channels_last"),
+    # IBN of ResNet-50-IBN-a (the first norm of the bottlenecks of layers 1-3: 64, 128 and 256
+    # planes, half IN), batch 64; against IBN-Net's split / InstanceNorm2d / BatchNorm2d / cat
+    *[Case("ibn", name, shape, dtypes, layout,
+           quick=(name == "resnet50-ibn-a-layer1" and layout == "contiguous"))
+      for name, shape in (("resnet50-ibn-a-layer1", (64, 64, 56, 56)),
+                          ("resnet50-ibn-a-layer2", (64, 128, 28, 28)),
+                          ("resnet50-ibn-a-layer3", (64, 256, 14, 14)))
+      for dtypes, layout in ((("fp32",), "contiguous"), (("bf16",), "channels_last"))],
 ]
 
 

@@ -222,8 +222,9 @@ def available_extras(device: torch.device) -> List[str]:
 def make_inputs(case: Case, device: torch.device, seed: int):
     """The layer's inputs and the gradients of its outputs, in the case's layout: x random (mean
     0.3, std 1.5: not centred, not unit), dy ~ N(0, 1); add_rms_norm also takes a residual
-    (N(0, 1)) and gets a gradient of residual_out (N(0, 1)). Returns (inputs, grads), tuples of
-    case.n_inputs tensors; the inputs require grad."""
+    (N(0, 1)) and gets a gradient of residual_out (N(0, 1)); adain takes a style (N(0, 1)) and
+    returns one output. Returns (inputs, grads), tuples of case.n_inputs and case.n_outputs
+    tensors; the inputs require grad."""
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[case.dtype]
     fmt = case.memory_format()
@@ -232,6 +233,7 @@ def make_inputs(case: Case, device: torch.device, seed: int):
     inputs, grads = [x], [dy]
     if case.n_inputs == 2:
         inputs.append(torch.randn(case.shape, generator=g, device=device, dtype=torch.float32))
+    if case.n_outputs == 2:
         grads.append(torch.randn(case.shape, generator=g, device=device, dtype=torch.float32))
     inputs = tuple(t.to(dtype).contiguous(memory_format=fmt).requires_grad_(True) for t in inputs)
     grads = tuple(t.to(dtype).contiguous(memory_format=fmt) for t in grads)

@@ -668,3 +668,43 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: Union[int,
     """add_rms_norm with LayerNorm: returns (layer_norm(residual_out, normalized_shape, weight,
     bias, eps) in input's dtype, residual_out = input + residual in residual's dtype)."""
     return _add_norm("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# AdaIN (issue 11; the autograd.Function lives in nc_autograd.py)
+# ----------------------------------------------------------------------------------------------
+from .nc_autograd import AdaINFunction as _AdaINFunction  # noqa: E402
+
+__all__.append("adaptive_instance_norm")
+
+
+def adaptive_instance_norm(content: Tensor, style: Tensor, eps: float = 1e-5,
+                           unbiased: bool = True) -> Tensor:
+    """Adaptive instance normalisation (Huang & Belongie 2017):
+
+        AdaIN(x, y) = sigma(y) * (x - mu(x)) / sigma(x) + mu(y)
+
+    per (n, c), over the spatial positions of (N, C, *) tensors, sigma = sqrt(var + eps), var
+    unbiased (as the widely used PyTorch implementation computes it) or biased with
+    unbiased=False. content and style share N, C, dtype and device; their spatial sizes may
+    differ. Gradients reach both. The output has content's dtype and memory format.
+
+    A spatial extent of one position with unbiased=True gives NaN (the unbiased variance of one
+    value is undefined), as the reference's var() does."""
+    name = "adaptive_instance_norm"
+    for what, t in (("content", content), ("style", style)):
+        if t.dim() < 3:
+            raise ValueError(f"{name}: expected {what} of at least 3 dimensions (N, C, *), but "
+                             f"got {what} of shape {tuple(t.shape)}")
+        _check_floating(name, t, RuntimeError)
+    if content.shape[:2] != style.shape[:2]:
+        raise RuntimeError(f"{name}: expected style with content's (N, C) = "
+                           f"{tuple(content.shape[:2])}, but got style of shape "
+                           f"{tuple(style.shape)} for content of shape {tuple(content.shape)}")
+    if style.dtype != content.dtype:
+        raise RuntimeError(f"{name}: expected style of content's dtype {content.dtype}, but got "
+                           f"{style.dtype}")
+    if style.device != content.device:
+        raise RuntimeError(f"{name}: expected style on content's device {content.device}, but "
+                           f"got {style.device}")
+    return _AdaINFunction.apply(content, style, float(eps), bool(unbiased))

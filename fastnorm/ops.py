@@ -1006,7 +1006,10 @@ def _nc_view(t: torch.Tensor, input: torch.Tensor, sd: torch.dtype) -> torch.Ten
 def _nc_moments_ref(input):
     _nc_check_input("nc_moments", input)
     sd = stat_dtype(input.dtype)
-    # correction=0: the biased variance m2 / L; L == 0 gives NaN for both (torch's var_mean)
+    if input.numel() == 0:  # no (n, c), or no positions: NaN statistics (torch's, unwarned)
+        nan = input.new_full(tuple(input.shape[:2]), math.nan, dtype=sd)
+        return nan, nan.clone()
+    # correction=0: the biased variance m2 / L
     var, mean = torch.var_mean(input.to(sd), _nc_dims(input), correction=0)
     return mean.contiguous(), var.contiguous()
 

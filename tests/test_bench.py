@@ -176,3 +176,65 @@ def test_e2e_convnext_runs():
                       zoo=False, seed=0)
     assert r["source"] == "timm" and r["norm_layers"] >= 5  # LayerNorm2d: stem, 3 downsamples, head
     assert r["max_loss_absdiff"] < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 11: SwitchNorm2d, AdaIN, IBN against their unfused reference compositions
+# ----------------------------------------------------------------------------------------------
+NC_OPS = ("switch_norm", "adain", "ibn")
+
+
+def test_issue11_cases_have_the_issue_shapes():
+    gpu = cases.select("cuda", False, NC_OPS)
+    assert {c.op for c in gpu} == set(NC_OPS)
+    assert {c.op for c in cases.select("cuda", True, NC_OPS)} == set(NC_OPS)
+    assert {c.op for c in cases.select("cpu", True, NC_OPS)} == set(NC_OPS)
+    by = {(c.op, c.name, c.layout, c.dtype): c.shape for c in gpu}
+    for name, shape in (("resnet50-stem", (64, 64, 112, 112)), ("resnet50-layer1", (64, 256, 56, 56)),
+                        ("resnet50-layer2", (64, 512, 28, 28)), ("resnet50-layer4", (64, 2048, 7, 7))):
+        assert by[("switch_norm", name, "contiguous", "fp32")] == shape
+        assert by[("switch_norm", name, "channels_last", "bf16")] == shape
+    assert by[("adain", "vgg-relu4_1", "contiguous", "fp32")] == (8, 512, 64, 64)
+    assert by[("adain", "vgg-relu4_1", "channels_last", "bf16")] == (8, 512, 64, 64)
+    assert by[("ibn", "resnet50-ibn-a-layer1", "contiguous", "fp32")] == (64, 64, 56, 56)
+    assert by[("ibn", "resnet50-ibn-a-layer3", "channels_last", "bf16")] == (64, 256, 14, 14)
+
+
+def test_issue11_min_bytes():
+    n, b = 1000, 2
+    assert [run.min_bytes(n, b, p, "adain") for p in run.PASSES] == [3 * n * b, 5 * n * b, 8 * n * b]
+    for op in ("switch_norm", "ibn"):
+        assert [run.min_bytes(n, b, p, op) for p in run.PASSES] == [2 * n * b, 3 * n * b, 5 * n * b]
+
+
+def test_issue11_references_and_fastnorm_modules():
+    want = {"switch_norm": (cases.ReferenceSwitchNorm2d, fastnorm.SwitchNorm2d),
+            "adain": (cases.ReferenceAdaIN, fastnorm.AdaptiveInstanceNorm),
+            "ibn": (cases.ReferenceIBN, fastnorm.IBN)}
+    for c in cases.select("cpu", True, NC_OPS):
+        ref = c.module()
+        fast = c.fastnorm_module(ref)
+        assert type(ref) is want[c.op][0] and type(fast) is want[c.op][1] and not c.drop_in
+        assert {k: v.shape for k, v in ref.state_dict().items()} == {
+            k: v.shape for k, v in fast.state_dict().items()}
+        for k, v in ref.state_dict().items():
+            assert torch.equal(v, fast.state_dict()[k]), k
+        if c.op == "switch_norm":
+            assert float(ref.mean_weight.std()) > 0  # random mixing weights, not uniform
+
+
+@pytest.mark.parametrize("op", NC_OPS)
+def test_issue11_bench_case_runs_on_cpu(op):
+    for layout in ("contiguous", "channels_last"):
+        (c,) = [small(c) for c in cases.select("cpu", False, [op]) if c.layout == layout][:1]
+        timer = run.Timer(torch.device("cpu"), quick=True)
+        timer.target_ms, timer.min_reps, timer.max_reps = 1, 2, 2
+        meta = {k: "" for k in run.COLUMNS[:8]}
+        rows = run.bench_case(c, ["fastnorm", "eager"], timer, meta, 10.0, seed=0)
+        assert len(rows) == 6, [(r["provider"], r["pass"]) for r in rows]
+        for r in rows:
+            assert r["correct"], r
+            assert r["maxdiff_y"] < 1e-4 and r["maxdiff_dx"] < 1e-4
+            want = run.min_bytes(math.prod(c.shape), 4, r["pass"], op)
+            assert r["gbps"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9)
+            assert r["layout"] == layout

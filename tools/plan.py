@@ -8,6 +8,9 @@ runs in the emulation build (tools/cuda_emu) with launches recorded instead of e
     python tools/plan.py add_rms_norm 4096x4096 bf16 --residual fp32   # a float32 residual stream
     python tools/plan.py layer_norm2d 32x96x56x56 bf16 --layout channels_last
     python tools/plan.py frozen_batch_norm 64x256x56x56 fp32
+    python tools/plan.py switch_norm 64x256x56x56 bf16 --layout channels_last
+    python tools/plan.py adain 8x512x64x64 fp32      # content and style of one shape
+    python tools/plan.py ibn 64x64x56x56 fp32
 
 For each launch: kernel, grid, block, dynamic shared memory, blocks, and (when the CUDA build's
 resource report build/kernel_resources.json exists) resident blocks per SM and waves.
@@ -36,7 +39,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 SMS = 132  # the emulated H100
 # Ops on rows of the last dimension (the groups family), and every op the planner takes.
 ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm")
-OPS = ROW_OPS + ("group_norm", "instance_norm", "batch_norm", "layer_norm2d", "frozen_batch_norm")
+# issue 11's layers on the per-(n, c) ops (nc_moments, nc_affine, nc_grad_sums, nc_affine_grad)
+NC_OPS = ("switch_norm", "adain", "ibn")
+OPS = ROW_OPS + ("group_norm", "instance_norm", "batch_norm", "layer_norm2d",
+                 "frozen_batch_norm") + NC_OPS
 
 
 def _resources() -> dict:
@@ -266,6 +272,15 @@ class Call:
             self.M = self.numel // self.L if self.L else 0
             self.P, self.S = self.L, self.M  # parameter length, statistics length
             self.pbytes = self.elem
+        elif op in NC_OPS:  # per (n, c) over the HW positions; [N, C] statistics
+            self.N, self.C = self.shape[0], self.shape[1]
+            self.HW = math.prod(self.shape[2:])
+            self.G, self.Cg = self.C, 1
+            self.M, self.L = self.N * self.C, self.HW
+            # adain: no parameters, the statistics of content and style
+            self.P = 0 if op == "adain" else self.C
+            self.S = self.M * (2 if op == "adain" else 1)
+            self.pbytes = 4 if op == "ibn" else self.elem  # IBN's BatchNorm half: float32
         elif op == "layer_norm2d":  # per position (n, s) over C channels: rows [N * HW, C]
             self.N, self.C = self.shape[0], self.shape[1]
             self.HW = math.prod(self.shape[2:])
@@ -310,9 +325,13 @@ class Call:
             if self.op in ("batch_norm", "frozen_batch_norm"):
                 small.append("running" if self.training else "running_r")
             big = 2 * self.E + 2 * self.R if self.add else 2 * self.E
+            if self.op == "adain":  # content and style read, y written
+                big = 3 * self.E
             return big + sum(self.small(s) for s in small)
         if self.add:  # dy; residual_out and its gradient; dresidual (and dinput, two dtypes)
             big = self.E + 3 * self.R + (self.E if self.split_grads else 0)
+        elif self.op == "adain":  # content, style and dy read; both gradients written
+            big = 5 * self.E
         else:
             big = (2 if self.frozen else 3) * self.E
         return big + sum(self.small(s) for s in ("stats", "w", "dwdb"))
@@ -700,7 +719,16 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
     frozen = op == "frozen_batch_norm"
     training = training and not frozen
 
+    # issue 11's layers: [N, C] coefficients in the statistics dtype; adain's style has x's shape
+    nc = torch.empty(tuple(shape[:2]), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    style = torch.empty_like(x)
+
     def fwd(ops):
+        if op in NC_OPS:  # moments of x (and of the style), [N, C] math, one apply pass
+            mean, _ = ops.nc_moments(x)
+            if op == "adain":
+                ops.nc_moments(style)
+            return ops.nc_affine(x, nc, nc), mean
         if op == "layer_norm":
             return ops.layer_norm_fwd(x, [c], w, b, 1e-5)
         if op == "rms_norm":
@@ -717,6 +745,12 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
 
     def bwd(ops, out):
         mask = [True, True, True]
+        if op in NC_OPS:  # the sums, then dx in one pass (adain: the style's through its moments)
+            ops.nc_grad_sums(dy, x, out[1])
+            dx = ops.nc_affine_grad(dy, x, out[1], nc, nc, nc)
+            if op == "adain":
+                return dx, ops.nc_affine_grad(None, style, nc, nc, nc, nc)
+            return dx
         if op == "layer_norm":
             return ops.layer_norm_bwd(dy, x, out[1], out[2], w, [c], mask)
         if op == "rms_norm":
