@@ -668,3 +668,37 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: Union[int,
     """add_rms_norm with LayerNorm: returns (layer_norm(residual_out, normalized_shape, weight,
     bias, eps) in input's dtype, residual_out = input + residual in residual's dtype)."""
     return _add_norm("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# LocalResponseNorm
+# ----------------------------------------------------------------------------------------------
+from .autograd import apply_local_response_norm  # noqa: E402
+
+__all__.append("local_response_norm")
+
+
+def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 1.0) -> Tensor:
+    """torch.nn.functional.local_response_norm: for (N, C, *) input, y = x / div^beta with
+    div = k + alpha * (x^2 averaged over the zero-padded window of `size` channels
+    [c - size // 2, c + (size - 1) // 2], divided by size). One fused kernel each way on CUDA
+    (torch runs pad, pooling and pow as separate passes); float16/bfloat16 are computed in
+    float32 and rounded once. The output keeps the input's memory format. On CPU, eagerly, this
+    is torch's own composition (the same bits); an input with no elements is returned as is, as
+    torch does; a non-floating input is torch's business (its composition's dtype rules)."""
+    refused = None
+    if cpu_fast_path(input) or (not input.is_floating_point() and input.dim() >= 3):
+        try:
+            return torch.nn.functional.local_response_norm(input, size, alpha, beta, k)
+        except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+            refused = e
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"local_response_norm: size must be an int (channels in a window), got "
+                        f"{type(size).__name__} {size!r}")
+    ops.lrn_check(input, size)
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: torch's own reason (or a hook's)
+    if input.numel() == 0:
+        return input  # torch returns its empty input itself
+    return apply_local_response_norm(input, size, float(alpha), float(beta), float(k))
