@@ -650,8 +650,7 @@ def _lrn_backward(ctx, dy):
     if not ctx.needs_input_grad[0]:
         return None
     if torch.is_grad_enabled():  # a differentiable backward (double backward, torch.func)
-        dx = _ops.lrn_grad(dy, x, *ctx.lrn).to(x.dtype)
-        return dx.contiguous(memory_format=memory_format_of(x))
+        return _ops.lrn_grad(dy, x, *ctx.lrn).to(x.dtype)
     return _fn.local_response_norm_bwd(dy.to(x.dtype), x, *ctx.lrn)
 
 
@@ -690,7 +689,7 @@ class LocalResponseNormFunction(_LocalResponseNormFunction):
         r = 1.0 / div.pow(beta)
         tdiv = _ops.lrn_window(2.0 * xs * t, size, size // 2, (size - 1) // 2, True) * alpha
         ty = t * r - beta * xs * r / div * tdiv
-        return ty.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+        return ty.to(x.dtype)
 
 
 apply_layer_norm = _applier(LayerNormFunction, _LayerNormFunction)

@@ -684,11 +684,15 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     div = k + alpha * (x^2 averaged over the zero-padded window of `size` channels
     [c - size // 2, c + (size - 1) // 2], divided by size). One fused kernel each way on CUDA
     (torch runs pad, pooling and pow as separate passes); float16/bfloat16 are computed in
-    float32 and rounded once. The output keeps the input's memory format. On CPU, eagerly, this
-    is torch's own composition (the same bits); an input with no elements is returned as is, as
-    torch does; a non-floating input is torch's business (its composition's dtype rules)."""
+    float32 and rounded once. The output keeps the input's memory format. On CPU, eagerly, float32
+    and float64 run torch's own composition (the same bits), float16 / bfloat16 the op's (torch's
+    CPU pooling refuses them at rank >= 4); an input with no elements is returned as is, as torch
+    does; a non-floating input is torch's business (its composition's dtype rules)."""
     refused = None
-    if cpu_fast_path(input) or (not input.is_floating_point() and input.dim() >= 3):
+    # float16 / bfloat16 take the op path on CPU too: torch's pooling has no CPU kernel for them
+    # at rank >= 4 (NotImplementedError), and the op computes them in float32, rounded once
+    if ((cpu_fast_path(input) and input.dtype in (torch.float32, torch.float64))
+            or (not input.is_floating_point() and input.dim() >= 3)):
         try:
             return torch.nn.functional.local_response_norm(input, size, alpha, beta, k)
         except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
