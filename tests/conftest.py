@@ -344,7 +344,8 @@ def _poison_uninitialized_memory(request):
 # The coverage test of the emulation tier runs last and only judges a whole-suite run.
 # ------------------------------------------------------------------------------------------------
 KERNEL_TEST_FILES = {"test_batch_norm_kernels.py", "test_row_kernels.py",
-                     "test_layer_norm2d_kernels.py", "test_rms_add_kernels.py"}
+                     "test_layer_norm2d_kernels.py", "test_rms_add_kernels.py",
+                     "test_lrn_kernels.py"}
 
 
 def pytest_configure(config):

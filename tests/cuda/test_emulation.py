@@ -186,6 +186,14 @@ def _add(ops, m, n, dtype, res_dtype, rms):
     return (*out, *grads), (out[0], ref)
 
 
+def _lrn(ops, shape, layout, dtype):
+    x, dy = _randn(shape, dtype, 22, layout), _randn(shape, dtype, 23, layout)
+    y = ops.local_response_norm_fwd(x, 5, 0.3, 0.75, 1.2)
+    dx = ops.local_response_norm_bwd(dy, x, 5, 0.3, 0.75, 1.2)
+    ref = F.local_response_norm(x.double(), 5, 0.3, 0.75, 1.2)
+    return (y, dx), (y, ref)
+
+
 # Each case crosses a different kernel path (at 132 SMs; the smaller devices move some of them:
 # "ln-bwd-rows" gets several rows per backward block (tpr 128) at 8 SMs and 1 SM).
 CASES = {
@@ -202,6 +210,8 @@ CASES = {
     "bn-nchw": lambda ops: _bn(ops, (4, 3, 30, 30), None, torch.float32),
     "bn-nhwc": lambda ops: _bn(ops, (8, 24, 9, 9), "cl", torch.float16),
     "bn-nc": lambda ops: _bn(ops, (300, 5), None, torch.float64),
+    "lrn-nchw": lambda ops: _lrn(ops, (4, 13, 8, 8), None, torch.float32),
+    "lrn-nhwc": lambda ops: _lrn(ops, (4, 16, 6, 6), "cl", torch.bfloat16),
 }
 ORDERS = [dict(thread_order="forward", block_order="forward"),
           dict(thread_order="reverse", block_order="reverse"),
