@@ -684,7 +684,8 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     div = k + alpha * (x^2 averaged over the zero-padded window of `size` channels
     [c - size // 2, c + (size - 1) // 2], divided by size). One fused kernel each way on CUDA
     (torch runs pad, pooling and pow as separate passes); float16/bfloat16 are computed in
-    float32 and rounded once. The output keeps the input's memory format. On CPU, eagerly, float32
+    float32 and rounded once (under CUDA autocast the output is float32, as torch's: autocast
+    runs its pow in float32). The output keeps the input's memory format. On CPU, eagerly, float32
     and float64 run torch's own composition (the same bits), float16 / bfloat16 the op's (torch's
     CPU pooling refuses them at rank >= 4); an input with no elements is returned as is, as torch
     does; a non-floating input is torch's business (its composition's dtype rules)."""
@@ -705,4 +706,8 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
         raise refused  # not an argument fastnorm checks: torch's own reason (or a hook's)
     if input.numel() == 0:
         return input  # torch returns its empty input itself
-    return apply_local_response_norm(input, size, float(alpha), float(beta), float(k))
+    y = apply_local_response_norm(input, size, float(alpha), float(beta), float(k))
+    if _autocast_dtype(input) is not None:
+        # CUDA autocast runs torch's pow in float32, so its x / div^beta comes out float32
+        y = y.float()
+    return y

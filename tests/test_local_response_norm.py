@@ -395,3 +395,15 @@ def test_op_level_errors():
     assert mentions_shape(str(e.value), (2, 3, 5)) and mentions_shape(str(e.value), (2, 3, 4))
     with pytest.raises(RuntimeError, match="dtype"):
         ops.local_response_norm_bwd(x.double(), x, 2, 1e-4, 0.75, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA autocast needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_autocast_output_dtype_as_torch(dtype):
+    """Under CUDA autocast torch's pow runs in float32, so torch's output is float32: the same."""
+    x = make_x((2, 6, 5, 5), "cuda", dtype)
+    with torch.autocast("cuda", dtype=dtype):
+        y = FN.local_response_norm(x, 5, **ARGS)
+        yt = F.local_response_norm(x, 5, **ARGS)
+    assert y.dtype == yt.dtype == torch.float32
+    assert_close_scaled(y.double(), reference(x, 5, **ARGS), dtype)

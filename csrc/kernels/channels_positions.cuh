@@ -42,7 +42,8 @@
 // Loads in flight: the forward's channel walk is unrolled 4 deep, the backward's inner window sum
 // likewise (its outer walk is not: with G x V sums, own values and x live, an unrolled outer walk
 // spills). G x V is 16 elements (8 in fp64), enough to amortise the size - 1 halo channels and
-// few enough to stay under 128 registers (-Xptxas -v: 63-88 forward, 89-128 backward).
+// few enough to stay within kLrnMinBlocks' 128 registers (-Xptxas -v: 63-88 forward, 89-128
+// backward, no spills).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -352,6 +353,10 @@ inline constexpr int kLrnElems = sizeof(acc_of<T>) == 8 ? 8 : 16;
 template <typename T, int V>
 inline constexpr int kLrnGroup = kLrnElems<T> / V > 0 ? kLrnElems<T> / V : 1;
 
+// At least two resident 256-thread blocks per SM (a register cap of 128): one block's last units
+// overlap the next one's loads. The kernels fit it without spilling (-Xptxas -v).
+constexpr int kLrnMinBlocks = 2;
+
 __device__ __forceinline__ float pow_acc(float a, float b) { return powf(a, b); }
 __device__ __forceinline__ double pow_acc(double a, double b) { return pow(a, b); }
 
@@ -399,7 +404,7 @@ __device__ __forceinline__ void lrn_store(const LrnArgs<T>& p, int64_t base, int
 }
 
 template <typename T, int V, bool CL>
-__global__ void __launch_bounds__(kPosThreads) lrn_fwd_kernel(LrnArgs<T> p) {
+__global__ void __launch_bounds__(kPosThreads, kLrnMinBlocks) lrn_fwd_kernel(LrnArgs<T> p) {
   using A = acc_of<T>;
   constexpr int G = kLrnGroup<T, V>;
   static_assert(!CL || V == 1, "channels_last: a thread's channels belong to one position");
@@ -450,7 +455,7 @@ __global__ void __launch_bounds__(kPosThreads) lrn_fwd_kernel(LrnArgs<T> p) {
 }
 
 template <typename T, int V, bool CL>
-__global__ void __launch_bounds__(kPosThreads) lrn_bwd_kernel(LrnArgs<T> p) {
+__global__ void __launch_bounds__(kPosThreads, kLrnMinBlocks) lrn_bwd_kernel(LrnArgs<T> p) {
   using A = acc_of<T>;
   constexpr int G = kLrnGroup<T, V>;
   static_assert(!CL || V == 1, "channels_last: a thread's channels belong to one position");
