@@ -166,15 +166,26 @@ def test_layouts_agree_bitwise(target, dtype):
     assert _same(target, y0, y1.contiguous()) and _same(target, dx0, dx1.contiguous())
 
 
-@pytest.mark.parametrize("case", ["nchw-vec", "nchw-scalar", "rows-nhwc-scalar"])
+# (shape, layout, units = position packs (rows) x channel groups): more units than 256 threads
+GRID_STRIDE = {"nchw-vec": ((8, 16, 8, 8), None, 8 * 16 * 4),        # V = 4, G = 4
+               "nchw-scalar": ((8, 16, 7, 7), None, 8 * 49 * 1),     # V = 1, G = 16
+               "rows-nhwc": ((8, 40, 4, 4), CL, 8 * 16 * 3)}         # G = 16: 3 groups a row
+
+
+@pytest.mark.parametrize("case", list(GRID_STRIDE))
 def test_grid_stride_on_a_small_device(target, case):
-    """One 256-thread block on one SM: every thread walks several units."""
-    shape, fmt = CASES[case]
-    shape = (6,) + shape[1:]
+    """One 256-thread block on one SM: every thread walks more than one unit."""
+    shape, fmt, units = GRID_STRIDE[case]
+    assert units > 256
     x = _randn(target.device, shape, torch.float32, 2.0, fmt)
     dy = _randn(target.device, shape, torch.float32, 1.0, fmt)
     with target.schedule(sm_count=1, blocks_per_sm=1):
         y1, dx1 = _run(target, x, dy, 5, torch.float32)
+        if target.emulated:  # one block of 256 threads each way
+            rec = target.emu.record_launches(lambda: (
+                target.ops.local_response_norm_fwd(x, 5, ALPHA, BETA, K),
+                target.ops.local_response_norm_bwd(dy, x, 5, ALPHA, BETA, K)))
+            assert [(r[1], r[2]) for r in rec] == [((1, 1, 1), (256, 1, 1))] * 2, rec
     y0, dx0 = _run(target, x, dy, 5, torch.float32)
     assert torch.equal(y0, y1) and torch.equal(dx0, dx1)  # no thread interacts: the same bits
 
