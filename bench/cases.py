@@ -27,7 +27,7 @@ import fastnorm
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "add_rms_norm",
-       "layer_norm2d", "frozen_batch_norm", "switch_norm", "adain", "ibn")
+       "layer_norm2d", "frozen_batch_norm", "switch_norm", "adain", "ibn", "local_response_norm")
 
 # The fewest x-sized tensors each pass must read or write once (inputs read once, outputs written
 # once; parameters, statistics and parameter gradients are per row or per channel and left out).
@@ -329,6 +329,9 @@ class Case:
             m = ReferenceAdaIN()
         elif self.op == "ibn":
             m = ReferenceIBN(c)
+        elif self.op == "local_response_norm":
+            # AlexNet's and GoogLeNet's: size 5, torch's alpha / beta / k; no parameters
+            return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0).train()
         else:
             raise ValueError(self.op)
         with torch.no_grad():
@@ -478,6 +481,17 @@ CASES: List[Case] = [
                           ("resnet50-ibn-a-layer2", (64, 128, 28, 28)),
                           ("resnet50-ibn-a-layer3", (64, 256, 14, 14)))
       for dtypes, layout in ((("fp32",), "contiguous"), (("bf16",), "channels_last"))],
+    # LocalResponseNorm (size 5) of AlexNet (after conv1 and conv2) and GoogLeNet (after the stem
+    # and conv2) at batch 128, NCHW and channels_last (against torch.nn.LocalResponseNorm: pad,
+    # avg_pool3d, pow and a division, eager and torch.compile). S = 55 x 55 and 27 x 27 are odd:
+    # the NCHW kernels' single-position path; 56 x 56 takes 16-byte packs.
+    *[Case("local_response_norm", name, shape, dtypes, layout,
+           quick=(name == "alexnet-lrn1" and layout == "contiguous"))
+      for name, shape, dtypes in (("alexnet-lrn1", (128, 96, 55, 55), ("fp32", "bf16")),
+                                  ("alexnet-lrn2", (128, 256, 27, 27), ("fp32",)),
+                                  ("googlenet-lrn1", (128, 64, 56, 56), ("fp32", "bf16")),
+                                  ("googlenet-lrn2", (128, 192, 56, 56), ("fp32",)))
+      for layout in ("contiguous", "channels_last")],
 ]
 
 

@@ -636,6 +636,62 @@ class LayerNorm2dFunction(_LayerNorm2dFunction):
         return ty, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# LocalResponseNorm: y = x / div^beta, div = k + alpha * (window average of x^2 over channels)
+# ----------------------------------------------------------------------------------------------
+def _lrn_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
+    input, size, alpha, beta, k = inputs
+    save(ctx, input)
+    ctx.lrn = (size, alpha, beta, k)
+
+
+def _lrn_backward(ctx, dy):
+    (x,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None
+    if torch.is_grad_enabled():  # a differentiable backward (double backward, torch.func)
+        return _ops.lrn_grad(dy, x, *ctx.lrn).to(x.dtype)
+    return _fn.local_response_norm_bwd(dy.to(x.dtype), x, *ctx.lrn)
+
+
+torch.library.register_autograd(
+    "fastnorm::local_response_norm_fwd",
+    lambda ctx, dy: (_lrn_backward(ctx, dy), None, None, None, None),
+    setup_context=_lrn_setup)
+
+
+class _LocalResponseNormFunction(torch.autograd.Function):
+    """y = local_response_norm(x); only x is differentiable (size, alpha, beta, k are numbers)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, size, alpha, beta, k):
+        return _fn.local_response_norm_fwd(input, size, alpha, beta, k)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _lrn_setup(ctx, inputs, output, _save)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _lrn_backward(ctx, dy), None, None, None, None
+
+
+class LocalResponseNormFunction(_LocalResponseNormFunction):
+    @staticmethod
+    def jvp(ctx, tx, *_):
+        # ty = tx div^-beta - beta x div^(-beta-1) alpha avg_win(2 x tx)
+        (x,) = ctx.saved_tensors
+        size, alpha, beta, k = ctx.lrn
+        sd = stat_dtype(x.dtype)
+        xs, t = x.to(sd), tx.to(sd)
+        div = _ops.lrn_div(xs, size, alpha, k)
+        r = 1.0 / div.pow(beta)
+        tdiv = _ops.lrn_window(2.0 * xs * t, size, size // 2, (size - 1) // 2, True) * alpha
+        ty = t * r - beta * xs * r / div * tdiv
+        return ty.to(x.dtype)
+
+
 apply_layer_norm = _applier(LayerNormFunction, _LayerNormFunction)
 apply_group_norm = _applier(GroupNormFunction, _GroupNormFunction)
 apply_instance_norm_tracked = _applier(InstanceNormTrackedFunction, _InstanceNormTrackedFunction)
@@ -643,3 +699,4 @@ apply_batch_norm = _applier(BatchNormFunction, _BatchNormFunction)
 apply_layer_norm2d = _applier(LayerNorm2dFunction, _LayerNorm2dFunction)
 apply_rms_norm = _applier(RMSNormFunction, _RMSNormFunction)
 apply_add_norm = _applier(AddNormFunction, _AddNormFunction)
+apply_local_response_norm = _applier(LocalResponseNormFunction, _LocalResponseNormFunction)

@@ -46,7 +46,7 @@ def convert(model: nn.Module) -> nn.Module:
     subclass) by fastnorm's counterpart, a subclass of it:
 
     - torch.nn: BatchNorm1d/2d/3d, LazyBatchNorm1d/2d/3d, SyncBatchNorm, LayerNorm, GroupNorm,
-      InstanceNorm1d/2d/3d, LazyInstanceNorm1d/2d/3d, RMSNorm (every torch.nn class
+      InstanceNorm1d/2d/3d, LazyInstanceNorm1d/2d/3d, RMSNorm, LocalResponseNorm (every torch.nn class
       fastnorm.modules has a twin of: fastnorm.modules.TORCH_TO_FASTNORM);
     - timm (when imported): timm.layers.LayerNorm (fastnorm.functional.layer_norm),
       LayerNorm2d (fastnorm.functional.layer_norm2d), GroupNorm and GroupNorm1

@@ -708,3 +708,43 @@ def adaptive_instance_norm(content: Tensor, style: Tensor, eps: float = 1e-5,
         raise RuntimeError(f"{name}: expected style on content's device {content.device}, but "
                            f"got {style.device}")
     return _AdaINFunction.apply(content, style, float(eps), bool(unbiased))
+# LocalResponseNorm
+# ----------------------------------------------------------------------------------------------
+from .autograd import apply_local_response_norm  # noqa: E402
+
+__all__.append("local_response_norm")
+
+
+def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 1.0) -> Tensor:
+    """torch.nn.functional.local_response_norm: for (N, C, *) input, y = x / div^beta with
+    div = k + alpha * (x^2 averaged over the zero-padded window of `size` channels
+    [c - size // 2, c + (size - 1) // 2], divided by size). One fused kernel each way on CUDA
+    (torch runs pad, pooling and pow as separate passes); float16/bfloat16 are computed in
+    float32 and rounded once (under CUDA autocast the output is float32, as torch's: autocast
+    runs its pow in float32). The output keeps the input's memory format. On CPU, eagerly, float32
+    and float64 run torch's own composition (the same bits), float16 / bfloat16 the op's (torch's
+    CPU pooling refuses them at rank >= 4); an input with no elements is returned as is, as torch
+    does; a non-floating input is torch's business (its composition's dtype rules)."""
+    refused = None
+    # float16 / bfloat16 take the op path on CPU too: torch's pooling has no CPU kernel for them
+    # at rank >= 4 (NotImplementedError), and the op computes them in float32, rounded once
+    if ((cpu_fast_path(input) and input.dtype in (torch.float32, torch.float64))
+            or (not input.is_floating_point() and input.dim() >= 3)):
+        try:
+            return torch.nn.functional.local_response_norm(input, size, alpha, beta, k)
+        except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
+            refused = e
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise TypeError(f"local_response_norm: size must be an int (channels in a window), got "
+                        f"{type(size).__name__} {size!r}")
+    ops.lrn_check(input, size)
+    if refused is not None:
+        raise refused  # not an argument fastnorm checks: torch's own reason (or a hook's)
+    if input.numel() == 0:
+        return input  # torch returns its empty input itself
+    y = apply_local_response_norm(input, size, float(alpha), float(beta), float(k))
+    if _autocast_dtype(input) is not None:
+        # CUDA autocast runs torch's pow in float32, so its x / div^beta comes out float32
+        y = y.float()
+    return y

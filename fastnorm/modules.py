@@ -22,6 +22,7 @@ __all__ = [
 ]
 
 __all__.append("RMSNorm")
+__all__.append("LocalResponseNorm")
 
 class _BatchNormForward:
     """torch.nn's _BatchNorm.forward, on fastnorm's op: num_batches_tracked is incremented by the
@@ -192,6 +193,13 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         return FN.layer_norm2d(input, self.weight, self.bias, self.eps)
+
+
+class LocalResponseNorm(nn.LocalResponseNorm):
+    __doc__ = nn.LocalResponseNorm.__doc__
+
+    def forward(self, input: Tensor) -> Tensor:
+        return FN.local_response_norm(input, self.size, self.alpha, self.beta, self.k)
 
 
 # torch.nn class -> fastnorm class; convert() and revert() use it both ways. Classes with no

@@ -75,7 +75,9 @@ def mentions_shape(message: str, shape) -> bool:
 # the classes with a torch.nn twin (not FrozenBatchNorm2d, which has its own tests)
 # RMSNorm has its own suite (tests/test_rms_norm.py): these generic ones are written for
 # the BatchNorm / LayerNorm / GroupNorm / InstanceNorm families
-MODULE_NAMES = [n for n in fastnorm.modules.__all__ if hasattr(nn, n) and n != "RMSNorm"]
+# LocalResponseNorm (no parameters, no statistics) has its own tests: test_local_response_norm.py
+MODULE_NAMES = [n for n in fastnorm.modules.__all__
+                if hasattr(nn, n) and n not in ("RMSNorm", "LocalResponseNorm")]
 
 
 def torch_twin_class(name):
@@ -343,7 +345,7 @@ def _poison_uninitialized_memory(request):
 # ------------------------------------------------------------------------------------------------
 KERNEL_TEST_FILES = {"test_batch_norm_kernels.py", "test_row_kernels.py",
                      "test_layer_norm2d_kernels.py", "test_rms_add_kernels.py",
-                     "test_nc_kernels.py"}
+                     "test_nc_kernels.py", "test_lrn_kernels.py"}
 
 
 def pytest_configure(config):

@@ -18,7 +18,7 @@ import run  # noqa: E402
 
 import fastnorm  # noqa: E402
 
-NEW_OPS = ("rms_norm", "add_rms_norm", "layer_norm2d", "frozen_batch_norm")
+NEW_OPS = ("rms_norm", "add_rms_norm", "layer_norm2d", "frozen_batch_norm", "local_response_norm")
 
 
 def small(case):
@@ -41,6 +41,10 @@ def test_every_new_op_has_gpu_and_quick_cases():
         for layout in ("contiguous", "channels_last"):
             assert by[("layer_norm2d", f"convnext-t-stage{i + 1}", layout, "bf16")] == (32, c, hw, hw)
     assert by[("frozen_batch_norm", "resnet50-layer1", "contiguous", "fp32")] == (64, 256, 56, 56)
+    # AlexNet's and GoogLeNet's LRN (size 5) at batch 128, both layouts
+    for layout in ("contiguous", "channels_last"):
+        assert by[("local_response_norm", "alexnet-lrn1", layout, "fp32")] == (128, 96, 55, 55)
+        assert by[("local_response_norm", "googlenet-lrn2", layout, "fp32")] == (128, 192, 56, 56)
 
 
 def test_min_bytes_per_op():
@@ -68,6 +72,9 @@ def test_reference_layers_and_fastnorm_modules():
         assert fast is not ref
         if c.op in want:
             assert type(ref) is want[c.op][0] and type(fast) is want[c.op][1]
+        elif c.op == "local_response_norm":
+            assert type(ref) is torch.nn.LocalResponseNorm and c.drop_in
+            assert type(fast) is fastnorm.LocalResponseNorm and ref.size == fast.size == 5
         elif c.op == "layer_norm2d":
             timm = pytest.importorskip("timm")
             assert type(ref) is timm.layers.LayerNorm2d and c.drop_in
@@ -117,7 +124,8 @@ def test_bench_case_runs_on_cpu(op):
     # run.py's own path: reference in float64, each provider checked, the three passes timed,
     # rows with the op's minimum bytes (eager and fastnorm; compile is the same code path and
     # takes inductor's C++ build here)
-    layouts = ("contiguous", "channels_last") if op in ("layer_norm2d", "frozen_batch_norm") else ("contiguous",)
+    layouts = (("contiguous", "channels_last")
+               if op in ("layer_norm2d", "frozen_batch_norm", "local_response_norm") else ("contiguous",))
     for layout in layouts:
         (c,) = [small(c) for c in cases.select("cpu", False, [op]) if c.layout == layout][:1]
         timer = run.Timer(torch.device("cpu"), quick=True)

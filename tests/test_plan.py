@@ -237,6 +237,22 @@ def test_layer_norm2d_layouts(emu):
     assert not any(ln["approx"] for ln in cl["launches"] + nchw["launches"] + s1["launches"])
 
 
+def test_local_response_norm_one_launch_each_way(emu):
+    # one fused kernel each way, x (and dy) read once, no statistics or parameters: 1.00 passes;
+    # AlexNet's odd S (55 x 55) takes single positions, GoogLeNet's 56 x 56 16-byte packs, and
+    # channels_last input the rows kernels
+    for shape, layout, want in (((128, 96, 55, 55), "contiguous", "<float, 1, false>"),
+                                ((128, 64, 56, 56), "contiguous", "<float, 4, false>"),
+                                ((128, 96, 55, 55), "channels_last", "<float, 1, true>")):
+        est = case(emu, "local_response_norm", shape, torch.float32, layout)
+        assert kernels(est, "fwd") == ["lrn_fwd_kernel"] and kernels(est, "bwd") == ["lrn_bwd_kernel"]
+        assert all(want in ln["kernel"] for ln in est["launches"])
+        x = 4 * math.prod(shape)
+        assert est["passes"]["fwd"]["est_bytes"] == est["passes"]["fwd"]["min_bytes"] == 2 * x
+        assert est["passes"]["bwd"]["est_bytes"] == est["passes"]["bwd"]["min_bytes"] == 3 * x
+        assert not any(ln["approx"] for ln in est["launches"])
+
+
 def test_frozen_batch_norm_is_one_pass_each_way(emu):
     # eval statistics, buffers in x's dtype: the forward reads x and writes y; the backward
     # (dx only: buffers take no gradient) reads dy and writes dx, no sums over x

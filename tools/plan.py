@@ -11,6 +11,7 @@ runs in the emulation build (tools/cuda_emu) with launches recorded instead of e
     python tools/plan.py switch_norm 64x256x56x56 bf16 --layout channels_last
     python tools/plan.py adain 8x512x64x64 fp32      # content and style of one shape
     python tools/plan.py ibn 64x64x56x56 fp32
+    python tools/plan.py local_response_norm 128x96x55x55 fp32       # size 5 (AlexNet's)
 
 For each launch: kernel, grid, block, dynamic shared memory, blocks, and (when the CUDA build's
 resource report build/kernel_resources.json exists) resident blocks per SM and waves.
@@ -42,7 +43,8 @@ ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm")
 # issue 11's layers on the per-(n, c) ops (nc_moments, nc_affine, nc_grad_sums, nc_affine_grad)
 NC_OPS = ("switch_norm", "adain", "ibn")
 OPS = ROW_OPS + ("group_norm", "instance_norm", "batch_norm", "layer_norm2d",
-                 "frozen_batch_norm") + NC_OPS
+                 "frozen_batch_norm", "local_response_norm") + NC_OPS
+LRN_SIZE = 5  # local_response_norm's window in the planned calls (AlexNet's and GoogLeNet's)
 
 
 def _resources() -> dict:
@@ -248,6 +250,7 @@ class Call:
         if op not in OPS:
             raise ValueError(f"tools/plan.py: unknown op {op!r}; expected one of {OPS}")
         self.frozen = op == "frozen_batch_norm"
+        self.lrn = op == "local_response_norm"  # no parameters, no statistics
         training = training and not self.frozen  # frozen statistics: the eval path
         self.op, self.shape, self.layout, self.training = op, tuple(shape), layout, training
         self.occupancy = {}  # kernel (_short) -> the resident blocks its host plan was given
@@ -319,7 +322,10 @@ class Call:
         -> y, mean, rstd (BatchNorm training: running stats read and written; eval: read; add:
         input and residual -> output and residual_out); bwd: x, dy, mean, rstd, w -> dx, dw, db
         (add: residual_out, dy, d residual_out -> one input gradient; frozen: dy, rstd, w -> dx).
-        The x-sized counts are bench/cases.py's STREAMS."""
+        The x-sized counts are bench/cases.py's STREAMS. local_response_norm: x -> y; x, dy -> dx,
+        nothing small."""
+        if self.lrn:
+            return (2 if pass_ == "fwd" else 3) * self.E
         if pass_ == "fwd":
             small = ["w", "b", "stats"]
             if self.op in ("batch_norm", "frozen_batch_norm"):
@@ -687,6 +693,12 @@ MODELS = {
     "ln2d_fwd_kernel": _Ln2dFwd(),
     "ln2d_bwd_kernel": Model(reads=("x", "dy", "x", "dy"), writes=("dx",), small=("stats", "w"),
                              ws_out=_ws_ln2d, flight=one(), streams=2),
+    # LocalResponseNorm (both layouts): x (and dy) from memory once; a group's window re-reads
+    # of its neighbours' channels are L1 hits and not counted. In flight per thread: the
+    # forward's channel walk unrolled 4 deep (4 packs of x; one element each for rows); the
+    # backward's inner window sum likewise (4 packs of x; dy's one pack per channel left out)
+    "lrn_fwd_kernel": Model(reads=("x",), writes=("y",), flight=one(4)),
+    "lrn_bwd_kernel": Model(reads=("x", "dy"), writes=("dx",), flight=one(4)),
 }
 
 
@@ -737,6 +749,8 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
             return ops.add_norm_fwd(x, res, [c], w, None if rms else b, 1e-6 if rms else 1e-5, rms)
         if op == "layer_norm2d":
             return ops.layer_norm2d_fwd(x, w, b, 1e-6)
+        if op == "local_response_norm":
+            return ops.local_response_norm_fwd(x, LRN_SIZE, 1e-4, 0.75, 1.0)
         if op in ("group_norm", "instance_norm"):
             return ops.group_norm_fwd(x, w, b, c if op == "instance_norm" else groups, 1e-5)
         rm = torch.zeros(c, dtype=pdt if frozen else torch.float32)
@@ -762,6 +776,8 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
                                     [two, True, True, not rms])
         if op == "layer_norm2d":
             return ops.layer_norm2d_bwd(dy, x, out[1], out[2], w, mask)
+        if op == "local_response_norm":
+            return ops.local_response_norm_bwd(dy, x, LRN_SIZE, 1e-4, 0.75, 1.0)
         if op in ("group_norm", "instance_norm"):
             return ops.group_norm_bwd(dy, x, out[1], out[2], w,
                                       c if op == "instance_norm" else groups, mask)

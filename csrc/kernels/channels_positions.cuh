@@ -1,7 +1,7 @@
 // Strided channels reduced per position: for every position (n, s) of an [N, C, S] tensor
 // (NCHW with S = H*W, or any spatial rank), a reduction over its C channels, which lie S elements
-// apart. LayerNorm2d on NCHW input (ConvNeXt's channels-first LayerNorm); the family is meant to
-// take LocalResponseNorm's window sums too.
+// apart. LayerNorm2d on NCHW input (ConvNeXt's channels-first LayerNorm), and LocalResponseNorm,
+// whose reduction is a window of channels around each output channel instead of all of them.
 //   ln2d_fwd_kernel  per position: Welford over the thread's channels, Chan merge of the block's
 //                    channel lanes in a fixed order, then y = (x - mean) * rstd * w_c + b_c
 //   ln2d_bwd_kernel  per position: s1 = sum_c g, s2 = sum_c g * xhat (g = dy * w_c), then
@@ -17,6 +17,33 @@
 // and the output pass (C <= CY * kCachePacks); otherwise the output pass reads them again (the
 // same thread and addresses, soon after: L1/L2 hits as far as the tile fits there).
 // Host plans and launches: csrc/launch/positions.h.
+//
+//   lrn_fwd_kernel   y_c = x_c / (k + alpha / size * sum_{j in win(c)} x_j^2)^beta, win(c) =
+//                    [c - size/2, c + (size-1)/2] within [0, C) (torch's zero padding)
+//   lrn_bwd_kernel   dx_c = dy_c * d_c^-beta - (2 alpha beta / size) * x_c *
+//                    sum_{j in twin(c)} dy_j x_j d_j^(-beta-1), twin(c) = [c - (size-1)/2,
+//                    c + size/2] (the channels whose window holds c); d recomputed from x
+// A thread owns G consecutive channels (a channel group) of one position pack and walks the
+// channels its group's windows reach in ascending order, so every output's window sum is a fresh
+// sum in channel order (as torch's pooling sums it), never a running add/subtract one. Values
+// outside the group are re-read (L1 hits: neighbouring groups and, NCHW, the same thread's last
+// window). Two layouts, one kernel each way (template flag CL):
+//   NCHW (CL = false): the pack is V consecutive positions (16 bytes when the host allows) of
+//     channel j at base + j * S; a warp's load of one channel is 32 packs in a row (coalesced).
+//     Threads: position packs fastest, then channel groups.
+//   channels_last / channels_last_3d, or S == 1 (CL = true): a position's C channels are one
+//     contiguous row; the thread's group is G consecutive channels of one row (V = 1) and the
+//     window reads are scalar loads of that row, which the threads of neighbouring groups (the
+//     next lanes of the warp) read too: L1 hits. The group's G outputs are stored as one pack
+//     (16-byte stores) when the host allows. Threads: channel groups fastest, then positions.
+// The backward needs d_j for every j of twin(c): the group computes them in one ascending walk
+// over the G + size - 1 channels its twin windows reach (each a fresh window sum of size
+// re-reads), adding dy_j x_j d_j^(-beta-1) to the outputs whose twin window holds j.
+// Loads in flight: the forward's channel walk is unrolled 4 deep, the backward's inner window sum
+// likewise (its outer walk is not: with G x V sums, own values and x live, an unrolled outer walk
+// spills). G x V is 16 elements (8 in fp64), enough to amortise the size - 1 halo channels and
+// few enough to stay within kLrnMinBlocks' 128 registers (-Xptxas -v: 63-88 forward, 89-128
+// backward, no spills).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -298,6 +325,209 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int 
   for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
     if (want_w) p.ws_dw[blockIdx.x * p.C + c] = acc_w[c];
     if (want_b) p.ws_db[blockIdx.x * p.C + c] = acc_b[c];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LocalResponseNorm
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct LrnArgs {
+  using A = acc_of<T>;
+  const T* x = nullptr;   // [N, C, S] (CL = false) or [N, S, C] (CL = true), contiguous
+  const T* dy = nullptr;  // backward only: x's layout
+  T* out = nullptr;       // y (forward) or dx (backward): x's layout
+  int64_t N = 0, C = 0, S = 0;
+  int64_t size = 1;       // channels in a window, >= 1
+  A alpha = 0, beta = 0, k = 0;
+  bool vec_store = false;  // CL: a full group's G outputs stored as one pack (host: aligned)
+};
+
+// Elements a thread holds per array (G channels x V positions): 16 fp32 registers, 8 fp64 pairs.
+template <typename T>
+inline constexpr int kLrnElems = sizeof(acc_of<T>) == 8 ? 8 : 16;
+
+// Channels per thread: G x V = kLrnElems. NCHW: 4 channels of a 4-position fp32 pack, 2 of an
+// 8-position fp16/bf16 pack, 4 of a 2-position fp64 pack; single positions (and channels_last):
+// 16 channels (8 in fp64).
+template <typename T, int V>
+inline constexpr int kLrnGroup = kLrnElems<T> / V > 0 ? kLrnElems<T> / V : 1;
+
+// At least two resident 256-thread blocks per SM (a register cap of 128): one block's last units
+// overlap the next one's loads. The kernels fit it without spilling (-Xptxas -v).
+constexpr int kLrnMinBlocks = 2;
+
+__device__ __forceinline__ float pow_acc(float a, float b) { return powf(a, b); }
+__device__ __forceinline__ double pow_acc(double a, double b) { return pow(a, b); }
+
+// torch's div: the window's average (sum / size: avg_pool counting the zero padding), times
+// alpha, plus k; y = x / div^beta.
+template <typename A>
+__device__ __forceinline__ A lrn_div(A sum, A size, A alpha, A k) {
+  return sum / size * alpha + k;
+}
+
+// Unit u (position packs x channel groups) -> the position's offset at channel 0 and the group's
+// first channel.
+template <typename T, int V, bool CL>
+__device__ __forceinline__ void lrn_unit(const LrnArgs<T>& p, int64_t u, int64_t items,
+                                         int64_t groups, int64_t& base, int64_t& c0) {
+  constexpr int G = kLrnGroup<T, V>;
+  if constexpr (CL) {
+    const int64_t row = u / groups;  // channel groups fastest: a warp reads along a row
+    c0 = (u - row * groups) * G;
+    base = row * p.C;
+  } else {
+    const int64_t gi = u / items;  // position packs fastest: a warp reads along positions
+    c0 = gi * G;
+    base = pack_base<V>(u - gi * items, p.S / V, p.C, p.S);
+  }
+}
+
+template <typename T, int V, bool CL>
+__device__ __forceinline__ void lrn_store(const LrnArgs<T>& p, int64_t base, int64_t c0,
+                                          int64_t cs, const acc_of<T> (&o)[kLrnGroup<T, V>][V]) {
+  using A = acc_of<T>;
+  constexpr int G = kLrnGroup<T, V>;
+  if constexpr (CL) {
+    if (p.vec_store && c0 + G <= p.C) {
+      A flat[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) flat[g] = o[g][0];
+      store_as<T, G, A>(p.out + base + c0, flat);
+      return;
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+    if (c0 + g < p.C) store_as<T, V, A>(p.out + base + (c0 + g) * cs, o[g]);
+}
+
+template <typename T, int V, bool CL>
+__global__ void __launch_bounds__(kPosThreads, kLrnMinBlocks) lrn_fwd_kernel(LrnArgs<T> p) {
+  using A = acc_of<T>;
+  constexpr int G = kLrnGroup<T, V>;
+  static_assert(!CL || V == 1, "channels_last: a thread's channels belong to one position");
+  const int64_t cs = CL ? 1 : p.S;  // channel stride
+  const int64_t items = CL ? p.N * p.S : p.N * (p.S / V);
+  const int64_t groups = (p.C + G - 1) / G;
+  const int64_t units = items * groups;
+  // win(c) = [c - before, c + after], reaching at most C channels either way (int: C < 2^31)
+  const int before = static_cast<int>(p.size / 2 < p.C ? p.size / 2 : p.C);
+  const int after = static_cast<int>((p.size - 1) / 2 < p.C ? (p.size - 1) / 2 : p.C);
+  const A fsize = static_cast<A>(p.size);
+  for (int64_t u = blockIdx.x * int64_t(kPosThreads) + threadIdx.x; u < units;
+       u += int64_t(gridDim.x) * kPosThreads) {
+    int64_t base, c0;
+    lrn_unit<T, V, CL>(p, u, items, groups, base, c0);
+    A sum[G][V], xo[G][V];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < V; ++e) sum[g][e] = xo[g][e] = A(0);
+    // the channels the group's windows reach, ascending; each adds to the windows holding it
+    const int64_t jlo = c0 - before > 0 ? c0 - before : 0;
+    const int64_t jhi = c0 + G - 1 + after < p.C - 1 ? c0 + G - 1 + after : p.C - 1;
+#pragma unroll 4
+    for (int64_t j = jlo; j <= jhi; ++j) {
+      A a[V];
+      load_acc<A, T, V>(p.x + base + j * cs, a);
+      // j is in win(c0 + g) for g in [jr - after, jr + before]: compares with constants
+      const int jr = static_cast<int>(j - c0);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const bool in = g >= jr - after && g <= jr + before;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          if (in) sum[g][e] += a[e] * a[e];
+          if (g == jr) xo[g][e] = a[e];
+        }
+      }
+    }
+    A o[G][V];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        o[g][e] = xo[g][e] / pow_acc(lrn_div(sum[g][e], fsize, p.alpha, p.k), p.beta);
+    lrn_store<T, V, CL>(p, base, c0, cs, o);
+  }
+}
+
+template <typename T, int V, bool CL>
+__global__ void __launch_bounds__(kPosThreads, kLrnMinBlocks) lrn_bwd_kernel(LrnArgs<T> p) {
+  using A = acc_of<T>;
+  constexpr int G = kLrnGroup<T, V>;
+  static_assert(!CL || V == 1, "channels_last: a thread's channels belong to one position");
+  const int64_t cs = CL ? 1 : p.S;
+  const int64_t items = CL ? p.N * p.S : p.N * (p.S / V);
+  const int64_t groups = (p.C + G - 1) / G;
+  const int64_t units = items * groups;
+  const int before = static_cast<int>(p.size / 2 < p.C ? p.size / 2 : p.C);
+  const int after = static_cast<int>((p.size - 1) / 2 < p.C ? (p.size - 1) / 2 : p.C);
+  const A fsize = static_cast<A>(p.size);
+  const A coef = A(2) * p.alpha * p.beta / fsize;
+  for (int64_t u = blockIdx.x * int64_t(kPosThreads) + threadIdx.x; u < units;
+       u += int64_t(gridDim.x) * kPosThreads) {
+    int64_t base, c0;
+    lrn_unit<T, V, CL>(p, u, items, groups, base, c0);
+    // per output: the twin-window sum, its own dy * d^-beta, its own x
+    A tsum[G][V], own[G][V], xo[G][V];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < V; ++e) tsum[g][e] = own[g][e] = xo[g][e] = A(0);
+    // twin(c) = [c - after, c + before]: the channels j whose window holds c
+    const int64_t jlo = c0 - after > 0 ? c0 - after : 0;
+    const int64_t jhi = c0 + G - 1 + before < p.C - 1 ? c0 + G - 1 + before : p.C - 1;
+#pragma unroll 1
+    for (int64_t j = jlo; j <= jhi; ++j) {
+      // d_j: a fresh sum over win(j) in channel order, the forward's sum
+      const int64_t ilo = j - before > 0 ? j - before : 0;
+      const int64_t ihi = j + after < p.C - 1 ? j + after : p.C - 1;
+      A s[V], xj[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) s[e] = xj[e] = A(0);
+#pragma unroll 4
+      for (int64_t i = ilo; i <= ihi; ++i) {
+        A a[V];
+        load_acc<A, T, V>(p.x + base + i * cs, a);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          s[e] += a[e] * a[e];
+          if (i == j) xj[e] = a[e];
+        }
+      }
+      A d[V];
+      load_acc<A, T, V>(p.dy + base + j * cs, d);
+      A q[V], r[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const A div = lrn_div(s[e], fsize, p.alpha, p.k);
+        r[e] = A(1) / pow_acc(div, p.beta);  // d_j^-beta
+        q[e] = d[e] * xj[e] * r[e] / div;    // dy_j x_j d_j^(-beta-1)
+      }
+      // j is in twin(c0 + g) for g in [jr - before, jr + after]
+      const int jr = static_cast<int>(j - c0);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const bool in = g >= jr - before && g <= jr + after;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          if (in) tsum[g][e] += q[e];
+          if (g == jr) {
+            own[g][e] = d[e] * r[e];
+            xo[g][e] = xj[e];
+          }
+        }
+      }
+    }
+    A o[G][V];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < V; ++e) o[g][e] = own[g][e] - coef * xo[g][e] * tsum[g][e];
+    lrn_store<T, V, CL>(p, base, c0, cs, o);
   }
 }
 

@@ -102,5 +102,37 @@ void ln2d_backward(const PosBwd<T>& p, Operand<T> dw_out, Operand<T> db_out,
   else ln2d_backward_vec<T, 1>(p, dw_out, db_out, like);
 }
 
+// LocalResponseNorm: one kernel each way (kernels/channels_positions.cuh), p.out = y or dx.
+// NCHW (CL = false): 16-byte packs of V positions when S % V == 0 (a pack never crosses a channel)
+// and x, dy and out are 16-byte aligned; single positions otherwise. Rows (CL = true: channels
+// last, or S == 1): scalar loads along the row; a group's outputs stored as one pack when C is a
+// multiple of the group (every group then starts G elements apart) and out is 16-byte aligned.
+// Grid: one wave of resident blocks walking the units grid-stride (wave_grid: every thread keeps
+// its group's window loads in flight, as the LayerNorm2d forward does).
+template <typename T, int V, bool CL, bool BWD>
+void lrn_run(const LrnArgs<T>& p) {
+  constexpr int G = kLrnGroup<T, V>;
+  const int64_t items = CL ? p.N * p.S : p.N * (p.S / V);
+  const int64_t units = items * ceil_div(p.C, G);
+  auto kernel = BWD ? lrn_bwd_kernel<T, V, CL> : lrn_fwd_kernel<T, V, CL>;
+  const int per_sm = resident_blocks(kernel, kPosThreads, 0);
+  launch(kernel, grid_of(wave_grid(ceil_div(units, kPosThreads), per_sm)), kPosThreads, 0,
+         current_stream(), p);
+}
+
+template <typename T, bool BWD>
+void lrn(LrnArgs<T> p, bool rows) {
+  constexpr int V = kVec16<T>;
+  if (rows) {
+    p.vec_store = p.C % kLrnGroup<T, 1> == 0 && groups::aligned16(p.out);
+    lrn_run<T, 1, true, BWD>(p);
+    return;
+  }
+  const bool vec = p.S % V == 0 && groups::aligned16(p.x) && groups::aligned16(p.out) &&
+                   (!BWD || groups::aligned16(p.dy));
+  if (vec) lrn_run<T, V, false, BWD>(p);
+  else lrn_run<T, 1, false, BWD>(p);
+}
+
 }  // namespace positions
 }  // namespace fastnorm

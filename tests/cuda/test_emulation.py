@@ -199,6 +199,12 @@ def _nc(ops, shape, layout, dtype):
     dx = ops.nc_affine_grad(dy, x, mean, rstd, -rstd ** 3 * sum_dy_xc / length, -rstd * sum_dy / length)
     ref = F.instance_norm(x.double(), eps=EPS)
     return (mean, var, y, sum_dy, sum_dy_xc, dx), (y, ref)
+def _lrn(ops, shape, layout, dtype):
+    x, dy = _randn(shape, dtype, 22, layout), _randn(shape, dtype, 23, layout)
+    y = ops.local_response_norm_fwd(x, 5, 0.3, 0.75, 1.2)
+    dx = ops.local_response_norm_bwd(dy, x, 5, 0.3, 0.75, 1.2)
+    ref = F.local_response_norm(x.double(), 5, 0.3, 0.75, 1.2)
+    return (y, dx), (y, ref)
 
 
 # Each case crosses a different kernel path (at 132 SMs; the smaller devices move some of them:
@@ -220,6 +226,8 @@ CASES = {
     "nc-rows-split": lambda ops: _nc(ops, (1, 3, 48, 48), None, torch.float32),
     "nc-rows-scalar": lambda ops: _nc(ops, (3, 5, 7, 9), None, torch.bfloat16),
     "nc-cl": lambda ops: _nc(ops, (2, 16, 20, 20), "cl", torch.float16),
+    "lrn-nchw": lambda ops: _lrn(ops, (4, 13, 8, 8), None, torch.float32),
+    "lrn-nhwc": lambda ops: _lrn(ops, (4, 16, 6, 6), "cl", torch.bfloat16),
 }
 ORDERS = [dict(thread_order="forward", block_order="forward"),
           dict(thread_order="reverse", block_order="reverse"),

@@ -26,7 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 # FASTNORM_EMU_SRC / FASTNORM_EMU_BUILD: another source tree and build folder (the mutation check).
 CSRC = os.environ.get("FASTNORM_EMU_SRC", os.path.join(ROOT, "csrc"))
-HOST_SOURCES = ("layer_norm.cu", "group_norm.cu", "batch_norm.cu", "layer_norm2d.cu", "nc_norm.cu")
+HOST_SOURCES = ("layer_norm.cu", "group_norm.cu", "batch_norm.cu", "layer_norm2d.cu", "nc_norm.cu",
+                "local_response_norm.cu")
 VARIANTS = {
     "plain": [],
     "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
