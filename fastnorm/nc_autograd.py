@@ -337,7 +337,7 @@ class SwitchNorm1dFunction(torch.autograd.Function):
             # dx = scale * dy + g_mean_ln / C + 2 g_var_ln (x - mean_ln) / (C - 1)
             #      [+ g_mean_bn / N + 2 g_var_bn (x - mean_bn) / (N - 1)]  (batch statistics)
             # written as a * dy + b * (x - mean_ln) + c for one nc_affine_grad
-            b = (2 * pv[0] / max(c - 1, 0) if c > 1 else math.inf) * g_var.sum(1, keepdim=True)
+            b = (2 * pv[0] / (c - 1) if c > 1 else math.inf) * g_var.sum(1, keepdim=True)
             cc = (pm[0] / c) * g_mean.sum(1, keepdim=True)
             b = b.expand(n, c)
             cc = cc.expand(n, c)
