@@ -486,8 +486,8 @@ __global__ void __launch_bounds__(256)
 // nc_affine_grad (the dx kernels' NC template flag): rows (n, c), coefficients given per row,
 //   dx = a * dy + b * (x - mean) + c,  held as  w = a (absent with dy), c1 = c, c2 = b, rstd unused
 // and computed as this formula with rstd = 1, k1 = -c, k2 = -b (exact negations: the same value).
-// A compile-time flag, so GroupNorm's instantiations are the code they were (registers, speed);
-// dy may be absent there (the gradient of nc_moments alone: the a * dy term drops).
+// A compile-time flag, so GroupNorm's instantiations are the code they were (registers, speed).
+// With NC, dy may be absent (the gradient through nc_moments alone: the a * dy term drops).
 template <typename T>
 struct GnDx {
   using A = acc_of<T>;
