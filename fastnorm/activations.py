@@ -117,25 +117,23 @@ def grad(code: int, dy: Tensor, z: Tensor, param: float = 0.0) -> Tensor:
 def _timm_table() -> Dict[type, Callable[[nn.Module], Optional[Tuple[str, float]]]]:
     """timm's activation modules whose math is exactly a table entry (when timm is imported).
 
-    Left out on purpose: timm's HardSwish (x * relu6(x + 3) / 6 by autograd: its gradient at
-    z = -3 and z = 3 is not torch's hardswish_backward's), in-place HardSigmoid (clamp_'s
-    gradient keeps the interval's ends), HardMish, QuickGELU, PReLU, and the *Me variants
-    (their own autograd Functions; timm only uses them when torch lacks the native function).
+    timm's HardSwish (x * relu6(x + 3) / 6) and HardSigmoid (relu6(x + 3) / 6, in place: add_,
+    clamp_, div_) are torch's hardswish / hardsigmoid written with other ops: the same function
+    and, by autograd, the same gradient, at z = -3 and z = 3 too (tests/test_norm_act.py checks
+    both at the kinks); they differ from torch's kernels only in rounding. Left out: HardMish,
+    QuickGELU, PReLU (not in the table) and the *Me variants (their own autograd Functions,
+    which timm uses only when torch lacks the native function).
     """
     acts = sys.modules.get("timm.layers.activations")
     if acts is None:
         return {}
     table = {}
     for cls_name, name in (("Swish", "silu"), ("Mish", "mish"), ("Sigmoid", "sigmoid"),
-                           ("Tanh", "tanh"), ("GELU", "gelu"), ("GELUTanh", "gelu_tanh")):
+                           ("Tanh", "tanh"), ("GELU", "gelu"), ("GELUTanh", "gelu_tanh"),
+                           ("HardSwish", "hardswish"), ("HardSigmoid", "hardsigmoid")):
         cls = getattr(acts, cls_name, None)
         if isinstance(cls, type):
             table[cls] = (lambda n: lambda m: (n, 0.0))(name)
-    cls = getattr(acts, "HardSigmoid", None)
-    if isinstance(cls, type):
-        # relu6(x + 3) / 6: torch's hardsigmoid and its backward (open interval); the in-place
-        # form clamps, whose backward includes z = -3 and z = 3
-        table[cls] = lambda m: None if getattr(m, "inplace", False) else ("hardsigmoid", 0.0)
     return table
 
 
@@ -177,6 +175,11 @@ def from_module(m: nn.Module) -> Optional[Tuple[str, float]]:
     return None if rule is None else rule(m)
 
 
+# hardsigmoid's slope as torch's backward kernels write it: 1.0f / 6.0f, a float32 constant
+# (also in float64)
+_ONE_SIXTH = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
+
+
 def _gelu_tanh_derivative(z: Tensor) -> Tensor:
     beta, kappa = math.sqrt(2.0 / math.pi), 0.044715
     t = torch.tanh(beta * (z + kappa * z * z * z))
@@ -192,13 +195,14 @@ _DERIVATIVES: Dict[str, Callable[[Tensor, float], Tensor]] = {
     "identity": lambda z, p: torch.ones_like(z),
     "relu": lambda z, p: (z > 0).to(z.dtype),
     "relu6": lambda z, p: ((z > 0) & (z < 6)).to(z.dtype),
-    "leaky_relu": lambda z, p: torch.where(z > 0, 1.0, p).to(z.dtype),
+    "leaky_relu": lambda z, p: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, p)),
     "silu": lambda z, p: torch.sigmoid(z) * (1 + z * (1 - torch.sigmoid(z))),
     "gelu": lambda z, p: (0.5 * (1 + torch.erf(z * math.sqrt(0.5)))
                           + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)),
     "gelu_tanh": lambda z, p: _gelu_tanh_derivative(z),
-    "hardswish": lambda z, p: torch.where(z < -3, 0.0, torch.where(z <= 3, z / 3 + 0.5, 1.0)),
-    "hardsigmoid": lambda z, p: ((z > -3) & (z < 3)).to(z.dtype) / 6,
+    # torch's kinks: hardswish' is 0 at z = -3 and 1 at z = 3, hardsigmoid' 0 at both
+    "hardswish": lambda z, p: torch.where(z <= -3, 0.0, torch.where(z < 3, z / 3 + 0.5, 1.0)),
+    "hardsigmoid": lambda z, p: ((z > -3) & (z < 3)).to(z.dtype) * _ONE_SIXTH,
     "mish": lambda z, p: _mish_derivative(z),
     "sigmoid": lambda z, p: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
     "tanh": lambda z, p: 1 - torch.tanh(z) ** 2,

@@ -1099,6 +1099,10 @@ def _vmap_act_fwd(kind, info, in_dims, plain_rule, args, x_i, w_i, b_i, extra, o
     wd, bd = dims[w_i], dims[b_i]
     args[w_i] = args[b_i] = None
     dims[w_i] = dims[b_i] = None
+    if kind != "bn":
+        # the input batched (expanded when it is not: per-sample statistics, all equal); the
+        # BatchNorm rule normalises an unbatched input once, updating its statistics once
+        args[x_i], dims[x_i] = _to_front(args[x_i], dims[x_i], b), 0
     (_, mean, rstd), (_, mdim, rdim) = plain_rule(info, tuple(dims), *args)
     x = _to_front(args[x_i], dims[x_i], b)
     z = _vmap_z(kind, x, _to_front(mean, mdim, b), _to_front(rstd, rdim, b),
