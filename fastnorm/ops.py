@@ -485,7 +485,11 @@ def _ln2d_layout(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     fmt = memory_format_of(input)
     if t.numel() == 0:
         return torch.empty_like(t, memory_format=fmt)
-    return t.contiguous(memory_format=fmt)
+    out = t.contiguous(memory_format=fmt)
+    # a view (of ATen's (N, *, C) result, for channels_last input) would be a view output of the
+    # autograd Function, which an in-place op after it (timm's in-place activations) may not
+    # modify: a tensor of its own
+    return out.clone(memory_format=fmt) if out._base is not None else out
 
 
 def _layer_norm2d_fwd_plain(input, weight, bias, eps, out_dtype=None):
