@@ -581,3 +581,53 @@ def test_functional_empty_inputs():
 def test_functional_exported_names():
     for n in ("batch_norm_act", "group_norm_act", "layer_norm_act", "layer_norm2d_act"):
         assert n in FN.__all__ and getattr(FN, n).__doc__
+
+
+def test_vmap_batch_norm_unbatched_input_batched_parameters_updates_statistics_once():
+    x = torch.randn(4, 3, 5, dtype=F64)
+    ws, bs = torch.rand(2, 3, dtype=F64) + 0.5, torch.randn(2, 3, dtype=F64)
+    rm, rv = torch.zeros(3, dtype=F64), torch.ones(3, dtype=F64)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    was = FN.set_cpu_fast_path(False)
+    try:
+        y = torch.func.vmap(lambda w, b: FN.batch_norm_act(x, rm, rv, w, b, True, 0.1, 1e-5,
+                                                           "silu"))(ws, bs)
+    finally:
+        FN.set_cpu_fast_path(was)
+    F.batch_norm(x, rm_t, rv_t, None, None, True, 0.1, 1e-5)
+    expected = torch.stack([F.silu(F.batch_norm(x, None, None, ws[i], bs[i], True, 0.1, 1e-5))
+                            for i in range(2)])
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rm, rm_t, rtol=0, atol=0)
+    torch.testing.assert_close(rv, rv_t, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["bn_train", "gn", "ln", "ln2d"])
+def test_fused_activation_saves_no_pre_activation_tensor(family):
+    """The fused op path saves x, the parameters and the statistics for backward; the unfused
+    composition saves the activation's input (an x-sized tensor) on top."""
+    shape, extra = {"bn_train": ((8, 4, 6, 6), None), "gn": ((8, 4, 6, 6), 2),
+                    "ln": ((8, 4, 36), [36]), "ln2d": ((8, 4, 6, 6), None)}[family]
+    x = torch.randn(shape, requires_grad=True)
+    w, b = (t.requires_grad_() for t in _params(family, x, extra, F32))
+
+    def saved_bytes(fn):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(sizes)
+
+    was = FN.set_cpu_fast_path(False)
+    try:
+        fused = saved_bytes(lambda: _functional(family, x, w, b, extra, "silu", None))
+        plain = saved_bytes(lambda: _functional(family, x, w, b, extra, "identity", None))
+        unfused = saved_bytes(lambda: F.silu(_functional(family, x, w, b, extra, "identity", None)))
+    finally:
+        FN.set_cpu_fast_path(was)
+    assert fused == plain
+    assert unfused - fused == x.numel() * x.element_size()
