@@ -25,18 +25,32 @@ from __future__ import annotations
 
 import torch
 
+from . import activations as _acts
 from . import ops as _ops  # noqa: F401  (defines the ops)
 from .ops import memory_format_of, stat_dtype
 
 _fn = torch.ops.fastnorm
 
 
-def _normalization_grads(x, dy, weight, eps, group, group_dims, affine_shape, param_dims, needs):
-    """(dx, dweight, dbias) of y = xhat * weight + bias, xhat normalised over `group_dims` of
+def _act_dz(g, xhat, weight, bias, affine_shape, act):
+    """dz = dy * act'(z), z = xhat * weight + bias (statistics dtype, differentiable); g as it is
+    without an activation (act None or code 0)."""
+    if act is None or act[0] == 0:
+        return g
+    z = xhat if weight is None else xhat * weight.to(g.dtype).reshape(affine_shape)
+    if bias is not None:
+        z = z + bias.to(g.dtype).reshape(affine_shape)
+    return g * _acts.derivative(act[0], z, act[1])
+
+
+def _normalization_grads(x, dy, weight, eps, group, group_dims, affine_shape, param_dims, needs,
+                         bias=None, act=None):
+    """(dx, dweight, dbias) of y = act(xhat * weight + bias), xhat normalised over `group_dims` of
     group(x), as differentiable torch ops in the statistics dtype.
 
     group: reshapes an x-shaped tensor so that its statistics reduce over group_dims;
-    affine_shape: how weight broadcasts against x; param_dims: x's dims summed for dweight/dbias.
+    affine_shape: how weight broadcasts against x; param_dims: x's dims summed for dweight/dbias;
+    act: (activation code, param) of a fused activation, or None.
     """
     sd = stat_dtype(x.dtype)
     xs, g = x.to(sd), dy.to(sd)
@@ -45,6 +59,7 @@ def _normalization_grads(x, dy, weight, eps, group, group_dims, affine_shape, pa
     rstd = torch.rsqrt((xg - mu).square().mean(group_dims, keepdim=True) + eps)
     xhat_g = (xg - mu) * rstd
     xhat = xhat_g.reshape(x.shape)
+    g = _act_dz(g, xhat, weight, bias, affine_shape, act)
     dx = dw = db = None
     if needs[0]:
         gw = group(g if weight is None else g * weight.to(sd).reshape(affine_shape))
@@ -59,10 +74,10 @@ def _normalization_grads(x, dy, weight, eps, group, group_dims, affine_shape, pa
 
 
 def _normalization_jvp(x, mean, rstd, weight, tx, tw, tb, group, group_dims, stat_shape,
-                       affine_shape, out_dtype):
-    """Tangent of y = xhat * weight + bias (xhat normalised over `group_dims` of group(x), with
-    the forward's statistics mean/rstd, viewed as `stat_shape` against group(x)) for tangents
-    tx, tw, tb of x, weight, bias (each may be None)."""
+                       affine_shape, out_dtype, bias=None, act=None):
+    """Tangent of y = act(xhat * weight + bias) (xhat normalised over `group_dims` of group(x),
+    with the forward's statistics mean/rstd, viewed as `stat_shape` against group(x)) for
+    tangents tx, tw, tb of x, weight, bias (each may be None); act: (code, param) or None."""
     sd = stat_dtype(x.dtype)
     xg = group(x.to(sd))
     r = rstd.reshape(stat_shape)
@@ -80,6 +95,8 @@ def _normalization_jvp(x, mean, rstd, weight, tx, tw, tb, group, group_dims, sta
     if tb is not None:
         t = tb.to(sd).reshape(affine_shape)
         out = t.expand(x.shape) if out is None else out + t
+    if out is not None and act is not None and act[0] != 0:
+        out = _act_dz(out, xhat_g.reshape(x.shape), weight, bias, affine_shape, act)
     return _tangent(out, x, out_dtype)
 
 
@@ -101,10 +118,14 @@ def _save(ctx, *tensors):
     ctx.save_for_forward(*tensors)
 
 
-def _applier(eager_cls, compiled_cls):
+def _applier(eager_cls, compiled_cls, nargs=None):
     """eager_cls.apply, or compiled_cls.apply (the same Function without jvp) while torch.compile
-    traces: dynamo refuses a custom jvp, and forward-mode AD does not run under torch.compile."""
+    traces: dynamo refuses a custom jvp, and forward-mode AD does not run under torch.compile.
+    nargs: the Function's argument count; the fused activation's two trailing arguments default
+    to identity (activation=0, activation_param=0.0) when a caller leaves them out."""
     def apply(*args):
+        if nargs is not None and len(args) == nargs - 2:
+            args = (*args, 0, 0.0)
         if torch.compiler.is_compiling():
             return compiled_cls.apply(*args)
         return eager_cls.apply(*args)
@@ -115,12 +136,19 @@ def _applier(eager_cls, compiled_cls):
 # ----------------------------------------------------------------------------------------------
 # LayerNorm
 # ----------------------------------------------------------------------------------------------
+def _act_of(inputs, index):
+    """(activation, activation_param) from the Function's or op's inputs (absent: identity)."""
+    rest = list(inputs[index:index + 2]) + [0, 0.0][len(inputs[index:index + 2]):]
+    return int(rest[0]), float(rest[1])
+
+
 def _ln_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
     input, normalized_shape, weight, bias, eps, *_ = inputs
     _, mean, rstd = output
     save(ctx, input, weight, bias, mean, rstd)
     ctx.normalized_shape = list(normalized_shape)
     ctx.eps = eps
+    ctx.act = _act_of(inputs, 6)
 
 
 def _ln_backward(ctx, dy, _dmean, _drstd):
@@ -131,17 +159,20 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
         rows = list(range(x.dim() - k))
         dx, dw, db = _normalization_grads(
             x, dy, w, ctx.eps, lambda t: t, list(range(x.dim() - k, x.dim())),
-            ctx.normalized_shape, rows, (needs[0], needs[1], needs[2] and b is not None))
+            ctx.normalized_shape, rows, (needs[0], needs[1], needs[2] and b is not None), b, ctx.act)
         db = None if db is None else db.reshape(b.shape).to(b.dtype)
     else:
         mask = [needs[0], needs[1] and w is not None, needs[2] and b is not None]
-        dx, dw, db = _fn.layer_norm_bwd(dy, x, mean, rstd, w, ctx.normalized_shape, mask)
+        dx, dw, db = _fn.layer_norm_bwd(dy, x, mean, rstd, w, ctx.normalized_shape, mask, b,
+                                        *ctx.act)
         dx, dw, db = (t if m else None for t, m in zip((dx, dw, db), mask))
     return dx, None, dw, db, None, None
 
 
 # A direct call of the op stays differentiable (plain autograd only, see the module docstring).
-torch.library.register_autograd("fastnorm::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
+torch.library.register_autograd(
+    "fastnorm::layer_norm_fwd", lambda ctx, dy, dm, dr: (*_ln_backward(ctx, dy, dm, dr), None, None),
+    setup_context=_ln_setup)
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -149,8 +180,9 @@ class _LayerNormFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, normalized_shape, weight, bias, eps, out_dtype):
-        return _fn.layer_norm_fwd(input, normalized_shape, weight, bias, eps, out_dtype)
+    def forward(input, normalized_shape, weight, bias, eps, out_dtype, activation, activation_param):
+        return _fn.layer_norm_fwd(input, normalized_shape, weight, bias, eps, out_dtype, activation,
+                                  activation_param)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -161,18 +193,18 @@ class _LayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dmean, drstd):
-        return _ln_backward(ctx, dy, dmean, drstd)
+        return (*_ln_backward(ctx, dy, dmean, drstd), None, None)
 
 
 class LayerNormFunction(_LayerNormFunction):
     @staticmethod
-    def jvp(ctx, tx, _tshape, tw, tb, _teps, _tdtype):
-        x, w, _, mean, rstd = ctx.saved_tensors
+    def jvp(ctx, tx, _tshape, tw, tb, _teps, _tdtype, _tact, _tparam):
+        x, w, b, mean, rstd = ctx.saved_tensors
         k = len(ctx.normalized_shape)
         ty = _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t,
                                 list(range(x.dim() - k, x.dim())),
                                 list(x.shape[: x.dim() - k]) + [1] * k, ctx.normalized_shape,
-                                ctx.y_dtype)
+                                ctx.y_dtype, b, ctx.act)
         return ty, None, None
 
 
@@ -185,6 +217,7 @@ def _gn_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t
     save(ctx, input, weight, bias, mean, rstd)
     ctx.num_groups = num_groups
     ctx.eps = eps
+    ctx.act = _act_of(inputs, 6)
 
 
 def _gn_backward(ctx, dy, _dmean, _drstd):
@@ -195,27 +228,27 @@ def _gn_backward(ctx, dy, _dmean, _drstd):
         param_dims, affine_shape = _channel_dims(x)
         dx, dw, db = _normalization_grads(
             x, dy, w, ctx.eps, lambda t: t.reshape(n, g, -1), [2], affine_shape, param_dims,
-            (needs[0], needs[1], needs[2] and b is not None))
+            (needs[0], needs[1], needs[2] and b is not None), b, ctx.act)
         db = None if db is None else db.reshape(b.shape).to(b.dtype)
     else:
         mask = [needs[0], needs[1] and w is not None, needs[2] and b is not None]
-        dx, dw, db = _fn.group_norm_bwd(dy, x, mean, rstd, w, ctx.num_groups, mask)
+        dx, dw, db = _fn.group_norm_bwd(dy, x, mean, rstd, w, ctx.num_groups, mask, b, *ctx.act)
         dx, dw, db = (t if m else None for t, m in zip((dx, dw, db), mask))
     return dx, dw, db
 
 
 torch.library.register_autograd(
     "fastnorm::group_norm_fwd",
-    lambda ctx, dy, dm, dr: (*_gn_backward(ctx, dy, dm, dr), None, None, None),
+    lambda ctx, dy, dm, dr: (*_gn_backward(ctx, dy, dm, dr), None, None, None, None, None),
     setup_context=_gn_setup)
 
 
 def _gn_jvp(ctx, tx, tw, tb):
-    x, w, _, mean, rstd = ctx.saved_tensors
+    x, w, b, mean, rstd = ctx.saved_tensors
     n, g = x.shape[0], ctx.num_groups
     _, affine_shape = _channel_dims(x)
     return _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t.reshape(n, g, -1), [2],
-                              [n, g, 1], affine_shape, ctx.y_dtype)
+                              [n, g, 1], affine_shape, ctx.y_dtype, b, getattr(ctx, "act", None))
 
 
 class _GroupNormFunction(torch.autograd.Function):
@@ -223,8 +256,9 @@ class _GroupNormFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, num_groups, eps, out_dtype):
-        return _fn.group_norm_fwd(input, weight, bias, num_groups, eps, out_dtype)
+    def forward(input, weight, bias, num_groups, eps, out_dtype, activation, activation_param):
+        return _fn.group_norm_fwd(input, weight, bias, num_groups, eps, out_dtype, activation,
+                                  activation_param)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -235,12 +269,12 @@ class _GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dmean, drstd):
-        return (*_gn_backward(ctx, dy, dmean, drstd), None, None, None)
+        return (*_gn_backward(ctx, dy, dmean, drstd), None, None, None, None, None)
 
 
 class GroupNormFunction(_GroupNormFunction):
     @staticmethod
-    def jvp(ctx, tx, tw, tb, _tgroups, _teps, _tdtype):
+    def jvp(ctx, tx, tw, tb, _tgroups, _teps, _tdtype, _tact, _tparam):
         return _gn_jvp(ctx, tx, tw, tb), None, None
 
 
@@ -274,6 +308,7 @@ class _InstanceNormTrackedFunction(torch.autograd.Function):
         _save(ctx, input, weight, bias, mean, rstd)
         ctx.num_groups = input.shape[1]
         ctx.eps = eps
+        ctx.act = (0, 0.0)
         ctx.y_dtype = y.dtype
 
     @staticmethod
@@ -290,9 +325,11 @@ class InstanceNormTrackedFunction(_InstanceNormTrackedFunction):
 # ----------------------------------------------------------------------------------------------
 # BatchNorm
 # ----------------------------------------------------------------------------------------------
-def _frozen_statistics_grads(x, dy, w, mean, rstd, dims, shape, needs):
+def _frozen_statistics_grads(x, dy, w, mean, rstd, dims, shape, needs, b=None, act=None):
     sd = stat_dtype(x.dtype)
     g, r = dy.to(sd), rstd.reshape(shape)
+    if act is not None and act[0] != 0:
+        g = _act_dz(g, (x.to(sd) - mean.reshape(shape)) * r, w, b, shape, act)
     dx = dw = db = None
     if needs[0]:
         dx = (g * (r if w is None else r * w.to(sd).reshape(shape))).to(x.dtype)
@@ -310,18 +347,20 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                training, momentum, eps):
+                training, momentum, eps, activation, activation_param):
         return _fn.batch_norm_fwd(input, weight, bias, running_mean, running_var,
-                                  num_batches_tracked, training, momentum, eps)
+                                  num_batches_tracked, training, momentum, eps, activation,
+                                  activation_param)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, _, _, _, training, _, eps = inputs
+        input, weight, bias, _, _, _, training, _, eps = inputs[:9]
         _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
         _save(ctx, input, weight, bias, mean, rstd)
         ctx.training = training
         ctx.eps = eps
+        ctx.act = _act_of(inputs, 9)
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
@@ -332,25 +371,26 @@ class _BatchNormFunction(torch.autograd.Function):
             dims, shape = _channel_dims(x)
             if ctx.training:
                 dx, dw, db = _normalization_grads(x, dy, w, ctx.eps, lambda t: t, dims, shape,
-                                                  dims, needs)
-            else:  # frozen statistics: y is an affine map of x
-                dx, dw, db = _frozen_statistics_grads(x, dy, w, mean, rstd, dims, shape, needs)
+                                                  dims, needs, b, ctx.act)
+            else:  # frozen statistics: y is an affine map of x (then the activation)
+                dx, dw, db = _frozen_statistics_grads(x, dy, w, mean, rstd, dims, shape, needs,
+                                                      b, ctx.act)
             db = None if db is None else db.reshape(b.shape).to(b.dtype)
         else:
             mask = [needs[0], needs[1] and w is not None, needs[2] and b is not None]
-            dx, dw, db = _fn.batch_norm_bwd(dy, x, mean, rstd, w, ctx.training, mask)
+            dx, dw, db = _fn.batch_norm_bwd(dy, x, mean, rstd, w, ctx.training, mask, b, *ctx.act)
             dx, dw, db = (t if m else None for t, m in zip((dx, dw, db), mask))
-        return dx, dw, db, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 class BatchNormFunction(_BatchNormFunction):
     @staticmethod
     def jvp(ctx, tx, tw, tb, *_):
-        x, w, _, mean, rstd = ctx.saved_tensors
+        x, w, b, mean, rstd = ctx.saved_tensors
         dims, shape = _channel_dims(x)
         if ctx.training:
             ty = _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t, dims, shape, shape,
-                                    x.dtype)
+                                    x.dtype, b, ctx.act)
         else:  # frozen statistics: y = (x - mean) * rstd * weight + bias
             sd = stat_dtype(x.dtype)
             r = rstd.reshape(shape)
@@ -363,6 +403,8 @@ class BatchNormFunction(_BatchNormFunction):
             if tb is not None:
                 t = tb.to(sd).reshape(shape)
                 ty = t.expand(x.shape) if ty is None else ty + t
+            if ty is not None and ctx.act[0] != 0:
+                ty = _act_dz(ty, (x.to(sd) - mean.reshape(shape)) * r, w, b, shape, ctx.act)
             ty = _tangent(ty, x, x.dtype)
         return ty, None, None
 
@@ -582,6 +624,7 @@ def _ln2d_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(
     _, mean, rstd = output
     save(ctx, input, weight, bias, mean, rstd)
     ctx.eps = eps
+    ctx.act = _act_of(inputs, 5)
 
 
 def _ln2d_backward(ctx, dy, _dmean, _drstd):
@@ -591,18 +634,18 @@ def _ln2d_backward(ctx, dy, _dmean, _drstd):
         param_dims, affine_shape = _channel_dims(x)
         dx, dw, db = _normalization_grads(
             x, dy, w, ctx.eps, lambda t: t, [1], affine_shape, param_dims,
-            (needs[0], needs[1], needs[2] and b is not None))
+            (needs[0], needs[1], needs[2] and b is not None), b, ctx.act)
         db = None if db is None else db.reshape(b.shape).to(b.dtype)
     else:
         mask = [needs[0], needs[1] and w is not None, needs[2] and b is not None]
-        dx, dw, db = _fn.layer_norm2d_bwd(dy, x, mean, rstd, w, mask)
+        dx, dw, db = _fn.layer_norm2d_bwd(dy, x, mean, rstd, w, mask, b, *ctx.act)
         dx, dw, db = (t if m else None for t, m in zip((dx, dw, db), mask))
     return dx, dw, db
 
 
 torch.library.register_autograd(
     "fastnorm::layer_norm2d_fwd",
-    lambda ctx, dy, dm, dr: (*_ln2d_backward(ctx, dy, dm, dr), None, None),
+    lambda ctx, dy, dm, dr: (*_ln2d_backward(ctx, dy, dm, dr), None, None, None, None),
     setup_context=_ln2d_setup)
 
 
@@ -611,8 +654,9 @@ class _LayerNorm2dFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, eps, out_dtype):
-        return _fn.layer_norm2d_fwd(input, weight, bias, eps, out_dtype)
+    def forward(input, weight, bias, eps, out_dtype, activation, activation_param):
+        return _fn.layer_norm2d_fwd(input, weight, bias, eps, out_dtype, activation,
+                                    activation_param)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -623,16 +667,17 @@ class _LayerNorm2dFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dmean, drstd):
-        return (*_ln2d_backward(ctx, dy, dmean, drstd), None, None)
+        return (*_ln2d_backward(ctx, dy, dmean, drstd), None, None, None, None)
 
 
 class LayerNorm2dFunction(_LayerNorm2dFunction):
     @staticmethod
-    def jvp(ctx, tx, tw, tb, _teps, _tdtype):
-        x, w, _, mean, rstd = ctx.saved_tensors
+    def jvp(ctx, tx, tw, tb, _teps, _tdtype, _tact, _tparam):
+        x, w, b, mean, rstd = ctx.saved_tensors
         _, affine_shape = _channel_dims(x)
         ty = _normalization_jvp(x, mean, rstd, w, tx, tw, tb, lambda t: t, [1],
-                                [x.shape[0], 1, *x.shape[2:]], affine_shape, ctx.y_dtype)
+                                [x.shape[0], 1, *x.shape[2:]], affine_shape, ctx.y_dtype, b,
+                                ctx.act)
         return ty, None, None
 
 
@@ -694,9 +739,11 @@ class LocalResponseNormFunction(_LocalResponseNormFunction):
 
 apply_layer_norm = _applier(LayerNormFunction, _LayerNormFunction)
 apply_group_norm = _applier(GroupNormFunction, _GroupNormFunction)
+apply_layer_norm = _applier(LayerNormFunction, _LayerNormFunction, 8)
+apply_group_norm = _applier(GroupNormFunction, _GroupNormFunction, 8)
 apply_instance_norm_tracked = _applier(InstanceNormTrackedFunction, _InstanceNormTrackedFunction)
-apply_batch_norm = _applier(BatchNormFunction, _BatchNormFunction)
-apply_layer_norm2d = _applier(LayerNorm2dFunction, _LayerNorm2dFunction)
+apply_batch_norm = _applier(BatchNormFunction, _BatchNormFunction, 11)
+apply_layer_norm2d = _applier(LayerNorm2dFunction, _LayerNorm2dFunction, 7)
 apply_rms_norm = _applier(RMSNormFunction, _RMSNormFunction)
 apply_add_norm = _applier(AddNormFunction, _AddNormFunction)
 apply_local_response_norm = _applier(LocalResponseNormFunction, _LocalResponseNormFunction)

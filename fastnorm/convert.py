@@ -51,7 +51,11 @@ def convert(model: nn.Module) -> nn.Module:
     - timm (when imported): timm.layers.LayerNorm (fastnorm.functional.layer_norm),
       LayerNorm2d (fastnorm.functional.layer_norm2d), GroupNorm and GroupNorm1
       (fastnorm.functional.group_norm) and RmsNorm (fastnorm.functional.rms_norm), their
-      `_fast_norm` mode included;
+      `_fast_norm` mode included; the norm + activation layers BatchNormAct2d,
+      FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct, LayerNormAct2d (and their
+      Fp32 variants), the activation fused into the norm when fastnorm knows it and `drop` is an
+      Identity (fastnorm.functional.*_act), and SyncBatchNormAct and RmsNormAct with their
+      activation after the norm;
     - torchvision (when imported): torchvision.ops.FrozenBatchNorm2d
       (fastnorm.functional.frozen_batch_norm).
 

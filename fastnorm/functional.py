@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import activations as _acts
 from . import ops
 from .ops import memory_format_of
 from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
@@ -48,6 +49,20 @@ from .autograd import apply_add_norm, apply_rms_norm
 from .ops import stat_dtype as _stat_dtype
 
 __all__ += ["rms_norm", "add_rms_norm", "add_layer_norm"]
+__all__ += ["batch_norm_act", "group_norm_act", "layer_norm_act", "layer_norm2d_act"]
+
+_NO_ACT = (0, 0.0)  # (activation code, activation_param): none
+
+
+def _act_args(activation: str, activation_param: Optional[float]):
+    """(op code, param) of the *_act functions' activation arguments (fastnorm.activations)."""
+    code = _acts.code_of(activation)
+    return code, _acts.param_of(activation, activation_param)
+
+
+def _activated(y: Tensor, act) -> Tensor:
+    """torch's activation applied to an unfused result (CPU fast path, inputs with no elements)."""
+    return y if act[0] == 0 else _acts.apply(act[0], y, act[1])
 
 _is_compiling = torch.compiler.is_compiling
 _functorch_level = torch._C._functorch.peek_interpreter_stack
@@ -204,12 +219,13 @@ def _batch_norm_problem(input: Tensor, running_mean: Optional[Tensor],
 def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                 weight: Optional[Tensor], bias: Optional[Tensor], training: bool,
                 momentum: Optional[float], eps: float,
-                num_batches_tracked: Optional[Tensor] = None, check_eps: bool = True) -> Tensor:
+                num_batches_tracked: Optional[Tensor] = None, check_eps: bool = True,
+                act=_NO_ACT) -> Tensor:
     """batch_norm with the module's extras: num_batches_tracked (incremented in place by the op,
     on the device) and momentum=None (cumulative average, factor 1/num_batches_tracked).
     Checks in torch's order: values per channel, eps (check_eps: batch_norm's own; instance_norm
     has none), then the arguments; an input with no elements is accepted whatever the other
-    arguments, as torch does."""
+    arguments, as torch does. act: a fused activation, (code, param)."""
     name = "batch_norm"
     if training:
         _verify_batch_size(input)
@@ -236,7 +252,7 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
             else:
                 if training and num_batches_tracked is not None:
                     num_batches_tracked.add_(1)  # after the call: an error counts nothing
-                return y
+                return _activated(y, act)
     problem = _batch_norm_problem(input, running_mean, running_var, weight, bias, training)
     if problem is not None:
         if input.numel() != 0:
@@ -250,11 +266,11 @@ def _batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Opti
         if training and num_batches_tracked is not None:
             with torch.no_grad():
                 num_batches_tracked.add_(1)
-        return y
+        return _activated(y, act) if y.is_floating_point() else y
     if momentum is None and num_batches_tracked is None and training and running_mean is not None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
     y, _, _ = apply_batch_norm(input, weight, bias, running_mean, running_var,
-                               num_batches_tracked, training, momentum, eps)
+                               num_batches_tracked, training, momentum, eps, *act)
     return y
 
 
@@ -267,6 +283,31 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         raise TypeError("batch_norm(): argument 'momentum' must be float, not NoneType (the "
                         "cumulative average, momentum=None, is the BatchNorm modules' option)")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def batch_norm_act(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+                   activation: str = "identity",
+                   activation_param: Optional[float] = None) -> Tensor:
+    """`activation(batch_norm(input, ...))` with the activation fused into the norm: the kernel
+    applies it to z = xhat * weight + bias before the store, rounding once to the input's dtype,
+    and the backward recomputes z from the input and the batch statistics (no pre-activation
+    tensor is saved). The arguments, checks, errors and running-statistics update are
+    batch_norm's (torch.nn.functional.batch_norm's).
+
+    activation: "identity", "relu", "relu6", "leaky_relu", "silu" (alias "swish"), "gelu",
+    "gelu_tanh", "hardswish", "hardsigmoid", "mish", "sigmoid" or "tanh" (fastnorm.activations);
+    activation_param: leaky_relu's negative_slope (default 0.01), None for the others.
+    Gradients are torch's (its backward formula of each activation, one-sided choices at the
+    kinks included). On CPU, eagerly, the norm is ATen's and the activation torch's function
+    after it (fastnorm.functional's CPU fast path): the same values to rounding.
+    """
+    if momentum is None:
+        raise TypeError("batch_norm_act(): argument 'momentum' must be float, not NoneType")
+    act = _act_args(activation, activation_param)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       act=act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +340,14 @@ def frozen_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
     when they require grad. When running_mean or running_var require grad (as buffers they do
     not) torchvision's formula is evaluated with torch ops so that they get theirs too.
     """
+    return _frozen_batch_norm(input, weight, bias, running_mean, running_var, eps)
+
+
+def _frozen_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                       running_mean: Tensor, running_var: Tensor, eps: float,
+                       act=_NO_ACT) -> Tensor:
+    """frozen_batch_norm; act: an activation (code, param) fused into the pass (timm's
+    FrozenBatchNormAct2d)."""
     name = "frozen_batch_norm"
     for what, t in (("running_mean", running_mean), ("running_var", running_var)):
         if t is None:
@@ -323,11 +372,11 @@ def frozen_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Te
         shift = -running_mean.reshape(shape) * scale
         if bias is not None:
             shift = bias.reshape(shape) + shift
-        return input * scale + shift
+        return _activated(input * scale + shift, act)
     x = input if input.dtype == out_dtype else input.to(out_dtype)
     w, b, rm, rv = (t if t is None or t.dtype == out_dtype else t.to(out_dtype)
                     for _, t in params)
-    return _batch_norm(x, rm, rv, w, b, False, 0.0, eps, check_eps=False)
+    return _batch_norm(x, rm, rv, w, b, False, 0.0, eps, check_eps=False, act=act)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,11 +386,31 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5) -> Tensor:
     """Same as torch.nn.functional.layer_norm."""
+    return _layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def layer_norm_act(input: Tensor, normalized_shape: Union[int, Sequence[int]],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5, activation: str = "identity",
+                   activation_param: Optional[float] = None) -> Tensor:
+    """`activation(layer_norm(input, normalized_shape, weight, bias, eps))` with the activation
+    fused into the norm (timm's LayerNormAct): z = xhat * weight + bias in float32 (float64 for
+    float64), the activation applied before the one rounding to the output dtype; the backward
+    recomputes z. Arguments, checks and errors are layer_norm's; `activation` and
+    `activation_param` as in batch_norm_act."""
+    return _layer_norm(input, normalized_shape, weight, bias, eps,
+                       _act_args(activation, activation_param))
+
+
+def _layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
+                weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                act=_NO_ACT) -> Tensor:
     refused = None
     if cpu_fast_path(input):
         try:
-            return torch.layer_norm(input, (normalized_shape,) if isinstance(normalized_shape, int)
-                                    else normalized_shape, weight, bias, eps, False)
+            return _activated(torch.layer_norm(
+                input, (normalized_shape,) if isinstance(normalized_shape, int)
+                else normalized_shape, weight, bias, eps, False), act)
         except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
             refused = e
     name = "layer_norm"
@@ -360,8 +429,8 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
         raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
     if math.prod(shape) == 0:
         # nothing to normalise over (torch returns the empty result; the op needs N > 0)
-        return _empty_affine(input, weight, bias)
-    y, _, _ = apply_layer_norm(input, shape, weight, bias, eps, _autocast_dtype(input))
+        return _activated(_empty_affine(input, weight, bias), act)
+    y, _, _ = apply_layer_norm(input, shape, weight, bias, eps, _autocast_dtype(input), *act)
     return y
 
 
@@ -376,11 +445,29 @@ def layer_norm2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[
     copies. The output keeps the input's memory format (channels_last in, channels_last out).
     Half inputs are computed in float32; under CUDA autocast the output is float32 (as
     layer_norm's)."""
+    return _layer_norm2d(input, weight, bias, eps)
+
+
+def layer_norm2d_act(input: Tensor, weight: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, eps: float = 1e-6,
+                     activation: str = "identity",
+                     activation_param: Optional[float] = None) -> Tensor:
+    """`activation(layer_norm2d(input, weight, bias, eps))` with the activation fused into the
+    norm (timm's LayerNormAct2d): applied to z = xhat * weight + bias in float32 (float64 for
+    float64) before the one rounding; the backward recomputes z. Arguments, checks and errors are
+    layer_norm2d's; `activation` and `activation_param` as in batch_norm_act. The output keeps
+    the input's memory format."""
+    return _layer_norm2d(input, weight, bias, eps, _act_args(activation, activation_param))
+
+
+def _layer_norm2d(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                  act=_NO_ACT) -> Tensor:
     refused = None
     if cpu_fast_path(input) and input.dim() >= 2:
         try:
             # ATen's LayerNorm over the (N, *, C) view: no copy for channels_last input
             y = torch.layer_norm(input.movedim(1, -1), (input.shape[1],), weight, bias, eps, False)
+            y = _activated(y, act)
             return y.movedim(-1, 1).contiguous(memory_format=memory_format_of(input))
         except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
             refused = e
@@ -401,9 +488,9 @@ def layer_norm2d(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[
     if c == 0:
         # nothing to normalise over (torch's composition returns the empty result)
         shape = [1, 0] + [1] * (input.dim() - 2)
-        return _empty_affine(input, None if weight is None else weight.reshape(shape),
-                             None if bias is None else bias.reshape(shape))
-    y, _, _ = apply_layer_norm2d(input, weight, bias, eps, _autocast_dtype(input))
+        return _activated(_empty_affine(input, None if weight is None else weight.reshape(shape),
+                                        None if bias is None else bias.reshape(shape)), act)
+    y, _, _ = apply_layer_norm2d(input, weight, bias, eps, _autocast_dtype(input), *act)
     return y
 
 
@@ -436,12 +523,30 @@ def _group_norm_checks(name: str, input: Tensor, num_groups: int, weight, bias) 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Same as torch.nn.functional.group_norm (channels_last input gives channels_last output)."""
+    return _group_norm(input, num_groups, weight, bias, eps)
+
+
+def group_norm_act(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5,
+                   activation: str = "identity",
+                   activation_param: Optional[float] = None) -> Tensor:
+    """`activation(group_norm(input, num_groups, weight, bias, eps))` with the activation fused
+    into the norm (timm's GroupNormAct): applied to z = xhat * weight + bias in float32 (float64
+    for float64) before the one rounding; the backward recomputes z. Arguments, checks and errors
+    are group_norm's; `activation` and `activation_param` as in batch_norm_act. channels_last
+    input gives channels_last output."""
+    return _group_norm(input, num_groups, weight, bias, eps,
+                       _act_args(activation, activation_param))
+
+
+def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor],
+                bias: Optional[Tensor], eps: float, act=_NO_ACT) -> Tensor:
     # more values per group than 1 (torch's check, which ATen does not make) when C % G == 0;
     # otherwise ATen refuses and the checks below raise in torch's order
     refused = None
     if num_groups > 0 and cpu_fast_path(input) and input.numel() > num_groups:
         try:
-            return torch.group_norm(input, num_groups, weight, bias, eps, False)
+            return _activated(torch.group_norm(input, num_groups, weight, bias, eps, False), act)
         except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
             refused = e
     _group_norm_checks("group_norm", input, num_groups, weight, bias)
@@ -449,7 +554,7 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
         raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
     if not input.is_floating_point():  # an empty batch, accepted by the checks (as torch)
         return input.clone()
-    y, _, _ = apply_group_norm(input, weight, bias, num_groups, eps, _autocast_dtype(input))
+    y, _, _ = apply_group_norm(input, weight, bias, num_groups, eps, _autocast_dtype(input), *act)
     return y
 
 

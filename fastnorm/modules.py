@@ -31,27 +31,33 @@ class _BatchNormForward:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        tracking = self.training and self.track_running_stats
-        if tracking and FN.in_checkpoint_recomputation():
-            # The first forward already updated the buffers: normalise with batch statistics and
-            # let the update go to copies (the same autograd graph as the first forward's, which
-            # a non-reentrant checkpoint compares with the recomputation's; on the op path the
-            # graph is the same either way).
-            rm, rv = self.running_mean, self.running_var
-            return FN._batch_norm(input, None if rm is None else rm.clone(),
-                                  None if rv is None else rv.clone(), self.weight, self.bias,
-                                  True, 0.0, self.eps)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        nbt = self.num_batches_tracked if tracking else None
-        momentum = self.momentum
-        if momentum is None and nbt is None:
-            momentum = 0.0  # nothing is updated: the factor is unused
-        return FN._batch_norm(
-            input,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight, self.bias, bn_training, momentum, self.eps, nbt)
+        return batch_norm_module_forward(self, input)
+
+
+def batch_norm_module_forward(self: nn.Module, input: Tensor, act=(0, 0.0)) -> Tensor:
+    """torch.nn's _BatchNorm.forward after its input check, on fastnorm's op, for any module with
+    _BatchNorm's attributes (timm's BatchNormAct2d too); act: a fused activation (code, param)."""
+    tracking = self.training and self.track_running_stats
+    if tracking and FN.in_checkpoint_recomputation():
+        # The first forward already updated the buffers: normalise with batch statistics and
+        # let the update go to copies (the same autograd graph as the first forward's, which
+        # a non-reentrant checkpoint compares with the recomputation's; on the op path the
+        # graph is the same either way).
+        rm, rv = self.running_mean, self.running_var
+        return FN._batch_norm(input, None if rm is None else rm.clone(),
+                              None if rv is None else rv.clone(), self.weight, self.bias,
+                              True, 0.0, self.eps, act=act)
+    bn_training = self.training or (self.running_mean is None and self.running_var is None)
+    use_buffers = not self.training or self.track_running_stats
+    nbt = self.num_batches_tracked if tracking else None
+    momentum = self.momentum
+    if momentum is None and nbt is None:
+        momentum = 0.0  # nothing is updated: the factor is unused
+    return FN._batch_norm(
+        input,
+        self.running_mean if use_buffers else None,
+        self.running_var if use_buffers else None,
+        self.weight, self.bias, bn_training, momentum, self.eps, nbt, act=act)
 
 
 class BatchNorm1d(_BatchNormForward, nn.BatchNorm1d):

@@ -15,26 +15,32 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import activations as _activations
+
 lib = torch.library.Library("fastnorm", "DEF")  # noqa: TOR901 (a persistent library object)
 
+_ACT = "int activation=0, float activation_param=0.0"  # the fused epilogue (fastnorm.activations)
 SCHEMAS = {
     "layer_norm_fwd": "(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, "
-                      "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)",
+                      f"ScalarType? out_dtype=None, {_ACT}) -> (Tensor, Tensor, Tensor)",
     "layer_norm_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-                      "int[] normalized_shape, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                      f"int[] normalized_shape, bool[3] output_mask, Tensor? bias=None, {_ACT}) "
+                      "-> (Tensor, Tensor, Tensor)",
     "group_norm_fwd": "(Tensor input, Tensor? weight, Tensor? bias, int num_groups, float eps, "
-                      "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)",
+                      f"ScalarType? out_dtype=None, {_ACT}) -> (Tensor, Tensor, Tensor)",
     "group_norm_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-                      "int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                      f"int num_groups, bool[3] output_mask, Tensor? bias=None, {_ACT}) "
+                      "-> (Tensor, Tensor, Tensor)",
     "batch_norm_fwd": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
                       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
-                      "float? momentum, float eps) -> (Tensor, Tensor, Tensor)",
+                      f"float? momentum, float eps, {_ACT}) -> (Tensor, Tensor, Tensor)",
     "batch_norm_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-                      "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                      f"bool training, bool[3] output_mask, Tensor? bias=None, {_ACT}) "
+                      "-> (Tensor, Tensor, Tensor)",
     "layer_norm2d_fwd": "(Tensor input, Tensor? weight, Tensor? bias, float eps, "
-                        "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)",
+                        f"ScalarType? out_dtype=None, {_ACT}) -> (Tensor, Tensor, Tensor)",
     "layer_norm2d_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-                        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                        f"bool[3] output_mask, Tensor? bias=None, {_ACT}) -> (Tensor, Tensor, Tensor)",
     "rms_norm_fwd": "(Tensor input, int[] normalized_shape, Tensor? weight, float eps, "
                     "ScalarType? out_dtype=None) -> (Tensor, Tensor)",
     "rms_norm_bwd": "(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, "
@@ -111,8 +117,7 @@ def _ln_rows(x: torch.Tensor, normalized_shape: Sequence[int]) -> int:
     return math.prod(x.shape[: x.dim() - len(normalized_shape)])
 
 
-@torch.library.impl(lib, "layer_norm_fwd", "CompositeExplicitAutograd")
-def _layer_norm_fwd_ref(input, normalized_shape, weight, bias, eps, out_dtype=None):
+def _layer_norm_fwd_plain(input, normalized_shape, weight, bias, eps, out_dtype=None):
     x = input if out_dtype is None or out_dtype == input.dtype else input.to(out_dtype)
     y, mean, rstd = torch.native_layer_norm(x, list(normalized_shape), weight, bias, eps)
     m = _ln_rows(input, normalized_shape)
@@ -120,8 +125,7 @@ def _layer_norm_fwd_ref(input, normalized_shape, weight, bias, eps, out_dtype=No
     return y.contiguous(), mean.reshape(m).to(sd), rstd.reshape(m).to(sd)
 
 
-@torch.library.impl(lib, "layer_norm_bwd", "CompositeExplicitAutograd")
-def _layer_norm_bwd_ref(grad_out, input, mean, rstd, weight, normalized_shape, output_mask):
+def _layer_norm_bwd_plain(grad_out, input, mean, rstd, weight, normalized_shape, output_mask):
     in_dtype = input.dtype
     if grad_out.dtype != input.dtype:  # autocast: the forward normalised a float32 copy
         input = input.to(grad_out.dtype)
@@ -141,16 +145,14 @@ def _layer_norm_bwd_ref(grad_out, input, mean, rstd, weight, normalized_shape, o
             db.to(wd) if output_mask[2] else _empty(input, wd))
 
 
-@torch.library.register_fake("fastnorm::layer_norm_fwd")
-def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, out_dtype=None):
+def _layer_norm_fwd_fake_plain(input, normalized_shape, weight, bias, eps, out_dtype=None):
     m = _ln_rows(input, normalized_shape)
     sd = stat_dtype(input.dtype)
     y = input.new_empty(input.shape, dtype=out_dtype or input.dtype)
     return y, input.new_empty((m,), dtype=sd), input.new_empty((m,), dtype=sd)
 
 
-@torch.library.register_fake("fastnorm::layer_norm_bwd")
-def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, normalized_shape, output_mask):
+def _layer_norm_bwd_fake_plain(grad_out, input, mean, rstd, weight, normalized_shape, output_mask):
     wd = weight.dtype if weight is not None else input.dtype
     return (torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else _empty(input),
             input.new_empty(tuple(normalized_shape), dtype=wd) if output_mask[1] else _empty(input, wd),
@@ -160,8 +162,7 @@ def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, normalized_shape, 
 # ----------------------------------------------------------------------------------------------
 # GroupNorm (InstanceNorm is GroupNorm with one group per channel)
 # ----------------------------------------------------------------------------------------------
-@torch.library.impl(lib, "group_norm_fwd", "CompositeExplicitAutograd")
-def _group_norm_fwd_ref(input, weight, bias, num_groups, eps, out_dtype=None):
+def _group_norm_fwd_plain(input, weight, bias, num_groups, eps, out_dtype=None):
     x = input if out_dtype is None or out_dtype == input.dtype else input.to(out_dtype)
     n, c = x.shape[0], x.shape[1]
     y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, _spatial(x), num_groups, eps)
@@ -170,8 +171,7 @@ def _group_norm_fwd_ref(input, weight, bias, num_groups, eps, out_dtype=None):
     return y, mean.reshape(n, num_groups).to(sd), rstd.reshape(n, num_groups).to(sd)
 
 
-@torch.library.impl(lib, "group_norm_bwd", "CompositeExplicitAutograd")
-def _group_norm_bwd_ref(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+def _group_norm_bwd_plain(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     in_dtype = input.dtype
     fmt = memory_format_of(input)
     if grad_out.dtype != input.dtype:
@@ -189,16 +189,14 @@ def _group_norm_bwd_ref(grad_out, input, mean, rstd, weight, num_groups, output_
             db.to(wd) if output_mask[2] else _empty(input, wd))
 
 
-@torch.library.register_fake("fastnorm::group_norm_fwd")
-def _group_norm_fwd_fake(input, weight, bias, num_groups, eps, out_dtype=None):
+def _group_norm_fwd_fake_plain(input, weight, bias, num_groups, eps, out_dtype=None):
     sd = stat_dtype(input.dtype)
     y = torch.empty_like(input, dtype=out_dtype or input.dtype, memory_format=memory_format_of(input))
     n = input.shape[0]
     return y, input.new_empty((n, num_groups), dtype=sd), input.new_empty((n, num_groups), dtype=sd)
 
 
-@torch.library.register_fake("fastnorm::group_norm_bwd")
-def _group_norm_bwd_fake(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+def _group_norm_bwd_fake_plain(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     wd = weight.dtype if weight is not None else input.dtype
     c = input.shape[1]
     return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
@@ -209,8 +207,7 @@ def _group_norm_bwd_fake(grad_out, input, mean, rstd, weight, num_groups, output
 # ----------------------------------------------------------------------------------------------
 # BatchNorm
 # ----------------------------------------------------------------------------------------------
-@torch.library.impl(lib, "batch_norm_fwd", "CompositeExplicitAutograd")
-def _batch_norm_fwd_ref(input, weight, bias, running_mean, running_var, num_batches_tracked,
+def _batch_norm_fwd_plain(input, weight, bias, running_mean, running_var, num_batches_tracked,
                         training, momentum, eps):
     c = input.shape[1]
     sd = stat_dtype(input.dtype)
@@ -240,8 +237,7 @@ def _batch_norm_fwd_ref(input, weight, bias, running_mean, running_var, num_batc
     return y.contiguous(memory_format=fmt), mean.to(sd), rstd.to(sd)
 
 
-@torch.library.impl(lib, "batch_norm_bwd", "CompositeExplicitAutograd")
-def _batch_norm_bwd_ref(grad_out, input, mean, rstd, weight, training, output_mask):
+def _batch_norm_bwd_plain(grad_out, input, mean, rstd, weight, training, output_mask):
     in_dtype = input.dtype
     fmt = memory_format_of(input)
     wd = weight.dtype if weight is not None else in_dtype
@@ -271,8 +267,7 @@ def _batch_norm_bwd_ref(grad_out, input, mean, rstd, weight, training, output_ma
             db.to(wd) if output_mask[2] else _empty(input, wd))
 
 
-@torch.library.register_fake("fastnorm::batch_norm_fwd")
-def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, num_batches_tracked,
+def _batch_norm_fwd_fake_plain(input, weight, bias, running_mean, running_var, num_batches_tracked,
                          training, momentum, eps):
     sd = stat_dtype(input.dtype)
     c = input.shape[1]
@@ -280,8 +275,7 @@ def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, num_bat
     return y, input.new_empty((c,), dtype=sd), input.new_empty((c,), dtype=sd)
 
 
-@torch.library.register_fake("fastnorm::batch_norm_bwd")
-def _batch_norm_bwd_fake(grad_out, input, mean, rstd, weight, training, output_mask):
+def _batch_norm_bwd_fake_plain(grad_out, input, mean, rstd, weight, training, output_mask):
     wd = weight.dtype if weight is not None else input.dtype
     c = input.shape[1]
     return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
@@ -500,11 +494,14 @@ def _ln2d_layout(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     fmt = memory_format_of(input)
     if t.numel() == 0:
         return torch.empty_like(t, memory_format=fmt)
-    return t.contiguous(memory_format=fmt)
+    out = t.contiguous(memory_format=fmt)
+    # a view (of ATen's (N, *, C) result, for channels_last input) would be a view output of the
+    # autograd Function, which an in-place op after it (timm's in-place activations) may not
+    # modify: a tensor of its own
+    return out.clone(memory_format=fmt) if out._base is not None else out
 
 
-@torch.library.impl(lib, "layer_norm2d_fwd", "CompositeExplicitAutograd")
-def _layer_norm2d_fwd_ref(input, weight, bias, eps, out_dtype=None):
+def _layer_norm2d_fwd_plain(input, weight, bias, eps, out_dtype=None):
     x = input if out_dtype is None or out_dtype == input.dtype else input.to(out_dtype)
     y, mean, rstd = torch.native_layer_norm(x.movedim(1, -1), [input.shape[1]], weight, bias, eps)
     m = _ln2d_positions(input)
@@ -512,8 +509,7 @@ def _layer_norm2d_fwd_ref(input, weight, bias, eps, out_dtype=None):
     return _ln2d_layout(y.movedim(-1, 1), input), mean.reshape(m).to(sd), rstd.reshape(m).to(sd)
 
 
-@torch.library.impl(lib, "layer_norm2d_bwd", "CompositeExplicitAutograd")
-def _layer_norm2d_bwd_ref(grad_out, input, mean, rstd, weight, output_mask):
+def _layer_norm2d_bwd_plain(grad_out, input, mean, rstd, weight, output_mask):
     if grad_out.shape != input.shape:
         raise RuntimeError(f"layer_norm2d_bwd: grad_out has shape {list(grad_out.shape)} but input "
                            f"has shape {list(input.shape)}")
@@ -537,16 +533,14 @@ def _layer_norm2d_bwd_ref(grad_out, input, mean, rstd, weight, output_mask):
             db.to(wd) if output_mask[2] else _empty(input, wd))
 
 
-@torch.library.register_fake("fastnorm::layer_norm2d_fwd")
-def _layer_norm2d_fwd_fake(input, weight, bias, eps, out_dtype=None):
+def _layer_norm2d_fwd_fake_plain(input, weight, bias, eps, out_dtype=None):
     m = _ln2d_positions(input)
     sd = stat_dtype(input.dtype)
     y = torch.empty_like(input, dtype=out_dtype or input.dtype, memory_format=memory_format_of(input))
     return y, input.new_empty((m,), dtype=sd), input.new_empty((m,), dtype=sd)
 
 
-@torch.library.register_fake("fastnorm::layer_norm2d_bwd")
-def _layer_norm2d_bwd_fake(grad_out, input, mean, rstd, weight, output_mask):
+def _layer_norm2d_bwd_fake_plain(grad_out, input, mean, rstd, weight, output_mask):
     wd = weight.dtype if weight is not None else input.dtype
     c = input.shape[1]
     return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
@@ -638,6 +632,250 @@ def _local_response_norm_fwd_fake(input, size, alpha, beta, k):
 def _local_response_norm_bwd_fake(grad_out, input, size, alpha, beta, k):
     lrn_check(input, size)
     return torch.empty_like(input, memory_format=memory_format_of(input))
+# Fused activation epilogues (activation != 0; fastnorm.activations has the codes): the forward
+# returns y = act(z), z = xhat * weight + bias in the statistics dtype, rounded once; the
+# backward recomputes z from x, mean, rstd, weight and bias, takes dz = dy * act'(z) with
+# torch's own backward of the activation, then runs the plain backward with dz. activation == 0
+# is the plain op, unchanged (the backward's bias argument is then ignored).
+#
+# The reference: the plain op for the statistics (and BatchNorm's running-statistics update),
+# z recomputed with ATen ops, torch's activation; the backward's plain reference gets dz, x and
+# the weight in the statistics dtype (dz is never rounded to a half dtype, as in the kernels).
+# ----------------------------------------------------------------------------------------------
+def _check_act(activation: int, op: str) -> int:
+    return _activations.check_code(activation, op)
+
+
+def _affine_z(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """z = (x - mean) * rstd * weight + bias in the statistics dtype; every operand already
+    viewed to broadcast against x (weight None: 1, bias None: 0)."""
+    sd = stat_dtype(x.dtype)
+    z = (x.to(sd) - mean.to(sd)) * rstd.to(sd)
+    if weight is not None:
+        z = z * weight.to(sd)
+    if bias is not None:
+        z = z + bias.to(sd)
+    return z
+
+
+def _channel_view(t: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A per-channel [C] vector viewed as [1, C, 1, ...] against an (N, C, *) x."""
+    return None if t is None else t.reshape([1, -1] + [1] * (x.dim() - 2))
+
+
+def _ln_z(x, mean, rstd, weight, bias, normalized_shape):
+    view = _stat_view(x, normalized_shape)
+    return _affine_z(x, mean.reshape(view), rstd.reshape(view), weight, bias)
+
+
+def _gn_z(x, mean, rstd, weight, bias, num_groups):
+    n, c = x.shape[0], x.shape[1]
+    xg = x.reshape(n, num_groups, (c // num_groups) * _spatial(x))
+    z = _affine_z(xg, mean.reshape(n, num_groups, 1), rstd.reshape(n, num_groups, 1), None,
+                  None).reshape(x.shape)
+    if weight is not None:
+        z = z * _channel_view(weight, x).to(z.dtype)
+    if bias is not None:
+        z = z + _channel_view(bias, x).to(z.dtype)
+    return z
+
+
+def _bn_z(x, mean, rstd, weight, bias):
+    return _affine_z(x, _channel_view(mean, x), _channel_view(rstd, x), _channel_view(weight, x),
+                     _channel_view(bias, x))
+
+
+def _ln2d_z(x, mean, rstd, weight, bias):
+    view = [x.shape[0], 1, *x.shape[2:]]
+    return _affine_z(x, mean.reshape(view), rstd.reshape(view), _channel_view(weight, x),
+                     _channel_view(bias, x))
+
+
+def _act_output(code, param, z, dtype, fmt_of):
+    """act(z) rounded once to dtype, in fmt_of's memory format."""
+    y = _activations.apply(code, z, param).to(dtype)
+    return y.contiguous(memory_format=memory_format_of(fmt_of))
+
+
+def _act_grads(code, param, grad_out, input, weight, z, plain, output_mask):
+    """The fused backward: dz = dy * act'(z) (statistics dtype), then plain(dz, x, w) with x and
+    w in the statistics dtype; dx in the input's dtype and memory format, dweight/dbias in the
+    weight's dtype (the input's without a weight)."""
+    sd = stat_dtype(input.dtype)
+    dz = _activations.grad(code, grad_out.to(sd), z, param)
+    dx, dw, db = plain(dz, input.to(sd), None if weight is None else weight.to(sd))
+    wd = weight.dtype if weight is not None else input.dtype
+    return (dx.to(input.dtype).contiguous(memory_format=memory_format_of(input)) if output_mask[0]
+            else _empty(input),
+            dw.to(wd) if output_mask[1] else _empty(input, wd),
+            db.to(wd) if output_mask[2] else _empty(input, wd))
+
+
+@torch.library.impl(lib, "layer_norm_fwd", "CompositeExplicitAutograd")
+def _layer_norm_fwd_ref(input, normalized_shape, weight, bias, eps, out_dtype=None, activation=0,
+                        activation_param=0.0):
+    code = _check_act(activation, "layer_norm_fwd")
+    if code == 0:
+        return _layer_norm_fwd_plain(input, normalized_shape, weight, bias, eps, out_dtype)
+    _, mean, rstd = _layer_norm_fwd_plain(input, normalized_shape, None, None, eps, out_dtype)
+    z = _ln_z(input, mean, rstd, weight, bias, normalized_shape)
+    y = _activations.apply(code, z, activation_param).to(out_dtype or input.dtype).contiguous()
+    return y, mean, rstd
+
+
+@torch.library.impl(lib, "layer_norm_bwd", "CompositeExplicitAutograd")
+def _layer_norm_bwd_ref(grad_out, input, mean, rstd, weight, normalized_shape, output_mask,
+                        bias=None, activation=0, activation_param=0.0):
+    code = _check_act(activation, "layer_norm_bwd")
+    if code == 0:
+        return _layer_norm_bwd_plain(grad_out, input, mean, rstd, weight, normalized_shape,
+                                     output_mask)
+    z = _ln_z(input, mean, rstd, weight, bias, normalized_shape)
+    dx, dw, db = _act_grads(code, activation_param, grad_out, input, weight, z,
+                            lambda dz, x, w: _layer_norm_bwd_plain(dz, x, mean, rstd, w,
+                                                                   normalized_shape, output_mask),
+                            output_mask)
+    return dx.contiguous(), dw, db
+
+
+@torch.library.impl(lib, "group_norm_fwd", "CompositeExplicitAutograd")
+def _group_norm_fwd_ref(input, weight, bias, num_groups, eps, out_dtype=None, activation=0,
+                        activation_param=0.0):
+    code = _check_act(activation, "group_norm_fwd")
+    if code == 0:
+        return _group_norm_fwd_plain(input, weight, bias, num_groups, eps, out_dtype)
+    _, mean, rstd = _group_norm_fwd_plain(input, None, None, num_groups, eps, out_dtype)
+    z = _gn_z(input, mean, rstd, weight, bias, num_groups)
+    return _act_output(code, activation_param, z, out_dtype or input.dtype, input), mean, rstd
+
+
+@torch.library.impl(lib, "group_norm_bwd", "CompositeExplicitAutograd")
+def _group_norm_bwd_ref(grad_out, input, mean, rstd, weight, num_groups, output_mask, bias=None,
+                        activation=0, activation_param=0.0):
+    code = _check_act(activation, "group_norm_bwd")
+    if code == 0:
+        return _group_norm_bwd_plain(grad_out, input, mean, rstd, weight, num_groups, output_mask)
+    z = _gn_z(input, mean, rstd, weight, bias, num_groups)
+    return _act_grads(code, activation_param, grad_out, input, weight, z,
+                      lambda dz, x, w: _group_norm_bwd_plain(dz, x, mean, rstd, w, num_groups,
+                                                             output_mask),
+                      output_mask)
+
+
+@torch.library.impl(lib, "batch_norm_fwd", "CompositeExplicitAutograd")
+def _batch_norm_fwd_ref(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                        training, momentum, eps, activation=0, activation_param=0.0):
+    code = _check_act(activation, "batch_norm_fwd")
+    if code == 0:
+        return _batch_norm_fwd_plain(input, weight, bias, running_mean, running_var,
+                                     num_batches_tracked, training, momentum, eps)
+    # the statistics and the running-statistics update are the plain op's
+    _, mean, rstd = _batch_norm_fwd_plain(input, None, None, running_mean, running_var,
+                                          num_batches_tracked, training, momentum, eps)
+    z = _bn_z(input, mean, rstd, weight, bias)
+    return _act_output(code, activation_param, z, input.dtype, input), mean, rstd
+
+
+@torch.library.impl(lib, "batch_norm_bwd", "CompositeExplicitAutograd")
+def _batch_norm_bwd_ref(grad_out, input, mean, rstd, weight, training, output_mask, bias=None,
+                        activation=0, activation_param=0.0):
+    code = _check_act(activation, "batch_norm_bwd")
+    if code == 0:
+        return _batch_norm_bwd_plain(grad_out, input, mean, rstd, weight, training, output_mask)
+    z = _bn_z(input, mean, rstd, weight, bias)
+    return _act_grads(code, activation_param, grad_out, input, weight, z,
+                      lambda dz, x, w: _batch_norm_bwd_plain(dz, x, mean, rstd, w, training,
+                                                             output_mask),
+                      output_mask)
+
+
+@torch.library.impl(lib, "layer_norm2d_fwd", "CompositeExplicitAutograd")
+def _layer_norm2d_fwd_ref(input, weight, bias, eps, out_dtype=None, activation=0,
+                          activation_param=0.0):
+    code = _check_act(activation, "layer_norm2d_fwd")
+    if code == 0:
+        return _layer_norm2d_fwd_plain(input, weight, bias, eps, out_dtype)
+    _, mean, rstd = _layer_norm2d_fwd_plain(input, None, None, eps, out_dtype)
+    z = _ln2d_z(input, mean, rstd, weight, bias)
+    y = _activations.apply(code, z, activation_param).to(out_dtype or input.dtype)
+    return _ln2d_layout(y, input), mean, rstd
+
+
+@torch.library.impl(lib, "layer_norm2d_bwd", "CompositeExplicitAutograd")
+def _layer_norm2d_bwd_ref(grad_out, input, mean, rstd, weight, output_mask, bias=None,
+                          activation=0, activation_param=0.0):
+    code = _check_act(activation, "layer_norm2d_bwd")
+    if code == 0:
+        return _layer_norm2d_bwd_plain(grad_out, input, mean, rstd, weight, output_mask)
+    if grad_out.shape != input.shape:
+        raise RuntimeError(f"layer_norm2d_bwd: grad_out has shape {list(grad_out.shape)} but input "
+                           f"has shape {list(input.shape)}")
+    z = _ln2d_z(input, mean, rstd, weight, bias)
+    dx, dw, db = _act_grads(code, activation_param, grad_out, input, weight, z,
+                            lambda dz, x, w: _layer_norm2d_bwd_plain(dz, x, mean, rstd, w,
+                                                                     output_mask),
+                            output_mask)
+    return (_ln2d_layout(dx, input) if output_mask[0] else dx), dw, db
+
+
+# Fake kernels: the plain ones' shapes; the activation code is checked as the kernels check it.
+@torch.library.register_fake("fastnorm::layer_norm_fwd")
+def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, out_dtype=None, activation=0,
+                         activation_param=0.0):
+    _check_act(activation, "layer_norm_fwd")
+    return _layer_norm_fwd_fake_plain(input, normalized_shape, weight, bias, eps, out_dtype)
+
+
+@torch.library.register_fake("fastnorm::layer_norm_bwd")
+def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, normalized_shape, output_mask,
+                         bias=None, activation=0, activation_param=0.0):
+    _check_act(activation, "layer_norm_bwd")
+    return _layer_norm_bwd_fake_plain(grad_out, input, mean, rstd, weight, normalized_shape,
+                                      output_mask)
+
+
+@torch.library.register_fake("fastnorm::group_norm_fwd")
+def _group_norm_fwd_fake(input, weight, bias, num_groups, eps, out_dtype=None, activation=0,
+                         activation_param=0.0):
+    _check_act(activation, "group_norm_fwd")
+    return _group_norm_fwd_fake_plain(input, weight, bias, num_groups, eps, out_dtype)
+
+
+@torch.library.register_fake("fastnorm::group_norm_bwd")
+def _group_norm_bwd_fake(grad_out, input, mean, rstd, weight, num_groups, output_mask, bias=None,
+                         activation=0, activation_param=0.0):
+    _check_act(activation, "group_norm_bwd")
+    return _group_norm_bwd_fake_plain(grad_out, input, mean, rstd, weight, num_groups, output_mask)
+
+
+@torch.library.register_fake("fastnorm::batch_norm_fwd")
+def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                         training, momentum, eps, activation=0, activation_param=0.0):
+    _check_act(activation, "batch_norm_fwd")
+    return _batch_norm_fwd_fake_plain(input, weight, bias, running_mean, running_var,
+                                      num_batches_tracked, training, momentum, eps)
+
+
+@torch.library.register_fake("fastnorm::batch_norm_bwd")
+def _batch_norm_bwd_fake(grad_out, input, mean, rstd, weight, training, output_mask, bias=None,
+                         activation=0, activation_param=0.0):
+    _check_act(activation, "batch_norm_bwd")
+    return _batch_norm_bwd_fake_plain(grad_out, input, mean, rstd, weight, training, output_mask)
+
+
+@torch.library.register_fake("fastnorm::layer_norm2d_fwd")
+def _layer_norm2d_fwd_fake(input, weight, bias, eps, out_dtype=None, activation=0,
+                           activation_param=0.0):
+    _check_act(activation, "layer_norm2d_fwd")
+    return _layer_norm2d_fwd_fake_plain(input, weight, bias, eps, out_dtype)
+
+
+@torch.library.register_fake("fastnorm::layer_norm2d_bwd")
+def _layer_norm2d_bwd_fake(grad_out, input, mean, rstd, weight, output_mask, bias=None,
+                           activation=0, activation_param=0.0):
+    _check_act(activation, "layer_norm2d_bwd")
+    return _layer_norm2d_bwd_fake_plain(grad_out, input, mean, rstd, weight, output_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,8 +915,7 @@ def _per_sample_vector(t: Optional[torch.Tensor], bdim: Optional[int], b: int) -
     return t.movedim(bdim, 0).reshape(-1)
 
 
-@torch.library.register_vmap("fastnorm::layer_norm_fwd")
-def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, eps, out_dtype=None):
+def _layer_norm_fwd_vmap_plain(info, in_dims, input, normalized_shape, weight, bias, eps, out_dtype=None):
     xd, _, wd, bd = in_dims[:4]
     b = info.batch_size
     if wd is None and bd is None:
@@ -706,8 +943,7 @@ def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, e
     return (out, mean.view(b, -1), rstd.view(b, -1)), (0, 0, 0)
 
 
-@torch.library.register_vmap("fastnorm::layer_norm_bwd")
-def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, normalized_shape,
+def _layer_norm_bwd_vmap_plain(info, in_dims, grad_out, input, mean, rstd, weight, normalized_shape,
                          output_mask):
     b = info.batch_size
     gd, xd, md, rd, wd = in_dims[:5]
@@ -739,8 +975,7 @@ def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, nor
                           0 if output_mask[2] else None)
 
 
-@torch.library.register_vmap("fastnorm::group_norm_fwd")
-def _group_norm_fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, out_dtype=None):
+def _group_norm_fwd_vmap_plain(info, in_dims, input, weight, bias, num_groups, eps, out_dtype=None):
     xd, wd, bd = in_dims[:3]
     b = info.batch_size
     if wd is None and bd is None:
@@ -758,8 +993,7 @@ def _group_norm_fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, ou
             _channels_unfolded(rstd, b)), (1, 1, 1)
 
 
-@torch.library.register_vmap("fastnorm::group_norm_bwd")
-def _group_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, num_groups,
+def _group_norm_bwd_vmap_plain(info, in_dims, grad_out, input, mean, rstd, weight, num_groups,
                          output_mask):
     b = info.batch_size
     gd, xd, md, rd, wd = in_dims[:5]
@@ -784,8 +1018,7 @@ _VMAP_STATS_ERROR = (
     "to work with vmap")
 
 
-@torch.library.register_vmap("fastnorm::batch_norm_fwd")
-def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
+def _batch_norm_fwd_vmap_plain(info, in_dims, input, weight, bias, running_mean, running_var,
                          num_batches_tracked, training, momentum, eps):
     xd, wd, bd, rmd, rvd, nd = in_dims[:6]
     b = info.batch_size
@@ -841,8 +1074,7 @@ def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, runni
     return (_channels_unfolded(y, b), mean.view(b, -1), rstd.view(b, -1)), (1, 0, 0)
 
 
-@torch.library.register_vmap("fastnorm::batch_norm_bwd")
-def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, training, output_mask):
+def _batch_norm_bwd_vmap_plain(info, in_dims, grad_out, input, mean, rstd, weight, training, output_mask):
     b = info.batch_size
     gd, xd, md, rd, wd = in_dims[:5]
     dy = _channels_folded(_to_front(grad_out, gd, b))
@@ -863,8 +1095,7 @@ def _ln2d_param(t: torch.Tensor, d: Optional[int], b: int, x: torch.Tensor) -> t
     return t.reshape(b, 1, t.shape[-1], *([1] * (x.dim() - 3)))
 
 
-@torch.library.register_vmap("fastnorm::layer_norm2d_fwd")
-def _layer_norm2d_fwd_vmap(info, in_dims, input, weight, bias, eps, out_dtype=None):
+def _layer_norm2d_fwd_vmap_plain(info, in_dims, input, weight, bias, eps, out_dtype=None):
     xd, wd, bd = in_dims[:3]
     b = info.batch_size
     x = _to_front(input, xd, b)  # (B, N, C, *)
@@ -887,8 +1118,7 @@ def _layer_norm2d_fwd_vmap(info, in_dims, input, weight, bias, eps, out_dtype=No
     return (out, mean.view(b, m), rstd.view(b, m)), (0, 0, 0)
 
 
-@torch.library.register_vmap("fastnorm::layer_norm2d_bwd")
-def _layer_norm2d_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, output_mask):
+def _layer_norm2d_bwd_vmap_plain(info, in_dims, grad_out, input, mean, rstd, weight, output_mask):
     b = info.batch_size
     gd, xd, md, rd, wd = in_dims[:5]
     dy, x = _to_front(grad_out, gd, b), _to_front(input, xd, b)  # (B, N, C, *)
@@ -918,6 +1148,184 @@ def _layer_norm2d_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, o
             db = g.sum(dims).to(wdt)
     return (dx, dw, db), (0 if output_mask[0] else None, 0 if output_mask[1] else None,
                           0 if output_mask[2] else None)
+
+
+# Batching rules with the fused activation. Unbatched affine parameters: the op takes the
+# activation as it is (the vmapped dimension is one more row / sample / channel block, and the
+# plain rules' per-sample parameter gradients are sums of dz). Batched weight or bias: the plain
+# rule's statistics, then z and act(z) (forward) or dz (backward, handed to the plain rule as
+# its grad_out, in the statistics dtype, which every backward op takes) with torch ops.
+def _vmap_z(kind: str, x, mean, rstd, weight, bias, extra):
+    """z = xhat * weight + bias in the statistics dtype; x, mean, rstd, weight, bias (the last two
+    may be None) all with the vmapped dimension first. extra: normalized_shape for "ln",
+    num_groups for "gn"."""
+    sd = stat_dtype(x.dtype)
+    b = x.shape[0]
+    if kind == "ln":
+        k = len(extra)
+        view = list(x.shape[: x.dim() - k]) + [1] * k
+        pview = [b] + [1] * (x.dim() - 1 - k) + list(extra)
+        xhat = (x.to(sd) - mean.reshape(view).to(sd)) * rstd.reshape(view).to(sd)
+    else:
+        n, c = x.shape[1], x.shape[2]
+        pview = [b, 1, c] + [1] * (x.dim() - 3)
+        if kind == "gn":
+            xg = x.reshape(b, n, extra, (c // extra) * math.prod(x.shape[3:])).to(sd)
+            view = [b, n, extra, 1]
+            xhat = ((xg - mean.reshape(view).to(sd)) * rstd.reshape(view).to(sd)).reshape(x.shape)
+        else:
+            view = pview if kind == "bn" else [b, n, 1, *x.shape[3:]]
+            xhat = (x.to(sd) - mean.reshape(view).to(sd)) * rstd.reshape(view).to(sd)
+    z = xhat
+    if weight is not None:
+        z = z * weight.reshape(pview).to(sd)
+    if bias is not None:
+        z = z + bias.reshape(pview).to(sd)
+    return z
+
+
+def _vmap_act_fwd(kind, info, in_dims, plain_rule, args, x_i, w_i, b_i, extra, out_dtype,
+                  activation, activation_param):
+    """The forward rule with batched affine parameters: statistics (and BatchNorm's update) from
+    the plain rule without parameters, z and act(z) here, rounded once."""
+    b = info.batch_size
+    args = list(args)
+    dims = list(in_dims[: len(args)])
+    weight, bias = args[w_i], args[b_i]
+    wd, bd = dims[w_i], dims[b_i]
+    args[w_i] = args[b_i] = None
+    dims[w_i] = dims[b_i] = None
+    if kind != "bn":
+        # the input batched (expanded when it is not: per-sample statistics, all equal); the
+        # BatchNorm rule normalises an unbatched input once, updating its statistics once
+        args[x_i], dims[x_i] = _to_front(args[x_i], dims[x_i], b), 0
+    (_, mean, rstd), (_, mdim, rdim) = plain_rule(info, tuple(dims), *args)
+    x = _to_front(args[x_i], dims[x_i], b)
+    z = _vmap_z(kind, x, _to_front(mean, mdim, b), _to_front(rstd, rdim, b),
+                _to_front(weight, wd, b), _to_front(bias, bd, b), extra)
+    y = _activations.apply(activation, z, activation_param).to(out_dtype or x.dtype).contiguous()
+    return (y, mean, rstd), (0, mdim, rdim)
+
+
+def _vmap_act_dz(kind, info, in_dims, grad_out, input, mean, rstd, weight, bias, bias_dim, extra,
+                 activation, activation_param):
+    """dz = dy * act'(z) for the backward rules, vmapped dimension first, statistics dtype."""
+    b = info.batch_size
+    gd, xd, md, rd, wd = in_dims[:5]
+    x = _to_front(input, xd, b)
+    z = _vmap_z(kind, x, _to_front(mean, md, b), _to_front(rstd, rd, b), _to_front(weight, wd, b),
+                _to_front(bias, bias_dim, b), extra)
+    dy = _to_front(grad_out, gd, b).to(z.dtype)
+    return _activations.grad(activation, dy, z, activation_param)
+
+
+@torch.library.register_vmap("fastnorm::layer_norm_fwd")
+def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, eps, out_dtype=None,
+                         activation=0, activation_param=0.0):
+    args = (input, normalized_shape, weight, bias, eps, out_dtype)
+    if activation == 0 or (in_dims[2] is None and in_dims[3] is None):
+        if activation == 0:
+            return _layer_norm_fwd_vmap_plain(info, in_dims, *args)
+        b = info.batch_size
+        y, mean, rstd = _fn_ops.layer_norm_fwd(input.movedim(in_dims[0], 0), normalized_shape,
+                                               weight, bias, eps, out_dtype, activation,
+                                               activation_param)
+        return (y, mean.view(b, -1), rstd.view(b, -1)), (0, 0, 0)
+    return _vmap_act_fwd("ln", info, in_dims, _layer_norm_fwd_vmap_plain, args, 0, 2, 3,
+                         list(normalized_shape), out_dtype, activation, activation_param)
+
+
+@torch.library.register_vmap("fastnorm::layer_norm_bwd")
+def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, normalized_shape,
+                         output_mask, bias=None, activation=0, activation_param=0.0):
+    if activation != 0:
+        grad_out = _vmap_act_dz("ln", info, in_dims, grad_out, input, mean, rstd, weight, bias,
+                                in_dims[7], list(normalized_shape), activation, activation_param)
+        in_dims = (0,) + tuple(in_dims[1:])
+    return _layer_norm_bwd_vmap_plain(info, in_dims, grad_out, input, mean, rstd, weight,
+                                      normalized_shape, output_mask)
+
+
+@torch.library.register_vmap("fastnorm::group_norm_fwd")
+def _group_norm_fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, out_dtype=None,
+                         activation=0, activation_param=0.0):
+    args = (input, weight, bias, num_groups, eps, out_dtype)
+    if activation == 0:
+        return _group_norm_fwd_vmap_plain(info, in_dims, *args)
+    if in_dims[1] is None and in_dims[2] is None:
+        b = info.batch_size
+        x = input.movedim(in_dims[0], 0)
+        y, mean, rstd = _fn_ops.group_norm_fwd(x.reshape(-1, *x.shape[2:]), weight, bias,
+                                               num_groups, eps, out_dtype, activation,
+                                               activation_param)
+        return ((y.reshape(x.shape), mean.view(b, -1, num_groups), rstd.view(b, -1, num_groups)),
+                (0, 0, 0))
+    return _vmap_act_fwd("gn", info, in_dims, _group_norm_fwd_vmap_plain, args, 0, 1, 2,
+                         num_groups, out_dtype, activation, activation_param)
+
+
+@torch.library.register_vmap("fastnorm::group_norm_bwd")
+def _group_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, num_groups,
+                         output_mask, bias=None, activation=0, activation_param=0.0):
+    if activation != 0:
+        grad_out = _vmap_act_dz("gn", info, in_dims, grad_out, input, mean, rstd, weight, bias,
+                                in_dims[7], num_groups, activation, activation_param)
+        in_dims = (0,) + tuple(in_dims[1:])
+    return _group_norm_bwd_vmap_plain(info, in_dims, grad_out, input, mean, rstd, weight,
+                                      num_groups, output_mask)
+
+
+@torch.library.register_vmap("fastnorm::batch_norm_fwd")
+def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
+                         num_batches_tracked, training, momentum, eps, activation=0,
+                         activation_param=0.0):
+    args = (input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+            momentum, eps)
+    if activation == 0:
+        return _batch_norm_fwd_vmap_plain(info, in_dims, *args)
+    # the plain rule's statistics and running-statistics update, then act(z) here
+    return _vmap_act_fwd("bn", info, in_dims, _batch_norm_fwd_vmap_plain, args, 0, 1, 2, None,
+                         None, activation, activation_param)
+
+
+@torch.library.register_vmap("fastnorm::batch_norm_bwd")
+def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, training,
+                         output_mask, bias=None, activation=0, activation_param=0.0):
+    if activation != 0:
+        grad_out = _vmap_act_dz("bn", info, in_dims, grad_out, input, mean, rstd, weight, bias,
+                                in_dims[7], None, activation, activation_param)
+        in_dims = (0,) + tuple(in_dims[1:])
+    return _batch_norm_bwd_vmap_plain(info, in_dims, grad_out, input, mean, rstd, weight,
+                                      training, output_mask)
+
+
+@torch.library.register_vmap("fastnorm::layer_norm2d_fwd")
+def _layer_norm2d_fwd_vmap(info, in_dims, input, weight, bias, eps, out_dtype=None, activation=0,
+                           activation_param=0.0):
+    args = (input, weight, bias, eps, out_dtype)
+    if activation == 0:
+        return _layer_norm2d_fwd_vmap_plain(info, in_dims, *args)
+    if in_dims[1] is None and in_dims[2] is None:
+        b = info.batch_size
+        x = _to_front(input, in_dims[0], b)
+        m = _ln2d_positions(x[0]) if b else 0
+        y, mean, rstd = _fn_ops.layer_norm2d_fwd(x.flatten(0, 1), weight, bias, eps, out_dtype,
+                                                 activation, activation_param)
+        return (y.reshape(x.shape), mean.view(b, m), rstd.view(b, m)), (0, 0, 0)
+    return _vmap_act_fwd("ln2d", info, in_dims, _layer_norm2d_fwd_vmap_plain, args, 0, 1, 2, None,
+                         out_dtype, activation, activation_param)
+
+
+@torch.library.register_vmap("fastnorm::layer_norm2d_bwd")
+def _layer_norm2d_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, output_mask,
+                           bias=None, activation=0, activation_param=0.0):
+    if activation != 0:
+        grad_out = _vmap_act_dz("ln2d", info, in_dims, grad_out, input, mean, rstd, weight, bias,
+                                in_dims[6], None, activation, activation_param)
+        in_dims = (0,) + tuple(in_dims[1:])
+    return _layer_norm2d_bwd_vmap_plain(info, in_dims, grad_out, input, mean, rstd, weight,
+                                        output_mask)
+
 
 
 # RMSNorm and add_norm batching rules: the vmapped dimension is one more row dimension; batched
