@@ -246,3 +246,16 @@ def test_issue11_bench_case_runs_on_cpu(op):
             want = run.min_bytes(math.prod(c.shape), 4, r["pass"], op)
             assert r["gbps"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9)
             assert r["layout"] == layout
+
+
+def test_act_memory_fused_layer_saves_the_input_only():
+    # timm's BatchNormAct2d keeps the norm's input and the activation's input for the backward;
+    # the converted layer keeps the norm's input (and per-channel statistics): half, on the meta
+    # device at a full benchmark shape
+    pytest.importorskip("timm")
+    import act_memory
+
+    rows = act_memory.survey("meta")
+    assert rows and all(r["fastnorm_bytes"] < r["timm_bytes"] for r in rows)
+    for r in rows:
+        assert r["saved_bytes"] >= r["x_bytes"] * 0.99, r
