@@ -28,13 +28,17 @@ SCHEMAS = {
                       "int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
     "batch_norm_fwd": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
                       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
-                      "float? momentum, float eps) -> (Tensor, Tensor, Tensor)",
+                      "float? momentum, float eps, int activation=0, float activation_param=0.0) "
+                      "-> (Tensor, Tensor, Tensor)",
     "batch_norm_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-                      "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                      "bool training, bool[3] output_mask, Tensor? bias=None, int activation=0, "
+                      "float activation_param=0.0) -> (Tensor, Tensor, Tensor)",
     "layer_norm2d_fwd": "(Tensor input, Tensor? weight, Tensor? bias, float eps, "
-                        "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)",
+                        "ScalarType? out_dtype=None, int activation=0, float activation_param=0.0) "
+                        "-> (Tensor, Tensor, Tensor)",
     "layer_norm2d_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-                        "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                        "bool[3] output_mask, Tensor? bias=None, int activation=0, "
+                        "float activation_param=0.0) -> (Tensor, Tensor, Tensor)",
     "rms_norm_fwd": "(Tensor input, int[] normalized_shape, Tensor? weight, float eps, "
                     "ScalarType? out_dtype=None) -> (Tensor, Tensor)",
     "rms_norm_bwd": "(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, "
@@ -198,11 +202,87 @@ def _group_norm_bwd_fake(grad_out, input, mean, rstd, weight, num_groups, output
 
 
 # ----------------------------------------------------------------------------------------------
+# Fused activation epilogues (issue 14; codes of csrc/kernels/activation.cuh): act(z) by torch's
+# own functions, and dy * act'(z) by torch's own backward formulas (aten::*_backward), so the
+# reference has torch's kink conventions by construction.
+# ----------------------------------------------------------------------------------------------
+_aten = torch.ops.aten
+_ACT_FWD = {
+    1: lambda z, p: torch.relu(z),
+    2: lambda z, p: torch.nn.functional.relu6(z),
+    3: lambda z, p: torch.nn.functional.leaky_relu(z, p),
+    4: lambda z, p: torch.nn.functional.silu(z),
+    5: lambda z, p: torch.nn.functional.gelu(z),
+    6: lambda z, p: torch.nn.functional.gelu(z, approximate="tanh"),
+    7: lambda z, p: torch.nn.functional.hardswish(z),
+    8: lambda z, p: torch.nn.functional.hardsigmoid(z),
+    9: lambda z, p: torch.nn.functional.mish(z),
+    10: lambda z, p: torch.sigmoid(z),
+    11: lambda z, p: torch.tanh(z),
+}
+_ACT_BWD = {
+    1: lambda dy, z, p: _aten.threshold_backward(dy, torch.relu(z), 0),
+    2: lambda dy, z, p: _aten.hardtanh_backward(dy, z, 0.0, 6.0),
+    3: lambda dy, z, p: _aten.leaky_relu_backward(dy, z, p, False),
+    4: lambda dy, z, p: _aten.silu_backward(dy, z),
+    5: lambda dy, z, p: _aten.gelu_backward(dy, z),
+    6: lambda dy, z, p: _aten.gelu_backward(dy, z, approximate="tanh"),
+    7: lambda dy, z, p: _aten.hardswish_backward(dy, z),
+    8: lambda dy, z, p: _aten.hardsigmoid_backward(dy, z),
+    9: lambda dy, z, p: _aten.mish_backward(dy, z),
+    10: lambda dy, z, p: _aten.sigmoid_backward(dy, torch.sigmoid(z)),
+    11: lambda dy, z, p: _aten.tanh_backward(dy, torch.tanh(z)),
+}
+
+
+def _check_activation(activation: int) -> None:
+    if not 0 <= activation < 12:
+        raise ValueError(f"activation must be a code in [0, 12) (fastnorm.activations), got {activation}")
+
+
+def _act_z(x, mean, rstd, weight, bias, shape):
+    """z = xhat * w + b in the statistics dtype; mean and rstd broadcast against x as given,
+    weight and bias reshaped to `shape`."""
+    sd = stat_dtype(x.dtype)
+    z = (x.to(sd) - mean.to(sd)) * rstd.to(sd)
+    if weight is not None:
+        z = z * weight.to(sd).reshape(shape)
+    if bias is not None:
+        z = z + bias.to(sd).reshape(shape)
+    return z
+
+
+def _act_apply(z, activation, activation_param, dtype, fmt):
+    return _ACT_FWD[activation](z, activation_param).to(dtype).contiguous(memory_format=fmt)
+
+
+def _act_grad(grad_out, z, activation, activation_param):
+    """dz = dy * act'(z) in z's dtype (the statistics dtype)."""
+    return _ACT_BWD[activation](grad_out.to(z.dtype), z, activation_param)
+
+
+def _channel_shape(x: torch.Tensor) -> list:
+    return [1, -1] + [1] * (x.dim() - 2)
+
+
+# ----------------------------------------------------------------------------------------------
 # BatchNorm
 # ----------------------------------------------------------------------------------------------
 @torch.library.impl(lib, "batch_norm_fwd", "CompositeExplicitAutograd")
 def _batch_norm_fwd_ref(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                        training, momentum, eps):
+                        training, momentum, eps, activation=0, activation_param=0.0):
+    _check_activation(activation)
+    y, mean, rstd = _batch_norm_fwd_plain(input, weight, bias, running_mean, running_var,
+                                          num_batches_tracked, training, momentum, eps)
+    if activation != 0 and input.numel() > 0:
+        shape = _channel_shape(input)
+        z = _act_z(input, mean.reshape(shape), rstd.reshape(shape), weight, bias, shape)
+        y = _act_apply(z, activation, activation_param, y.dtype, memory_format_of(input))
+    return y, mean, rstd
+
+
+def _batch_norm_fwd_plain(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                          training, momentum, eps):
     c = input.shape[1]
     sd = stat_dtype(input.dtype)
     fmt = memory_format_of(input)
@@ -232,7 +312,17 @@ def _batch_norm_fwd_ref(input, weight, bias, running_mean, running_var, num_batc
 
 
 @torch.library.impl(lib, "batch_norm_bwd", "CompositeExplicitAutograd")
-def _batch_norm_bwd_ref(grad_out, input, mean, rstd, weight, training, output_mask):
+def _batch_norm_bwd_ref(grad_out, input, mean, rstd, weight, training, output_mask, bias=None,
+                        activation=0, activation_param=0.0):
+    _check_activation(activation)
+    if activation != 0 and input.numel() > 0:
+        shape = _channel_shape(input)
+        z = _act_z(input, mean.reshape(shape), rstd.reshape(shape), weight, bias, shape)
+        grad_out = _act_grad(grad_out, z, activation, activation_param)
+    return _batch_norm_bwd_plain(grad_out, input, mean, rstd, weight, training, output_mask)
+
+
+def _batch_norm_bwd_plain(grad_out, input, mean, rstd, weight, training, output_mask):
     in_dtype = input.dtype
     fmt = memory_format_of(input)
     wd = weight.dtype if weight is not None else in_dtype
@@ -264,7 +354,7 @@ def _batch_norm_bwd_ref(grad_out, input, mean, rstd, weight, training, output_ma
 
 @torch.library.register_fake("fastnorm::batch_norm_fwd")
 def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                         training, momentum, eps):
+                         training, momentum, eps, activation=0, activation_param=0.0):
     sd = stat_dtype(input.dtype)
     c = input.shape[1]
     y = torch.empty_like(input, memory_format=memory_format_of(input))
@@ -272,7 +362,8 @@ def _batch_norm_fwd_fake(input, weight, bias, running_mean, running_var, num_bat
 
 
 @torch.library.register_fake("fastnorm::batch_norm_bwd")
-def _batch_norm_bwd_fake(grad_out, input, mean, rstd, weight, training, output_mask):
+def _batch_norm_bwd_fake(grad_out, input, mean, rstd, weight, training, output_mask, bias=None,
+                         activation=0, activation_param=0.0):
     wd = weight.dtype if weight is not None else input.dtype
     c = input.shape[1]
     return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
@@ -495,19 +586,39 @@ def _ln2d_layout(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.impl(lib, "layer_norm2d_fwd", "CompositeExplicitAutograd")
-def _layer_norm2d_fwd_ref(input, weight, bias, eps, out_dtype=None):
+def _layer_norm2d_fwd_ref(input, weight, bias, eps, out_dtype=None, activation=0,
+                          activation_param=0.0):
+    _check_activation(activation)
     x = input if out_dtype is None or out_dtype == input.dtype else input.to(out_dtype)
     y, mean, rstd = torch.native_layer_norm(x.movedim(1, -1), [input.shape[1]], weight, bias, eps)
     m = _ln2d_positions(input)
     sd = stat_dtype(input.dtype)
-    return _ln2d_layout(y.movedim(-1, 1), input), mean.reshape(m).to(sd), rstd.reshape(m).to(sd)
+    mean, rstd = mean.reshape(m).to(sd), rstd.reshape(m).to(sd)
+    if activation != 0 and y.numel() > 0:
+        stat = (input.shape[0], 1, *input.shape[2:])
+        z = _act_z(x, mean.view(stat), rstd.view(stat), weight, bias, _channel_shape(input))
+        return (_act_apply(z, activation, activation_param, y.dtype, memory_format_of(input)),
+                mean, rstd)
+    return _ln2d_layout(y.movedim(-1, 1), input), mean, rstd
 
 
 @torch.library.impl(lib, "layer_norm2d_bwd", "CompositeExplicitAutograd")
-def _layer_norm2d_bwd_ref(grad_out, input, mean, rstd, weight, output_mask):
+def _layer_norm2d_bwd_ref(grad_out, input, mean, rstd, weight, output_mask, bias=None,
+                          activation=0, activation_param=0.0):
+    _check_activation(activation)
     if grad_out.shape != input.shape:
         raise RuntimeError(f"layer_norm2d_bwd: grad_out has shape {list(grad_out.shape)} but input "
                            f"has shape {list(input.shape)}")
+    if activation != 0 and input.numel() > 0:
+        stat = (input.shape[0], 1, *input.shape[2:])
+        x = input.to(grad_out.dtype) if grad_out.dtype != input.dtype else input
+        z = _act_z(x, mean.view(stat), rstd.view(stat), weight, bias, _channel_shape(input))
+        # dz in the statistics dtype: the plain path then normalises a float32 copy of a half x
+        grad_out = _act_grad(grad_out, z, activation, activation_param)
+    return _layer_norm2d_bwd_plain(grad_out, input, mean, rstd, weight, output_mask)
+
+
+def _layer_norm2d_bwd_plain(grad_out, input, mean, rstd, weight, output_mask):
     in_dtype = input.dtype
     if grad_out.dtype != input.dtype:  # autocast: the forward normalised a float32 copy
         input = input.to(grad_out.dtype)
@@ -529,7 +640,8 @@ def _layer_norm2d_bwd_ref(grad_out, input, mean, rstd, weight, output_mask):
 
 
 @torch.library.register_fake("fastnorm::layer_norm2d_fwd")
-def _layer_norm2d_fwd_fake(input, weight, bias, eps, out_dtype=None):
+def _layer_norm2d_fwd_fake(input, weight, bias, eps, out_dtype=None, activation=0,
+                           activation_param=0.0):
     m = _ln2d_positions(input)
     sd = stat_dtype(input.dtype)
     y = torch.empty_like(input, dtype=out_dtype or input.dtype, memory_format=memory_format_of(input))
@@ -537,7 +649,8 @@ def _layer_norm2d_fwd_fake(input, weight, bias, eps, out_dtype=None):
 
 
 @torch.library.register_fake("fastnorm::layer_norm2d_bwd")
-def _layer_norm2d_bwd_fake(grad_out, input, mean, rstd, weight, output_mask):
+def _layer_norm2d_bwd_fake(grad_out, input, mean, rstd, weight, output_mask, bias=None,
+                           activation=0, activation_param=0.0):
     wd = weight.dtype if weight is not None else input.dtype
     c = input.shape[1]
     return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
@@ -691,7 +804,8 @@ _VMAP_STATS_ERROR = (
 
 @torch.library.register_vmap("fastnorm::batch_norm_fwd")
 def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, running_var,
-                         num_batches_tracked, training, momentum, eps):
+                         num_batches_tracked, training, momentum, eps, activation=0,
+                         activation_param=0.0):
     xd, wd, bd, rmd, rvd, nd = in_dims[:6]
     b = info.batch_size
     updates = training and running_mean is not None
@@ -709,6 +823,8 @@ def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, runni
             out = out * _to_front(weight, wd, b).reshape(shape)
         if bias is not None:
             out = out + _to_front(bias, bd, b).reshape(shape)
+        if activation != 0:
+            out = _ACT_FWD[activation](out.to(stat_dtype(y.dtype)), activation_param)
         out = out.to(y.dtype).expand(b, *y.shape).contiguous()
         return (out, mean, rstd), (0, None, None)
     if updates and nd is not None:
@@ -722,7 +838,8 @@ def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, runni
             nbt.add_(1)
             nbt = [None] * b
         outs = [_fn_ops.batch_norm_fwd(x[i], None if w is None else w[i], None if bb is None else bb[i],
-                                       rm[i], rv[i], nbt[i], training, momentum, eps) for i in range(b)]
+                                       rm[i], rv[i], nbt[i], training, momentum, eps, activation,
+                                       activation_param) for i in range(b)]
         return tuple(torch.stack(t) for t in zip(*outs)), (0, 0, 0)
     # B blocks of channels: one op call normalises every vmapped sample with its own statistics.
     x = _channels_folded(_to_front(input, xd, b))
@@ -738,7 +855,7 @@ def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, runni
             stats.append((flat, src))
     y, mean, rstd = _fn_ops.batch_norm_fwd(
         x, _per_sample_vector(weight, wd, b), _per_sample_vector(bias, bd, b), stats[0][0],
-        stats[1][0], num_batches_tracked, training, momentum, eps)
+        stats[1][0], num_batches_tracked, training, momentum, eps, activation, activation_param)
     if updates:
         for flat, src in stats:  # write back when reshape had to copy
             if flat.data_ptr() != src.data_ptr() or not src.is_contiguous():
@@ -747,14 +864,17 @@ def _batch_norm_fwd_vmap(info, in_dims, input, weight, bias, running_mean, runni
 
 
 @torch.library.register_vmap("fastnorm::batch_norm_bwd")
-def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, training, output_mask):
+def _batch_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, training, output_mask,
+                         bias=None, activation=0, activation_param=0.0):
     b = info.batch_size
     gd, xd, md, rd, wd = in_dims[:5]
+    bd = in_dims[7] if len(in_dims) > 7 else None
     dy = _channels_folded(_to_front(grad_out, gd, b))
     x = _channels_folded(_to_front(input, xd, b))
     dx, dw, db = _fn_ops.batch_norm_bwd(dy, x, _per_sample_vector(mean, md, b),
                                         _per_sample_vector(rstd, rd, b),
-                                        _per_sample_vector(weight, wd, b), training, output_mask)
+                                        _per_sample_vector(weight, wd, b), training, output_mask,
+                                        _per_sample_vector(bias, bd, b), activation, activation_param)
     return ((_channels_unfolded(dx, b) if output_mask[0] else dx,
              dw.view(b, -1) if output_mask[1] else dw,
              db.view(b, -1) if output_mask[2] else db),
@@ -769,14 +889,16 @@ def _ln2d_param(t: torch.Tensor, d: Optional[int], b: int, x: torch.Tensor) -> t
 
 
 @torch.library.register_vmap("fastnorm::layer_norm2d_fwd")
-def _layer_norm2d_fwd_vmap(info, in_dims, input, weight, bias, eps, out_dtype=None):
+def _layer_norm2d_fwd_vmap(info, in_dims, input, weight, bias, eps, out_dtype=None, activation=0,
+                           activation_param=0.0):
     xd, wd, bd = in_dims[:3]
     b = info.batch_size
     x = _to_front(input, xd, b)  # (B, N, C, *)
     m = _ln2d_positions(x[0]) if b else 0
     if wd is None and bd is None:
         # The vmapped dimension is one more sample dimension: (B * N, C, *).
-        y, mean, rstd = _fn_ops.layer_norm2d_fwd(x.flatten(0, 1), weight, bias, eps, out_dtype)
+        y, mean, rstd = _fn_ops.layer_norm2d_fwd(x.flatten(0, 1), weight, bias, eps, out_dtype,
+                                                 activation, activation_param)
         return (y.reshape(x.shape), mean.view(b, m), rstd.view(b, m)), (0, 0, 0)
     # Batched affine parameters: the statistics of one unweighted call, then each sample's
     # weight and bias applied to xhat in the statistics dtype, rounded once (as the op does).
@@ -788,17 +910,30 @@ def _layer_norm2d_fwd_vmap(info, in_dims, input, weight, bias, eps, out_dtype=No
         out = out * _ln2d_param(weight, wd, b, x).to(sd)
     if bias is not None:
         out = out + _ln2d_param(bias, bd, b, x).to(sd)
+    if activation != 0:
+        out = _ACT_FWD[activation](out, activation_param)
     out = out.to(y.dtype).contiguous()
     return (out, mean.view(b, m), rstd.view(b, m)), (0, 0, 0)
 
 
 @torch.library.register_vmap("fastnorm::layer_norm2d_bwd")
-def _layer_norm2d_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, output_mask):
+def _layer_norm2d_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, output_mask,
+                           bias=None, activation=0, activation_param=0.0):
     b = info.batch_size
     gd, xd, md, rd, wd = in_dims[:5]
     dy, x = _to_front(grad_out, gd, b), _to_front(input, xd, b)  # (B, N, C, *)
     m, r = _to_front(mean, md, b).reshape(-1), _to_front(rstd, rd, b).reshape(-1)
     sd = stat_dtype(input.dtype)
+    if activation != 0:
+        # dz = dy * act'(z) with each sample's parameters, then the plain backward with dz
+        bd = in_dims[6] if len(in_dims) > 6 else None
+        stat = (b, x.shape[1], 1, *x.shape[3:])
+        z = (x.to(sd) - m.view(stat)) * r.view(stat)
+        if weight is not None:
+            z = z * _ln2d_param(weight, wd, b, x).to(sd)
+        if bias is not None:
+            z = z + _ln2d_param(bias, bd, b, x).to(sd)
+        dy = _act_grad(dy, z, activation, activation_param)
     dx = _empty(input)
     if output_mask[0]:
         if wd is None:

@@ -22,6 +22,11 @@
 // with an in-place add before the launch and the kernel reads the new value. Both capture in a
 // CUDA graph (no host reads, no counters to reset).
 //
+// Fused activation (issue 14; kernels/activation.cuh): the apply kernels take a template flag ACT
+// and then store act(z), z = (x - mean) * scale + shift in the accumulation type, rounded once;
+// the backward's sums and dx kernels recompute z from x and the saved statistics and use
+// dz = dy * act'(z) in place of dy (channels_backward.cuh). The statistics, finalize kernels and
+// running statistics are the plain norm's: no ACT there.
 //
 // GroupNorm / InstanceNorm channels_last: a block takes (n, chunk of rpc rows, tile of bx channel
 // packs); its threads are bx packs wide and by rows deep, so each pass reads a contiguous stretch.
