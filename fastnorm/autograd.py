@@ -602,7 +602,9 @@ def _ln2d_backward(ctx, dy, _dmean, _drstd):
 
 torch.library.register_autograd(
     "fastnorm::layer_norm2d_fwd",
-    lambda ctx, dy, dm, dr: (*_ln2d_backward(ctx, dy, dm, dr), None, None),
+    # None for eps, out_dtype, activation, activation_param (this registration's backward is the
+    # plain LayerNorm2d one; the activation's autograd is issue 14's Python side)
+    lambda ctx, dy, dm, dr: (*_ln2d_backward(ctx, dy, dm, dr), None, None, None, None),
     setup_context=_ln2d_setup)
 
 
