@@ -112,11 +112,19 @@ void with_pack_width(const Layout& l, std::initializer_list<const Tensor*> ts, F
   f(std::integral_constant<int, 1>{});
 }
 
+// Calls f with the kernels' ACT flag (std::bool_constant): the activation epilogue is compiled in
+// only when there is one; identity runs the plain kernels.
+template <typename F>
+void with_act(const Activation& act, F&& f) {
+  if (act.kind != kActIdentity) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 
 // ------------------------------------------------------------------------------------------
 // Forward launches.
 
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, bool ACT>
 void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, channels::FwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
   const cudaStream_t stream = current_stream();
@@ -133,9 +141,9 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, channels::F
   // chunks per channel for one wave of the general path's stats and apply kernels
   const int per_sm =
       l.nhwc ? std::min(resident_blocks(channels::bn_fwd_stats_nhwc<scalar_t, V>, kThreads, smem),
-                        resident_blocks(channels::bn_fwd_apply_nhwc<scalar_t, V>, kThreads, 0))
+                        resident_blocks(channels::bn_fwd_apply_nhwc<scalar_t, V, ACT>, kThreads, 0))
              : std::min(resident_blocks(channels::bn_fwd_stats_nchw<scalar_t, V>, kThreads, 0),
-                        resident_blocks(channels::bn_fwd_apply_nchw<scalar_t, V>, kThreads, 0));
+                        resident_blocks(channels::bn_fwd_apply_nchw<scalar_t, V, ACT>, kThreads, 0));
   if (!l.nhwc) {
     a.Sv = l.S / V;
     G = nchw_chunks(l.N * a.Sv, C, per_sm);
@@ -148,14 +156,14 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, channels::F
   }
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      launch(channels::bn_fwd_apply_nchw<scalar_t, V>,
+      launch(channels::bn_fwd_apply_nchw<scalar_t, V, ACT>,
           nchw_grid(grid_chunks, C), channels::kThreads, 0, stream,
           x, yp, a);
     } else {
       // Only the fused mode uses the shared memory (tree merge); the others take none, so the
       // elementwise pass keeps full occupancy on parts with less shared memory per SM.
       const size_t apply_smem = a.mode == channels::kModeFused ? smem : 0;
-      launch(channels::bn_fwd_apply_nhwc<scalar_t, V>,
+      launch(channels::bn_fwd_apply_nhwc<scalar_t, V, ACT>,
           nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
           x, yp, a);
     }
@@ -202,8 +210,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
     const std::optional<Tensor>& bias_opt, const std::optional<Tensor>& running_mean_opt,
     const std::optional<Tensor>& running_var_opt,
     const std::optional<Tensor>& num_batches_tracked_opt, bool training,
-    std::optional<double> momentum, double eps) {
+    std::optional<double> momentum, double eps, int64_t activation, double activation_param) {
   // Every check before anything is written: a call that raises leaves the buffers untouched.
+  const Activation act = activation_of(activation, activation_param, "fastnorm batch_norm_fwd");
   check_kernel_device(input, "fastnorm batch_norm_fwd");
   TORCH_CHECK(input.dim() >= 2, "fastnorm batch_norm_fwd: expected an input (N, C, *), got shape ",
               input.sizes());
@@ -287,8 +296,11 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
     a.n = static_cast<double>(l.N) * static_cast<double>(l.S);
     a.training = training;
     a.update_running = update_running;
+    a.act = act;
     with_pack_width<scalar_t>(l, {&l.x, &y}, [&](auto v) {
-      launch_fwd<scalar_t, decltype(v)::value>(l, y, nbt, a);
+      with_act(act, [&](auto act_c) {
+        launch_fwd<scalar_t, decltype(v)::value, decltype(act_c)::value>(l, y, nbt, a);
+      });
     });
   });
   return {y, save_mean, save_rstd};
@@ -297,7 +309,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
 // ------------------------------------------------------------------------------------------
 // Backward launches.
 
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, bool ACT>
 void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_sums,
                 channels::BwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
@@ -314,10 +326,10 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   NhwcCfg k{};
   const size_t smem = l.nhwc ? 2 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
   const int per_sm =
-      l.nhwc ? std::min(resident_blocks(channels::bn_bwd_sums_nhwc<scalar_t, V>, kThreads, smem),
-                        resident_blocks(channels::bn_bwd_apply_nhwc<scalar_t, V>, kThreads, 0))
-             : std::min(resident_blocks(channels::bn_bwd_sums_nchw<scalar_t, V>, kThreads, 0),
-                        resident_blocks(channels::bn_bwd_apply_nchw<scalar_t, V>, kThreads, 0));
+      l.nhwc ? std::min(resident_blocks(channels::bn_bwd_sums_nhwc<scalar_t, V, ACT>, kThreads, smem),
+                        resident_blocks(channels::bn_bwd_apply_nhwc<scalar_t, V, ACT>, kThreads, 0))
+             : std::min(resident_blocks(channels::bn_bwd_sums_nchw<scalar_t, V, ACT>, kThreads, 0),
+                        resident_blocks(channels::bn_bwd_apply_nchw<scalar_t, V, ACT>, kThreads, 0));
   if (!l.nhwc) {
     a.Sv = l.S / V;
     G = nchw_chunks(l.N * a.Sv, C, per_sm);
@@ -330,18 +342,18 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   }
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      launch(channels::bn_bwd_apply_nchw<scalar_t, V>,
+      launch(channels::bn_bwd_apply_nchw<scalar_t, V, ACT>,
           nchw_grid(grid_chunks, C), channels::kThreads, 0, stream,
           dyp, x, dxp, a);
     } else {
       const size_t apply_smem = a.mode == channels::kModeFused ? smem : 0;  // (as in the forward)
-      launch(channels::bn_bwd_apply_nhwc<scalar_t, V>,
+      launch(channels::bn_bwd_apply_nhwc<scalar_t, V, ACT>,
           nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
           dyp, x, dxp, a);
     }
   };
 
-  if (!need_sums) {  // eval, dx only: dx = dy * w * rstd
+  if (!need_sums) {  // eval, dx only: dx = dy * w * rstd (ACT: dz * w * rstd)
     a.mode = channels::kModeEval;
     apply(G);
     return;
@@ -356,10 +368,10 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   a.part = ws.mutable_data_ptr<acc_t>();
   a.coef = a.part + 2 * G * C;
   if (!l.nhwc) {
-    launch(channels::bn_bwd_sums_nchw<scalar_t, V>, nchw_grid(G, C), channels::kThreads, 0, stream,
+    launch(channels::bn_bwd_sums_nchw<scalar_t, V, ACT>, nchw_grid(G, C), channels::kThreads, 0, stream,
         dyp, x, a);
   } else {
-    launch(channels::bn_bwd_sums_nhwc<scalar_t, V>,
+    launch(channels::bn_bwd_sums_nhwc<scalar_t, V, ACT>,
         nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
         dyp, x, a);
   }
@@ -375,7 +387,10 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
 std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const Tensor& input,
                                                   const Tensor& mean, const Tensor& rstd,
                                                   const std::optional<Tensor>& weight_opt,
-                                                  bool training, std::array<bool, 3> output_mask) {
+                                                  bool training, std::array<bool, 3> output_mask,
+                                                  const std::optional<Tensor>& bias_opt,
+                                                  int64_t activation, double activation_param) {
+  const Activation act = activation_of(activation, activation_param, "fastnorm batch_norm_bwd");
   check_kernel_device(input, "fastnorm batch_norm_bwd");
   TORCH_CHECK(input.dim() >= 2, "fastnorm batch_norm_bwd: expected an input (N, C, *), got shape ",
               input.sizes());
@@ -392,6 +407,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
   check_channel_tensor(rstd, input, C, "rstd");
   Tensor weight = defined_or_empty(weight_opt);
   if (weight.defined()) check_param_tensor(weight, input, C, "weight");
+  // The bias only shapes z for the activation's derivative: ignored without one.
+  Tensor bias = act.kind != kActIdentity ? defined_or_empty(bias_opt) : Tensor();
+  if (bias.defined()) check_param_tensor(bias, input, C, "bias");
 
   DeviceGuard guard(input.device());
   const auto acc_type = stat_dtype(input.scalar_type());
@@ -417,6 +435,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
   const Tensor mean_c = mean.to(acc_type).contiguous();
   const Tensor rstd_c = rstd.to(acc_type).contiguous();
   weight = weight.defined() ? weight.contiguous() : weight;
+  bias = bias.defined() ? bias.contiguous() : bias;
 
   FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm_batch_norm_bwd", [&] {
     using acc_t = acc_of<scalar_t>;
@@ -437,8 +456,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
     a.n = static_cast<double>(l.N) * static_cast<double>(l.S);
     a.training = training;
     a.need_dx = need_dx;
+    a.bias = operand<scalar_t>(bias);
+    a.act = act;
     with_pack_width<scalar_t>(l, {&l.x, &dy, &dx}, [&](auto v) {
-      launch_bwd<scalar_t, decltype(v)::value>(l, dy, dx, need_sums, a);
+      with_act(act, [&](auto act_c) {
+        launch_bwd<scalar_t, decltype(v)::value, decltype(act_c)::value>(l, dy, dx, need_sums, a);
+      });
     });
   });
   return {dx, dweight, dbias};

@@ -57,8 +57,10 @@ bool rows_layout(at::MemoryFormat fmt, const Shape2d& s) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_fwd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, std::optional<at::ScalarType> out_dtype) {
+    const std::optional<at::Tensor>& bias, double eps, std::optional<at::ScalarType> out_dtype,
+    int64_t activation, double activation_param) {
   constexpr const char* op = "fastnorm::layer_norm2d_fwd";
+  const Activation act = activation_of(activation, activation_param, op);
   check_kernel_device(input, op);
   DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
@@ -93,6 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_fwd(
       p.C = s.C;
       p.S = s.S;
       p.eps = static_cast<A>(eps);
+      p.act = act;
       positions::ln2d_forward<T>(p);
     }
   });
@@ -102,8 +105,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_bwd(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& bias, int64_t activation,
+    double activation_param) {
   constexpr const char* op = "fastnorm::layer_norm2d_bwd";
+  const Activation act = activation_of(activation, activation_param, op);
   check_kernel_device(input, op);
   DeviceGuard guard(input.device());
   const at::ScalarType dt = input.scalar_type();
@@ -112,6 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_bwd(
   check_backward_inputs(grad_out, input, mean, rstd, op);
   const Shape2d s = shape_of(input, op);
   const at::Tensor w = param(weight, input, s.C, op, "weight");
+  // the bias only shapes z for the activation's derivative: ignored without one
+  const at::Tensor b =
+      act.kind != kActIdentity ? param(bias, input, s.C, op, "bias") : at::Tensor();
   const at::ScalarType wd = w.defined() ? w.scalar_type() : dt;
   const at::MemoryFormat fmt = format_of(input);
   const at::Tensor x = input.contiguous(fmt);
@@ -162,6 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_bwd(
       p.N = s.N;
       p.C = s.C;
       p.S = s.S;
+      p.b = operand<T>(b);
+      p.act = act;
       positions::ln2d_backward<T>(p, dw_out.defined() ? operand<T>(dw_out) : Operand<T>{},
                                   db_out.defined() ? operand<T>(db_out) : Operand<T>{}, x);
     }

@@ -26,6 +26,10 @@ struct BwdArgs {
   int mode;
   bool training;
   bool need_dx;
+  // The fused activation (kernels instantiated with ACT): dy is replaced by dz = dy * act'(z),
+  // z = (x - mean) * (w * rstd) + bias recomputed per element; bias absent = 0.
+  Operand<scalar_t> bias;
+  Activation act;
 };
 
 // dx = (dy - mdy - (x - mean) * proj) * gs   (training);   dx = dy * gs   (eval)
@@ -57,11 +61,13 @@ __device__ __forceinline__ BwdCoef<acc_of<scalar_t>> bwd_finalize(const BwdArgs<
 }
 
 // NCHW: sum(dy) and sum(dy * (x - m)) over the elements of channel c that the cursor visits.
-template <typename scalar_t, typename acc_t, int V>
+// ACT: of dz = act_grad(dy) instead, z from m, gs = w * rstd and the bias `shift`.
+template <typename scalar_t, typename acc_t, int V, bool ACT>
 __device__ __forceinline__ void nchw_thread_sums(const Pack<scalar_t, V>* __restrict__ dyv,
                                                  const Pack<scalar_t, V>* __restrict__ xv,
                                                  NchwCursor cur, acc_t m, acc_t& sdy,
-                                                 acc_t& sdxm) {
+                                                 acc_t& sdxm, const Activation& act, acc_t gs,
+                                                 acc_t shift) {
   using P = Pack<scalar_t, V>;
   sdy = sdxm = acc_t(0);
   while (cur.remaining >= kUnroll) {
@@ -77,7 +83,8 @@ __device__ __forceinline__ void nchw_thread_sums(const Pack<scalar_t, V>* __rest
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const acc_t d = static_cast<acc_t>(pd[u].v[k]);
+        acc_t d = static_cast<acc_t>(pd[u].v[k]);
+        if constexpr (ACT) d = act_grad<ACT>(act, static_cast<acc_t>(px[u].v[k]), m, gs, shift, d);
         sdy += d;
         sdxm += d * (static_cast<acc_t>(px[u].v[k]) - m);
       }
@@ -89,20 +96,24 @@ __device__ __forceinline__ void nchw_thread_sums(const Pack<scalar_t, V>* __rest
     cur.remaining -= 1;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const acc_t d = static_cast<acc_t>(pd.v[k]);
+      acc_t d = static_cast<acc_t>(pd.v[k]);
+      if constexpr (ACT) d = act_grad<ACT>(act, static_cast<acc_t>(px.v[k]), m, gs, shift, d);
       sdy += d;
       sdxm += d * (static_cast<acc_t>(px.v[k]) - m);
     }
   }
 }
 
-// NHWC: the same two sums for V channels over rows r0, r0 + step, ... < R.
-template <typename scalar_t, typename acc_t, int V>
+// NHWC: the same two sums for V channels over rows r0, r0 + step, ... < R (ACT: gs[], shift[]
+// per channel, as nchw_thread_sums).
+template <typename scalar_t, typename acc_t, int V, bool ACT>
 __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __restrict__ dyv,
                                                  const Pack<scalar_t, V>* __restrict__ xv,
                                                  int64_t Cv, int64_t cv, int64_t R, int64_t r0,
                                                  int64_t step, const acc_t (&m)[V],
-                                                 acc_t (&sdy)[V], acc_t (&sdxm)[V]) {
+                                                 acc_t (&sdy)[V], acc_t (&sdxm)[V],
+                                                 const Activation& act, const acc_t (&gs)[V],
+                                                 const acc_t (&shift)[V]) {
   using P = Pack<scalar_t, V>;
 #pragma unroll
   for (int j = 0; j < V; ++j) sdy[j] = sdxm[j] = acc_t(0);
@@ -123,7 +134,9 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __rest
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const acc_t d = static_cast<acc_t>(pd[u].v[j]);
+        acc_t d = static_cast<acc_t>(pd[u].v[j]);
+        if constexpr (ACT)
+          d = act_grad<ACT>(act, static_cast<acc_t>(px[u].v[j]), m[j], gs[j], shift[j], d);
         sdy[j] += d;
         sdxm[j] += d * (static_cast<acc_t>(px[u].v[j]) - m[j]);
       }
@@ -135,7 +148,9 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __rest
     rows -= 1;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const acc_t d = static_cast<acc_t>(pd.v[j]);
+      acc_t d = static_cast<acc_t>(pd.v[j]);
+      if constexpr (ACT)
+        d = act_grad<ACT>(act, static_cast<acc_t>(px.v[j]), m[j], gs[j], shift[j], d);
       sdy[j] += d;
       sdxm[j] += d * (static_cast<acc_t>(px.v[j]) - m[j]);
     }
@@ -145,7 +160,7 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __rest
 // ---------------------------------------------------------------------------------------------
 // Backward sums kernels (general path): partial sums [2][G1][C].
 
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, bool ACT>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_sums_nchw(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                      BwdArgs<scalar_t> a) {
@@ -161,7 +176,12 @@ __global__ void __launch_bounds__(kThreads)
     NchwCursor cur;
     cur.init(start, step, a.N, C, a.Sv, c);
     acc_t sdy, sdxm;
-    nchw_thread_sums<scalar_t, acc_t, V>(dyv, xv, cur, a.mean[c], sdy, sdxm);
+    acc_t gs = acc_t(0), shift = acc_t(0);  // z's coefficients (ACT)
+    if constexpr (ACT) {
+      gs = a.weight.get_or(c, acc_t(1)) * a.rstd[c];
+      shift = a.bias.get_or(c, acc_t(0));
+    }
+    nchw_thread_sums<scalar_t, acc_t, V, ACT>(dyv, xv, cur, a.mean[c], sdy, sdxm, a.act, gs, shift);
     block_sum2(sdy, sdxm, sh);
     if (threadIdx.x == 0) {
       const int64_t i = static_cast<int64_t>(blockIdx.x) * C + c;
@@ -172,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t).
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, bool ACT>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_sums_nhwc(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                      BwdArgs<scalar_t> a) {
@@ -187,10 +207,18 @@ __global__ void __launch_bounds__(kThreads)
   const bool active = cv < Cv;
   const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-  acc_t m[V], sdy[V], sdxm[V];
+  acc_t m[V], sdy[V], sdxm[V], gs[V], shift[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) m[j] = active ? a.mean[cv * V + j] : acc_t(0);
-  nhwc_thread_sums<scalar_t, acc_t, V>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m, sdy, sdxm);
+  if constexpr (ACT) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      gs[j] = active ? a.weight.get_or(cv * V + j, acc_t(1)) * a.rstd[cv * V + j] : acc_t(0);
+      shift[j] = active ? a.bias.get_or(cv * V + j, acc_t(0)) : acc_t(0);
+    }
+  }
+  nhwc_thread_sums<scalar_t, acc_t, V, ACT>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m, sdy,
+                                            sdxm, a.act, gs, shift);
   tree_sum2_rows<acc_t, V>(sdy, sdxm, smem);
   if (active && threadIdx.y == 0) {
     const int64_t base = static_cast<int64_t>(blockIdx.y) * C + cv * V;
@@ -232,7 +260,8 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_finalize(BwdArgs<scalar_t> a)
 // channel); with need_dx false they only do that.
 
 // NCHW. grid (G, min(C, 65535)), block kThreads.
-template <typename scalar_t, int V>
+// ACT: dz = dy * act'(z) in place of dy everywhere (sums and dx); z needs x in eval too.
+template <typename scalar_t, int V, bool ACT>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_apply_nchw(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                       scalar_t* __restrict__ dx, BwdArgs<scalar_t> a) {
@@ -249,6 +278,13 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
     NchwCursor cur;
     cur.init(start, step, a.N, C, a.Sv, c);
+    // z = (x - zm) * gs + zb (ACT): the saved mean (k.mean is 0 in eval), w * rstd, the bias
+    acc_t zm = acc_t(0), zg = acc_t(0), zb = acc_t(0);
+    if constexpr (ACT) {
+      zm = a.mean[c];
+      zg = a.weight.get_or(c, acc_t(1)) * a.rstd[c];
+      zb = a.bias.get_or(c, acc_t(0));
+    }
     BwdCoef<acc_t> k;
     if (a.mode == kModeFinal) {
       k.mean = a.coef[c];
@@ -258,7 +294,8 @@ __global__ void __launch_bounds__(kThreads)
     } else {  // uniform branch
       acc_t sdy = acc_t(0), sdxm = acc_t(0);
       if (a.mode == kModeFused) {
-        nchw_thread_sums<scalar_t, acc_t, V>(dyv, xv, cur, a.mean[c], sdy, sdxm);
+        nchw_thread_sums<scalar_t, acc_t, V, ACT>(dyv, xv, cur, a.mean[c], sdy, sdxm, a.act, zg,
+                                                  zb);
         block_sum2(sdy, sdxm, sh);
       }
       k = bwd_finalize(a, c, sdy, sdxm, blockIdx.x == 0 && threadIdx.x == 0);
@@ -281,10 +318,11 @@ __global__ void __launch_bounds__(kThreads)
         for (int u = 0; u < kUnroll; ++u) {
           P o;
 #pragma unroll
-          for (int j = 0; j < V; ++j)
-            o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pd[u].v[j]) - k.mdy -
-                                            (static_cast<acc_t>(px[u].v[j]) - k.mean) * k.proj) *
-                                           k.gs);
+          for (int j = 0; j < V; ++j) {
+            const acc_t xf = static_cast<acc_t>(px[u].v[j]);
+            const acc_t d = act_grad<ACT>(a.act, xf, zm, zg, zb, static_cast<acc_t>(pd[u].v[j]));
+            o.v[j] = static_cast<scalar_t>((d - k.mdy - (xf - k.mean) * k.proj) * k.gs);
+          }
           dxv[offs[u]] = o;
         }
       }
@@ -293,10 +331,11 @@ __global__ void __launch_bounds__(kThreads)
         const P px = xv[cur.off];
         P o;
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pd.v[j]) - k.mdy -
-                                          (static_cast<acc_t>(px.v[j]) - k.mean) * k.proj) *
-                                         k.gs);
+        for (int j = 0; j < V; ++j) {
+          const acc_t xf = static_cast<acc_t>(px.v[j]);
+          const acc_t d = act_grad<ACT>(a.act, xf, zm, zg, zb, static_cast<acc_t>(pd.v[j]));
+          o.v[j] = static_cast<scalar_t>((d - k.mdy - (xf - k.mean) * k.proj) * k.gs);
+        }
         dxv[cur.off] = o;
         cur.next();
         cur.remaining -= 1;
@@ -304,11 +343,13 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       while (cur.remaining >= kUnroll) {
         P pd[kUnroll];
+        P px[kUnroll];  // read with ACT only (z)
         int64_t offs[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
           offs[u] = cur.off;
           pd[u] = dyv[cur.off];
+          if constexpr (ACT) px[u] = xv[cur.off];
           cur.next();
         }
         cur.remaining -= kUnroll;
@@ -316,17 +357,25 @@ __global__ void __launch_bounds__(kThreads)
         for (int u = 0; u < kUnroll; ++u) {
           P o;
 #pragma unroll
-          for (int j = 0; j < V; ++j)
-            o.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pd[u].v[j]) * k.gs);
+          for (int j = 0; j < V; ++j) {
+            acc_t d = static_cast<acc_t>(pd[u].v[j]);
+            if constexpr (ACT) d = act_grad<ACT>(a.act, static_cast<acc_t>(px[u].v[j]), zm, zg, zb, d);
+            o.v[j] = static_cast<scalar_t>(d * k.gs);
+          }
           dxv[offs[u]] = o;
         }
       }
       while (cur.remaining > 0) {
         const P pd = dyv[cur.off];
+        P px;  // read with ACT only (z)
+        if constexpr (ACT) px = xv[cur.off];
         P o;
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          o.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pd.v[j]) * k.gs);
+        for (int j = 0; j < V; ++j) {
+          acc_t d = static_cast<acc_t>(pd.v[j]);
+          if constexpr (ACT) d = act_grad<ACT>(a.act, static_cast<acc_t>(px.v[j]), zm, zg, zb, d);
+          o.v[j] = static_cast<scalar_t>(d * k.gs);
+        }
         dxv[cur.off] = o;
         cur.next();
         cur.remaining -= 1;
@@ -336,8 +385,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // NHWC. grid (ceil(C / V / tx), G), block (tx, ty).
-// Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t).
-template <typename scalar_t, int V>
+// Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t). ACT: as bn_bwd_apply_nchw.
+template <typename scalar_t, int V, bool ACT>
 __global__ void __launch_bounds__(kThreads)
     bn_bwd_apply_nhwc(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                       scalar_t* __restrict__ dx, BwdArgs<scalar_t> a) {
@@ -358,6 +407,16 @@ __global__ void __launch_bounds__(kThreads)
   acc_t mean[V], mdy[V], proj[V], gs[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) mean[j] = mdy[j] = proj[j] = gs[j] = acc_t(0);
+  // z = (x - zm) * zg + zb (ACT), as in bn_bwd_apply_nchw
+  acc_t zm[V], zg[V], zb[V];
+  if constexpr (ACT) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      zm[j] = active ? a.mean[c0 + j] : acc_t(0);
+      zg[j] = active ? a.weight.get_or(c0 + j, acc_t(1)) * a.rstd[c0 + j] : acc_t(0);
+      zb[j] = active ? a.bias.get_or(c0 + j, acc_t(0)) : acc_t(0);
+    }
+  }
   if (a.mode == kModeFinal) {
     if (active) {
 #pragma unroll
@@ -376,7 +435,8 @@ __global__ void __launch_bounds__(kThreads)
       acc_t m[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) m[j] = active ? a.mean[c0 + j] : acc_t(0);
-      nhwc_thread_sums<scalar_t, acc_t, V>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m, sdy, sdxm);
+      nhwc_thread_sums<scalar_t, acc_t, V, ACT>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m, sdy,
+                                                sdxm, a.act, zg, zb);
       tree_sum2_rows<acc_t, V>(sdy, sdxm, smem);
     }
     const bool writer = active && blockIdx.y == 0 && threadIdx.y == 0;
@@ -408,10 +468,12 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < kUnroll; ++u) {
         P o;
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pd[u].v[j]) - mdy[j] -
-                                          (static_cast<acc_t>(px[u].v[j]) - mean[j]) * proj[j]) *
-                                         gs[j]);
+        for (int j = 0; j < V; ++j) {
+          const acc_t xf = static_cast<acc_t>(px[u].v[j]);
+          const acc_t d =
+              act_grad<ACT>(a.act, xf, zm[j], zg[j], zb[j], static_cast<acc_t>(pd[u].v[j]));
+          o.v[j] = static_cast<scalar_t>((d - mdy[j] - (xf - mean[j]) * proj[j]) * gs[j]);
+        }
         dxv[off + u * doff] = o;
       }
       off += kUnroll * doff;
@@ -422,10 +484,11 @@ __global__ void __launch_bounds__(kThreads)
       const P px = xv[off];
       P o;
 #pragma unroll
-      for (int j = 0; j < V; ++j)
-        o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pd.v[j]) - mdy[j] -
-                                        (static_cast<acc_t>(px.v[j]) - mean[j]) * proj[j]) *
-                                       gs[j]);
+      for (int j = 0; j < V; ++j) {
+        const acc_t xf = static_cast<acc_t>(px.v[j]);
+        const acc_t d = act_grad<ACT>(a.act, xf, zm[j], zg[j], zb[j], static_cast<acc_t>(pd.v[j]));
+        o.v[j] = static_cast<scalar_t>((d - mdy[j] - (xf - mean[j]) * proj[j]) * gs[j]);
+      }
       dxv[off] = o;
       off += doff;
       rows -= 1;
@@ -433,14 +496,22 @@ __global__ void __launch_bounds__(kThreads)
   } else {
     while (rows >= kUnroll) {
       P pd[kUnroll];
+      P px[kUnroll];  // read with ACT only (z)
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) pd[u] = dyv[off + u * doff];
+      for (int u = 0; u < kUnroll; ++u) {
+        pd[u] = dyv[off + u * doff];
+        if constexpr (ACT) px[u] = xv[off + u * doff];
+      }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         P o;
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          o.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pd[u].v[j]) * gs[j]);
+        for (int j = 0; j < V; ++j) {
+          acc_t d = static_cast<acc_t>(pd[u].v[j]);
+          if constexpr (ACT)
+            d = act_grad<ACT>(a.act, static_cast<acc_t>(px[u].v[j]), zm[j], zg[j], zb[j], d);
+          o.v[j] = static_cast<scalar_t>(d * gs[j]);
+        }
         dxv[off + u * doff] = o;
       }
       off += kUnroll * doff;
@@ -448,9 +519,16 @@ __global__ void __launch_bounds__(kThreads)
     }
     while (rows > 0) {
       const P pd = dyv[off];
+      P px;  // read with ACT only (z)
+      if constexpr (ACT) px = xv[off];
       P o;
 #pragma unroll
-      for (int j = 0; j < V; ++j) o.v[j] = static_cast<scalar_t>(static_cast<acc_t>(pd.v[j]) * gs[j]);
+      for (int j = 0; j < V; ++j) {
+        acc_t d = static_cast<acc_t>(pd.v[j]);
+        if constexpr (ACT)
+          d = act_grad<ACT>(a.act, static_cast<acc_t>(px.v[j]), zm[j], zg[j], zb[j], d);
+        o.v[j] = static_cast<scalar_t>(d * gs[j]);
+      }
       dxv[off] = o;
       off += doff;
       rows -= 1;

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "kernels/activation.cuh"
 #include "kernels/pack.cuh"
 #include "kernels/welford.cuh"
 
@@ -287,6 +288,26 @@ __device__ __forceinline__ void tree_sum2_rows(acc_t (&a)[V], acc_t (&b)[V], acc
     a[j] = s_a[col + j];
     b[j] = s_b[col + j];
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused activation epilogue of the BatchNorm kernels (template flag ACT, kernels/activation.cuh).
+// With ACT false both are the identity at compile time: the plain kernels' code is unchanged.
+
+// y = act(z), z = xhat * w + b in the accumulation type.
+template <bool ACT, typename acc_t>
+__device__ __forceinline__ acc_t act_out(const Activation& act, acc_t z) {
+  if constexpr (ACT) return activate(act, z);
+  else return z;
+}
+
+// The gradient reaching z: dy * act'(z), z = (x - mean) * (w * rstd) + b recomputed from x and
+// the saved statistics as the forward formed it (the same expression, so the same rounding).
+template <bool ACT, typename acc_t>
+__device__ __forceinline__ acc_t act_grad(const Activation& act, acc_t x, acc_t mean, acc_t gs,
+                                          acc_t shift, acc_t dy) {
+  if constexpr (ACT) return activation_grad(act, (x - mean) * gs + shift, dy);
+  else return dy;
 }
 
 // ---------------------------------------------------------------------------------------------

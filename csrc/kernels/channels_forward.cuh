@@ -22,6 +22,11 @@
 // with an in-place add before the launch and the kernel reads the new value. Both capture in a
 // CUDA graph (no host reads, no counters to reset).
 //
+// Fused activation (issue 14; kernels/activation.cuh): the apply kernels take a template flag ACT
+// and then store act(z), z = (x - mean) * scale + shift in the accumulation type, rounded once;
+// the backward's sums and dx kernels recompute z from x and the saved statistics and use
+// dz = dy * act'(z) in place of dy (channels_backward.cuh). The statistics, finalize kernels and
+// running statistics are the plain norm's: no ACT there.
 //
 // GroupNorm / InstanceNorm channels_last: a block takes (n, chunk of rpc rows, tile of bx channel
 // packs); its threads are bx packs wide and by rows deep, so each pass reads a contiguous stretch.
@@ -57,6 +62,7 @@ struct FwdArgs {
   bool training;
   bool update_running;  // training and a running stat is given
   bool bump_nbt;        // the apply kernel increments nbt (general path)
+  Activation act;       // the apply kernels' epilogue when instantiated with ACT
 };
 
 // Per-channel finalize of the forward. `w` is the merged batch state (training). The writer
@@ -298,7 +304,8 @@ __global__ void __launch_bounds__(kThreads) bn_fwd_finalize(FwdArgs<scalar_t> a)
 // Forward apply kernels: y = (x - mean) * scale + shift.
 
 // NCHW. grid (G, min(C, 65535)), block kThreads. kModeFused needs G == 1.
-template <typename scalar_t, int V>
+// ACT: y = act(z) (a.act), rounded once.
+template <typename scalar_t, int V, bool ACT>
 __global__ void __launch_bounds__(kThreads)
     bn_fwd_apply_nchw(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, FwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
@@ -342,7 +349,8 @@ __global__ void __launch_bounds__(kThreads)
         P o;
 #pragma unroll
         for (int k = 0; k < V; ++k)
-          o.v[k] = static_cast<scalar_t>((static_cast<acc_t>(pk[u].v[k]) - mean) * scale + shift);
+          o.v[k] = static_cast<scalar_t>(
+              act_out<ACT>(a.act, (static_cast<acc_t>(pk[u].v[k]) - mean) * scale + shift));
         yv[offs[u]] = o;
       }
     }
@@ -351,7 +359,8 @@ __global__ void __launch_bounds__(kThreads)
       P o;
 #pragma unroll
       for (int k = 0; k < V; ++k)
-        o.v[k] = static_cast<scalar_t>((static_cast<acc_t>(pk.v[k]) - mean) * scale + shift);
+        o.v[k] = static_cast<scalar_t>(
+            act_out<ACT>(a.act, (static_cast<acc_t>(pk.v[k]) - mean) * scale + shift));
       yv[cur.off] = o;
       cur.next();
       cur.remaining -= 1;
@@ -361,8 +370,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // NHWC. grid (ceil(C / V / tx), G), block (tx, ty). kModeFused needs G == 1.
-// Dynamic shared memory: 3 * kThreads * V * sizeof(acc_t).
-template <typename scalar_t, int V>
+// Dynamic shared memory: 3 * kThreads * V * sizeof(acc_t). ACT: as bn_fwd_apply_nchw.
+template <typename scalar_t, int V, bool ACT>
 __global__ void __launch_bounds__(kThreads)
     bn_fwd_apply_nhwc(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, FwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
@@ -420,8 +429,8 @@ __global__ void __launch_bounds__(kThreads)
         P o;
 #pragma unroll
         for (int j = 0; j < V; ++j)
-          o.v[j] = static_cast<scalar_t>((static_cast<acc_t>(pk[u].v[j]) - mean[j]) * scale[j] +
-                                         shift[j]);
+          o.v[j] = static_cast<scalar_t>(act_out<ACT>(
+              a.act, (static_cast<acc_t>(pk[u].v[j]) - mean[j]) * scale[j] + shift[j]));
         yv[off + u * doff] = o;
       }
       off += kUnroll * doff;
@@ -432,8 +441,8 @@ __global__ void __launch_bounds__(kThreads)
       P o;
 #pragma unroll
       for (int j = 0; j < V; ++j)
-        o.v[j] =
-            static_cast<scalar_t>((static_cast<acc_t>(pk.v[j]) - mean[j]) * scale[j] + shift[j]);
+        o.v[j] = static_cast<scalar_t>(
+            act_out<ACT>(a.act, (static_cast<acc_t>(pk.v[j]) - mean[j]) * scale[j] + shift[j]));
       yv[off] = o;
       off += doff;
       rows -= 1;

@@ -16,6 +16,9 @@
 // grid-stride. CACHED (forward): the thread's packs stay in registers between the statistics
 // and the output pass (C <= CY * kCachePacks); otherwise the output pass reads them again (the
 // same thread and addresses, soon after: L1/L2 hits as far as the tile fits there).
+// ACT (both kernels): the fused activation epilogue (kernels/activation.cuh): the forward stores
+// act(z), z = xhat * w_c + b_c; the backward recomputes z and uses dz = dy * act'(z) in place of
+// dy (s1, s2, dx, dweight, dbias). ACT = false is the plain kernel, unchanged.
 // Host plans and launches: csrc/launch/positions.h.
 //
 //   lrn_fwd_kernel   y_c = x_c / (k + alpha / size * sum_{j in win(c)} x_j^2)^beta, win(c) =
@@ -49,6 +52,7 @@
 
 #include <cstdint>
 
+#include "kernels/activation.cuh"
 #include "kernels/pack.cuh"
 #include "kernels/welford.cuh"
 
@@ -69,6 +73,7 @@ struct PosFwd {
   A* rstd = nullptr;
   int64_t N = 0, C = 0, S = 0;
   A eps = 0;
+  Activation act;        // the epilogue of ln2d_fwd_kernel<..., ACT = true>
 };
 
 template <typename T>
@@ -83,6 +88,8 @@ struct PosBwd {
   A* ws_dw = nullptr;    // nullable: [gridDim.x, C] partials of sum(dy * xhat)
   A* ws_db = nullptr;    // nullable: [gridDim.x, C] partials of sum(dy)
   int64_t N = 0, C = 0, S = 0;
+  Operand<T> b;          // [C]: the bias (absent = 0), read with ACT only (z)
+  Activation act;        // ln2d_bwd_kernel<..., ACT = true>: dy -> dy * act'(z)
 };
 
 // The position pack `item` (of N * S / V): its offset in [N, C, S] at channel 0.
@@ -98,7 +105,7 @@ __device__ __forceinline__ int64_t lane_channels(int64_t full, int64_t rem, int 
   return full + (j < rem ? 1 : 0);
 }
 
-template <typename T, int V, bool CACHED>
+template <typename T, int V, bool CACHED, bool ACT>
 __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int cy) {
   using A = acc_of<T>;
   constexpr int R = CACHED ? kCachePacks : 1;
@@ -195,6 +202,10 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int 
       A o[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) o[k] = (static_cast<A>(v[k]) - mu[k]) * rs[k] * wc + bc;
+      if constexpr (ACT) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) o[k] = activate(p.act, o[k]);
+      }
       p.y.template store<V>(base + c * p.S, o);
     };
     if constexpr (CACHED) {
@@ -214,7 +225,7 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int 
   }
 }
 
-template <typename T, int V>
+template <typename T, int V, bool ACT>
 __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int cy) {
   using A = acc_of<T>;
   __shared__ A red[2][kPosThreads * V];  // per (channel lane, position): s1 / s2 partials
@@ -257,6 +268,12 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int 
           load_raw<T, V>(p.x + base + c * p.S, v);
           p.dy.template load<V>(base + c * p.S, d);
           const A wc = p.w.get_or(c, A(1));
+          if constexpr (ACT) {
+            const A bc = p.b.get_or(c, A(0));
+#pragma unroll
+            for (int k = 0; k < V; ++k)
+              d[k] = activation_grad(p.act, (static_cast<A>(v[k]) - mu[k]) * rs[k] * wc + bc, d[k]);
+          }
 #pragma unroll
           for (int k = 0; k < V; ++k) {
             const A g = d[k] * wc;
@@ -301,6 +318,12 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int 
       }
       A pw = A(0), pb = A(0);
       const A wc = live ? p.w.get_or(c, A(1)) : A(0);
+      if constexpr (ACT) {  // a lane past C or the positions: d = 0 stays 0 (z finite there)
+        const A bc = live ? p.b.get_or(c, A(0)) : A(0);
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+          d[k] = activation_grad(p.act, (static_cast<A>(v[k]) - mu[k]) * rs[k] * wc + bc, d[k]);
+      }
       A o[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) {

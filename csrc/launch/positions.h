@@ -45,19 +45,26 @@ inline int64_t wave_grid(int64_t tiles, int per_sm) {
   return std::max<int64_t>(1, std::min<int64_t>(tiles, int64_t(sm_count()) * per_sm));
 }
 
-template <typename T, int V, bool CACHED>
+template <typename T, int V, bool CACHED, bool ACT>
 void ln2d_forward_run(const PosFwd<T>& p, int cy) {
   const int64_t tiles = ceil_div(p.N * (p.S / V), kPosThreads / cy);
-  const int per_sm = resident_blocks(ln2d_fwd_kernel<T, V, CACHED>, kPosThreads, 0);
-  launch(ln2d_fwd_kernel<T, V, CACHED>, grid_of(wave_grid(tiles, per_sm)), kPosThreads, 0,
+  const int per_sm = resident_blocks(ln2d_fwd_kernel<T, V, CACHED, ACT>, kPosThreads, 0);
+  launch(ln2d_fwd_kernel<T, V, CACHED, ACT>, grid_of(wave_grid(tiles, per_sm)), kPosThreads, 0,
          current_stream(), p, cy);
+}
+
+// ACT: the activation epilogue compiled in only when there is one (p.act not the identity).
+template <typename T, int V, bool ACT>
+void ln2d_forward_act(const PosFwd<T>& p) {
+  const int cy = channel_lanes(p.C, kCachePacks);
+  if (p.C <= int64_t(cy) * kCachePacks) ln2d_forward_run<T, V, true, ACT>(p, cy);
+  else ln2d_forward_run<T, V, false, ACT>(p, cy);
 }
 
 template <typename T, int V>
 void ln2d_forward_vec(const PosFwd<T>& p) {
-  const int cy = channel_lanes(p.C, kCachePacks);
-  if (p.C <= int64_t(cy) * kCachePacks) ln2d_forward_run<T, V, true>(p, cy);
-  else ln2d_forward_run<T, V, false>(p, cy);
+  if (p.act.kind != kActIdentity) ln2d_forward_act<T, V, true>(p);
+  else ln2d_forward_act<T, V, false>(p);
 }
 
 // 16-byte packs of V positions when S % V == 0 (a pack never crosses a channel) and x and y are
@@ -72,14 +79,14 @@ void ln2d_forward(const PosFwd<T>& p) {
 }
 
 // dw_out / db_out: [C] in T or float32, absent when not wanted. p.ws_dw / p.ws_db are set here.
-template <typename T, int V>
-void ln2d_backward_vec(PosBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
+template <typename T, int V, bool ACT>
+void ln2d_backward_act(PosBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
   using A = acc_of<T>;
   const bool want_dw = dw_out.present(), want_db = db_out.present();
   const int cy = channel_lanes(p.C, kCachePacks);
   const size_t smem = want_dw || want_db ? size_t(2 * p.C) * sizeof(A) : 0;
   const int64_t tiles = ceil_div(p.N * (p.S / V), kPosThreads / cy);
-  const int per_sm = resident_blocks(ln2d_bwd_kernel<T, V>, kPosThreads, smem);
+  const int per_sm = resident_blocks(ln2d_bwd_kernel<T, V, ACT>, kPosThreads, smem);
   // one wave (see wave_grid): also bounds the [grid, C] partials, read once by the finalize
   const int64_t grid = std::min<int64_t>(wave_grid(tiles, per_sm), kMaxGrid);
   at::Tensor ws_dw, ws_db;
@@ -87,9 +94,15 @@ void ln2d_backward_vec(PosBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const 
   if (want_db) ws_db = at::empty({grid, p.C}, acc_options(like));
   p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
   p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-  launch(ln2d_bwd_kernel<T, V>, static_cast<unsigned>(grid), kPosThreads, smem, current_stream(),
-         p, cy);
+  launch(ln2d_bwd_kernel<T, V, ACT>, static_cast<unsigned>(grid), kPosThreads, smem,
+         current_stream(), p, cy);
   groups::launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.C, dw_out, db_out);
+}
+
+template <typename T, int V>
+void ln2d_backward_vec(PosBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
+  if (p.act.kind != kActIdentity) ln2d_backward_act<T, V, true>(p, dw_out, db_out, like);
+  else ln2d_backward_act<T, V, false>(p, dw_out, db_out, like);
 }
 
 template <typename T>
