@@ -141,7 +141,25 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
 
 
 # A direct call of the op stays differentiable (plain autograd only, see the module docstring).
-torch.library.register_autograd("fastnorm::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
+# The op's activation arguments take no gradient. Branch actrows (the CUDA side of the fused
+# activations) differentiates the plain op only; branch actpy writes the activation's backward.
+def _plain_only(op, setup):
+    def setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.activation = inputs[6] if len(inputs) > 6 else 0
+
+    def check(ctx):
+        if ctx.activation != 0:
+            raise NotImplementedError(f"fastnorm::{op}: no autograd formula with an activation on "
+                                      "this branch (see branch actpy)")
+    return setup_context, check
+
+
+_ln_op_setup, _ln_op_check = _plain_only("layer_norm_fwd", _ln_setup)
+torch.library.register_autograd(
+    "fastnorm::layer_norm_fwd",
+    lambda ctx, dy, dm, dr: (_ln_op_check(ctx), *_ln_backward(ctx, dy, dm, dr), None, None)[1:],
+    setup_context=_ln_op_setup)
 
 
 class _LayerNormFunction(torch.autograd.Function):
@@ -204,10 +222,12 @@ def _gn_backward(ctx, dy, _dmean, _drstd):
     return dx, dw, db
 
 
+_gn_op_setup, _gn_op_check = _plain_only("group_norm_fwd", _gn_setup)
 torch.library.register_autograd(
     "fastnorm::group_norm_fwd",
-    lambda ctx, dy, dm, dr: (*_gn_backward(ctx, dy, dm, dr), None, None, None),
-    setup_context=_gn_setup)
+    lambda ctx, dy, dm, dr: (_gn_op_check(ctx), *_gn_backward(ctx, dy, dm, dr), None, None, None,
+                             None, None)[1:],
+    setup_context=_gn_op_setup)
 
 
 def _gn_jvp(ctx, tx, tw, tb):

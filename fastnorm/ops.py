@@ -19,13 +19,17 @@ lib = torch.library.Library("fastnorm", "DEF")  # noqa: TOR901 (a persistent lib
 
 SCHEMAS = {
     "layer_norm_fwd": "(Tensor input, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, "
-                      "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)",
+                      "ScalarType? out_dtype=None, int activation=0, float activation_param=0.0) "
+                      "-> (Tensor, Tensor, Tensor)",
     "layer_norm_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-                      "int[] normalized_shape, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                      "int[] normalized_shape, bool[3] output_mask, Tensor? bias=None, "
+                      "int activation=0, float activation_param=0.0) -> (Tensor, Tensor, Tensor)",
     "group_norm_fwd": "(Tensor input, Tensor? weight, Tensor? bias, int num_groups, float eps, "
-                      "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)",
+                      "ScalarType? out_dtype=None, int activation=0, float activation_param=0.0) "
+                      "-> (Tensor, Tensor, Tensor)",
     "group_norm_bwd": "(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, Tensor? weight, "
-                      "int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                      "int num_groups, bool[3] output_mask, Tensor? bias=None, int activation=0, "
+                      "float activation_param=0.0) -> (Tensor, Tensor, Tensor)",
     "batch_norm_fwd": "(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
                       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
                       "float? momentum, float eps) -> (Tensor, Tensor, Tensor)",
@@ -85,6 +89,14 @@ def _spatial(x: torch.Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
+def _no_activation_yet(op, activation):
+    """Branch actrows carries the CUDA side of the fused activations only: the reference, fake and
+    vmap rules with an activation are branch actpy's (the merge keeps those)."""
+    if activation != 0:
+        raise NotImplementedError(f"fastnorm::{op}: activation={activation} has no reference "
+                                  "implementation on this branch (see branch actpy)")
+
+
 def _ref_inputs(grad_out, x, weight):
     """Backward reference off CPU: compute in the statistics dtype (ATen's CUDA kernels accept any
     float dtype there; the compiled kernels replace this path anyway)."""
@@ -103,7 +115,9 @@ def _ln_rows(x: torch.Tensor, normalized_shape: Sequence[int]) -> int:
 
 
 @torch.library.impl(lib, "layer_norm_fwd", "CompositeExplicitAutograd")
-def _layer_norm_fwd_ref(input, normalized_shape, weight, bias, eps, out_dtype=None):
+def _layer_norm_fwd_ref(input, normalized_shape, weight, bias, eps, out_dtype=None, activation=0,
+                        activation_param=0.0):
+    _no_activation_yet("layer_norm_fwd", activation)
     x = input if out_dtype is None or out_dtype == input.dtype else input.to(out_dtype)
     y, mean, rstd = torch.native_layer_norm(x, list(normalized_shape), weight, bias, eps)
     m = _ln_rows(input, normalized_shape)
@@ -112,7 +126,9 @@ def _layer_norm_fwd_ref(input, normalized_shape, weight, bias, eps, out_dtype=No
 
 
 @torch.library.impl(lib, "layer_norm_bwd", "CompositeExplicitAutograd")
-def _layer_norm_bwd_ref(grad_out, input, mean, rstd, weight, normalized_shape, output_mask):
+def _layer_norm_bwd_ref(grad_out, input, mean, rstd, weight, normalized_shape, output_mask,
+                        bias=None, activation=0, activation_param=0.0):
+    _no_activation_yet("layer_norm_bwd", activation)
     in_dtype = input.dtype
     if grad_out.dtype != input.dtype:  # autocast: the forward normalised a float32 copy
         input = input.to(grad_out.dtype)
@@ -133,7 +149,8 @@ def _layer_norm_bwd_ref(grad_out, input, mean, rstd, weight, normalized_shape, o
 
 
 @torch.library.register_fake("fastnorm::layer_norm_fwd")
-def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, out_dtype=None):
+def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, out_dtype=None, activation=0,
+                         activation_param=0.0):
     m = _ln_rows(input, normalized_shape)
     sd = stat_dtype(input.dtype)
     y = input.new_empty(input.shape, dtype=out_dtype or input.dtype)
@@ -141,7 +158,8 @@ def _layer_norm_fwd_fake(input, normalized_shape, weight, bias, eps, out_dtype=N
 
 
 @torch.library.register_fake("fastnorm::layer_norm_bwd")
-def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, normalized_shape, output_mask):
+def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, normalized_shape, output_mask,
+                         bias=None, activation=0, activation_param=0.0):
     wd = weight.dtype if weight is not None else input.dtype
     return (torch.empty_like(input, memory_format=torch.contiguous_format) if output_mask[0] else _empty(input),
             input.new_empty(tuple(normalized_shape), dtype=wd) if output_mask[1] else _empty(input, wd),
@@ -152,7 +170,9 @@ def _layer_norm_bwd_fake(grad_out, input, mean, rstd, weight, normalized_shape, 
 # GroupNorm (InstanceNorm is GroupNorm with one group per channel)
 # ----------------------------------------------------------------------------------------------
 @torch.library.impl(lib, "group_norm_fwd", "CompositeExplicitAutograd")
-def _group_norm_fwd_ref(input, weight, bias, num_groups, eps, out_dtype=None):
+def _group_norm_fwd_ref(input, weight, bias, num_groups, eps, out_dtype=None, activation=0,
+                        activation_param=0.0):
+    _no_activation_yet("group_norm_fwd", activation)
     x = input if out_dtype is None or out_dtype == input.dtype else input.to(out_dtype)
     n, c = x.shape[0], x.shape[1]
     y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, _spatial(x), num_groups, eps)
@@ -162,7 +182,9 @@ def _group_norm_fwd_ref(input, weight, bias, num_groups, eps, out_dtype=None):
 
 
 @torch.library.impl(lib, "group_norm_bwd", "CompositeExplicitAutograd")
-def _group_norm_bwd_ref(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+def _group_norm_bwd_ref(grad_out, input, mean, rstd, weight, num_groups, output_mask, bias=None,
+                        activation=0, activation_param=0.0):
+    _no_activation_yet("group_norm_bwd", activation)
     in_dtype = input.dtype
     fmt = memory_format_of(input)
     if grad_out.dtype != input.dtype:
@@ -181,7 +203,8 @@ def _group_norm_bwd_ref(grad_out, input, mean, rstd, weight, num_groups, output_
 
 
 @torch.library.register_fake("fastnorm::group_norm_fwd")
-def _group_norm_fwd_fake(input, weight, bias, num_groups, eps, out_dtype=None):
+def _group_norm_fwd_fake(input, weight, bias, num_groups, eps, out_dtype=None, activation=0,
+                         activation_param=0.0):
     sd = stat_dtype(input.dtype)
     y = torch.empty_like(input, dtype=out_dtype or input.dtype, memory_format=memory_format_of(input))
     n = input.shape[0]
@@ -189,7 +212,8 @@ def _group_norm_fwd_fake(input, weight, bias, num_groups, eps, out_dtype=None):
 
 
 @torch.library.register_fake("fastnorm::group_norm_bwd")
-def _group_norm_bwd_fake(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+def _group_norm_bwd_fake(grad_out, input, mean, rstd, weight, num_groups, output_mask, bias=None,
+                         activation=0, activation_param=0.0):
     wd = weight.dtype if weight is not None else input.dtype
     c = input.shape[1]
     return (torch.empty_like(input, memory_format=memory_format_of(input)) if output_mask[0] else _empty(input),
@@ -583,7 +607,9 @@ def _per_sample_vector(t: Optional[torch.Tensor], bdim: Optional[int], b: int) -
 
 
 @torch.library.register_vmap("fastnorm::layer_norm_fwd")
-def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, eps, out_dtype=None):
+def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, eps, out_dtype=None,
+                         activation=0, activation_param=0.0):
+    _no_activation_yet("layer_norm_fwd", activation)
     xd, _, wd, bd = in_dims[:4]
     b = info.batch_size
     if wd is None and bd is None:
@@ -613,7 +639,8 @@ def _layer_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, bias, e
 
 @torch.library.register_vmap("fastnorm::layer_norm_bwd")
 def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, normalized_shape,
-                         output_mask):
+                         output_mask, bias=None, activation=0, activation_param=0.0):
+    _no_activation_yet("layer_norm_bwd", activation)
     b = info.batch_size
     gd, xd, md, rd, wd = in_dims[:5]
     dy, x = _to_front(grad_out, gd, b), _to_front(input, xd, b)
@@ -645,7 +672,9 @@ def _layer_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, nor
 
 
 @torch.library.register_vmap("fastnorm::group_norm_fwd")
-def _group_norm_fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, out_dtype=None):
+def _group_norm_fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, out_dtype=None,
+                         activation=0, activation_param=0.0):
+    _no_activation_yet("group_norm_fwd", activation)
     xd, wd, bd = in_dims[:3]
     b = info.batch_size
     if wd is None and bd is None:
@@ -665,7 +694,8 @@ def _group_norm_fwd_vmap(info, in_dims, input, weight, bias, num_groups, eps, ou
 
 @torch.library.register_vmap("fastnorm::group_norm_bwd")
 def _group_norm_bwd_vmap(info, in_dims, grad_out, input, mean, rstd, weight, num_groups,
-                         output_mask):
+                         output_mask, bias=None, activation=0, activation_param=0.0):
+    _no_activation_yet("group_norm_bwd", activation)
     b = info.batch_size
     gd, xd, md, rd, wd = in_dims[:5]
     dy = _channels_folded(_to_front(grad_out, gd, b))
