@@ -44,8 +44,9 @@ Dims dims_of(const at::Tensor& x, int64_t num_groups, const char* op) {
 }
 
 // ---- forward -------------------------------------------------------------------------------------
-template <typename T, int VEC>
-void cl_forward_vec(channels::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T>* mean, acc_of<T>* rstd,
+// ACT: the activation epilogue p.act in the apply pass (the statistics do not see it).
+template <typename T, int VEC, bool ACT>
+void cl_forward_vec(channels::cl_fwd_t<T, ACT> p, const Dims& d, acc_of<T> eps, acc_of<T>* mean, acc_of<T>* rstd,
                     const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
@@ -63,15 +64,15 @@ void cl_forward_vec(channels::ClFwd<T> p, const Dims& d, acc_of<T> eps, acc_of<T
   p.mean = mean;
   p.rstd = rstd;
   p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm,
-                          resident_blocks(channels::cl_apply_kernel<T, VEC>, channels::kClThreads, 0));
-  launch(channels::cl_apply_kernel<T, VEC>, grid_of(p.s.N * p.s.K * p.s.CT), p.s.bx * p.s.by, 0,
+                          resident_blocks(channels::cl_apply_kernel<T, VEC, ACT>, channels::kClThreads, 0));
+  launch(channels::cl_apply_kernel<T, VEC, ACT>, grid_of(p.s.N * p.s.K * p.s.CT), p.s.bx * p.s.by, 0,
       stream, p);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t num_groups, double eps,
-    std::optional<at::ScalarType> out_dtype) {
+    std::optional<at::ScalarType> out_dtype, int64_t activation, double activation_param) {
   constexpr const char* op = "fastnorm::group_norm_fwd";
   check_kernel_device(input, op);
   DeviceGuard guard(input.device());
@@ -81,6 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
   const Dims d = dims_of(input, num_groups, op);
   const at::Tensor w = param(weight, input, d.C, op, "weight");
   const at::Tensor b = param(bias, input, d.C, op, "bias");
+  const Activation act = activation_of(activation, activation_param, op);
+  const bool use_act = act.kind != kActIdentity;  // the ACT kernels
   at::MemoryFormat fmt;
   const bool cl = channels_last_layout(input, fmt);
   const at::Tensor x = cl ? input : input.contiguous();
@@ -106,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
       p.gn.G = d.G;
       p.gn.Cg = d.Cg;
       p.gn.HW = d.HW;
-      groups::row_forward<T, true>(p, x);
+      groups::row_forward<T, true>(p, x, act);  // the ACT kernels unless act is the identity
     } else {
       channels::ClFwd<T> p;
       p.x = x.data_ptr<T>();
@@ -115,10 +118,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
       p.b = operand<T>(b);
       constexpr int V = kVec16<T>;
       const bool vec = d.C % V == 0 && is_aligned(p.x, 16) && is_aligned(p.y.ptr, 16);
-      if (vec)
-        cl_forward_vec<T, V>(p, d, static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>(), x);
-      else
-        cl_forward_vec<T, 1>(p, d, static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>(), x);
+      A* mp = mean.data_ptr<A>();
+      A* rp = rstd.data_ptr<A>();
+      if (use_act) {
+        channels::ClFwdAct<T> q;
+        static_cast<channels::ClFwd<T>&>(q) = p;
+        q.act = act;
+        if (vec) cl_forward_vec<T, V, true>(q, d, static_cast<A>(eps), mp, rp, x);
+        else cl_forward_vec<T, 1, true>(q, d, static_cast<A>(eps), mp, rp, x);
+      } else if (vec) {
+        cl_forward_vec<T, V, false>(p, d, static_cast<A>(eps), mp, rp, x);
+      } else {
+        cl_forward_vec<T, 1, false>(p, d, static_cast<A>(eps), mp, rp, x);
+      }
     }
   });
   return {y, mean, rstd};
@@ -126,8 +138,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
 
 // ---- backward ------------------------------------------------------------------------------------
 // Per-(n, c) sums S = sum(dy * xhat), B = sum(dy) -> [N*C] each (pointers into `keep`).
-template <typename T, int VEC>
-void nchw_channel_sums(const groups::RowSums<T>& base, const Dims& d, at::Tensor& keep,
+// ACT: of dz = dy * act'(z) instead (base.w, base.b: the affine of z; base.act).
+template <typename T, int VEC, bool ACT>
+void nchw_channel_sums(const groups::row_sums_t<T, ACT>& base, const Dims& d, at::Tensor& keep,
                        const acc_of<T>*& S, const acc_of<T>*& B, const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
@@ -135,11 +148,15 @@ void nchw_channel_sums(const groups::RowSums<T>& base, const Dims& d, at::Tensor
   const groups::Items it = groups::plan_items(d.N * d.C, d.HW, VEC, static_cast<int64_t>(sm) * 64);
   const int64_t items = it.M * it.S;
   at::Tensor ws = at::empty({2 * items}, acc_options(like));
-  groups::RowSums<T> p = base;
-  p.w = Operand<T>{};
+  groups::row_sums_t<T, ACT> p = base;
+  if constexpr (ACT) {
+    p.chan_mod = d.C;  // rows are (n, c) planes: w and b per plane, for z only
+  } else {
+    p.w = Operand<T>{};
+  }
   p.stat_div = d.Cg;
   p.ws = ws.data_ptr<A>();
-  launch(groups::row_sums_partial_kernel<T, VEC, T>, groups::item_grid(it), groups::kItemThreads, 0, stream,
+  launch(groups::row_sums_partial_kernel<T, VEC, T, ACT>, groups::item_grid(it), groups::kItemThreads, 0, stream,
       p, it);
   // row_sums_partial: ws[0] = sum(dy) (= B), ws[1] = sum(dy * xhat) (= S)
   if (it.S == 1) {
@@ -157,8 +174,8 @@ void nchw_channel_sums(const groups::RowSums<T>& base, const Dims& d, at::Tensor
   S = o + nc;
 }
 
-template <typename T, int VEC>
-void nchw_dx(groups::GnDx<T> p, const Dims& d) {
+template <typename T, int VEC, bool ACT>
+void nchw_dx(groups::gn_dx_t<T, ACT> p, const Dims& d) {
   const int64_t L = d.Cg * d.HW;
   p.gn.G = d.G;
   p.gn.Cg = d.Cg;
@@ -167,22 +184,22 @@ void nchw_dx(groups::GnDx<T> p, const Dims& d) {
   p.gn.div64 = L >= (int64_t(1) << 31);
   if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(d.HW));
   const groups::Items it = groups::plan_items(d.N * d.G, L, VEC, static_cast<int64_t>(sm_count()) * 64);
-  launch(groups::gn_dx_nchw_kernel<T, VEC>, groups::item_grid(it), groups::kItemThreads, 0, current_stream(),
+  launch(groups::gn_dx_nchw_kernel<T, VEC, ACT>, groups::item_grid(it), groups::kItemThreads, 0, current_stream(),
       p, it);
 }
 
-template <typename T, int VEC>
-void cl_channel_sums(const channels::ClBwd<T>& base, const Dims& d, at::Tensor& keep,
+template <typename T, int VEC, bool ACT>
+void cl_channel_sums(const channels::cl_bwd_t<T, ACT>& base, const Dims& d, at::Tensor& keep,
                      const acc_of<T>*& S, const acc_of<T>*& B, const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
-  channels::ClBwd<T> p = base;
+  channels::cl_bwd_t<T, ACT> p = base;
   p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count(),
-                          resident_blocks(channels::cl_bwd_sums_kernel<T, VEC>, channels::kClThreads, 0));
+                          resident_blocks(channels::cl_bwd_sums_kernel<T, VEC, ACT>, channels::kClThreads, 0));
   const channels::ClShape& s = p.s;
   const int64_t plane = s.N * s.K * s.C;
   at::Tensor ws = at::empty({2 * plane}, acc_options(like));
-  launch(channels::cl_bwd_sums_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
+  launch(channels::cl_bwd_sums_kernel<T, VEC, ACT>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
       p, ws.data_ptr<A>());
   // cl_bwd_sums: ws[0] = S, ws[1] = B, laid out [N, K, C]
   if (s.K == 1) {
@@ -201,19 +218,20 @@ void cl_channel_sums(const channels::ClBwd<T>& base, const Dims& d, at::Tensor& 
 }
 
 // dx, channels_last: a plan of its own (a wave of cl_dx, whose register budget is not the sums').
-template <typename T, int VEC>
-void cl_dx(const groups::GnDx<T>& p, const Dims& d) {
+template <typename T, int VEC, bool ACT>
+void cl_dx(const groups::gn_dx_t<T, ACT>& p, const Dims& d) {
   const channels::ClShape s = channels::plan_cl(
       d.N, d.HW, d.C, d.G, VEC, sm_count(),
-      resident_blocks(channels::cl_dx_kernel<T, VEC>, channels::kClThreads, 0));
-  launch(channels::cl_dx_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, current_stream(),
+      resident_blocks(channels::cl_dx_kernel<T, VEC, ACT>, channels::kClThreads, 0));
+  launch(channels::cl_dx_kernel<T, VEC, ACT>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, current_stream(),
       p, s);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight, int64_t num_groups,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& bias, int64_t activation,
+    double activation_param) {
   constexpr const char* op = "fastnorm::group_norm_bwd";
   check_kernel_device(input, op);
   DeviceGuard guard(input.device());
@@ -223,6 +241,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
   check_backward_inputs(grad_out, input, mean, rstd, op);
   const Dims d = dims_of(input, num_groups, op);
   const at::Tensor w = param(weight, input, d.C, op, "weight");
+  const Activation act = activation_of(activation, activation_param, op);
+  const bool use_act = act.kind != kActIdentity;  // the ACT kernels
+  // the bias enters only through z = xhat * w + b: read (and checked) with an activation only
+  const at::Tensor b = use_act ? param(bias, input, d.C, op, "bias") : at::Tensor();
   const at::ScalarType wd = w.defined() ? w.scalar_type() : dt;
   at::MemoryFormat fmt;
   const bool cl = channels_last_layout(input, fmt);
@@ -257,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     at::Tensor keep;
     const A* S = nullptr;
     const A* B = nullptr;
-    // 1. per-(n, c) sums
+    // 1. per-(n, c) sums (of dz with an activation)
     if (!cl) {
       groups::RowSums<T> p;
       p.x = xp;
@@ -265,8 +287,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
       p.mean = mup;
       p.rstd = rsp;
       const bool vec = d.HW % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16);
-      if (vec) nchw_channel_sums<T, V>(p, d, keep, S, B, x);
-      else nchw_channel_sums<T, 1>(p, d, keep, S, B, x);
+      if (use_act) {
+        groups::RowSumsAct<T> q;
+        static_cast<groups::RowSums<T>&>(q) = p;
+        q.w = operand<T>(w);  // for z only (chan_mod, set by nchw_channel_sums)
+        q.b = operand<T>(b);
+        q.act = act;
+        if (vec) nchw_channel_sums<T, V, true>(q, d, keep, S, B, x);
+        else nchw_channel_sums<T, 1, true>(q, d, keep, S, B, x);
+      } else if (vec) {
+        nchw_channel_sums<T, V, false>(p, d, keep, S, B, x);
+      } else {
+        nchw_channel_sums<T, 1, false>(p, d, keep, S, B, x);
+      }
     } else {
       channels::ClBwd<T> p;
       p.x = xp;
@@ -274,8 +307,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
       p.mean = mup;
       p.rstd = rsp;
       const bool vec = d.C % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16);
-      if (vec) cl_channel_sums<T, V>(p, d, keep, S, B, x);
-      else cl_channel_sums<T, 1>(p, d, keep, S, B, x);
+      if (use_act) {
+        channels::ClBwdAct<T> q;
+        static_cast<channels::ClBwd<T>&>(q) = p;
+        q.w = operand<T>(w);
+        q.b = operand<T>(b);
+        q.act = act;
+        if (vec) cl_channel_sums<T, V, true>(q, d, keep, S, B, x);
+        else cl_channel_sums<T, 1, true>(q, d, keep, S, B, x);
+      } else if (vec) {
+        cl_channel_sums<T, V, false>(p, d, keep, S, B, x);
+      } else {
+        cl_channel_sums<T, 1, false>(p, d, keep, S, B, x);
+      }
     }
     // 2. dweight = sum_n S[n, c], dbias = sum_n B[n, c]
     if (output_mask[1] || output_mask[2])
@@ -300,16 +344,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
     p.c2 = c2;
     p.w = operand<T>(w);
     p.dx = dx.data_ptr<T>();
+    groups::GnDxAct<T> q;  // the ACT kernels' params
+    static_cast<groups::GnDx<T>&>(q) = p;
+    q.b = operand<T>(b);
+    q.act = act;
     if (!cl) {
       const bool vec = (d.Cg * d.HW) % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16) &&
                        is_aligned(p.dx, 16);
-      if (vec) nchw_dx<T, V>(p, d);
-      else nchw_dx<T, 1>(p, d);
+      if (use_act) {
+        if (vec) nchw_dx<T, V, true>(q, d);
+        else nchw_dx<T, 1, true>(q, d);
+      } else if (vec) {
+        nchw_dx<T, V, false>(p, d);
+      } else {
+        nchw_dx<T, 1, false>(p, d);
+      }
     } else {
       const bool vec = d.C % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16) &&
                        is_aligned(p.dx, 16);
-      if (vec) cl_dx<T, V>(p, d);
-      else cl_dx<T, 1>(p, d);
+      if (use_act) {
+        if (vec) cl_dx<T, V, true>(q, d);
+        else cl_dx<T, 1, true>(q, d);
+      } else if (vec) {
+        cl_dx<T, V, false>(p, d);
+      } else {
+        cl_dx<T, 1, false>(p, d);
+      }
     }
   });
   return {dx, dw, db};

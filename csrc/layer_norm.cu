@@ -44,7 +44,7 @@ int64_t leading_rows(const at::Tensor& x, int64_t k) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
     const at::Tensor& input, at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    std::optional<at::ScalarType> out_dtype) {
+    std::optional<at::ScalarType> out_dtype, int64_t activation, double activation_param) {
   constexpr const char* op = "fastnorm::layer_norm_fwd";
   check_kernel_device(input, op);
   DeviceGuard guard(input.device());
@@ -55,6 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
   const at::Tensor w = param(weight, input, N, op, "weight");
   const at::Tensor b = param(bias, input, N, op, "bias");
+  const Activation act = activation_of(activation, activation_param, op);
   const at::Tensor x = input.contiguous();
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(odt));
   const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
@@ -63,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
   at::Tensor mean = at::empty({M}, ao);
   at::Tensor rstd = at::empty({M}, ao);
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::layer_norm_fwd", [&] {
-    groups::layer_norm_rows_forward<scalar_t>(x, y, w, b, mean, rstd, M, N, eps);
+    groups::layer_norm_rows_forward<scalar_t>(x, y, w, b, mean, rstd, M, N, eps, act);
   });
   return {y, mean, rstd};
 }
@@ -71,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
     const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    at::IntArrayRef normalized_shape, std::array<bool, 3> output_mask) {
+    at::IntArrayRef normalized_shape, std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& bias, int64_t activation, double activation_param) {
   constexpr const char* op = "fastnorm::layer_norm_bwd";
   check_kernel_device(input, op);
   DeviceGuard guard(input.device());
@@ -82,6 +84,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   const int64_t N = row_length(input, normalized_shape, op);
   const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
   const at::Tensor w = param(weight, input, N, op, "weight");
+  const Activation act = activation_of(activation, activation_param, op);
+  // the bias enters only through z = xhat * w + b: read (and checked) with an activation only
+  const at::Tensor b = act.kind != kActIdentity ? param(bias, input, N, op, "bias") : at::Tensor();
   const at::ScalarType wd = w.defined() ? w.scalar_type() : dt;
   const at::Tensor x = input.contiguous();
   const at::TensorOptions wo = x.options().dtype(wd);
@@ -103,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::layer_norm_bwd", [&] {
     groups::layer_norm_rows_backward<scalar_t>(x, dy, mu, rs, w, output_mask[0] ? &dx : nullptr,
                                                output_mask[1] ? dw : at::Tensor(),
-                                               output_mask[2] ? db : at::Tensor(), M, N);
+                                               output_mask[2] ? db : at::Tensor(), M, N, act, b);
   });
   return {dx, dw, db};
 }

@@ -165,7 +165,7 @@ void affine_rows(groups::RowFwd<T> p, const NcDims& d) {
   p.gn.div64 = d.L >= (int64_t(1) << 31);
   if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(d.L));
   const groups::Items it = nc_items(d, VEC);
-  launch(groups::row_apply_kernel<T, VEC, true, void>, groups::item_grid(it), groups::kItemThreads,
+  launch(groups::row_apply_kernel<T, VEC, true, void, false>, groups::item_grid(it), groups::kItemThreads,
          0, current_stream(), p, it);
 }
 
@@ -173,8 +173,8 @@ template <typename T, int VEC>
 void affine_cl(channels::ClFwd<T> p, const NcDims& d) {
   p.s = channels::plan_cl(
       d.N, d.L, d.C, d.C, VEC, sm_count(),
-      resident_blocks(channels::cl_apply_kernel<T, VEC, true>, channels::kClThreads, 0));
-  launch(channels::cl_apply_kernel<T, VEC, true>, grid_of(p.s.N * p.s.K * p.s.CT), p.s.bx * p.s.by,
+      resident_blocks(channels::cl_apply_kernel<T, VEC, false, true>, channels::kClThreads, 0));
+  launch(channels::cl_apply_kernel<T, VEC, false, true>, grid_of(p.s.N * p.s.K * p.s.CT), p.s.bx * p.s.by,
          0, current_stream(), p);
 }
 
@@ -228,7 +228,7 @@ void grad_sums_rows(groups::RowSums<T> p, const NcDims& d, acc_of<T>* sum_dy, ac
   const int64_t items = it.M * it.S;
   at::Tensor ws = at::empty({2 * items}, acc_options(like));
   p.ws = ws.data_ptr<A>();
-  launch(groups::row_sums_partial_kernel<T, VEC, T>, groups::item_grid(it), groups::kItemThreads, 0,
+  launch(groups::row_sums_partial_kernel<T, VEC, T, false>, groups::item_grid(it), groups::kItemThreads, 0,
          stream, p, it);
   // ws[0] = sum(dy), ws[1] = sum(dy * (x - mean)) per item (row r: items r * S .. r * S + S - 1)
   launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(it.M, 8)), 256, 0, stream,
@@ -243,11 +243,11 @@ void grad_sums_cl(channels::ClBwd<T> p, const NcDims& d, acc_of<T>* sum_dy, acc_
   const cudaStream_t stream = current_stream();
   p.s = channels::plan_cl(
       d.N, d.L, d.C, d.C, VEC, sm_count(),
-      resident_blocks(channels::cl_bwd_sums_kernel<T, VEC>, channels::kClThreads, 0));
+      resident_blocks(channels::cl_bwd_sums_kernel<T, VEC, false>, channels::kClThreads, 0));
   const channels::ClShape& s = p.s;
   const int64_t plane = s.N * s.K * s.C;
   at::Tensor ws = at::empty({2 * plane}, acc_options(like));
-  launch(channels::cl_bwd_sums_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
+  launch(channels::cl_bwd_sums_kernel<T, VEC, false>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
          p, ws.data_ptr<A>());
   // ws[0] = sum(dy * (x - mean)), ws[1] = sum(dy), laid out [N, K, C]: (n, c) sums K partials
   // C apart from n * K * C + c
@@ -311,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor> nc_grad_sums(const at::Tensor& grad_out, cons
 template <typename T, int VEC>
 void affine_grad_rows(const groups::GnDx<T>& p, const NcDims& d) {
   const groups::Items it = nc_items(d, VEC);
-  launch(groups::gn_dx_nchw_kernel<T, VEC, true>, groups::item_grid(it), groups::kItemThreads, 0,
+  launch(groups::gn_dx_nchw_kernel<T, VEC, false, true>, groups::item_grid(it), groups::kItemThreads, 0,
          current_stream(), p, it);
 }
 
@@ -319,8 +319,8 @@ template <typename T, int VEC>
 void affine_grad_cl(const groups::GnDx<T>& p, const NcDims& d) {
   const channels::ClShape s = channels::plan_cl(
       d.N, d.L, d.C, d.C, VEC, sm_count(),
-      resident_blocks(channels::cl_dx_kernel<T, VEC, true>, channels::kClThreads, 0));
-  launch(channels::cl_dx_kernel<T, VEC, true>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
+      resident_blocks(channels::cl_dx_kernel<T, VEC, false, true>, channels::kClThreads, 0));
+  launch(channels::cl_dx_kernel<T, VEC, false, true>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
          current_stream(), p, s);
 }
 

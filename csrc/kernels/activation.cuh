@@ -136,8 +136,8 @@ __device__ __forceinline__ A activation_grad(const Activation& a, A z, A dy) {
     }
     case kActHardswish:
       return z < A(-3) ? A(0) : (z <= A(3) ? dy * (z / A(3) + A(0.5)) : dy);
-    case kActHardsigmoid:
-      return (z > A(-3) && z < A(3)) ? dy / A(6) : A(0);
+    case kActHardsigmoid:  // torch's constant: 1/6 rounded to float32 (in fp64 too), not dy / 6
+      return (z > A(-3) && z < A(3)) ? dy * static_cast<A>(1.0f / 6.0f) : A(0);
     case kActMish: {
       const A s = sigmoid(z);
       const A t = tanh_softplus(z);

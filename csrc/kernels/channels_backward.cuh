@@ -546,12 +546,33 @@ struct ClBwd {
   ClShape s;
 };
 
+// The ACT kernel's params (a struct of its own: the plain kernel keeps its parameter block and
+// registers exactly): z = (x - mean) * (rstd * w) + b recomputed, dz = dy * act'(z) summed instead
+// of dy.
+template <typename T>
+struct ClBwdAct : ClBwd<T> {
+  Operand<T> w, b;
+  Activation act;
+};
+template <typename T, bool ACT>
+using cl_bwd_t = std::conditional_t<ACT, ClBwdAct<T>, ClBwd<T>>;
+
 // Per-(n, chunk, channel) sums, channels_last: ws[0][(n*K + k)*C + c] = sum(dy * xhat),
-// ws[1][...] = sum(dy). rstd null: sum(dy * (x - mean)), the centred sums of nc_grad_sums (G = C;
-// rstd is applied to the block's total, so the choice is outside the loop).
+// ws[1][...] = sum(dy) (ACT: of dz). rstd null: sum(dy * (x - mean)), the centred sums of
+// nc_grad_sums (G = C; rstd is applied to the block's total, so the choice is outside the loop).
+// Minimum blocks per SM of the ACT variants. The derivative of the activation (exp, erf, tanh,
+// log1p, inlined per element) runs with the plain kernel's packs of x and dy in flight plus the
+// per-channel affine of z: at the plain caps, fp64 (both kernels) and the 8-wide half packs of
+// the sums spilled 48-132 bytes. Two blocks (128 registers) for those.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(kClThreads, kClSumsBlocks<T, VEC>)
-    cl_bwd_sums_kernel(ClBwd<T> p, acc_of<T>* __restrict__ ws) {
+inline constexpr int kClSumsActBlocks =
+    sizeof(acc_of<T>) == 8 || VEC >= 8 ? 2 : kClSumsBlocks<T, VEC>;
+template <typename T, int VEC>
+inline constexpr int kClDxActBlocks = sizeof(acc_of<T>) == 8 ? 2 : kClDxBlocks<T, VEC>;
+
+template <typename T, int VEC, bool ACT>
+__global__ void __launch_bounds__(kClThreads, ACT ? kClSumsActBlocks<T, VEC> : kClSumsBlocks<T, VEC>)
+    cl_bwd_sums_kernel(cl_bwd_t<T, ACT> p, acc_of<T>* __restrict__ ws) {
   using A = acc_of<T>;
   constexpr int kU = kClSumsPacks<T, VEC>;  // packs of x and of dy in flight per thread
   __shared__ A sm_a[kClThreads * VEC];
@@ -574,9 +595,17 @@ __global__ void __launch_bounds__(kClThreads, kClSumsBlocks<T, VEC>)
     for (int v = 0; v < VEC; ++v) sa[v] = sb[v] = A(0);
     if (cv) {
       A mu[VEC];
+      A sc[VEC], bb[VEC];  // ACT only: z = (x - mu) * sc + bb
       GroupWalk gw(n, s.G, cp * VEC, s.Cg);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) mu[v] = p.mean[gw.ng];
+      for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) {
+        mu[v] = p.mean[gw.ng];
+        if constexpr (ACT) {
+          const int64_t c = cp * VEC + v;
+          sc[v] = p.rstd[gw.ng] * p.w.get_or(c, A(1));
+          bb[v] = p.b.get_or(c, A(0));
+        }
+      }
       const int64_t h0 = k * s.rpc;
       const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
       const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
@@ -597,8 +626,15 @@ __global__ void __launch_bounds__(kClThreads, kClSumsBlocks<T, VEC>)
           if (h + u * s.by < h1) {
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
-              sa[v] += gv[u][v] * (static_cast<A>(xv[u][v]) - mu[v]);
-              sb[v] += gv[u][v];
+              if constexpr (ACT) {
+                const A d = static_cast<A>(xv[u][v]) - mu[v];
+                const A g = activation_grad(p.act, d * sc[v] + bb[v], gv[u][v]);
+                sa[v] += g * d;
+                sb[v] += g;
+              } else {
+                sa[v] += gv[u][v] * (static_cast<A>(xv[u][v]) - mu[v]);
+                sb[v] += gv[u][v];
+              }
             }
           }
         }
@@ -638,11 +674,12 @@ __global__ void __launch_bounds__(kClThreads, kClSumsBlocks<T, VEC>)
   }
 }
 
-// The same dx, channels_last; blocks as in cl_apply_kernel. NC (nc_affine_grad, G = C): the
-// coefficients per (n, c) as in groups::GnDx (w = a, c1 = c, c2 = b: rstd = 1, k1 = -c, k2 = -b),
-// dy possibly absent; a compile-time flag, so GroupNorm's instantiations keep their code.
-template <typename T, int VEC, bool NC = false>
-__global__ void __launch_bounds__(kClThreads, kClDxBlocks<T, VEC>) cl_dx_kernel(groups::GnDx<T> p, ClShape s) {
+// The same dx, channels_last; blocks as in cl_apply_kernel. ACT: dz = dy * act'(z) in place of dy,
+// z = (x - mean) * (rstd * w) + b recomputed. NC (nc_affine_grad, G = C): the coefficients per
+// (n, c) as in groups::GnDx (w = a, c1 = c, c2 = b: rstd = 1, k1 = -c, k2 = -b), dy possibly
+// absent; a compile-time flag, so GroupNorm's instantiations keep their code. Never with ACT.
+template <typename T, int VEC, bool ACT, bool NC = false>
+__global__ void __launch_bounds__(kClThreads, ACT ? kClDxActBlocks<T, VEC> : kClDxBlocks<T, VEC>) cl_dx_kernel(groups::gn_dx_t<T, ACT> p, ClShape s) {
   using A = acc_of<T>;
   constexpr int kU = kClDxPacks<T, VEC>;  // packs of x and of dy in flight per thread
   const int tx = threadIdx.x % s.bx, ty = threadIdx.x / s.bx;
@@ -655,6 +692,7 @@ __global__ void __launch_bounds__(kClThreads, kClDxBlocks<T, VEC>) cl_dx_kernel(
     const int64_t cp = ct * s.bx + tx;
     if (cp >= Cp) continue;  // no collective operations in this kernel
     A mu[VEC], rs[VEC], wr[VEC], k1[VEC], k2[VEC];
+    A bb[VEC];  // ACT only: the bias of z
     GroupWalk gw(n, s.G, cp * VEC, s.Cg);
 #pragma unroll
     for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) {
@@ -666,6 +704,7 @@ __global__ void __launch_bounds__(kClThreads, kClDxBlocks<T, VEC>) cl_dx_kernel(
       wr[v] = rs[v] * wc;
       k1[v] = rs[v] * (NC ? -p.c1[ng] : p.c1[ng]);
       k2[v] = rs[v] * rs[v] * (NC ? -p.c2[ng] : p.c2[ng]);
+      if constexpr (ACT) bb[v] = p.b.get_or(c, A(0));
     }
     const bool has_dy = !NC || p.dy.present();
     const int64_t h0 = k * s.rpc;
@@ -693,8 +732,15 @@ __global__ void __launch_bounds__(kClThreads, kClDxBlocks<T, VEC>) cl_dx_kernel(
         if (h + u * s.by < h1) {
           A o[VEC];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v)
-            o[v] = wr[v] * gv[u][v] - k1[v] - (static_cast<A>(xv[u][v]) - mu[v]) * k2[v];
+          for (int v = 0; v < VEC; ++v) {
+            if constexpr (ACT) {
+              const A d = static_cast<A>(xv[u][v]) - mu[v];
+              const A g = activation_grad(p.act, d * wr[v] + bb[v], gv[u][v]);
+              o[v] = wr[v] * g - k1[v] - d * k2[v];
+            } else {
+              o[v] = wr[v] * gv[u][v] - k1[v] - (static_cast<A>(xv[u][v]) - mu[v]) * k2[v];
+            }
+          }
           store_as<T, VEC, A>(p.dx + off + u * step, o);
         }
       }

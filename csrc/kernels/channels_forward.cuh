@@ -36,6 +36,7 @@
 
 #include <cstdint>
 
+#include "kernels/activation.cuh"
 #include "kernels/channels_common.cuh"
 
 namespace fastnorm {
@@ -579,12 +580,30 @@ struct ClFwd {
   ClShape s;
 };
 
-// y = (x - mean) * (rstd * w) + b, channels_last, items in the reverse order.
+// The ACT kernel's params: ClFwd and the activation (kernels/activation.cuh), a struct of its own
+// so that the plain kernel keeps its parameter block (and registers) exactly.
+template <typename T>
+struct ClFwdAct : ClFwd<T> {
+  Activation act;
+};
+template <typename T, bool ACT>
+using cl_fwd_t = std::conditional_t<ACT, ClFwdAct<T>, ClFwd<T>>;
+
+// Minimum blocks per SM of the ACT cl_apply: fp64's activations (exp, erf, tanh, log1p in double
+// precision, inlined per element on top of the packs in flight) spilled at the plain kernel's
+// caps (48 / 64 registers: 12-24 bytes); one to two blocks fewer give them 64 / 128 registers.
+template <typename T, int VEC>
+inline constexpr int kClApplyActBlocks =
+    sizeof(acc_of<T>) == 8 ? (VEC > 1 ? 2 : 4) : kClStreamBlocks<T, VEC>;
+
+// y = (x - mean) * (rstd * w) + b, channels_last, items in the reverse order; ACT: y = act(that),
+// rounded once.
 // NC (nc_affine, G = C): y = x * scale[n, c] + shift[n, c] with rstd = scale and b = shift, both
 // per (n, c) (index n * C + c), mean and w unused. A compile-time flag: GroupNorm's instantiations
-// keep their code (registers and speed); only the per-item prologue differs.
-template <typename T, int VEC, bool NC = false>
-__global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>) cl_apply_kernel(ClFwd<T> p) {
+// keep their code (registers and speed); only the per-item prologue differs. Never with ACT.
+template <typename T, int VEC, bool ACT, bool NC = false>
+__global__ void __launch_bounds__(kClThreads, ACT ? kClApplyActBlocks<T, VEC> : kClStreamBlocks<T, VEC>)
+    cl_apply_kernel(cl_fwd_t<T, ACT> p) {
   using A = acc_of<T>;
   constexpr int kU = kClApplyPacks<T, VEC>;  // packs in flight per thread
   const ClShape& s = p.s;
@@ -623,6 +642,10 @@ __global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>) cl_apply_
           A o[VEC];
 #pragma unroll
           for (int v = 0; v < VEC; ++v) o[v] = (static_cast<A>(xv[u][v]) - mu[v]) * sc[v] + bb[v];
+          if constexpr (ACT) {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) o[v] = activate(p.act, o[v]);
+          }
           p.y.store(off + u * step, o);
         }
       }

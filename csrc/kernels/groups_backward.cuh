@@ -9,6 +9,11 @@
 //                    per-(n, c) sums in NCHW.
 //   col_sum_finalize fixed-order column sums of [K, N] partials (dweight / dbias).
 //   gn_bwd_coef, gn_dx_nchw   GroupNorm's per-(n, g) coefficients and its NCHW dx pass.
+// The kernels that read dy (ln_bwd_cached, row_sums_partial, ln_bwd_split, gn_dx_nchw) take the
+// fused activation's backward as the ACT flag: z = xhat * w + b recomputed from x and the saved
+// statistics (as the forward forms it), dz = dy * act'(z) (activation_grad), and dz used wherever
+// dy was: the sums (hence dweight, dbias) and dx. LayerNorm and GroupNorm only (not RMSNorm, not
+// add_norm's X != T).
 // Host plans and launches: csrc/launch/groups.h.
 #pragma once
 #include <cuda_runtime.h>
@@ -43,6 +48,26 @@ struct RowBwd {
   void* dres = nullptr;           // nullable: d_r written in X (grad_residual)
 };
 
+// The ACT kernels' params (ActOf in groups_forward.cuh says why a struct of their own): the bias
+// of z = xhat * w + b (absent: 0) and the activation.
+template <typename T>
+struct RowBwdAct : RowBwd<T> {
+  Operand<T> b;
+  Activation act;
+};
+template <typename T, bool ACT>
+using row_bwd_t = std::conditional_t<ACT, RowBwdAct<T>, RowBwd<T>>;
+
+// dy -> dz = dy * act'(z) for the VEC elements of a pack, z = (x - mean) * (rstd * w) + b (the
+// forward's expression, so the activation's kinks fall where the forward put them).
+template <typename A, int VEC>
+__device__ __forceinline__ void act_grad_pack(const Activation& a, const A (&xa)[VEC], A mean,
+                                              A rstd, const A (&wv)[VEC], const A (&bv)[VEC],
+                                              A (&g)[VEC]) {
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) g[k] = activation_grad(a, (xa[k] - mean) * (rstd * wv[k]) + bv[k], g[k]);
+}
+
 // The normalised row's storage: x (X == T) or the fp32 residual stream (add_norm).
 template <typename X, typename T>
 __device__ __forceinline__ const X* row_src(const T* x, const float* x32) {
@@ -76,6 +101,18 @@ __device__ __forceinline__ void ln_weight(const RowBwd<T>& p, int64_t j0, acc_of
   }
 }
 
+// VEC elements of an optional per-column parameter at j0 (absent: `absent`).
+template <typename T, int VEC>
+__device__ __forceinline__ void param_or(const Operand<T>& o, int64_t j0, acc_of<T> absent,
+                                         acc_of<T> (&v)[VEC]) {
+  if (o.present()) {
+    o.load(j0, v);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = absent;
+  }
+}
+
 // Largest block of ln_bwd_cached_kernel: fp64 holds twice the registers per element, the
 // single-element path (8 separate loads and column partials per thread) and a half input with
 // an fp32 residual stream (x held as floats) spilled at the 64 registers of a 1024-thread block;
@@ -83,6 +120,17 @@ __device__ __forceinline__ void ln_weight(const RowBwd<T>& p, int64_t j0, acc_of
 template <typename T, int VEC, typename X = T>
 inline constexpr int kBwdCachedMaxThreads =
     sizeof(acc_of<T>) == 8 || VEC == 1 || sizeof(X) > sizeof(T) ? 512 : 1024;
+// The ACT variant evaluates the activation's derivative per element (the switch over every kind,
+// inlined; fp64's exp, erf, tanh and log1p are long) on top of its rows of x and dy and its column
+// partials: at 64 registers (1024 threads) every 16-byte-pack variant spilled (8-48 bytes), at 128
+// (512 threads) the fp64 packs (28 bytes) and the half / bf16 single elements (4 bytes) still did.
+// 512 threads, 256 for those (the longer rows take the split path).
+template <typename T, int VEC>
+inline constexpr int kBwdCachedActMaxThreads =
+    (sizeof(acc_of<T>) == 8 && VEC > 1) || (VEC == 1 && sizeof(T) == 2) ? 256 : 512;
+template <typename T, int VEC, typename X, bool ACT>
+inline constexpr int kBwdCachedBound =
+    ACT ? kBwdCachedActMaxThreads<T, VEC> : kBwdCachedMaxThreads<T, VEC, X>;
 
 // Dynamic shared memory of ln_bwd_cached_kernel for the column partials of a block: the tree over
 // its units (rows in flight that own the same columns: warps when tpr <= 32, groups of tpr threads
@@ -95,11 +143,12 @@ inline size_t ln_bwd_cached_smem(int threads, int tpr, int arrays) {
 
 // blockDim = rows per block x tpr (tpr <= 32: 256 threads); a block loops over row groups and
 // keeps its own column partials of dweight / dbias, combined once at the end (see below).
-template <typename T, int VEC, typename X>
-__global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC, X>)
-    ln_bwd_cached_kernel(RowBwd<T> p, int tpr) {
+template <typename T, int VEC, typename X, bool ACT>
+__global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT>)
+    ln_bwd_cached_kernel(row_bwd_t<T, ACT> p, int tpr) {
   using A = acc_of<T>;
   constexpr int R = kBwdPacks<VEC>;
+  static_assert(!ACT || std::is_same_v<X, T>, "activation epilogues: LayerNorm, not add_norm");
   __shared__ A red[64];
   extern __shared__ __align__(16) unsigned char col_smem[];  // ln_bwd_cached_smem bytes
 
@@ -133,6 +182,20 @@ __global__ void __launch_bounds__(kBwdCachedMaxThreads<T, VEC, X>)
     }
     const A mean = valid && !rms ? p.mean[row] : A(0);
     const A rstd = valid ? p.rstd[row] : A(0);
+    if constexpr (ACT) {  // dy -> dz in place: both passes below read dz
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int pk = r * tpr + t;
+        if (valid && pk < packs) {
+          A xa[VEC], wv[VEC], bv[VEC];
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) xa[k] = static_cast<A>(xv[r][k]);
+          ln_weight<T, VEC>(p, pk * VEC, wv);
+          param_or<T, VEC>(p.b, pk * VEC, A(0), bv);
+          act_grad_pack<A, VEC>(p.act, xa, mean, rstd, wv, bv, gv[r]);
+        }
+      }
+    }
     A s1 = A(0), s2 = A(0);
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -258,10 +321,24 @@ struct RowSums {
   const float* x32 = nullptr;  // add_norm with an fp32 residual stream (X = float): the rows
 };
 
+// The ACT kernel's params: z = xhat * w + b. LayerNorm (chan_mod == 0): w and b per column, and the
+// sums are of g = dz * w as above. GroupNorm NCHW (chan_mod == C): the row is the plane (n, c),
+// c = row % C, whose w and b enter z only (the sums stay of dz: the host sets w for z, where the
+// plain kernel has it absent).
+template <typename T>
+struct RowSumsAct : RowSums<T> {
+  Operand<T> b;
+  int64_t chan_mod = 0;
+  Activation act;
+};
+template <typename T, bool ACT>
+using row_sums_t = std::conditional_t<ACT, RowSumsAct<T>, RowSums<T>>;
+
 // mean null: RMSNorm (xhat = x * rstd). X: the rows' dtype (T, or float32: add_norm's x32).
-template <typename T, int VEC, typename X>
-__global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(RowSums<T> p, Items it) {
+template <typename T, int VEC, typename X, bool ACT>
+__global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(row_sums_t<T, ACT> p, Items it) {
   using A = acc_of<T>;
+  static_assert(!ACT || std::is_same_v<X, T>, "activation epilogues: LayerNorm / GroupNorm");
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
@@ -279,6 +356,14 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(RowSums<
       const int64_t off = row * it.L;
       const int64_t p1 = e1 / VEC;
       const X* xs = row_src<X>(p.x, p.x32);
+      A zw = A(1), zb = A(0);  // ACT, GroupNorm planes: the plane's channel affine
+      if constexpr (ACT) {
+        if (p.chan_mod > 0) {
+          const int64_t c = row % p.chan_mod;
+          zw = p.w.get_or(c, A(1));
+          zb = p.b.get_or(c, A(0));
+        }
+      }
       for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
         X xv[kUnroll][VEC];
         A gv[kUnroll][VEC];
@@ -295,7 +380,26 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(RowSums<
           const int64_t q = pk + static_cast<int64_t>(u) * tpr;
           if (q < p1) {
             A wv[VEC];
-            if (p.w.present()) {
+            if constexpr (ACT) {
+              A bv[VEC], xa[VEC];
+              if (p.chan_mod > 0) {
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) {
+                  wv[k] = zw;
+                  bv[k] = zb;
+                }
+              } else {
+                param_or<T, VEC>(p.w, q * VEC, A(1), wv);
+                param_or<T, VEC>(p.b, q * VEC, A(0), bv);
+              }
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) xa[k] = static_cast<A>(xv[u][k]);
+              act_grad_pack<A, VEC>(p.act, xa, mean, rstd, wv, bv, gv[u]);
+              if (p.chan_mod > 0) {  // GroupNorm: sums of dz (the weight enters later)
+#pragma unroll
+                for (int k = 0; k < VEC; ++k) wv[k] = A(1);
+              }
+            } else if (p.w.present()) {
               p.w.load(q * VEC, wv);
             } else {
 #pragma unroll
@@ -350,12 +454,17 @@ __global__ void __launch_bounds__(256)
 // elements) of rows rg, rg + RG, ...; row sums s1 = sum(g), s2 = sum(g * xhat) come precomputed.
 // Column partials -> ws row rg.
 constexpr int kBwdSplitMaxThreads = 512;
+// The ACT variant in fp64: the weight and bias of z held as doubles, the column partials and the
+// activation's derivative spilled 80-144 bytes at the 128 registers of 512 threads: 256 threads.
+template <typename T, bool ACT>
+inline constexpr int kBwdSplitBound = ACT && sizeof(acc_of<T>) == 8 ? 256 : kBwdSplitMaxThreads;
 
-template <typename T, int VEC, typename X>
-__global__ void __launch_bounds__(kBwdSplitMaxThreads)
-    ln_bwd_split_kernel(RowBwd<T> p, const acc_of<T>* __restrict__ rs1,
+template <typename T, int VEC, typename X, bool ACT>
+__global__ void __launch_bounds__(kBwdSplitBound<T, ACT>)
+    ln_bwd_split_kernel(row_bwd_t<T, ACT> p, const acc_of<T>* __restrict__ rs1,
                         const acc_of<T>* __restrict__ rs2, int64_t S2, int64_t RG) {
   using A = acc_of<T>;
+  static_assert(!ACT || std::is_same_v<X, T>, "activation epilogues: LayerNorm, not add_norm");
   constexpr int R = kBwdPacks<VEC>;
   const A invL = A(1) / static_cast<A>(p.L);
   const int64_t cw = static_cast<int64_t>(blockDim.x) * kBwdElems;  // chunk width
@@ -365,6 +474,7 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
     const int64_t rg = item / S2, s = item - rg * S2;
     const int64_t c0 = s * cw;
     A dwp[R][VEC], dbp[R][VEC], wv[R][VEC];
+    A bv[R][VEC];  // ACT only: the bias of z
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t j0 = c0 + (static_cast<int64_t>(r) * blockDim.x + threadIdx.x) * VEC;
@@ -377,6 +487,7 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
 #pragma unroll
           for (int k = 0; k < VEC; ++k) wv[r][k] = A(1);
         }
+        if constexpr (ACT) param_or<T, VEC>(p.b, j0, A(0), bv[r]);
       }
     }
     for (int64_t row = rg; row < p.M; row += RG) {
@@ -398,6 +509,12 @@ __global__ void __launch_bounds__(kBwdSplitMaxThreads)
         const int64_t j0 = c0 + (static_cast<int64_t>(r) * blockDim.x + threadIdx.x) * VEC;
         if (j0 < p.L) {
           A o[VEC];
+          if constexpr (ACT) {
+            A xa[VEC];
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) xa[k] = static_cast<A>(xv[r][k]);
+            act_grad_pack<A, VEC>(p.act, xa, mean, rstd, wv[r], bv[r], gv[r]);
+          }
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {
             const A xh = (static_cast<A>(xv[r][k]) - mean) * rstd;
@@ -502,8 +619,18 @@ struct GnDx {
   GnMap gn;
 };
 
-template <typename T, int VEC, bool NC = false>
-__global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(GnDx<T> p, Items it) {
+// The ACT kernels' params (gn_dx_nchw, cl_dx): the bias of z = xhat * w + b and the activation.
+template <typename T>
+struct GnDxAct : GnDx<T> {
+  Operand<T> b;
+  Activation act;
+};
+template <typename T, bool ACT>
+using gn_dx_t = std::conditional_t<ACT, GnDxAct<T>, GnDx<T>>;
+
+// NC (nc_affine_grad): see GnDx; never together with ACT.
+template <typename T, int VEC, bool ACT, bool NC = false>
+__global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(gn_dx_t<T, ACT> p, Items it) {
   using A = acc_of<T>;
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
@@ -559,6 +686,23 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(GnDx<T> p, Ite
 #pragma unroll
             for (int k = 0; k < VEC; ++k)
               wv[k] = p.w.get(cbase + p.gn.chan_in_row(j0 + k));
+          }
+          if constexpr (ACT) {
+            A bv[VEC], xa[VEC];
+            if (!p.b.present()) {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) bv[k] = A(0);
+            } else if (p.gn.pack_in_channel) {
+              const A bc = p.b.get(cbase + p.gn.chan_in_row(j0));
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) bv[k] = bc;
+            } else {
+#pragma unroll
+              for (int k = 0; k < VEC; ++k) bv[k] = p.b.get(cbase + p.gn.chan_in_row(j0 + k));
+            }
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) xa[k] = static_cast<A>(xv[u][k]);
+            act_grad_pack<A, VEC>(p.act, xa, mean, rstd, wv, bv, gv[u]);
           }
 #pragma unroll
           for (int k = 0; k < VEC; ++k) {

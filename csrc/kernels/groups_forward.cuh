@@ -16,6 +16,9 @@
 //   row_welford_partial + row_welford_finalize   statistics of long rows / too few rows: (row,
 //                    chunk) work items give partial Welford states, merged per row in order.
 //   row_apply        the apply pass of those (in the reverse order: the tail of x is still in L2).
+// The kernels that write y (row_fwd_cached, row_apply) take the fused activation epilogue as the
+// ACT flag (kernels/activation.cuh): y = act(z), z = xhat * w + b in the accumulation type, rounded
+// once. LayerNorm and GroupNorm only: RMSNorm and add_norm (X != void) have no ACT instantiation.
 // Host plans and launches: csrc/launch/groups.h.
 #pragma once
 #include <cuda_runtime.h>
@@ -23,6 +26,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/activation.cuh"
 #include "kernels/pack.cuh"
 #include "kernels/welford.cuh"
 
@@ -78,6 +82,27 @@ struct RowFwd {
                   // ATen's mean computes it)
   GnMap gn;
 };
+
+// The params of an ACT kernel: the plain kernel's struct P plus the epilogue's fields, a struct of
+// its own, so that every plain kernel keeps its parameter block exactly: when a params struct
+// merely grew, ptxas allocated some plain kernels' registers differently (gn_dx_nchw<half, 1>:
+// 64 -> 48 registers and a spilled call save).
+template <typename P>
+struct ActOf : P {
+  Activation act;
+};
+template <typename P, bool ACT>
+using act_params_t = std::conditional_t<ACT, ActOf<P>, P>;
+
+// The ACT epilogue on a pack of z before its store: act(z) when ACT, z untouched otherwise (the
+// plain kernels compile to exactly what they were).
+template <bool ACT, typename A, int VEC>
+__device__ __forceinline__ void act_epilogue(const Activation& a, A (&o)[VEC]) {
+  if constexpr (ACT) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o[k] = activate(a, o[k]);
+  }
+}
 
 // Weight and bias of the VEC elements starting at column j0 of a row.
 template <typename T, int VEC, bool GN>
@@ -159,10 +184,12 @@ __device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i,
 // 512-thread block allows without spills (48-128, ptxas -v, sm_90). The same for
 // row_welford_partial (256, 1): 55-80 registers, no spills.
 // ------------------------------------------------------------------------------------------------
-template <typename T, int VEC, bool GN, bool RMS, typename X>
-__global__ void __launch_bounds__(kFwdCachedMaxThreads, 1) row_fwd_cached_kernel(RowFwd<T> p, int tpr) {
+template <typename T, int VEC, bool GN, bool RMS, typename X, bool ACT>
+__global__ void __launch_bounds__(kFwdCachedMaxThreads, 1)
+    row_fwd_cached_kernel(act_params_t<RowFwd<T>, ACT> p, int tpr) {
   using A = acc_of<T>;
   using S = held_t<T, X>;
+  static_assert(!ACT || (!RMS && std::is_void_v<X>), "activation epilogues: LayerNorm / GroupNorm");
   constexpr int R = kFwdPacks<T, VEC, S>;
   // raw storage (a __shared__ variable cannot have a constructor); Welford<A> is three A's
   static_assert(sizeof(Welford<A>) == 3 * sizeof(A), "Welford layout");
@@ -253,6 +280,7 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1) row_fwd_cached_kernel
           if constexpr (RMS) o[k] = static_cast<A>(v[r][k]) * (rstd * wv[k]);  // no bias
           else o[k] = (static_cast<A>(v[r][k]) - mean) * (rstd * wv[k]) + bv[k];
         }
+        if constexpr (ACT) act_epilogue<ACT>(p.act, o);
         p.y.store(row * p.L + j0, o);
       }
     }
@@ -397,10 +425,11 @@ __global__ void __launch_bounds__(256)
 // Normalise with the saved mean/rstd, item by item in the reverse order. The source is x (X void),
 // or with a residual (add_norm) residual_out of dtype X, which the partial pass wrote.
 // RMSNorm: p.mean is null (mean 0, no bias).
-template <typename T, int VEC, bool GN, typename X>
-__global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, Items it) {
+template <typename T, int VEC, bool GN, typename X, bool ACT>
+__global__ void __launch_bounds__(kItemThreads) row_apply_kernel(act_params_t<RowFwd<T>, ACT> p, Items it) {
   using A = acc_of<T>;
   using S = held_t<T, X>;
+  static_assert(!ACT || std::is_void_v<X>, "activation epilogues: LayerNorm / GroupNorm");
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
@@ -435,6 +464,7 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(RowFwd<T> p, It
           row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
 #pragma unroll
           for (int k = 0; k < VEC; ++k) o[k] = (static_cast<A>(v[u][k]) - mean) * (rstd * wv[k]) + bv[k];
+          if constexpr (ACT) act_epilogue<ACT>(p.act, o);
           p.y.store(row * it.L + j0, o);
         }
       }

@@ -88,9 +88,9 @@ inline unsigned item_grid(const Items& it) {
 
 // ---- forward: LayerNorm / RMSNorm rows (with or without a residual add) and GroupNorm NCHW rows ----
 // RMS: RMSNorm statistics (p.mean null); X: void, or the residual stream's dtype (add_norm:
-// p.res and p.res_out set).
-template <typename T, int VEC, bool GN, bool RMS, typename X>
-void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
+// p.res and p.res_out set); ACT: the activation epilogue p.act (LayerNorm / GroupNorm only).
+template <typename T, int VEC, bool GN, bool RMS, typename X, bool ACT>
+void row_forward_vec(act_params_t<RowFwd<T>, ACT> p, const at::Tensor& like) {
   using A = acc_of<T>;
   static_assert(!GN || (!RMS && std::is_void_v<X>), "GroupNorm rows: LayerNorm statistics of x");
   using S = held_t<T, X>;  // the row as held in registers
@@ -109,7 +109,7 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
   // long rows too few to occupy the GPU even at one block per row: the (row, chunk) split
   const bool split = !c.ok || (p.L >= 8192 && c.max_parallel < static_cast<int64_t>(sm) * 512);
   if (!split) {
-    launch(row_fwd_cached_kernel<T, VEC, GN, RMS, X>, grid_of(c.row_blocks), c.threads, 0, stream,
+    launch(row_fwd_cached_kernel<T, VEC, GN, RMS, X, ACT>, grid_of(c.row_blocks), c.threads, 0, stream,
         p, c.tpr);
     return;
   }
@@ -121,19 +121,31 @@ void row_forward_vec(RowFwd<T> p, const at::Tensor& like) {
       wsp);
   launch(row_welford_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
       wsp, p.M, it.S, p.eps, p.mean, p.rstd, RMS ? p.inv_len : A(0), false);
-  launch(row_apply_kernel<T, VEC, GN, X>, item_grid(it), kItemThreads, 0, stream, p, it);
+  launch(row_apply_kernel<T, VEC, GN, X, ACT>, item_grid(it), kItemThreads, 0, stream, p, it);
 }
 
 // Packs of 16 bytes when the row length and every pointer allow, single elements otherwise.
 // GroupNorm reads its per-channel weight and bias one element at a time: no alignment needed.
+// An activation (p.act.kind != identity) takes the ACT kernels, which exist for LayerNorm and
+// GroupNorm only (the wrappers of RMSNorm and add_norm never set one).
 template <typename T, bool GN, bool RMS = false, typename X = void>
-void row_forward(const RowFwd<T>& p, const at::Tensor& like) {
+void row_forward(const RowFwd<T>& p, const at::Tensor& like, Activation act = {}) {
   constexpr int V = kVec16<T>;
   const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y.ptr) &&
                    (GN || (aligned16(p.w.ptr) && aligned16(p.b.ptr))) &&
                    aligned16(p.res.ptr) && aligned16(p.res_out.ptr);
-  if (vec) row_forward_vec<T, V, GN, RMS, X>(p, like);
-  else row_forward_vec<T, 1, GN, RMS, X>(p, like);
+  if constexpr (!RMS && std::is_void_v<X>) {
+    if (act.kind != kActIdentity) {
+      ActOf<RowFwd<T>> q;
+      static_cast<RowFwd<T>&>(q) = p;
+      q.act = act;
+      if (vec) row_forward_vec<T, V, GN, RMS, X, true>(q, like);
+      else row_forward_vec<T, 1, GN, RMS, X, true>(q, like);
+      return;
+    }
+  }
+  if (vec) row_forward_vec<T, V, GN, RMS, X, false>(p, like);
+  else row_forward_vec<T, 1, GN, RMS, X, false>(p, like);
 }
 
 // ---- column sums of partials -> dweight / dbias ---------------------------------------------------
@@ -150,15 +162,16 @@ void launch_col_sums(const acc_of<T>* ws1, const acc_of<T>* ws2, int64_t K, int6
 // ---- LayerNorm backward ----------------------------------------------------------------------------
 // dw_out / db_out: [L] in T or float32, absent when not wanted; p.ws_dw / p.ws_db are set here.
 // RMSNorm: p.mean null (db_out absent). add_norm: X the residual stream's dtype (p.x32 when X is
-// float32 and T is not), p.dres_in / p.dres as wanted.
-template <typename T, int VEC, typename X>
-void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
+// float32 and T is not), p.dres_in / p.dres as wanted. ACT: the activation's backward (p.act,
+// p.b), LayerNorm only.
+template <typename T, int VEC, typename X, bool ACT>
+void ln_backward_vec(row_bwd_t<T, ACT> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
   const bool want_dw = dw_out.present(), want_db = db_out.present();
   using A = acc_of<T>;
   const int sm = sm_count();
   const cudaStream_t stream = current_stream();
   const at::TensorOptions ao = acc_options(like);
-  constexpr int kMaxThreads = kBwdCachedMaxThreads<T, VEC, X>;
+  constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, ACT>;
   const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256, sm);
   const bool split = !c.ok || (p.L >= 4096 && c.max_parallel < static_cast<int64_t>(sm) * 512);
   at::Tensor ws_dw, ws_db;
@@ -178,23 +191,24 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
     // 24 KB), 32-64 KB for fp32 -- the ~16-32 KB Little's law asks of an H100 SM (3.35 TB/s /
     // 132 SMs = 25 B/ns, times ~0.7-1 us of DRAM latency under load).
     constexpr int kRowBlockThreads = 512;
+    constexpr int kBlockCap = std::min(kRowBlockThreads, kMaxThreads);  // ACT: fewer, see the kernel
     int threads = c.threads;
     if (c.tpr > 32) {
       const int64_t rows_per_sm = std::max<int64_t>(1, p.M / sm);
       int rpb = 1;
-      while (int64_t(rpb) * 2 * c.tpr <= kRowBlockThreads && rpb * 2 <= rows_per_sm) rpb *= 2;
+      while (int64_t(rpb) * 2 * c.tpr <= kBlockCap && rpb * 2 <= rows_per_sm) rpb *= 2;
       threads = c.tpr * rpb;
     }
     const int64_t row_blocks = ceil_div(p.M, threads / c.tpr);
     const int arrays = int(want_dw) + int(want_db);
     const size_t smem = ln_bwd_cached_smem<A>(threads, c.tpr, arrays);
-    const int per_sm = resident_blocks(ln_bwd_cached_kernel<T, VEC, X>, threads, smem);
+    const int per_sm = resident_blocks(ln_bwd_cached_kernel<T, VEC, X, ACT>, threads, smem);
     const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(row_blocks, int64_t(sm) * per_sm));
     if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
     if (want_db) ws_db = at::empty({grid, p.L}, ao);
     p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
     p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-    launch(ln_bwd_cached_kernel<T, VEC, X>, static_cast<unsigned>(grid), threads, smem, stream,
+    launch(ln_bwd_cached_kernel<T, VEC, X, ACT>, static_cast<unsigned>(grid), threads, smem, stream,
         p, c.tpr);
     launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out);
     return;
@@ -203,7 +217,7 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   const Items it = plan_items(p.M, p.L, VEC, static_cast<int64_t>(sm) * 64);
   const int64_t items = it.M * it.S;
   at::Tensor ws1 = at::empty({2 * items}, ao);
-  RowSums<T> rsp;
+  row_sums_t<T, ACT> rsp;
   rsp.x = p.x;
   rsp.dy = p.dy;
   rsp.mean = p.mean;
@@ -212,7 +226,11 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   rsp.stat_div = 1;
   rsp.ws = ws1.data_ptr<A>();
   rsp.x32 = p.x32;
-  launch(row_sums_partial_kernel<T, VEC, X>, item_grid(it), kItemThreads, 0, stream, rsp, it);
+  if constexpr (ACT) {
+    rsp.b = p.b;
+    rsp.act = p.act;
+  }
+  launch(row_sums_partial_kernel<T, VEC, X, ACT>, item_grid(it), kItemThreads, 0, stream, rsp, it);
   const A* rs1 = rsp.ws;
   const A* rs2 = rsp.ws + items;
   at::Tensor rs;
@@ -224,7 +242,7 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
     rs1 = r;
     rs2 = r + p.M;
   }
-  int threads = kBwdSplitMaxThreads;
+  int threads = kBwdSplitBound<T, ACT>;
   while (threads > 128 && ceil_div(p.L, int64_t(threads) * kBwdElems) * p.M < 2 * sm) threads /= 2;
   const int64_t S2 = ceil_div(p.L, int64_t(threads) * kBwdElems);
   const int64_t RG = std::max<int64_t>(1, std::min<int64_t>(p.M, ceil_div(2 * sm, S2)));
@@ -232,27 +250,42 @@ void ln_backward_vec(RowBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at
   if (want_db) ws_db = at::empty({RG, p.L}, ao);
   p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
   p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-  launch(ln_bwd_split_kernel<T, VEC, X>, grid_of(RG * S2), threads, 0, stream, p, rs1, rs2, S2, RG);
+  launch(ln_bwd_split_kernel<T, VEC, X, ACT>, grid_of(RG * S2), threads, 0, stream, p, rs1, rs2, S2, RG);
   launch_col_sums<T>(p.ws_dw, p.ws_db, RG, p.L, dw_out, db_out);
 }
 
+// An activation (p.act.kind != identity, p.b its bias) takes the ACT kernels: LayerNorm only (X == T;
+// the RMSNorm and add_norm wrappers never set one).
 template <typename T, typename X = T>
-void ln_backward(const RowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
+void ln_backward(const RowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like,
+                 Activation act = {}, Operand<T> b = {}) {
   constexpr int V = kVec16<T>;
   const bool vec = p.L % V == 0 && aligned16(p.x) && is_aligned(p.dy.ptr, 16) && aligned16(p.dx) &&
                    (!p.w.present() || is_aligned(p.w.ptr, 16)) && aligned16(p.x32) &&
                    aligned16(p.dres_in) && aligned16(p.dres);
-  if (vec) ln_backward_vec<T, V, X>(p, dw_out, db_out, like);
-  else ln_backward_vec<T, 1, X>(p, dw_out, db_out, like);
+  if constexpr (std::is_same_v<X, T>) {
+    if (act.kind != kActIdentity) {
+      RowBwdAct<T> q;
+      static_cast<RowBwd<T>&>(q) = p;
+      q.b = b;
+      q.act = act;
+      if (vec && aligned16(b.ptr)) ln_backward_vec<T, V, X, true>(q, dw_out, db_out, like);
+      else ln_backward_vec<T, 1, X, true>(q, dw_out, db_out, like);
+      return;
+    }
+  }
+  if (vec) ln_backward_vec<T, V, X, false>(p, dw_out, db_out, like);
+  else ln_backward_vec<T, 1, X, false>(p, dw_out, db_out, like);
 }
 
 // ---- LayerNorm over rows, tensor level: what layer_norm.cu and layer_norm2d.cu (channels_last)
 // both launch. x: contiguous rows [M, L] of T; y: T or float32; w, b, dw, db: undefined when
-// absent or not wanted; mean / rstd: [M] in the accumulation type.
+// absent or not wanted; mean / rstd: [M] in the accumulation type; act: the fused activation
+// (identity: the plain LayerNorm).
 template <typename T>
 void layer_norm_rows_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
                              const at::Tensor& b, const at::Tensor& mean, const at::Tensor& rstd,
-                             int64_t M, int64_t L, double eps) {
+                             int64_t M, int64_t L, double eps, Activation act = {}) {
   using A = acc_of<T>;
   RowFwd<T> p;
   p.x = x.data_ptr<T>();
@@ -264,14 +297,16 @@ void layer_norm_rows_forward(const at::Tensor& x, const at::Tensor& y, const at:
   p.M = M;
   p.L = L;
   p.eps = static_cast<A>(eps);
-  row_forward<T, false>(p, x);
+  row_forward<T, false>(p, x, act);
 }
 
-// dx: null when not wanted.
+// dx: null when not wanted. act: the forward's activation (identity: the plain backward, b
+// unread), b its bias (undefined: none).
 template <typename T>
 void layer_norm_rows_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& mean,
                               const at::Tensor& rstd, const at::Tensor& w, const at::Tensor* dx,
-                              const at::Tensor& dw, const at::Tensor& db, int64_t M, int64_t L) {
+                              const at::Tensor& dw, const at::Tensor& db, int64_t M, int64_t L,
+                              Activation act = {}, const at::Tensor& b = at::Tensor()) {
   using A = acc_of<T>;
   RowBwd<T> p;
   p.x = x.data_ptr<T>();
@@ -283,7 +318,8 @@ void layer_norm_rows_backward(const at::Tensor& x, const at::Tensor& dy, const a
   p.M = M;
   p.L = L;
   ln_backward<T>(p, dw.defined() ? operand<T>(dw) : Operand<T>{},
-                 db.defined() ? operand<T>(db) : Operand<T>{}, x);
+                 db.defined() ? operand<T>(db) : Operand<T>{}, x, act,
+                 act.kind != kActIdentity ? operand<T>(b) : Operand<T>{});
 }
 
 }  // namespace groups

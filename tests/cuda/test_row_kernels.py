@@ -652,3 +652,227 @@ def test_realistic_shapes(target):
         _check(dx, xr.grad.double(), dtype, 1, None, f"dx {shape} {layout}")
         _check(dw, wr.grad.double(), torch.float32, 1, None, f"dw {shape} {layout}")
         _check(db, br.grad.double(), torch.float32, 1, None, f"db {shape} {layout}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused activation epilogues (issue 14): the ACT instantiations of the row kernels (LayerNorm,
+# GroupNorm NCHW) and of GroupNorm's channels_last kernels. y = act(z), z = xhat * w + b; the
+# backward recomputes z and uses dz = dy * act'(z) in place of dy. Reference: float64 torch (the
+# norm, then torch's own activation; gradients by autograd through both).
+# ------------------------------------------------------------------------------------------------
+# A slope a float32 holds exactly: the kernels' Activation carries the parameter as a float32
+# (kernels/activation.cuh), so with fp64 data a slope like 0.2 differs from torch's fp64
+# leaky_relu by ~1e-8 relative (reported to the lead; fp32 / half data are unaffected).
+LEAKY_SLOPE = 0.25
+ACT_CODES = {  # code -> (name, float64 reference)
+    1: ("relu", F.relu),
+    2: ("relu6", F.relu6),
+    3: ("leaky_relu", lambda t: F.leaky_relu(t, LEAKY_SLOPE)),
+    4: ("silu", F.silu),
+    5: ("gelu", F.gelu),
+    6: ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh")),
+    7: ("hardswish", F.hardswish),
+    8: ("hardsigmoid", F.hardsigmoid),
+    9: ("mish", F.mish),
+    10: ("sigmoid", torch.sigmoid),
+    11: ("tanh", torch.tanh),
+}
+ACT_IDS = [v[0] for v in ACT_CODES.values()]
+
+
+def _act_param(code):
+    return LEAKY_SLOPE if code == 3 else 0.0
+
+
+# The activations' kinks (derivative jumps): relu, relu6, leaky_relu, hardswish, hardsigmoid.
+ACT_KINKS = {1: (0.0,), 2: (0.0, 6.0), 3: (0.0,), 7: (-3.0, 3.0), 8: (-3.0, 3.0)}
+
+
+def _away_from_kinks(code, x, norm, w, b):
+    """The test data moved off the activation's kinks. Where z is within the accumulation type's
+    rounding of a kink, dz = dy * act'(z) may take the other side of it in the kernel than in the
+    float64 reference (relu, bf16 rows of 8193: z = 1.2e-8 in fp64, -3.0e-8 in fp32: that element
+    of dx off by dy * w * rstd, and dweight / dbias with it). Such elements of x are stepped by
+    0.05 (a few rounds, until none is left within 1e-4, fp64: 1e-9, of a kink)."""
+    kinks = ACT_KINKS.get(code)
+    if not kinks:
+        return x
+    band = 1e-9 if x.dtype == torch.float64 else 1e-4
+    w64 = None if w is None else w.detach().to("cpu", torch.float64)
+    b64 = None if b is None else b.detach().to("cpu", torch.float64)
+    for _ in range(8):
+        z = norm(x.detach().to("cpu", torch.float64), w64, b64)
+        near = torch.zeros(z.shape, dtype=torch.bool)
+        for k in kinks:
+            near |= (z - k).abs() < band * max(1.0, abs(k))
+        if not near.any():
+            return x
+        stepped = (x.detach().to("cpu", torch.float64) + 0.05).to(x.dtype)
+        x = torch.where(near, stepped, x.detach().cpu()).to(x.device)
+    raise AssertionError("test data: elements stay at an activation's kink")
+
+
+def _act_ref(norm, code, x, w, b, dy):
+    """norm(x64, w64, b64) -> act -> backward(dy): (y, dx, dw, db) in float64."""
+    x64 = x.detach().to("cpu", torch.float64).contiguous().requires_grad_()
+    w64 = None if w is None else w.detach().to("cpu", torch.float64).requires_grad_()
+    b64 = None if b is None else b.detach().to("cpu", torch.float64).requires_grad_()
+    y = ACT_CODES[code][1](norm(x64, w64, b64))
+    y.backward(dy.detach().to("cpu", torch.float64))
+    return y.detach(), x64.grad, None if w64 is None else w64.grad, None if b64 is None else b64.grad
+
+
+def _act_case(target, dtype, code, family, shape, groups=None, layout="nchw", affine="wb"):
+    """Forward and backward of one fused case against the float64 reference; returns the outputs."""
+    dev = target.device
+    p = _act_param(code)
+    if family == "ln":
+        m, n = shape
+        x = _randn(dev, (m, n), dtype, 2.0, 0.5)
+        w, b = _params(dev, (n,), dtype, None, affine)
+        norm = lambda x64, w64, b64: F.layer_norm(x64, [n], w64, b64, EPS)  # noqa: E731
+        x = _away_from_kinks(code, x, norm, w, b).contiguous()
+        y, mean, rstd = target.ops.layer_norm_fwd(x, [n], w, b, EPS, None, code, p)
+        dy = _randn(dev, (m, n), dtype)
+        dx, dw, db = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [n], [True, w is not None, b is not None],
+                                               b, code, p)
+    else:
+        x = _layout(_randn(dev, shape, dtype, 1.5, 0.25), layout)
+        w, b = _params(dev, (shape[1],), dtype, None, affine)
+        norm = lambda x64, w64, b64: F.group_norm(x64, groups, w64, b64, EPS)  # noqa: E731
+        x = _layout(_away_from_kinks(code, x, norm, w, b), layout)
+        y, mean, rstd = target.ops.group_norm_fwd(x, w, b, groups, EPS, None, code, p)
+        assert y.is_contiguous(memory_format=_fmt(layout))
+        dy = _layout(_randn(dev, shape, dtype), layout)
+        dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, groups,
+                                               [True, w is not None, b is not None], b, code, p)
+        assert dx.is_contiguous(memory_format=_fmt(layout))
+    ry, rdx, rdw, rdb = _act_ref(norm, code, x, w, b, dy)
+    what = f"{ACT_CODES[code][0]} {family} {tuple(shape)} {layout}"
+    assert y.dtype == dtype and dx.dtype == dtype
+    _check(y, ry, dtype, 0, None, f"y ({what})")
+    _check(dx, rdx, dtype, 1, None, f"dx ({what})")
+    if w is not None:
+        _check(dw, rdw, dtype, 1, None, f"dweight ({what})")
+    if b is not None:
+        _check(db, rdb, dtype, 1, None, f"dbias ({what})")
+    return y, dx, dw, db
+
+
+# Every activation, every dtype, each family on its 16-byte-pack cached plan (small shapes).
+ACT_SMALL = [("ln", (20, 32), None, "nchw"),        # LayerNorm cached, sub-warp, vector
+             ("gn", (2, 16, 4, 4), 4, "nchw"),      # GroupNorm NCHW cached, vector, packs in a channel
+             ("gn", (2, 16, 4, 4), 4, "cl")]        # GroupNorm channels_last, vector (C % 8 == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("code", list(ACT_CODES), ids=ACT_IDS)
+@pytest.mark.parametrize("family,shape,groups,layout", ACT_SMALL,
+                         ids=[f"{f}-{layout}" for f, _, _, layout in ACT_SMALL])
+def test_act_every_code(target, dtype, code, family, shape, groups, layout):
+    _act_case(target, dtype, code, family, shape, groups, layout)
+
+
+# Every plan path of the ACT kernels (see the tables above: cached / split, 16-byte packs / single
+# elements, per family), every dtype, each with every activation in turn.
+ACT_PATHS = [
+    ("ln", (16, 33), None, "nchw"),        # cached fwd / bwd, scalar
+    ("ln", (2, 8192), None, "nchw"),       # split fwd (row_apply) / bwd (row_sums_partial, ln_bwd_split), vector
+    ("ln", (2, 8193), None, "nchw"),       # split fwd / bwd, scalar
+    ("gn", (2, 7, 5, 5), 7, "nchw"),       # NCHW cached fwd, scalar; sums and dx scalar
+    ("gn", (2, 6, 7, 9), 3, "nchw"),       # NCHW fp64 packs straddling channels (HW = 63)
+    ("gn", (1, 8, 33, 33), 1, "nchw"),     # NCHW split fwd (vector, packs straddling channels), sums scalar S > 1
+    ("gn", (2, 3, 61, 61), 1, "nchw"),     # NCHW split fwd scalar, sums scalar, dx scalar
+    ("gn", (1, 2, 72, 72), 1, "nchw"),     # NCHW sums vector S > 1, dx vector
+    ("gn", (2, 7, 5, 5), 7, "cl"),         # channels_last scalar
+    ("gn", (3, 64, 8, 8), 32, "cl"),       # channels_last vector, K > 1 row chunks
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("family,shape,groups,layout", ACT_PATHS,
+                         ids=[f"{f}-{'x'.join(map(str, s))}-{layout}" for f, s, _, layout in ACT_PATHS])
+def test_act_plan_paths(target, dtype, family, shape, groups, layout):
+    target.skip_if_emulated_above(math.prod(shape), EMU_LIMIT)
+    for code in ACT_CODES:
+        _act_case(target, dtype, code, family, shape, groups, layout)
+
+
+@pytest.mark.parametrize("family,shape,groups,layout", [("ln", (20, 32), None, "nchw"),
+                                                        ("gn", (2, 16, 4, 4), 4, "nchw"),
+                                                        ("gn", (2, 16, 4, 4), 4, "cl")])
+@pytest.mark.parametrize("affine", ["w", "none"])
+def test_act_without_bias_or_weight(target, family, shape, groups, layout, affine):
+    """z without a bias (0) or without any affine (xhat); fp32 parameters with a half input."""
+    for code in (1, 5, 9):
+        _act_case(target, torch.float32, code, family, shape, groups, layout, affine)
+    dev = target.device
+    if family == "ln":
+        x = _randn(dev, shape, torch.bfloat16)
+        w, b = _params(dev, (shape[1],), torch.bfloat16, torch.float32, "wb")
+        y, mean, rstd = target.ops.layer_norm_fwd(x, [shape[1]], w, b, EPS, None, 4, 0.0)
+        norm = lambda x64, w64, b64: F.layer_norm(x64, [shape[1]], w64, b64, EPS)  # noqa: E731
+        dy = _randn(dev, shape, torch.bfloat16)
+        dx, dw, db = target.ops.layer_norm_bwd(dy, x, mean, rstd, w, [shape[1]], [True, True, True], b, 4, 0.0)
+    else:
+        x = _layout(_randn(dev, shape, torch.bfloat16), layout)
+        w, b = _params(dev, (shape[1],), torch.bfloat16, torch.float32, "wb")
+        y, mean, rstd = target.ops.group_norm_fwd(x, w, b, groups, EPS, None, 4, 0.0)
+        norm = lambda x64, w64, b64: F.group_norm(x64, groups, w64, b64, EPS)  # noqa: E731
+        dy = _layout(_randn(dev, shape, torch.bfloat16), layout)
+        dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, groups, [True, True, True], b, 4, 0.0)
+    ry, rdx, rdw, rdb = _act_ref(norm, 4, x, w, b, dy)
+    assert y.dtype == torch.bfloat16 and dw.dtype == torch.float32 and db.dtype == torch.float32
+    _check(y, ry, torch.bfloat16, 0, None, "y (fp32 params)")
+    _check(dx, rdx, torch.bfloat16, 1, None, "dx (fp32 params)")
+    _check(dw, rdw, torch.bfloat16, 1, None, "dweight (fp32 params)")
+    _check(db, rdb, torch.bfloat16, 1, None, "dbias (fp32 params)")
+
+
+@pytest.mark.parametrize("family,layout", [("ln", "nchw"), ("gn", "nchw"), ("gn", "cl")])
+def test_act_identity_is_the_plain_op(target, family, layout):
+    """activation=0 takes the plain kernels: bitwise the op without the activation arguments, and
+    the backward's bias is ignored (not even read: a bias of the wrong size is no error)."""
+    dev = target.device
+    if family == "ln":
+        x = _randn(dev, (20, 32), torch.float16)
+        w, b = _params(dev, (32,), torch.float16, None, "wb")
+        dy = _randn(dev, (20, 32), torch.float16)
+        plain = target.ops.layer_norm_fwd(x, [32], w, b, EPS)
+        fused = target.ops.layer_norm_fwd(x, [32], w, b, EPS, None, 0, 0.0)
+        gplain = target.ops.layer_norm_bwd(dy, x, plain[1], plain[2], w, [32], [True, True, True])
+        gfused = target.ops.layer_norm_bwd(dy, x, plain[1], plain[2], w, [32], [True, True, True],
+                                           b[:3], 0, 0.0)
+    else:
+        x = _layout(_randn(dev, (2, 16, 4, 4), torch.float16), layout)
+        w, b = _params(dev, (16,), torch.float16, None, "wb")
+        dy = _layout(_randn(dev, (2, 16, 4, 4), torch.float16), layout)
+        plain = target.ops.group_norm_fwd(x, w, b, 4, EPS)
+        fused = target.ops.group_norm_fwd(x, w, b, 4, EPS, None, 0, 0.0)
+        gplain = target.ops.group_norm_bwd(dy, x, plain[1], plain[2], w, 4, [True, True, True])
+        gfused = target.ops.group_norm_bwd(dy, x, plain[1], plain[2], w, 4, [True, True, True], b[:3], 0, 0.0)
+    for a, c in zip(tuple(plain) + tuple(gplain), tuple(fused) + tuple(gfused)):
+        assert torch.equal(a, c)
+
+
+def test_act_bad_arguments(target):
+    """An unknown activation code is a ValueError; with an activation the backward checks its bias
+    as the forward does."""
+    target.require("cuda", "emu", why="the C++ wrappers' checks")
+    dev = target.device
+    x = _randn(dev, (4, 8), torch.float32)
+    w, b = _params(dev, (8,), torch.float32, None, "wb")
+    for code in (-1, 12):
+        with pytest.raises(ValueError, match=r"activation must be a code in \[0, 12\).*got " + str(code)):
+            target.ops.layer_norm_fwd(x, [8], w, b, EPS, None, code, 0.0)
+        with pytest.raises(ValueError, match="activation"):
+            target.ops.group_norm_fwd(x.view(4, 8, 1), w, b, 2, EPS, None, code, 0.0)
+    y, mean, rstd = target.ops.layer_norm_fwd(x, [8], w, b, EPS, None, 4, 0.0)
+    with pytest.raises(ValueError, match="activation"):
+        target.ops.layer_norm_bwd(x, x, mean, rstd, w, [8], [True, True, True], b, 99, 0.0)
+    with pytest.raises(RuntimeError, match=r"bias must have 8 elements, got 3"):
+        target.ops.layer_norm_bwd(x, x, mean, rstd, w, [8], [True, True, True], b[:3], 4, 0.0)
+    xg = x.view(4, 8, 1)
+    y, mean, rstd = target.ops.group_norm_fwd(xg, w, b, 2, EPS, None, 4, 0.0)
+    with pytest.raises(RuntimeError, match=r"bias must have 8 elements, got 3"):
+        target.ops.group_norm_bwd(xg, xg, mean, rstd, w, 2, [True, True, True], b[:3], 4, 0.0)
