@@ -107,7 +107,7 @@ __device__ __forceinline__ A activate(const Activation& a, A z) {
 
 // dy * act'(z): the gradient reaching z. At the kinks the one-sided choices are torch's backward
 // formulas: relu 0 at z == 0, relu6 0 at 0 and 6, leaky_relu the slope at 0, hardswish
-// z / 3 + 1/2 on [-3, 3], hardsigmoid 1/6 on the open interval (-3, 3).
+// z / 3 + 1/2 on the open interval (-3, 3) (0 at -3, dy at 3), hardsigmoid 1/6 on (-3, 3).
 template <typename A>
 __device__ __forceinline__ A activation_grad(const Activation& a, A z, A dy) {
   using namespace act_math;
@@ -134,8 +134,8 @@ __device__ __forceinline__ A activation_grad(const Activation& a, A z, A dy) {
       const A dinner = kBeta * (A(1) + A(3) * kKappa * z * z);
       return dy * (A(0.5) * (A(1) + t) + A(0.5) * z * (A(1) - t * t) * dinner);
     }
-    case kActHardswish:
-      return z < A(-3) ? A(0) : (z <= A(3) ? dy * (z / A(3) + A(0.5)) : dy);
+    case kActHardswish:  // torch 2.14: 0 at z = -3, dy at z = 3 (the open interval takes the slope)
+      return z <= A(-3) ? A(0) : (z < A(3) ? dy * (z / A(3) + A(0.5)) : dy);
     case kActHardsigmoid:  // torch's constant: 1/6 rounded to float32 (in fp64 too), not dy / 6
       return (z > A(-3) && z < A(3)) ? dy * static_cast<A>(1.0f / 6.0f) : A(0);
     case kActMish: {
