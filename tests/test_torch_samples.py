@@ -42,6 +42,7 @@ FUNCTIONALS = {
     "nn.functional.layer_norm": fastnorm.functional.layer_norm,
     "nn.functional.group_norm": fastnorm.functional.group_norm,
     "nn.functional.instance_norm": fastnorm.functional.instance_norm,
+    "nn.functional.local_response_norm": fastnorm.functional.local_response_norm,
 }
 OPS = [op for op in op_db if op.name in FUNCTIONALS]
 MODULES = [m for m in module_db if hasattr(fastnorm, m.module_cls.__name__)]
@@ -54,7 +55,7 @@ def test_torch_samples_found():
     assert {op.name for op in OPS} == set(FUNCTIONALS)
     assert {m.module_cls.__name__ for m in MODULES} == {
         "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "InstanceNorm1d", "InstanceNorm2d",
-        "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm"}
+        "InstanceNorm3d", "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm"}
 
 
 def _clone(tree, requires_grad=False):

@@ -45,7 +45,7 @@
 // Loads in flight: the forward's channel walk is unrolled 4 deep, the backward's inner window sum
 // likewise (its outer walk is not: with G x V sums, own values and x live, an unrolled outer walk
 // spills). G x V is 16 elements (8 in fp64), enough to amortise the size - 1 halo channels and
-// few enough to stay within kLrnMinBlocks' 128 registers (-Xptxas -v: 63-88 forward, 89-128
+// few enough to stay within kLrnMinBlocks' 128 registers (-Xptxas -v: 60-92 forward, 93-124
 // backward, no spills).
 #pragma once
 #include <cuda_runtime.h>
