@@ -48,9 +48,9 @@ ACTS = {
     5: ("gelu", F.gelu),
     6: ("gelu_tanh", lambda z: F.gelu(z, approximate="tanh")),
     7: ("hardswish", F.hardswish),
-    # relu6(z + 3) / 6 is F.hardsigmoid, and its autograd (hardtanh's open interval, then / 6) is
-    # exact in float64, where aten::hardsigmoid_backward multiplies by the float32 1/6 (3e-8 off)
-    8: ("hardsigmoid", lambda z: F.relu6(z + 3) / 6),
+    # torch's own: its backward multiplies by 1/6 rounded to float32 in every dtype, as the kernel
+    # does (kernels/activation.cuh)
+    8: ("hardsigmoid", F.hardsigmoid),
     9: ("mish", F.mish),
     10: ("sigmoid", torch.sigmoid),
     11: ("tanh", torch.tanh),
