@@ -347,7 +347,12 @@ def test_plan_decisions(target, case, dtype, vec, split):
         args = [a.strip() for a in got[0].split("<", 1)[1].rsplit(">", 1)[0].split(",")]
         assert args[1] == str(V if vec else 1), (name, got[0])
         if name in ("affine", "dx"):  # the per-(n, c) instantiations (GnMap of N * C rows, NC)
-            assert args[2] == "true", (name, got[0])
+            # row_apply<T, V, GN, X, ACT>: GN; cl_apply / gn_dx_nchw / cl_dx<T, V, ACT, NC>: NC,
+            # never with ACT
+            if name == "affine" and rows:
+                assert args[2] == "true" and args[4] == "false", (name, got[0])
+            else:
+                assert args[2:4] == ["false", "true"], (name, got[0])
     length = x[0, 0].numel()
     if rows:
         assert (_items_s(n * c, length, V if vec else 1) > 1) == split
