@@ -234,7 +234,7 @@ def timm_norm_act(op: str, c: int, act: str) -> nn.Module:
     raise ValueError(f"no timm norm + activation layer for {op}")
 
 
-def _has_timm() -> bool:
+def has_timm() -> bool:
     try:
         import timm  # noqa: F401
     except ImportError:
@@ -520,7 +520,7 @@ def select(device: str, quick: bool, ops: Optional[Iterable[str]] = None,
     ops = set(ops or OPS)
     dtypes = list(dtypes) if dtypes else None
     out: List[Case] = []
-    timm_ok = _has_timm()
+    timm_ok = has_timm()
     for c in CASES:
         if c.op not in ops or (quick and not c.quick) or (c.act and not timm_ok):
             continue

@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import fastnorm  # noqa: E402
-from cases import AddRMSNorm, fuse_add_norms  # noqa: E402
+from cases import AddRMSNorm, has_timm, fuse_add_norms  # noqa: E402
 from run import csv_is_new, device_name, fastnorm_commit, fastnorm_path, set_cpu_threads  # noqa: E402
 
 
@@ -263,14 +263,6 @@ def _timm_model(name: str, small_kwargs: dict):
 TIMM_MODELS = ("convnext", "effnet-b0", "vit-s")
 
 
-def _has_timm() -> bool:
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _classes(model: nn.Module) -> int:
     if hasattr(model, "num_classes"):
         return model.num_classes
@@ -438,7 +430,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.models is None:
-        args.models = [m for m in MODELS if m not in TIMM_MODELS or _has_timm()]
+        args.models = [m for m in MODELS if m not in TIMM_MODELS or has_timm()]
         if "convnext" not in args.models:
             print("e2e: timm is not installed: " + ", ".join(TIMM_MODELS) + " left out")
 

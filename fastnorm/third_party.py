@@ -182,6 +182,15 @@ def _make_timm_rms_norm(base: type) -> Optional[type]:
     return _finish(Adapter, "TimmRmsNorm")
 
 
+def _frozen_bn_fits(m: nn.Module, x: Tensor) -> bool:
+    """A FrozenBatchNorm2d (torchvision's, timm's *Act) input fastnorm's kernel takes: a float
+    (N, C, H, W) tensor whose C matches the four buffers. Anything else keeps the original
+    forward's broadcasting."""
+    c = x.shape[1] if x.dim() == 4 else -1
+    return x.is_floating_point() and all(
+        t.numel() == c for t in (m.weight, m.bias, m.running_mean, m.running_var))
+
+
 def _make_torchvision_frozen_batch_norm(base: type) -> type:
 
     class Adapter(base):
@@ -190,12 +199,8 @@ def _make_torchvision_frozen_batch_norm(base: type) -> type:
                    f"{base.__doc__ or ''}")
 
         def forward(self, x: Tensor) -> Tensor:
-            c = x.shape[1] if x.dim() == 4 else -1
-            if (not x.is_floating_point()
-                    or any(t.numel() != c for t in (self.weight, self.bias, self.running_mean,
-                                                    self.running_var))):
-                # not an (N, C, H, W) float input with C channels: torchvision's broadcasting
-                # (its result or its error), integer inputs promoted
+            if not _frozen_bn_fits(self, x):
+                # torchvision's broadcasting (its result or its error), integer inputs promoted
                 return super().forward(x)
             return FN.frozen_batch_norm(x, self.weight, self.bias, self.running_mean,
                                         self.running_var, self.eps)
@@ -286,10 +291,7 @@ def _make_timm_frozen_batch_norm_act(base: type) -> type:
                    f"when it can be, converted by fastnorm.convert().\n\n{base.__doc__ or ''}")
 
         def forward(self, x: Tensor) -> Tensor:
-            c = x.shape[1] if x.dim() == 4 else -1
-            if (not x.is_floating_point()
-                    or any(t.numel() != c for t in (self.weight, self.bias, self.running_mean,
-                                                    self.running_var))):
+            if not _frozen_bn_fits(self, x):
                 return super().forward(x)  # timm's broadcasting: its result or its error
             return _norm_act(self, lambda act: FN._frozen_batch_norm(
                 x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, act))
