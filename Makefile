@@ -8,8 +8,12 @@ TORCH_SPEC  ?= torch==2.14.1
 # torchvision pinned to the release built for TORCH_SPEC, installed with it so pip keeps torch
 TEST_EXTRAS ?= torchvision==0.29.1 timm
 NVCC        := $(shell command -v nvcc 2>/dev/null)
-# Build the CUDA sources whenever a toolkit exists, GPU or not (CI has nvcc but no GPU).
-BUILD_ENV   := $(if $(NVCC),FASTNORM_FORCE_CUDA=1,FASTNORM_SKIP_CUDA=1)
+# Build the CUDA sources whenever a toolkit exists, GPU or not (CI has nvcc but no GPU). With no
+# GPU visible and TORCH_CUDA_ARCH_LIST unset, a development build is for one arch, CI's (9.0),
+# not the seven a wheel for other machines gets; with a GPU, setup.py builds its arch.
+DEV_ARCH_LIST ?= 9.0
+BUILD_ENV   := $(if $(NVCC),FASTNORM_FORCE_CUDA=1 FASTNORM_DEFAULT_ARCH_LIST="$(DEV_ARCH_LIST)",FASTNORM_SKIP_CUDA=1)
+SHELL       := /bin/bash
 PYTEST_ARGS ?=
 
 .PHONY: venv build test test-kernels emu-build bench bench-quick gpu-check info clean
@@ -21,9 +25,12 @@ $(VENV)/.stamp:
 
 venv: $(VENV)/.stamp
 
+# Incremental: ninja keeps its objects in build/ext (setup.py), so a second build recompiles only
+# the units whose sources changed. pip's output is filtered to setup.py's progress lines (one per
+# compiled unit, then each unit's time) and errors; a failed build fails the target.
 build: venv
-	$(BUILD_ENV) $(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | \
-	  grep -E "fastnorm setup|error|Error|warning: |Successfully" || true
+	@set -o pipefail; $(BUILD_ENV) $(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | \
+	  grep --line-buffered -E "fastnorm setup|error|Error|warning: |Successfully"
 	@$(PY) -c "import fastnorm, fastnorm._ext as e; print('fastnorm extension loaded:', e.loaded)"
 
 test: build emu-build

@@ -2,7 +2,13 @@
 
 Environment:
   CUDA_HOME             toolkit prefix (the folder whose lib64 holds libcudart); found from nvcc otherwise
-  TORCH_CUDA_ARCH_LIST  archs to build (default: the visible GPU's, else DEFAULT_ARCH_LIST)
+  TORCH_CUDA_ARCH_LIST  archs to build (default: the visible GPU's, else FASTNORM_DEFAULT_ARCH_LIST)
+  FASTNORM_DEFAULT_ARCH_LIST
+                        archs when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (default:
+                        DEFAULT_ARCH_LIST, every arch a wheel for other machines needs; the
+                        Makefile's development builds set 9.0, the CI's)
+  FASTNORM_BUILD_DIR    where ninja keeps the object files (default build/ext): kept between
+                        builds, so a rebuild compiles only the units whose sources changed
   MAX_JOBS              parallel nvcc jobs (ninja)
   FASTNORM_FORCE_CUDA=1 build the CUDA sources even with no GPU visible (CI)
   FASTNORM_SKIP_CUDA=1  install the pure-Python package only
@@ -85,24 +91,44 @@ def decide_cuda():
     if not torch.cuda.is_available() and not force:
         return False, "no GPU visible (set FASTNORM_FORCE_CUDA=1 to build anyway)"
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+        os.environ["TORCH_CUDA_ARCH_LIST"] = (os.environ.get("FASTNORM_DEFAULT_ARCH_LIST")
+                                              or DEFAULT_ARCH_LIST)
     return True, f"CUDA toolkit at {cuda_home}"
 
 
-def _build_ext_recording_ptxas(base):
-    """base (torch's BuildExtension), with ptxas's -v report recorded for fastnorm.resources.
+BUILD_DIR = os.environ.get("FASTNORM_BUILD_DIR") or os.path.join(ROOT, "build", "ext")
+# ninja -v prints "[done/total, elapsed] <command>" as each unit finishes (NINJA_STATUS below)
+_NINJA_LINE = re.compile(r"^\[(\d+)/(\d+), ([\d.]+)s\] .*?\s-c\s+(\S+)")
 
-    ninja prints each nvcc job's output on fd 1. While the extension compiles, fd 1 is a pipe read
-    here: ptxas's `info` lines (and their "N bytes stack frame, ..." continuations) are kept out of
-    the console, every other line passes through unchanged. Once the build is done the kept lines
-    are merged into build/ptxas_resources.json by fastnorm/resources.py (loaded from its file: the
-    package is not imported while it builds). An incremental build recompiles some sources only;
-    the merge keeps the other kernels' records. Any failure here costs the record, never the build.
+
+def _build_ext(base):
+    """base (torch's BuildExtension) made incremental, talkative and recording ptxas's report.
+
+    - Object files live in BUILD_DIR, kept between builds (pip's editable installs otherwise build
+      in a fresh temporary folder each time). ninja always runs (force): it alone decides what is
+      stale, from each unit's header dependencies and command line, so a new arch list or flag
+      recompiles everything and an edit to one source recompiles the units that include it.
+    - Progress: one line per compiled unit as it finishes, then each unit's time and the total.
+    - ptxas's `info` lines (-v: registers, stack frame, spills per kernel) are kept out of the
+      console and merged into build/ptxas_resources.json for fastnorm.resources; an incremental
+      build recompiles some sources only, the merge keeps the other kernels' records.
+    ninja prints its jobs' output on fd 1; while the extension compiles, fd 1 is a pipe read here.
+    Any failure of the bookkeeping costs the report, never the build.
     """
     import threading
+    import time
 
     class BuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = BUILD_DIR
+            self.force = True
+
         def build_extensions(self):
+            os.environ.setdefault("NINJA_STATUS", "[%f/%t, %es] ")
+            log_path = os.path.join(self.build_temp, ".ninja_log")
+            log_start = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+            t0 = time.monotonic()
             try:
                 saved = os.dup(1)
                 read_fd, write_fd = os.pipe()
@@ -116,7 +142,13 @@ def _build_ext_recording_ptxas(base):
                     for line in src:
                         try:
                             text = line.decode("utf-8", "replace")
-                            if text.startswith("ptxas info") or re.match(r"\s+\d+ bytes stack frame", text):
+                            m = _NINJA_LINE.match(text)
+                            if m:
+                                done, total, secs, unit = m.groups()
+                                os.write(saved, (f"fastnorm setup: [{done}/{total}] compiled "
+                                                 f"{os.path.relpath(unit, ROOT)} "
+                                                 f"({float(secs):.0f} s into the build)\n").encode())
+                            elif text.startswith("ptxas info") or re.match(r"\s+\d+ bytes stack frame", text):
                                 kept.append(text)
                             else:
                                 os.write(saved, line)
@@ -135,9 +167,33 @@ def _build_ext_recording_ptxas(base):
                 os.dup2(saved, 1)  # the pipe's last writer closes: the reader sees its end
                 reader.join(timeout=60)
                 os.close(saved)
+            _report_unit_times(log_path, log_start, time.monotonic() - t0)
             _record_ptxas(kept)  # a failed build records nothing
 
     return BuildExt
+
+
+def _report_unit_times(log_path, offset, wall):
+    """Each unit this build compiled, with its time (ninja's log: start and end in ms per output),
+    longest first, and the totals."""
+    try:
+        with open(log_path) as f:
+            f.seek(offset if os.path.getsize(log_path) >= offset else 0)  # ninja may compact it
+            rows = [line.split("\t") for line in f if not line.startswith("#")]
+        times = {}
+        for r in rows:
+            if len(r) >= 4 and r[3].endswith(".o"):
+                times[os.path.relpath(r[3], ROOT) if os.path.isabs(r[3]) else r[3]] = \
+                    (int(r[1]) - int(r[0])) / 1000
+        if not times:
+            _log(f"nothing to compile: every unit is up to date ({wall:.0f} s)")
+            return
+        for unit, t in sorted(times.items(), key=lambda kv: -kv[1]):
+            _log(f"{t:7.1f} s  {unit}")
+        _log(f"compiled {len(times)} unit(s): longest {max(times.values()):.0f} s, sum "
+             f"{sum(times.values()):.0f} s, wall {wall:.0f} s with {os.environ.get('MAX_JOBS') or 'ninja default'} jobs")
+    except Exception as e:
+        _log(f"could not report the units' build times: {type(e).__name__}: {e}")
 
 
 def _record_ptxas(lines):
@@ -174,7 +230,7 @@ def main():
         ext_modules.append(CUDAExtension(
             name="fastnorm._C", sources=sources, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}))
-        cmdclass["build_ext"] = _build_ext_recording_ptxas(BuildExtension.with_options(use_ninja=True))
+        cmdclass["build_ext"] = _build_ext(BuildExtension.with_options(use_ninja=True))
         record.update({
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "cuda_home": os.environ["CUDA_HOME"],

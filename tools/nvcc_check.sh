@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile one csrc/*.cu (or .cpp) file alone, arch 9.0, with the flags setup.py uses: a quick
-# syntax/type check without a full build. Usage: tools/nvcc_check.sh csrc/layer_norm.cu
+# syntax/type check without a full build. Usage: tools/nvcc_check.sh csrc/layer_norm_forward.cu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

@@ -12,7 +12,7 @@ Also: output masks, absent weight, fp32 weight and float32 grad_out / out_dtype,
 empty inputs (M = 0, L = 0, as the reference ops), bad dtype pairs, bitwise repeatability.
 
 The emulated target skips cases above EMU_LIMIT elements; the small cases cross every host decision
-of csrc/layer_norm.cu and csrc/launch/groups.h (sm_count = 132; 16-byte packs of V = 4 fp32, 8
+of csrc/layer_norm_*.cu and csrc/launch/groups.h (sm_count = 132; 16-byte packs of V = 4 fp32, 8
 fp16/bf16, 2 fp64 elements; "X = fp32": a half input with an fp32 residual, held as floats: 4 packs
 per thread instead of 8; "split" forward = partials + finalize + apply, backward = row sums
 (+ row finalize when S > 1) + column-chunked dx pass):

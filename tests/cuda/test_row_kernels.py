@@ -11,7 +11,7 @@ fp16, constant rows.
 
 The CUDA target runs every case. The emulated one (every CUDA thread a fiber: slow) skips cases
 above EMU_LIMIT elements; the small cases added for it cross every host decision of
-csrc/layer_norm.cu, csrc/group_norm.cu and csrc/launch/groups.h (sm_count = 132, 16-byte packs
+csrc/layer_norm_*.cu, csrc/group_norm_*.cu and csrc/launch/groups.h (sm_count = 132, 16-byte packs
 of V = 4 fp32, 8 fp16/bf16, 2 fp64 elements; "split" = Welford partials + finalize + apply):
 
   LayerNorm (n, m)  forward                               backward

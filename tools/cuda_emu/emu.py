@@ -26,8 +26,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 # FASTNORM_EMU_SRC / FASTNORM_EMU_BUILD: another source tree and build folder (the mutation check).
 CSRC = os.environ.get("FASTNORM_EMU_SRC", os.path.join(ROOT, "csrc"))
-HOST_SOURCES = ("layer_norm.cu", "group_norm.cu", "batch_norm.cu", "layer_norm2d.cu", "nc_norm.cu",
-                "local_response_norm.cu")
 VARIANTS = {
     "plain": [],
     "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
@@ -83,7 +81,9 @@ def build(variant: str, src: str = CSRC, verbose: bool = False) -> str:
     out = build_dir(variant)
     gen = os.path.join(out, "src")
     rewrite.rewrite_tree(src, gen, os.path.relpath(src, ROOT) if src.startswith(ROOT) else src)
-    sources = [os.path.join(gen, rewrite.cpp_name(s)) for s in HOST_SOURCES]
+    # every host unit of the extension (csrc/*.cu; module.cpp is the Python module's, not needed)
+    host_sources = sorted(f for f in os.listdir(src) if f.endswith(".cu"))
+    sources = [os.path.join(gen, rewrite.cpp_name(s)) for s in host_sources]
     selftest = os.path.join(out, "selftest", "selftest.cpp")
     rewrite.rewrite_file(os.path.join(HERE, "selftest.cu"), selftest, "tools/cuda_emu/selftest.cu")
     sources += [selftest, os.path.join(HERE, "cuda_emu.cpp")]

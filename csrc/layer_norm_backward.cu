@@ -1,7 +1,6 @@
-// fastnorm::layer_norm_fwd / layer_norm_bwd, rms_norm_fwd / rms_norm_bwd and add_norm_fwd /
-// add_norm_bwd (LayerNorm or RMSNorm of input + residual) on CUDA: host side (checks, device
-// guard, dtype dispatch). All of them run the same row kernels: kernels/groups_*.cuh; plans and
-// launches: launch/groups.h.
+// fastnorm::layer_norm_bwd, rms_norm_bwd and add_norm_bwd on CUDA: host side (checks, device
+// guard, dtype dispatch). They run the row kernels of kernels/groups_backward.cuh; plans and
+// launches: launch/groups.h. The forward ops: layer_norm_forward.cu.
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -14,60 +13,10 @@
 #include <tuple>
 
 #include "launch/groups.h"
+#include "layer_norm.h"
 
 namespace fastnorm {
 namespace {
-
-
-
-// N = prod(normalized_shape), which must be the trailing dims of x.
-int64_t row_length(const at::Tensor& x, at::IntArrayRef ns, const char* op) {
-  const int64_t k = static_cast<int64_t>(ns.size());
-  TORCH_CHECK(k >= 1 && k <= x.dim(), op, ": normalized_shape ", ns,
-              " must name 1 to input.dim() trailing dims of an input of shape ", x.sizes());
-  int64_t n = 1;
-  for (int64_t i = 0; i < k; ++i) {
-    TORCH_CHECK(x.size(x.dim() - k + i) == ns[i], op, ": expected input with trailing shape ", ns,
-                ", got input of shape ", x.sizes());
-    n *= ns[i];
-  }
-  return n;
-}
-
-int64_t leading_rows(const at::Tensor& x, int64_t k) {
-  int64_t m = 1;
-  for (int64_t i = 0; i < x.dim() - k; ++i) m *= x.size(i);
-  return m;
-}
-
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
-    const at::Tensor& input, at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    std::optional<at::ScalarType> out_dtype, int64_t activation, double activation_param) {
-  constexpr const char* op = "fastnorm::layer_norm_fwd";
-  check_kernel_device(input, op);
-  DeviceGuard guard(input.device());
-  const at::ScalarType dt = input.scalar_type();
-  check_float_dtype(dt, op);
-  const at::ScalarType odt = out_dtype_of(dt, out_dtype, op);
-  const int64_t N = row_length(input, normalized_shape, op);
-  const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
-  const at::Tensor w = param(weight, input, N, op, "weight");
-  const at::Tensor b = param(bias, input, N, op, "bias");
-  const Activation act = activation_of(activation, activation_param, op);
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(odt));
-  const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
-  if (M == 0) return {y, at::empty({0}, ao), at::empty({0}, ao)};
-  if (N == 0) return {y, at::zeros({M}, ao), at::full({M}, NAN, ao)};  // as ATen: 0 and NaN
-  at::Tensor mean = at::empty({M}, ao);
-  at::Tensor rstd = at::empty({M}, ao);
-  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::layer_norm_fwd", [&] {
-    groups::layer_norm_rows_forward<scalar_t>(x, y, w, b, mean, rstd, M, N, eps, act);
-  });
-  return {y, mean, rstd};
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
@@ -113,43 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(
   return {dx, dw, db};
 }
 
-
 // ---- RMSNorm -----------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& input,
-                                                at::IntArrayRef normalized_shape,
-                                                const std::optional<at::Tensor>& weight, double eps,
-                                                std::optional<at::ScalarType> out_dtype) {
-  constexpr const char* op = "fastnorm::rms_norm_fwd";
-  check_kernel_device(input, op);
-  DeviceGuard guard(input.device());
-  const at::ScalarType dt = input.scalar_type();
-  check_float_dtype(dt, op);
-  const at::ScalarType odt = out_dtype_of(dt, out_dtype, op);
-  const int64_t N = row_length(input, normalized_shape, op);
-  const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
-  const at::Tensor w = param(weight, input, N, op, "weight");
-  const at::Tensor x = input.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(odt));
-  const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
-  if (M == 0) return {y, at::empty({0}, ao)};
-  if (N == 0) return {y, at::full({M}, NAN, ao)};  // 1 / sqrt(mean of no elements + eps)
-  at::Tensor rstd = at::empty({M}, ao);
-  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::rms_norm_fwd", [&] {
-    using T = scalar_t;
-    using A = acc_of<T>;
-    groups::RowFwd<T> p;
-    p.x = x.data_ptr<T>();
-    p.y = operand<T>(y);
-    p.w = operand<T>(w);
-    p.rstd = rstd.data_ptr<A>();
-    p.M = M;
-    p.L = N;
-    p.eps = static_cast<A>(eps);
-    groups::row_forward<T, false, true>(p, x);
-  });
-  return {y, rstd};
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, const at::Tensor& input,
                                                 const at::Tensor& rstd,
                                                 const std::optional<at::Tensor>& weight,
@@ -194,74 +107,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& grad_out, cons
 }
 
 // ---- input + residual, then LayerNorm or RMSNorm ------------------------------------------------
-// The residual stream's dtype against the input's: the same (fp32, fp16, bf16, fp64), or float32
-// with a half / bf16 input. (fp64 input with an fp32 residual has no kernel.)
-void check_residual_dtype(at::ScalarType in, at::ScalarType res, const char* op,
-                          const char* what) {
-  TORCH_CHECK(res == in || (res == at::kFloat && (in == at::kHalf || in == at::kBFloat16)), op,
-              ": expected ", what, " of the input's dtype (", in, ") or, with a float16 / bfloat16 "
-              "input, float32; got input of dtype ", in, " and ", what, " of dtype ", res);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd(
-    const at::Tensor& input, const at::Tensor& residual, at::IntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    bool rms) {
-  constexpr const char* op = "fastnorm::add_norm_fwd";
-  check_kernel_device(input, op);
-  DeviceGuard guard(input.device());
-  const at::ScalarType dt = input.scalar_type();
-  check_float_dtype(dt, op);
-  TORCH_CHECK(residual.device() == input.device(), op, ": residual is on ", residual.device(),
-              " but input is on ", input.device());
-  check_residual_dtype(dt, residual.scalar_type(), op, "residual");
-  TORCH_CHECK(residual.sizes() == input.sizes(), op, ": expected input and residual of the same "
-              "shape, got input of shape ", input.sizes(), " and residual of shape ",
-              residual.sizes());
-  TORCH_CHECK(!rms || !has(bias), op, ": RMSNorm (rms=True) takes no bias");
-  const int64_t N = row_length(input, normalized_shape, op);
-  const int64_t M = leading_rows(input, static_cast<int64_t>(normalized_shape.size()));
-  const at::Tensor w = param(weight, input, N, op, "weight");
-  const at::Tensor b = param(bias, input, N, op, "bias");
-  const at::Tensor x = input.contiguous();
-  const at::Tensor res = residual.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
-  at::Tensor res_out = at::empty(res.sizes(), res.options());
-  const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
-  if (M == 0) return {y, res_out, at::empty({0}, ao), at::empty({0}, ao)};
-  if (N == 0)
-    return {y, res_out, rms ? at::empty({0}, ao) : at::zeros({M}, ao), at::full({M}, NAN, ao)};
-  at::Tensor mean = rms ? at::empty({0}, ao) : at::empty({M}, ao);
-  at::Tensor rstd = at::empty({M}, ao);
-  const bool res32 = res.scalar_type() != dt;  // an fp32 residual stream with a half input
-  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::add_norm_fwd", [&] {
-    using T = scalar_t;
-    using A = acc_of<T>;
-    groups::RowFwd<T> p;
-    p.x = x.data_ptr<T>();
-    p.y = operand<T>(y);
-    p.w = operand<T>(w);
-    p.b = operand<T>(b);
-    p.res = operand<T>(res);
-    p.res_out = operand<T>(res_out);
-    p.mean = rms ? nullptr : mean.data_ptr<A>();
-    p.rstd = rstd.data_ptr<A>();
-    p.M = M;
-    p.L = N;
-    p.eps = static_cast<A>(eps);
-    if constexpr (sizeof(T) == 2) {
-      if (res32) {
-        if (rms) groups::row_forward<T, false, true, float>(p, x);
-        else groups::row_forward<T, false, false, float>(p, x);
-        return;
-      }
-    }
-    if (rms) groups::row_forward<T, false, true, T>(p, x);
-    else groups::row_forward<T, false, false, T>(p, x);
-  });
-  return {y, res_out, mean, rstd};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& residual_out, const at::Tensor& mean, const at::Tensor& rstd,
@@ -359,10 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd(
 }  // namespace fastnorm
 
 TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
-  m.impl("layer_norm_fwd", TORCH_FN(fastnorm::layer_norm_fwd));
   m.impl("layer_norm_bwd", TORCH_FN(fastnorm::layer_norm_bwd));
-  m.impl("rms_norm_fwd", TORCH_FN(fastnorm::rms_norm_fwd));
   m.impl("rms_norm_bwd", TORCH_FN(fastnorm::rms_norm_bwd));
-  m.impl("add_norm_fwd", TORCH_FN(fastnorm::add_norm_fwd));
   m.impl("add_norm_bwd", TORCH_FN(fastnorm::add_norm_bwd));
 }

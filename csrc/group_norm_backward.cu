@@ -1,8 +1,9 @@
-// fastnorm::group_norm_fwd / group_norm_bwd on CUDA (InstanceNorm is num_groups == C): host side.
+// fastnorm::group_norm_bwd on CUDA (InstanceNorm is num_groups == C): host side.
 // NCHW (contiguous) input: rows (n, g) of Cg*HW elements -> the contiguous-groups kernels
 // (kernels/groups_*.cuh, launch/groups.h). channels_last / channels_last_3d input: the strided
 // kernels (kernels/channels_*.cuh, launch/channels.h) read NHWC directly and write the output in
 // the same memory format. Any other strides: .contiguous() first.
+// The forward op: group_norm_forward.cu.
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -13,6 +14,7 @@
 #include <optional>
 #include <tuple>
 
+#include "group_norm.h"
 #include "kernels/channels_backward.cuh"
 #include "kernels/channels_forward.cuh"
 #include "launch/channels.h"
@@ -20,121 +22,6 @@
 
 namespace fastnorm {
 namespace {
-
-struct Dims {
-  int64_t N = 0, C = 0, HW = 1, G = 1, Cg = 0;
-};
-
-Dims dims_of(const at::Tensor& x, int64_t num_groups, const char* op) {
-  TORCH_CHECK(x.dim() >= 2, op, ": expected an input of rank >= 2 (N, C, *), got shape ", x.sizes());
-  Dims d;
-  d.N = x.size(0);
-  d.C = x.size(1);
-  for (int64_t i = 2; i < x.dim(); ++i) d.HW *= x.size(i);
-  TORCH_CHECK(num_groups > 0 && d.C % num_groups == 0, op, ": num_groups (", num_groups,
-              ") must be positive and divide the number of channels (", d.C, ")");
-  // as ATen's native_group_norm: empty groups are an error, an empty batch is not
-  TORCH_CHECK(d.C > 0, op, ": expected number of channels to be greater than 0, got ", d.C,
-              " (input shape ", x.sizes(), ")");
-  TORCH_CHECK(d.HW > 0, op, ": expected HxW to be greater than 0, got ", d.HW, " (input shape ",
-              x.sizes(), ")");
-  d.G = num_groups;
-  d.Cg = d.C / num_groups;
-  return d;
-}
-
-// ---- forward -------------------------------------------------------------------------------------
-// ACT: the activation epilogue p.act in the apply pass (the statistics do not see it).
-template <typename T, int VEC, bool ACT>
-void cl_forward_vec(channels::cl_fwd_t<T, ACT> p, const Dims& d, acc_of<T> eps, acc_of<T>* mean, acc_of<T>* rstd,
-                    const at::Tensor& like) {
-  using A = acc_of<T>;
-  const cudaStream_t stream = current_stream();
-  const int sm = sm_count();
-  // Each pass gets its own plan, its grid a wave of that kernel (their register budgets differ);
-  // the statistics' plan also fixes the partials' layout, which the finalize reads.
-  const channels::ClShape s = channels::plan_cl(
-      d.N, d.HW, d.C, d.G, VEC, sm,
-      resident_blocks(channels::cl_welford_partial_kernel<T, VEC>, channels::kClThreads, 0));
-  at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, acc_options(like));
-  launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
-      stream, p.x, s, ws.data_ptr<A>());
-  launch(channels::cl_welford_finalize_kernel<A>, grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream,
-      ws.data_ptr<A>(), s, eps, mean, rstd, false);
-  p.mean = mean;
-  p.rstd = rstd;
-  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm,
-                          resident_blocks(channels::cl_apply_kernel<T, VEC, ACT>, channels::kClThreads, 0));
-  launch(channels::cl_apply_kernel<T, VEC, ACT>, grid_of(p.s.N * p.s.K * p.s.CT), p.s.bx * p.s.by, 0,
-      stream, p);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_fwd(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t num_groups, double eps,
-    std::optional<at::ScalarType> out_dtype, int64_t activation, double activation_param) {
-  constexpr const char* op = "fastnorm::group_norm_fwd";
-  check_kernel_device(input, op);
-  DeviceGuard guard(input.device());
-  const at::ScalarType dt = input.scalar_type();
-  check_float_dtype(dt, op);
-  const at::ScalarType odt = out_dtype_of(dt, out_dtype, op);
-  const Dims d = dims_of(input, num_groups, op);
-  const at::Tensor w = param(weight, input, d.C, op, "weight");
-  const at::Tensor b = param(bias, input, d.C, op, "bias");
-  const Activation act = activation_of(activation, activation_param, op);
-  const bool use_act = act.kind != kActIdentity;  // the ACT kernels
-  at::MemoryFormat fmt;
-  const bool cl = channels_last_layout(input, fmt);
-  const at::Tensor x = cl ? input : input.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().dtype(odt).memory_format(fmt));
-  const at::TensorOptions ao = x.options().dtype(stat_dtype(dt));
-  if (d.N == 0) return {y, at::empty({0, d.G}, ao), at::empty({0, d.G}, ao)};
-  at::Tensor mean = at::empty({d.N, d.G}, ao);
-  at::Tensor rstd = at::empty({d.N, d.G}, ao);
-  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::group_norm_fwd", [&] {
-    using T = scalar_t;
-    using A = acc_of<T>;
-    if (!cl) {
-      groups::RowFwd<T> p;
-      p.x = x.data_ptr<T>();
-      p.y = operand<T>(y);
-      p.w = operand<T>(w);
-      p.b = operand<T>(b);
-      p.mean = mean.data_ptr<A>();
-      p.rstd = rstd.data_ptr<A>();
-      p.M = d.N * d.G;
-      p.L = d.Cg * d.HW;
-      p.eps = static_cast<A>(eps);
-      p.gn.G = d.G;
-      p.gn.Cg = d.Cg;
-      p.gn.HW = d.HW;
-      groups::row_forward<T, true>(p, x, act);  // the ACT kernels unless act is the identity
-    } else {
-      channels::ClFwd<T> p;
-      p.x = x.data_ptr<T>();
-      p.y = operand<T>(y);
-      p.w = operand<T>(w);
-      p.b = operand<T>(b);
-      constexpr int V = kVec16<T>;
-      const bool vec = d.C % V == 0 && is_aligned(p.x, 16) && is_aligned(p.y.ptr, 16);
-      A* mp = mean.data_ptr<A>();
-      A* rp = rstd.data_ptr<A>();
-      if (use_act) {
-        channels::ClFwdAct<T> q;
-        static_cast<channels::ClFwd<T>&>(q) = p;
-        q.act = act;
-        if (vec) cl_forward_vec<T, V, true>(q, d, static_cast<A>(eps), mp, rp, x);
-        else cl_forward_vec<T, 1, true>(q, d, static_cast<A>(eps), mp, rp, x);
-      } else if (vec) {
-        cl_forward_vec<T, V, false>(p, d, static_cast<A>(eps), mp, rp, x);
-      } else {
-        cl_forward_vec<T, 1, false>(p, d, static_cast<A>(eps), mp, rp, x);
-      }
-    }
-  });
-  return {y, mean, rstd};
-}
 
 // ---- backward ------------------------------------------------------------------------------------
 // Per-(n, c) sums S = sum(dy * xhat), B = sum(dy) -> [N*C] each (pointers into `keep`).
@@ -379,6 +266,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
 }  // namespace fastnorm
 
 TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
-  m.impl("group_norm_fwd", TORCH_FN(fastnorm::group_norm_fwd));
   m.impl("group_norm_bwd", TORCH_FN(fastnorm::group_norm_bwd));
 }
