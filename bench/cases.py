@@ -289,7 +289,8 @@ class Case:
     def drop_in(self) -> bool:
         """fastnorm's layer is fastnorm.convert() of the reference layer (else fastnorm_module
         builds it: the fused residual add, the stand-ins used without timm / torchvision, and
-        issue 11's layers, whose references have no torch.nn class)."""
+        the source articles' layers SwitchNorm, AdaIN and IBN, whose references have no
+        torch.nn class)."""
         return self.op not in ("add_rms_norm",) + NC_OPS and type(self._third_party()) not in (
             PermuteLayerNorm2d, FormulaFrozenBatchNorm2d)
 
@@ -352,7 +353,7 @@ class Case:
 
     def fastnorm_module(self, ref: nn.Module) -> nn.Module:
         """fastnorm's layer with ref's parameters and state (a copy; ref is not changed)."""
-        if self.op in NC_OPS:  # issue 11's layers: the reference's state loaded into fastnorm's
+        if self.op in NC_OPS:  # SwitchNorm, AdaIN, IBN: the reference's state loaded into fastnorm's
             if self.op == "adain":
                 return fastnorm.AdaptiveInstanceNorm(eps=ref.eps).train(ref.training)
             if self.op == "switch_norm":
@@ -384,7 +385,7 @@ class Case:
 
 # ops whose parameters run along the last dimension (rows of the normalised width)
 ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm")
-# issue 11's layers on the per-(n, c) ops (fastnorm_module builds them from the reference's state)
+# the source articles' layers (SwitchNorm, AdaIN, IBN) on the per-(n, c) ops (fastnorm_module builds them from the reference's state)
 NC_OPS = ("switch_norm", "adain", "ibn")
 
 

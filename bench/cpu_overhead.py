@@ -54,14 +54,14 @@ class OverheadCase:
     make: Callable[[], nn.Module]     # the torch.nn layer
     shape: Tuple[int, ...]
     stats: bool = False                # running statistics: eval differs from train
-    source: str = "issue 12"           # where the shape comes from
+    source: str = "per-call overhead"  # where the shape comes from
 
 
 def _bn(cls, c, **kw):
     return lambda: cls(c, **kw)
 
 
-# The small and medium shapes of issue 12 (where per-call overhead dominates), then InstanceNorm.
+# The small and medium shapes where per-call overhead dominates, then InstanceNorm.
 SMALL_CASES: List[OverheadCase] = [
     OverheadCase("LayerNorm 32x256", lambda: nn.LayerNorm(256), (32, 256)),
     OverheadCase("LayerNorm 2048x1024", lambda: nn.LayerNorm(1024), (2048, 1024)),
@@ -223,7 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--target-ms", type=float, default=40.0,
                     help="time per round and case per pass (both layers together)")
     ap.add_argument("--quick", action="store_true", help="bench/run.py's --quick shapes, 5 rounds")
-    ap.add_argument("--no-run-shapes", action="store_true", help="issue 12's shapes only")
+    ap.add_argument("--no-run-shapes", action="store_true", help="the small per-call overhead shapes only")
     ap.add_argument("--cases", nargs="+", help="only cases whose name contains one of these")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_overhead.csv"))
     ap.add_argument("--md", default=os.path.join(HERE, "results", "cpu_overhead.md"),

@@ -22,9 +22,9 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-# The families issue 14 names (EfficientNet, MobileNetV2/V3, RegNet, DenseNet, CSPNet, DPN,
-# Inception-v3, RexNet, GhostNet, MobileViT, ViT/DeiT, CoaT, ResNet-GN, PoolFormer, ConvNeXt) and
-# more of the zoo: ResNets, BiT/ResNetV2 (GroupNormAct), hybrids, Swin, MaxViT, EVA...
+# The families convert() is meant to cover (EfficientNet, MobileNetV2/V3, RegNet, DenseNet, CSPNet,
+# DPN, Inception-v3, RexNet, GhostNet, MobileViT, ViT/DeiT, CoaT, ResNet-GN, PoolFormer, ConvNeXt)
+# and more of the zoo: ResNets, BiT/ResNetV2 (GroupNormAct), hybrids, Swin, MaxViT, EVA...
 MODELS = (
     "resnet18", "resnet50", "resnet50d", "seresnext26d_32x4d", "res2net50_26w_4s", "resnest14d",
     "efficientnet_b0", "efficientnet_b4", "efficientnetv2_rw_t", "tf_mixnet_s", "mnasnet_100",

@@ -1,5 +1,5 @@
 // fastnorm::nc_moments / nc_affine / nc_grad_sums / nc_affine_grad on CUDA: the per-(n, c)
-// primitives SwitchNorm, AdaIN and IBN are built on (docs/ops.md; issue 11). Host side only: the
+// primitives SwitchNorm, AdaIN and IBN are built on (docs/ops.md). Host side only: the
 // work runs on the two existing kernel families, as GroupNorm with one channel per group.
 //   NCHW / NCDHW (contiguous): rows (n, c) of L = prod(spatial) elements, the contiguous-groups
 //     kernels (kernels/groups_*.cuh, plans in launch/groups.h):

@@ -22,7 +22,7 @@
 // with an in-place add before the launch and the kernel reads the new value. Both capture in a
 // CUDA graph (no host reads, no counters to reset).
 //
-// Fused activation (issue 14; kernels/activation.cuh): the apply kernels take a template flag ACT
+// Fused activation epilogue (kernels/activation.cuh): the apply kernels take a template flag ACT
 // and then store act(z), z = (x - mean) * scale + shift in the accumulation type, rounded once;
 // the backward's sums and dx kernels recompute z from x and the saved statistics and use
 // dz = dy * act'(z) in place of dy (channels_backward.cuh). The statistics, finalize kernels and
