@@ -15,12 +15,17 @@ DEV_ARCH_LIST ?= 9.0
 BUILD_ENV   := $(if $(NVCC),FASTNORM_FORCE_CUDA=1 FASTNORM_DEFAULT_ARCH_LIST="$(DEV_ARCH_LIST)",FASTNORM_SKIP_CUDA=1)
 SHELL       := /bin/bash
 PYTEST_ARGS ?=
+# The CPU suite runs on every core (pytest-xdist; tests/conftest.py gives each worker its share of
+# torch's threads). PYTEST_JOBS=0 runs it in one process. A venv made before xdist was in the list
+# above runs it in one process too.
+PYTEST_JOBS ?= auto
+XDIST        = $(shell $(PY) -c "import xdist" 2>/dev/null && test "$(PYTEST_JOBS)" != 0 && echo "-n $(PYTEST_JOBS)")
 
 .PHONY: venv build test test-kernels emu-build bench bench-quick gpu-check info clean
 
 $(VENV)/.stamp:
 	$(PYTHON_BOOT) -m venv $(VENV)
-	$(PY) -m pip install "$(TORCH_SPEC)" $(TEST_EXTRAS) ninja pybind11 pytest numpy matplotlib setuptools wheel
+	$(PY) -m pip install "$(TORCH_SPEC)" $(TEST_EXTRAS) ninja pybind11 pytest pytest-xdist numpy matplotlib setuptools wheel
 	touch $@
 
 venv: $(VENV)/.stamp
@@ -35,7 +40,7 @@ build: venv
 
 test: build emu-build
 	$(PY) -m fastnorm.info
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 	$(EMU_PLAIN)
 	$(EMU_ASAN)
 

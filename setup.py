@@ -98,7 +98,8 @@ def decide_cuda():
 
 BUILD_DIR = os.environ.get("FASTNORM_BUILD_DIR") or os.path.join(ROOT, "build", "ext")
 # ninja -v prints "[done/total, elapsed] <command>" as each unit finishes (NINJA_STATUS below)
-_NINJA_LINE = re.compile(r"^\[(\d+)/(\d+), ([\d.]+)s\] .*?\s-c\s+(\S+)")
+# (torch's nvcc command line says "-c -c <source>": the source is the -c argument that is no flag)
+_NINJA_LINE = re.compile(r"^\[(\d+)/(\d+), ([\d.]+)s\] .*\s-c\s+([^\s-]\S*)")
 
 
 def _build_ext(base):
