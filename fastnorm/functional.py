@@ -776,9 +776,9 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: Union[int,
 
 
 # ----------------------------------------------------------------------------------------------
-# AdaIN (issue 11; the autograd.Function lives in nc_autograd.py)
+# AdaIN (the autograd.Function lives in instance_stats_autograd.py)
 # ----------------------------------------------------------------------------------------------
-from .nc_autograd import AdaINFunction as _AdaINFunction  # noqa: E402
+from .instance_stats_autograd import AdaINFunction as _AdaINFunction  # noqa: E402
 
 __all__.append("adaptive_instance_norm")
 

@@ -1,4 +1,4 @@
-"""Autograd for the norms built on the per-(n, c) primitives (issue 11): SwitchNorm, AdaIN, IBN.
+"""Autograd for the norms built on the per-(n, c) primitives: SwitchNorm, AdaIN, IBN.
 
 Each norm is y = x * scale[n, c] + shift[n, c], where (scale, shift) is a small function of the
 per-(n, c) moments of x and of the parameters. One torch.autograd.Function per family:
