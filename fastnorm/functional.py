@@ -36,8 +36,9 @@ import torch
 from torch import Tensor
 
 from . import activations as _acts
-from . import ops
-from .ops import memory_format_of
+from .ops.common import memory_format_of
+from .ops.local_response_norm import lrn_check
+from .ops.row_norms import residual_pair_supported
 from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
                        apply_layer_norm)
 from .autograd import apply_layer_norm2d
@@ -46,7 +47,7 @@ __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "frozen_ba
 __all__.append("layer_norm2d")
 
 from .autograd import apply_add_norm, apply_rms_norm
-from .ops import stat_dtype as _stat_dtype
+from .ops.common import stat_dtype as _stat_dtype
 
 __all__ += ["rms_norm", "add_rms_norm", "add_layer_norm"]
 __all__ += ["batch_norm_act", "group_norm_act", "layer_norm_act", "layer_norm2d_act"]
@@ -749,7 +750,7 @@ def _add_norm(name: str, input: Tensor, residual: Tensor, normalized_shape, weig
             raise RuntimeError(f"{name}: expected {what} of a floating-point dtype, but got {t.dtype}")
     if rms:
         eps = _rms_eps(eps, input.dtype)
-    op_ok = (ops.residual_pair_supported(input.dtype, residual.dtype) and _op_dtypes(input, weight, bias)
+    op_ok = (residual_pair_supported(input.dtype, residual.dtype) and _op_dtypes(input, weight, bias)
              and input.numel() > 0)
     if not op_ok or cpu_fast_path(input):
         return _add_norm_aten(input, residual, shape, weight, bias, eps, rms)
@@ -843,7 +844,7 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"local_response_norm: size must be an int (channels in a window), got "
                         f"{type(size).__name__} {size!r}")
-    ops.lrn_check(input, size)
+    lrn_check(input, size)
     if refused is not None:
         raise refused  # not an argument fastnorm checks: torch's own reason (or a hook's)
     if input.numel() == 0:

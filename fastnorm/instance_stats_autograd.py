@@ -30,8 +30,7 @@ from typing import Optional
 
 import torch
 
-from . import ops as _ops  # noqa: F401  (defines the ops)
-from .ops import stat_dtype
+from .ops.common import stat_dtype
 
 _fn = torch.ops.fastnorm
 
