@@ -6,7 +6,7 @@
 //   - otherwise (NCHW-contiguous, or made so): channels S elements apart, reduced per position by
 //     the positions family (launch/positions.h, kernels/channels_positions.cuh).
 // Statistics: [N * S] in (n, position) order either way. The output keeps the input's memory
-// format (fastnorm/ops.py memory_format_of: anything else gives a contiguous output).
+// format (fastnorm/ops/common.py memory_format_of: anything else gives a contiguous output).
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -24,8 +24,8 @@
 namespace fastnorm {
 namespace {
 
-// The memory format fastnorm/ops.py's memory_format_of gives: the output's, and the layout the
-// kernels read (rows for channels_last).
+// The memory format fastnorm/ops/common.py's memory_format_of gives: the output's, and the layout
+// the kernels read (rows for channels_last).
 at::MemoryFormat format_of(const at::Tensor& x) {
   if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))

@@ -7,7 +7,7 @@
 //   - channels_last / channels_last_3d, or one position per sample (S = 1): a position's channels
 //     are one contiguous row, groups of channels along it.
 // The backward recomputes d from x (nothing saved but x). Outputs keep the input's memory format
-// (fastnorm/ops.py memory_format_of: any other stride pattern gives a contiguous output).
+// (fastnorm/ops/common.py memory_format_of: any other stride pattern gives a contiguous output).
 #include "common.h"
 
 #include <ATen/ops/empty.h>
@@ -19,7 +19,7 @@
 namespace fastnorm {
 namespace {
 
-// fastnorm/ops.py's memory_format_of: the output's, and the layout the kernels read.
+// fastnorm/ops/common.py's memory_format_of: the output's, and the layout the kernels read.
 at::MemoryFormat lrn_format_of(const at::Tensor& x) {
   if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast))

@@ -17,7 +17,8 @@ from .convert import convert, converted_modules, revert  # noqa: E402
 from .modules import *  # noqa: E402,F401,F403
 from .modules import __all__ as _modules_all  # noqa: E402
 from .sync_batchnorm import SyncBatchNorm  # noqa: E402
-from .nc_modules import *  # noqa: E402,F401,F403  (SwitchNorm, AdaIN, IBN: issue 11)
-from .nc_modules import __all__ as _nc_modules_all  # noqa: E402
+from .instance_stats_modules import *  # noqa: E402,F401,F403  (SwitchNorm, AdaIN, IBN)
+from .instance_stats_modules import __all__ as _instance_stats_all  # noqa: E402
 
-__all__ = ["functional", "convert", "revert", "converted_modules", *_modules_all, "SyncBatchNorm", *_nc_modules_all]
+__all__ = ["functional", "convert", "revert", "converted_modules", *_modules_all, "SyncBatchNorm",
+           *_instance_stats_all]

@@ -5,7 +5,7 @@ formulas.
 The codes are the ops' `activation` argument and must equal csrc/kernels/activation.cuh's
 `ActKind` (tests/test_norm_act.py parses the header and compares). Each activation's reference
 is torch's own function, and its backward torch's own backward op, so the reference ops
-(fastnorm/ops.py) compute what torch computes, kinks included.
+(fastnorm/ops/) compute what torch computes, kinks included.
 
 `from_module(m)` says which activation a torch or timm module computes: (name, param) when its
 math is exactly one of the table's (forward and gradient, the one-sided choices at the kinks

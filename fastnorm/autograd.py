@@ -2,7 +2,7 @@
 
 Each norm is a `torch.autograd.Function` written the way torch.func needs it: `forward` (the op)
 and `setup_context` separate, `generate_vmap_rule = True` (the ops carry their own batching rules,
-fastnorm/ops.py, and everything else here is plain torch ops), and a `jvp` for forward-mode AD.
+fastnorm/ops/, and everything else here is plain torch ops), and a `jvp` for forward-mode AD.
 So `torch.func.grad`, `vjp`, `jacrev`, `jacfwd`, `jvp`, `vmap` and their compositions (per-sample
 gradients: `vmap(grad(...))`) work, and plain autograd and forward AD (`torch.autograd.forward_ad`)
 too. BatchNorm's forward op updates the running statistics in place (state, not differentiable).
@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from . import activations as _acts
-from . import ops as _ops  # noqa: F401  (defines the ops)
-from .ops import memory_format_of, stat_dtype
+from .ops.common import memory_format_of, stat_dtype
+from .ops.local_response_norm import lrn_div, lrn_grad, lrn_window
 
 _fn = torch.ops.fastnorm
 
@@ -695,7 +695,7 @@ def _lrn_backward(ctx, dy):
     if not ctx.needs_input_grad[0]:
         return None
     if torch.is_grad_enabled():  # a differentiable backward (double backward, torch.func)
-        return _ops.lrn_grad(dy, x, *ctx.lrn).to(x.dtype)
+        return lrn_grad(dy, x, *ctx.lrn).to(x.dtype)
     return _fn.local_response_norm_bwd(dy.to(x.dtype), x, *ctx.lrn)
 
 
@@ -730,9 +730,9 @@ class LocalResponseNormFunction(_LocalResponseNormFunction):
         size, alpha, beta, k = ctx.lrn
         sd = stat_dtype(x.dtype)
         xs, t = x.to(sd), tx.to(sd)
-        div = _ops.lrn_div(xs, size, alpha, k)
+        div = lrn_div(xs, size, alpha, k)
         r = 1.0 / div.pow(beta)
-        tdiv = _ops.lrn_window(2.0 * xs * t, size, size // 2, (size - 1) // 2, True) * alpha
+        tdiv = lrn_window(2.0 * xs * t, size, size // 2, (size - 1) // 2, True) * alpha
         ty = t * r - beta * xs * r / div * tdiv
         return ty.to(x.dtype)
 

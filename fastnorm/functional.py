@@ -36,20 +36,23 @@ import torch
 from torch import Tensor
 
 from . import activations as _acts
-from . import ops
-from .ops import memory_format_of
-from .autograd import (apply_batch_norm, apply_group_norm, apply_instance_norm_tracked,
-                       apply_layer_norm)
-from .autograd import apply_layer_norm2d
+from .autograd import (apply_add_norm, apply_batch_norm, apply_group_norm,
+                       apply_instance_norm_tracked, apply_layer_norm, apply_layer_norm2d,
+                       apply_local_response_norm, apply_rms_norm)
+from .instance_stats_autograd import AdaINFunction as _AdaINFunction
+from .ops.common import memory_format_of
+from .ops.common import stat_dtype as _stat_dtype
+from .ops.local_response_norm import lrn_check
+from .ops.row_norms import residual_pair_supported
 
-__all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "frozen_batch_norm"]
-__all__.append("layer_norm2d")
-
-from .autograd import apply_add_norm, apply_rms_norm
-from .ops import stat_dtype as _stat_dtype
-
-__all__ += ["rms_norm", "add_rms_norm", "add_layer_norm"]
-__all__ += ["batch_norm_act", "group_norm_act", "layer_norm_act", "layer_norm2d_act"]
+__all__ = [
+    "batch_norm", "batch_norm_act", "frozen_batch_norm",
+    "layer_norm", "layer_norm_act", "layer_norm2d", "layer_norm2d_act",
+    "group_norm", "group_norm_act", "instance_norm",
+    "rms_norm", "add_rms_norm", "add_layer_norm",
+    "adaptive_instance_norm",
+    "local_response_norm",
+]
 
 _NO_ACT = (0, 0.0)  # (activation code, activation_param): none
 
@@ -153,7 +156,8 @@ def _check_channel_dim(name: str, input: Tensor) -> None:
 def in_checkpoint_recomputation() -> bool:
     """True while autograd is running a backward pass. A module's forward runs then only when
     torch.utils.checkpoint recomputes a segment (reentrant or not); running statistics must not
-    be updated a second time (torch updates them twice: pytorch issue 96136)."""
+    be updated a second time (torch updates them twice:
+    https://github.com/pytorch/pytorch/issues/96136)."""
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
@@ -749,7 +753,7 @@ def _add_norm(name: str, input: Tensor, residual: Tensor, normalized_shape, weig
             raise RuntimeError(f"{name}: expected {what} of a floating-point dtype, but got {t.dtype}")
     if rms:
         eps = _rms_eps(eps, input.dtype)
-    op_ok = (ops.residual_pair_supported(input.dtype, residual.dtype) and _op_dtypes(input, weight, bias)
+    op_ok = (residual_pair_supported(input.dtype, residual.dtype) and _op_dtypes(input, weight, bias)
              and input.numel() > 0)
     if not op_ok or cpu_fast_path(input):
         return _add_norm_aten(input, residual, shape, weight, bias, eps, rms)
@@ -776,13 +780,8 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: Union[int,
 
 
 # ----------------------------------------------------------------------------------------------
-# AdaIN (issue 11; the autograd.Function lives in nc_autograd.py)
+# AdaIN (the autograd.Function lives in instance_stats_autograd.py)
 # ----------------------------------------------------------------------------------------------
-from .nc_autograd import AdaINFunction as _AdaINFunction  # noqa: E402
-
-__all__.append("adaptive_instance_norm")
-
-
 def adaptive_instance_norm(content: Tensor, style: Tensor, eps: float = 1e-5,
                            unbiased: bool = True) -> Tensor:
     """Adaptive instance normalisation (Huang & Belongie 2017):
@@ -813,13 +812,11 @@ def adaptive_instance_norm(content: Tensor, style: Tensor, eps: float = 1e-5,
         raise RuntimeError(f"{name}: expected style on content's device {content.device}, but "
                            f"got {style.device}")
     return _AdaINFunction.apply(content, style, float(eps), bool(unbiased))
+
+
+# ----------------------------------------------------------------------------------------------
 # LocalResponseNorm
 # ----------------------------------------------------------------------------------------------
-from .autograd import apply_local_response_norm  # noqa: E402
-
-__all__.append("local_response_norm")
-
-
 def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 1.0) -> Tensor:
     """torch.nn.functional.local_response_norm: for (N, C, *) input, y = x / div^beta with
@@ -843,7 +840,7 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     if isinstance(size, bool) or not isinstance(size, int):
         raise TypeError(f"local_response_norm: size must be an int (channels in a window), got "
                         f"{type(size).__name__} {size!r}")
-    ops.lrn_check(input, size)
+    lrn_check(input, size)
     if refused is not None:
         raise refused  # not an argument fastnorm checks: torch's own reason (or a hook's)
     if input.numel() == 0:

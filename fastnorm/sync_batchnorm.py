@@ -36,7 +36,7 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as FN
 from .modules import _BatchNormForward
-from .ops import lib, memory_format_of, stat_dtype
+from .ops.common import lib, memory_format_of, stat_dtype
 
 __all__ = ["SyncBatchNorm"]
 

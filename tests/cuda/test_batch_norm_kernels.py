@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastnorm.ops import memory_format_of
+from fastnorm.ops.common import memory_format_of
 
 EPS = 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]

@@ -4,7 +4,7 @@
     FASTNORM_EMU=plain pytest tests/cuda             # the kernel tests on the emulated target
 
 load(variant) registers the kernels as torch.ops.fastnorm_emu.* (CPU tensors), with the schemas
-of fastnorm/ops.py, and returns a handle with the emulator's controls: schedule(...) (thread and
+of fastnorm.ops.SCHEMAS, and returns a handle with the emulator's controls: schedule(...) (thread and
 block order, device size) and coverage().
 
 Variants: "plain" (-O1) and "asan" (AddressSanitizer + UndefinedBehaviorSanitizer: exact-size

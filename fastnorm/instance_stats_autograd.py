@@ -1,4 +1,4 @@
-"""Autograd for the norms built on the per-(n, c) primitives (issue 11): SwitchNorm, AdaIN, IBN.
+"""Autograd for the norms built on the per-(n, c) primitives: SwitchNorm, AdaIN, IBN.
 
 Each norm is y = x * scale[n, c] + shift[n, c], where (scale, shift) is a small function of the
 per-(n, c) moments of x and of the parameters. One torch.autograd.Function per family:
@@ -30,8 +30,7 @@ from typing import Optional
 
 import torch
 
-from . import ops as _ops  # noqa: F401  (defines the ops)
-from .ops import stat_dtype
+from .ops.common import stat_dtype
 
 _fn = torch.ops.fastnorm
 
