@@ -1,4 +1,4 @@
-"""convert() of timm's norm + activation layers (issue 14): BatchNormAct2d, SyncBatchNormAct,
+"""convert() of timm's norm + activation layers: BatchNormAct2d, SyncBatchNormAct,
 FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct, LayerNormAct2d, the Fp32
 variants and RmsNormAct. For each class and each activation: outputs, input and parameter
 gradients and running buffers equal to timm's original over two training steps and in eval

@@ -1,5 +1,5 @@
 """SwitchNorm1d/2d/3d against a float64 reference written here from the formulas of the authors'
-implementation (issue 11): outputs, every gradient and the running buffers over two training
+implementation: outputs, every gradient and the running buffers over two training
 steps and an eval step; state_dict keys and shapes (and loading one); awkward sizes; every float
 dtype; NCHW and channels_last; gradcheck; opcheck of the per-(n, c) ops; torch.compile; errors."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 # ----------------------------------------------------------------------------------------------
-# float64 reference (the issue's formulas, plain torch ops, autograd for the gradients)
+# float64 reference (the authors' formulas, plain torch ops, autograd for the gradients)
 # ----------------------------------------------------------------------------------------------
 def ref_switch_norm(x, weight, bias, mean_weight, var_weight, running_mean, running_var,
                     training, using_bn, eps, momentum, moving_average):

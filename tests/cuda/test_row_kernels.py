@@ -631,7 +631,7 @@ def test_cuda_graph_capture_and_replay(target, which):
 
 
 def test_realistic_shapes(target):
-    """The shapes the issue names: SD-UNet GroupNorm (few long rows) and InstanceNorm3d."""
+    """Realistic shapes: SD-UNet GroupNorm (few long rows) and InstanceNorm3d."""
     target.require("cuda", why="large realistic shapes")
     dev = target.device
     for shape, G, layout, dtype in [((8, 320, 64, 64), 32, "nchw", torch.float16),
@@ -655,7 +655,7 @@ def test_realistic_shapes(target):
 
 
 # ------------------------------------------------------------------------------------------------
-# Fused activation epilogues (issue 14): the ACT instantiations of the row kernels (LayerNorm,
+# Fused activation epilogues: the ACT instantiations of the row kernels (LayerNorm,
 # GroupNorm NCHW) and of GroupNorm's channels_last kernels. y = act(z), z = xhat * w + b; the
 # backward recomputes z and uses dz = dy * act'(z) in place of dy. Reference: float64 torch (the
 # norm, then torch's own activation; gradients by autograd through both).
