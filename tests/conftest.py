@@ -58,6 +58,38 @@ def assert_close_scaled(actual, expected, dtype=None, factor=1.0, msg=""):
                                msg=lambda m: f"{msg}\n{m}")
 
 
+def grad_scale(*grads) -> float:
+    """The largest |value| over the given gradients (None and empty ones skipped); 0 for none."""
+    return max((float(g.detach().abs().max()) for g in grads
+                if g is not None and g.numel() and g.is_floating_point()), default=0.0)
+
+
+def assert_grads_close(actual: dict, expected: dict, dtype=None, factor=1.0, msg=""):
+    """The gradients of one model (by name) against the expected ones: each with the tolerance
+    assert_close_scaled gives it, plus atol times the scale of the whole gradient, G = max(1, the
+    largest |expected| over all of them).
+
+    Some of a model's gradients are zero in exact arithmetic: the bias of a layer followed by a
+    normalisation that removes any constant shift (a Linear / Conv before BatchNorm in training,
+    InstanceNorm, GroupNorm with one channel per group), an attention key's bias (softmax ignores
+    a shift per query); others nearly so (the weight of a layer before BatchNorm: scale-invariant
+    but for eps). Computed, they are what is left of sums of terms as large as the model's other
+    gradients, and another reduction order (compiled vs eager, fused vs not) leaves other
+    rounding: noise of the size of atol * G, not of their own ~0 magnitude."""
+    assert actual.keys() == expected.keys(), f"{msg}: gradients {sorted(actual)} vs {sorted(expected)}"
+    whole = max(1.0, grad_scale(*expected.values()))
+    for k, e in expected.items():
+        a = actual[k]
+        if a is None or e is None:
+            assert a is None and e is None, f"{msg} {k}: one is None ({a!r} vs {e!r})"
+            continue
+        rtol, atol = TOL[dtype or e.dtype]
+        own = max(1.0, grad_scale(e))
+        torch.testing.assert_close(
+            a, e, rtol=rtol * factor, atol=atol * (factor * own + whole),
+            msg=lambda m, k=k: f"{msg} {k} (gradient scale {whole:.3g})\n{m}")
+
+
 def mentions_shape(message: str, shape) -> bool:
     """True when `message` names `shape` in any of the usual spellings: (2, 4, 5), [2, 4, 5],
     torch.Size([2, 4, 5]), 2x4x5."""

@@ -1,5 +1,5 @@
-"""bench/: the CPU smoke path of run.py and e2e.py for issue 10's layers (RMSNorm, the fused
-residual add + RMSNorm, LayerNorm2d, FrozenBatchNorm2d). The same code runs on a GPU; here it
+"""bench/: the CPU smoke path of run.py and e2e.py for RMSNorm, the fused residual add +
+RMSNorm, LayerNorm2d and FrozenBatchNorm2d. The same code runs on a GPU; here it
 runs on the CPU at small shapes with short timings, and the checks are what the harness itself
 computes: correctness against float64, the minimum bytes, the providers' modules."""
 import math
@@ -32,7 +32,7 @@ def test_every_new_op_has_gpu_and_quick_cases():
     assert {c.op for c in cases.select("cuda", True, NEW_OPS)} == set(NEW_OPS)
     assert {c.op for c in cases.select("cpu", True, NEW_OPS)} == set(NEW_OPS)
     by = {(c.op, c.name, c.layout, c.dtype): c.shape for c in gpu}
-    # the issue's shapes: Llama 4096 tokens x 4096 / 8192 bf16; ConvNeXt-T stages at N = 32 in
+    # the models' shapes: Llama 4096 tokens x 4096 / 8192 bf16; ConvNeXt-T stages at N = 32 in
     # both layouts; ResNet-50's BatchNorm shapes
     for op in ("rms_norm", "add_rms_norm"):
         assert by[(op, "llama-7b-4096", "contiguous", "bf16")] == (4096, 4096)
@@ -187,12 +187,12 @@ def test_e2e_convnext_runs():
 
 
 # ----------------------------------------------------------------------------------------------
-# issue 11: SwitchNorm2d, AdaIN, IBN against their unfused reference compositions
+# SwitchNorm2d, AdaIN, IBN (the per-(n, c) ops) against their unfused reference compositions
 # ----------------------------------------------------------------------------------------------
 NC_OPS = ("switch_norm", "adain", "ibn")
 
 
-def test_issue11_cases_have_the_issue_shapes():
+def test_nc_cases_have_the_model_shapes():
     gpu = cases.select("cuda", False, NC_OPS)
     assert {c.op for c in gpu} == set(NC_OPS)
     assert {c.op for c in cases.select("cuda", True, NC_OPS)} == set(NC_OPS)
@@ -208,14 +208,14 @@ def test_issue11_cases_have_the_issue_shapes():
     assert by[("ibn", "resnet50-ibn-a-layer3", "channels_last", "bf16")] == (64, 256, 14, 14)
 
 
-def test_issue11_min_bytes():
+def test_nc_min_bytes():
     n, b = 1000, 2
     assert [run.min_bytes(n, b, p, "adain") for p in run.PASSES] == [3 * n * b, 5 * n * b, 8 * n * b]
     for op in ("switch_norm", "ibn"):
         assert [run.min_bytes(n, b, p, op) for p in run.PASSES] == [2 * n * b, 3 * n * b, 5 * n * b]
 
 
-def test_issue11_references_and_fastnorm_modules():
+def test_nc_references_and_fastnorm_modules():
     want = {"switch_norm": (cases.ReferenceSwitchNorm2d, fastnorm.SwitchNorm2d),
             "adain": (cases.ReferenceAdaIN, fastnorm.AdaptiveInstanceNorm),
             "ibn": (cases.ReferenceIBN, fastnorm.IBN)}
@@ -232,7 +232,7 @@ def test_issue11_references_and_fastnorm_modules():
 
 
 @pytest.mark.parametrize("op", NC_OPS)
-def test_issue11_bench_case_runs_on_cpu(op):
+def test_nc_bench_case_runs_on_cpu(op):
     for layout in ("contiguous", "channels_last"):
         (c,) = [small(c) for c in cases.select("cpu", False, [op]) if c.layout == layout][:1]
         timer = run.Timer(torch.device("cpu"), quick=True)

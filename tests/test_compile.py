@@ -10,8 +10,8 @@ import torch._dynamo
 from torch import nn
 
 import fastnorm
-from conftest import (MODULE_NAMES, assert_close_scaled, base_kind, default_input_shape, is_lazy,
-                      make_input, make_pair)
+from conftest import (MODULE_NAMES, assert_close_scaled, assert_grads_close, base_kind,
+                      default_input_shape, is_lazy, make_input, make_pair)
 
 
 @pytest.fixture(autouse=True)
@@ -135,8 +135,10 @@ def test_compile_model_with_several_norms(device):
         x = torch.randn(2, 3, 4, 4, device=device)
         eager(x).pow(2).sum().backward()
         opt(x).pow(2).sum().backward()
-    for (k, pe), (_, pc) in zip(eager.named_parameters(), comp.named_parameters()):
-        assert_close_scaled(pc.grad, pe.grad, torch.float32, factor=10, msg=k)
+    # the conv's bias (before BatchNorm) and GroupNorm's (before InstanceNorm) have gradients zero
+    # in exact arithmetic: judged against the scale of all the gradients
+    assert_grads_close({k: p.grad for k, p in comp.named_parameters()},
+                       {k: p.grad for k, p in eager.named_parameters()}, torch.float32, factor=10)
     for (k, be), (_, bc) in zip(eager.named_buffers(), comp.named_buffers()):
         if be.is_floating_point():
             assert_close_scaled(bc, be, torch.float32, msg=k)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fastnorm
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, assert_grads_close
 
 
 class MyLN(nn.LayerNorm):
@@ -178,8 +178,10 @@ def test_converted_model_matches_unconverted_forward_backward(device):
     assert_close_scaled(y, yt, torch.float32)
     y.pow(2).sum().backward()
     yt.pow(2).sum().backward()
-    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
-        assert_close_scaled(p.grad, q.grad, torch.float32, factor=10, msg=n)
+    # conv1's, the block's conv's, gn's and custom's biases feed norms that remove a per-channel
+    # shift: gradients zero in exact arithmetic, judged against the scale of all the gradients
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()},
+                       {n: p.grad for n, p in twin.named_parameters()}, torch.float32, factor=10)
 
 
 @pytest.mark.parametrize("kind", ["cnn", "transformer"])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fastnorm
-from conftest import TOL, assert_close_scaled
+from conftest import TOL, assert_close_scaled, assert_grads_close
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,9 +107,9 @@ def _check_converted_model(model, x, originals, expected_count, factor=10.0):
     assert y.dtype == yt.dtype and y.shape == yt.shape
     assert_close_scaled(y, yt, F32, factor=factor, msg="output")
     assert_close_scaled(dx, dxt, F32, factor=factor, msg="input grad")
-    assert grads.keys() == grads_t.keys()
-    for k in grads:
-        assert_close_scaled(grads[k], grads_t[k], F32, factor=factor, msg=k)
+    # at the scale of all the parameters' gradients: a bias before a norm that removes it, an
+    # attention key's bias, have gradients zero in exact arithmetic (rounding noise here)
+    assert_grads_close(grads, grads_t, F32, factor=factor)
     assert calls.count("pre") == 1 and calls.count(type(first)) == 1, calls
     hook.remove()
     pre.remove()
@@ -491,9 +491,9 @@ def test_compiled_converted_model_fullgraph():
     assert_close_scaled(y, ye, F32)
     assert_close_scaled(dx, dxe, F32)
     grads = {k.removeprefix("_orig_mod."): v for k, v in grads.items()}
-    assert grads.keys() == grads_e.keys()
-    for k in grads_e:
-        assert_close_scaled(grads[k], grads_e[k], F32, msg=k)
+    # sub_ln's bias feeds a BatchNorm in training: its gradient is zero in exact arithmetic, and
+    # compiled and eager round it differently: judged against the scale of all the gradients
+    assert_grads_close(grads, grads_e, F32)
     torch._dynamo.reset()
 
 

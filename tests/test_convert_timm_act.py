@@ -1,4 +1,4 @@
-"""convert() of timm's norm + activation layers (issue 14): BatchNormAct2d, SyncBatchNormAct,
+"""convert() of timm's norm + activation layers: BatchNormAct2d, SyncBatchNormAct,
 FrozenBatchNormAct2d, GroupNormAct, GroupNorm1Act, LayerNormAct, LayerNormAct2d, the Fp32
 variants and RmsNormAct. For each class and each activation: outputs, input and parameter
 gradients and running buffers equal to timm's original over two training steps and in eval
@@ -16,7 +16,7 @@ from torch import nn
 import fastnorm
 import fastnorm.functional as FN
 from fastnorm import third_party
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, assert_grads_close
 from test_convert_third_party import _check_converted_model, _randomize, _run_python
 
 NA = pytest.importorskip("timm.layers.norm_act")
@@ -334,9 +334,13 @@ def test_compiled_fullgraph():
         y.backward(g)
         yt.backward(g)
         assert_close_scaled(xi.grad, xt.grad, F32, factor=10)
-        for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
-            assert_close_scaled(p.grad, q.grad, F32, factor=10, msg=n)
-            p.grad = q.grad = None
+        # conv's bias feeds a BatchNorm: in the training steps its gradient is zero in exact
+        # arithmetic (rounding noise), so the gradients are judged against the scale of all of them
+        assert_grads_close({n: p.grad for n, p in model.named_parameters()},
+                           {n: p.grad for n, p in twin.named_parameters()}, F32, factor=10,
+                           msg=f"step {step}")
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
         for (n, b), (_, c) in zip(model.named_buffers(), twin.named_buffers()):
             assert_close_scaled(b, c, F32, factor=4, msg=n)
     torch._dynamo.reset()

@@ -1,4 +1,4 @@
-"""Register and occupancy budgets of every compiled kernel (fastnorm/resources.py, issue 13).
+"""Register and occupancy budgets of every compiled kernel (fastnorm/resources.py).
 
 The budget tests read the built extension (cuobjdump) and the ptxas -v record setup.py leaves in
 build/: no kernel may spill at its register cap, every kernel states its __launch_bounds__, and

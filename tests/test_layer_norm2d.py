@@ -1,4 +1,4 @@
-"""LayerNorm2d (channels-first LayerNorm, ConvNeXt's; issue 10): fastnorm.LayerNorm2d and
+"""LayerNorm2d (channels-first LayerNorm, ConvNeXt's): fastnorm.LayerNorm2d and
 fastnorm.functional.layer_norm2d against timm's permute + layer_norm composition (written here,
 timm need not be installed) and an independent float64 reference; state_dict, memory formats,
 gradients, the fastnorm::layer_norm2d_fwd/bwd ops (opcheck, fake kernels, vmap rules), gradcheck,

@@ -1,4 +1,4 @@
-"""The per-(n, c) primitive ops of issue 11 (nc_moments, nc_affine, nc_grad_sums,
+"""The per-(n, c) primitive ops of SwitchNorm, AdaIN and IBN (nc_moments, nc_affine, nc_grad_sums,
 nc_affine_grad): values against float64 formulas, dtypes and memory formats of the outputs,
 argument errors, and torch.library.opcheck (schema, fake kernel, compile paths)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fused activation epilogues (issue 14): fastnorm.activations against the kernels' header, the
+"""Fused activation epilogues: fastnorm.activations against the kernels' header, the
 ops' activation arguments (reference kernels against an independent float64 composition,
 opcheck, vmap, unknown codes) and fastnorm.functional's batch_norm_act / group_norm_act /
 layer_norm_act / layer_norm2d_act (both CPU paths, gradients, double backward, forward AD,

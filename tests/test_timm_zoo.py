@@ -1,4 +1,4 @@
-"""convert() over timm's zoo: the share of normalisation layers swapped (issue 14 asks >= 95% over
+"""convert() over timm's zoo: the share of normalisation layers swapped (at least 95% over
 30+ models) -- the same survey as bench/timm_zoo.py (models built on the meta device: no memory,
 about 15 s on a 2-core CPU)."""
 import os

@@ -164,7 +164,7 @@ def test_opinfo_error_inputs(op):
 
 
 def test_batch_norm_empty_1d_input():
-    """The issue's case: a 1-D input of shape (0,) with 0-size running statistics, training and
+    """A 1-D input of shape (0,) with 0-size running statistics, training and
     eval: torch returns an empty tensor connected to autograd; so does fastnorm."""
     for training in (True, False):
         outs = []

@@ -1,4 +1,4 @@
-"""BatchNorm with a fused activation epilogue (issue 14): fastnorm::batch_norm_fwd / batch_norm_bwd
+"""BatchNorm with a fused activation epilogue: fastnorm::batch_norm_fwd / batch_norm_bwd
 with `activation` (codes of csrc/kernels/activation.cuh), through the `target` fixture
 (tests/conftest.py): the CUDA kernels, their CPU emulation, or the ATen reference.
 

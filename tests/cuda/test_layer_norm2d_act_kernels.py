@@ -1,4 +1,4 @@
-"""LayerNorm2d with a fused activation epilogue (issue 14) on NCHW input: the positions kernels
+"""LayerNorm2d with a fused activation epilogue on NCHW input: the positions kernels
 (ln2d_fwd_kernel<T, V, CACHED, ACT>, ln2d_bwd_kernel<T, V, ACT>, kernels/channels_positions.cuh)
 through fastnorm::layer_norm2d_fwd / layer_norm2d_bwd with `activation`, on the `target` fixture
 (tests/conftest.py). Reference: float64 torch autograd of act(LayerNorm over C) with torch's own

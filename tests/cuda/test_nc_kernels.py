@@ -1,8 +1,8 @@
-"""The per-(n, c) primitives (fastnorm::nc_moments, nc_affine, nc_grad_sums, nc_affine_grad; issue
-11, contract in docs/ops.md), called as ops through the `target` fixture (tests/conftest.py): the
-CUDA kernels on a GPU, the same sources in the CPU emulation (FASTNORM_EMU), or the ATen reference
-(FASTNORM_KERNEL_TARGETS=reference); compared with a float64 reference written here, for every
-dtype, NCHW / NCDHW, channels_last and channels_last_3d.
+"""The per-(n, c) primitives of SwitchNorm, AdaIN and IBN (fastnorm::nc_moments, nc_affine,
+nc_grad_sums, nc_affine_grad; contract in docs/ops.md), called as ops through the `target` fixture
+(tests/conftest.py): the CUDA kernels on a GPU, the same sources in the CPU emulation
+(FASTNORM_EMU), or the ATen reference (FASTNORM_KERNEL_TARGETS=reference); compared with a float64
+reference written here, for every dtype, NCHW / NCDHW, channels_last and channels_last_3d.
 
 Host decisions of csrc/nc_norm.cu and the cases that cross them (V = 16-byte pack: 4 fp32, 8
 fp16/bf16, 2 fp64; 132 SMs):
