@@ -19,6 +19,11 @@ import fastnorm
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# Under pytest-xdist (make test), each worker gets its share of the cores for torch's intra-op
+# threads: n workers with torch's default of one thread per core each would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(params=DEVICES)
 def device(request):
