@@ -172,26 +172,14 @@ void lrn_rows_run(LrnArgs<T> p) {
 // packs) out have; single elements otherwise. rows: the caller checked lrn_rows_fit.
 template <typename T, bool BWD>
 void lrn(const LrnArgs<T>& p, bool rows) {
-  constexpr int V16 = kVec16<T>, V8 = kVec8<T>;
   auto fits = [&](int v) {
-    const size_t bytes = size_t(v) * sizeof(T);
-    return (rows ? p.C : p.S) % v == 0 && is_aligned(p.x, bytes) &&
-           (!BWD || is_aligned(p.dy, bytes)) && (rows || is_aligned(p.out, bytes));
+    return (rows ? p.C : p.S) % v == 0 && pack_aligned(p.x, v, sizeof(T)) &&
+           pack_aligned(p.dy, v, sizeof(T)) && (rows || pack_aligned(p.out, v, sizeof(T)));
   };
-  if (fits(V16)) {
-    if (rows) lrn_rows_run<T, V16, BWD>(p);
-    else lrn_nchw_run<T, V16, BWD>(p);
-    return;
-  }
-  if constexpr (V8 > 1) {
-    if (fits(V8)) {
-      if (rows) lrn_rows_run<T, V8, BWD>(p);
-      else lrn_nchw_run<T, V8, BWD>(p);
-      return;
-    }
-  }
-  if (rows) lrn_rows_run<T, 1, BWD>(p);
-  else lrn_nchw_run<T, 1, BWD>(p);
+  with_pack<T>(fits, [&](auto v) {
+    if (rows) lrn_rows_run<T, decltype(v)::value, BWD>(p);
+    else lrn_nchw_run<T, decltype(v)::value, BWD>(p);
+  });
 }
 
 }  // namespace positions
