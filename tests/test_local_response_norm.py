@@ -1,4 +1,4 @@
-"""LocalResponseNorm (issue 11): fastnorm.LocalResponseNorm and
+"""LocalResponseNorm: fastnorm.LocalResponseNorm and
 fastnorm.functional.local_response_norm against torch.nn.LocalResponseNorm /
 F.local_response_norm and an independent float64 reference written here from the formula; both
 CPU routes (torch's composition on the eager fast path, the fastnorm:: ops), every float dtype,

@@ -40,7 +40,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 SMS = 132  # the emulated H100
 # Ops on rows of the last dimension (the groups family), and every op the planner takes.
 ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm")
-# issue 11's layers on the per-(n, c) ops (nc_moments, nc_affine, nc_grad_sums, nc_affine_grad)
+# SwitchNorm, AdaIN and IBN: the layers on the per-(n, c) ops (nc_moments, nc_affine, nc_grad_sums,
+# nc_affine_grad)
 NC_OPS = ("switch_norm", "adain", "ibn")
 OPS = ROW_OPS + ("group_norm", "instance_norm", "batch_norm", "layer_norm2d",
                  "frozen_batch_norm", "local_response_norm") + NC_OPS
@@ -771,7 +772,8 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
     frozen = op == "frozen_batch_norm"
     training = training and not frozen
 
-    # issue 11's layers: [N, C] coefficients in the statistics dtype; adain's style has x's shape
+    # SwitchNorm, AdaIN, IBN: [N, C] coefficients in the statistics dtype; adain's style has x's
+    # shape
     nc = torch.empty(tuple(shape[:2]), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     style = torch.empty_like(x)
 

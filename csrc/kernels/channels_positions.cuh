@@ -36,7 +36,8 @@
 //     channel is 32 packs in a row (coalesced). Values outside the group are re-read (L1 hits).
 //     The backward recomputes d_j per twin channel (a fresh window sum of size re-reads). G x V
 //     is 16 elements (8 in fp64): enough to amortise the size - 1 halo channels, few enough to
-//     stay within kLrnMinBlocks' 128 registers (-Xptxas -v: no spills).
+//     stay within kLrnMinBlocks' 128 registers (-Xptxas -v, sm_90: 75-96 forward, 96-126
+//     backward, no spills).
 //   rows: channels_last / channels_last_3d, or S == 1 (lrn_fwd_rows_kernel,
 //     lrn_bwd_rows_kernel): a position's C channels are one contiguous row. A block takes tiles
 //     of whole rows (several rows, C channels: one contiguous run) when C fits its shared-memory
@@ -581,8 +582,9 @@ template <typename T>
 inline constexpr int kLrnFwdTile = kLrnFwdTileBytes / int(sizeof(acc_of<T>));
 template <typename T>
 inline constexpr int kLrnBwdTile = kLrnBwdTileBytes / int(sizeof(acc_of<T>));
-// Small register state (a staging batch of kLrnStage packs per array, one output at a time):
-// four resident blocks (a cap of 64 registers), up to eight by shared memory.
+// Small register state (a staging batch of kLrnStage packs per array, held as loaded; one output
+// at a time): four resident blocks (a cap of 64 registers; -Xptxas -v, sm_90: 51-64, no spills),
+// up to eight by shared memory (16 KB / 24 KB a block).
 constexpr int kLrnRowsMinBlocks = 4;
 constexpr int kLrnStage = 4;  // packs per thread per array in flight while staging
 

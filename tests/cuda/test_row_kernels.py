@@ -702,7 +702,7 @@ def test_realistic_shapes(target):
 
 
 # ------------------------------------------------------------------------------------------------
-# Fused activation epilogues (issue 14): the ACT instantiations of the row kernels (LayerNorm,
+# Fused activation epilogues: the ACT instantiations of the row kernels (LayerNorm,
 # GroupNorm NCHW) and of GroupNorm's channels_last kernels. y = act(z), z = xhat * w + b; the
 # backward recomputes z and uses dz = dy * act'(z) in place of dy. Reference: float64 torch (the
 # norm, then torch's own activation; gradients by autograd through both).
