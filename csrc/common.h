@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #include "device.h"
 #include "kernels/activation.cuh"
@@ -35,6 +36,23 @@ inline Operand<T> operand(const at::Tensor& t) {
 
 inline bool is_aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// Whether p (elements of `elem` bytes; null: absent) can be read or written in packs of `vec`
+// elements: load_raw / store_raw need min(16, vec * elem) bytes of alignment.
+inline bool pack_aligned(const void* p, int vec, size_t elem) {
+  return p == nullptr || is_aligned(p, std::min<size_t>(16, size_t(vec) * elem));
+}
+
+// f(std::integral_constant<int, V>{}) with the widest pack of T that fits(V) allows: 16 bytes
+// (kVec16), then 8 bytes (kVec8: fp16 at 14 x 14 = 196 positions), then single elements.
+template <typename T, typename Fits, typename F>
+void with_pack(const Fits& fits, F&& f) {
+  if (fits(kVec16<T>)) return f(std::integral_constant<int, kVec16<T>>{});
+  if constexpr (kVec8<T> > 1) {
+    if (fits(kVec8<T>)) return f(std::integral_constant<int, kVec8<T>>{});
+  }
+  f(std::integral_constant<int, 1>{});
 }
 
 // The layout the kernels read (group_norm.cu, nc_norm.cu): channels_last(_3d) natively, plain

@@ -173,19 +173,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_bwd(
       p.dy = dyo;
       p.mean = mup;
       p.rstd = rsp;
-      const bool vec = d.HW % V == 0 && is_aligned(xp, 16) && is_aligned(dyp, 16);
+      // packs within a plane of HW: 16 bytes, else 8 (fp16 at 14 x 14), else single elements
+      auto fits = [&](int v) {
+        return d.HW % v == 0 && pack_aligned(xp, v, sizeof(T)) &&
+               pack_aligned(dyp, v, dy.element_size());
+      };
       if (use_act) {
         groups::RowSumsAct<T> q;
         static_cast<groups::RowSums<T>&>(q) = p;
         q.w = operand<T>(w);  // for z only (chan_mod, set by nchw_channel_sums)
         q.b = operand<T>(b);
         q.act = act;
-        if (vec) nchw_channel_sums<T, V, true>(q, d, keep, S, B, x);
-        else nchw_channel_sums<T, 1, true>(q, d, keep, S, B, x);
-      } else if (vec) {
-        nchw_channel_sums<T, V, false>(p, d, keep, S, B, x);
+        with_pack<T>(fits, [&](auto v) {
+          nchw_channel_sums<T, decltype(v)::value, true>(q, d, keep, S, B, x);
+        });
       } else {
-        nchw_channel_sums<T, 1, false>(p, d, keep, S, B, x);
+        with_pack<T>(fits, [&](auto v) {
+          nchw_channel_sums<T, decltype(v)::value, false>(p, d, keep, S, B, x);
+        });
       }
     } else {
       channels::ClBwd<T> p;

@@ -1,11 +1,13 @@
 // fastnorm::local_response_norm_fwd / local_response_norm_bwd on CUDA: host side (checks, device
 // guard, dtype dispatch, which layout). torch.nn.functional.local_response_norm's semantics: for
 // (N, C, *spatial) input, d_c = k + alpha * (sum of x_j^2 over the window [c - size/2,
-// c + (size-1)/2] of channels, zero-padded, divided by size), y = x / d^beta. One kernel each way,
-// in the positions family (launch/positions.h, kernels/channels_positions.cuh):
+// c + (size-1)/2] of channels, zero-padded, divided by size), y = x / d^beta. One kernel each way
+// per layout, in the positions family (launch/positions.h, kernels/channels_positions.cuh):
 //   - NCHW-contiguous (or made so): a channel's positions are contiguous, packs of positions;
 //   - channels_last / channels_last_3d, or one position per sample (S = 1): a position's channels
-//     are one contiguous row, groups of channels along it.
+//     are one contiguous row, tiles of rows staged in shared memory. Windows too wide for those
+//     tiles (C above a tile and about a thousand channels a window): the NCHW kernels, on a
+//     contiguous copy for channels_last input.
 // The backward recomputes d from x (nothing saved but x). Outputs keep the input's memory format
 // (fastnorm/ops/common.py memory_format_of: any other stride pattern gives a contiguous output).
 #include "common.h"
@@ -35,8 +37,6 @@ void check_lrn_args(const at::Tensor& x, int64_t size, const char* op) {
   TORCH_CHECK_VALUE(x.dim() >= 3, op, ": expected 3D or higher dimensionality input (N, C, *), got ",
                     x.dim(), " dimensions (input of shape ", x.sizes(), ")");
   TORCH_CHECK(size >= 1, op, ": size (channels in a window) must be at least 1, got ", size);
-  // the kernels index a channel group's window relative to it in int
-  TORCH_CHECK(x.size(1) < (int64_t(1) << 31), op, ": at most 2^31 - 1 channels, got ", x.size(1));
 }
 
 template <typename T>
@@ -55,6 +55,31 @@ positions::LrnArgs<T> lrn_args(const at::Tensor& x, int64_t size, double alpha, 
   return p;
 }
 
+// out = y (forward) or dx (backward, dy defined), in x's layout. Rows (channels_last, or S == 1)
+// take the rows kernels when their tiles hold C and the window (lrn_rows_fit), else the NCHW
+// kernels on contiguous x and dy (copies for channels_last input; x itself when S == 1), the
+// result copied into out.
+template <typename T, bool BWD>
+void run_lrn(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& out, at::MemoryFormat fmt,
+             int64_t size, double alpha, double beta, double k) {
+  const bool rows = fmt != at::MemoryFormat::Contiguous || x.numel() == x.size(0) * x.size(1);
+  if (rows && !positions::lrn_rows_fit<T, BWD>(x.size(1), size)) {
+    const at::Tensor xc = x.contiguous();
+    const at::Tensor dyc = BWD ? dy.contiguous() : at::Tensor();
+    const at::Tensor oc = out.is_contiguous() ? out : at::empty(xc.sizes(), xc.options());
+    positions::LrnArgs<T> p = lrn_args<T>(xc, size, alpha, beta, k);
+    if constexpr (BWD) p.dy = dyc.data_ptr<T>();
+    p.out = oc.data_ptr<T>();
+    positions::lrn<T, BWD>(p, false);
+    if (!oc.is_same(out)) out.copy_(oc);
+    return;
+  }
+  positions::LrnArgs<T> p = lrn_args<T>(x, size, alpha, beta, k);
+  if constexpr (BWD) p.dy = dy.data_ptr<T>();
+  p.out = out.data_ptr<T>();
+  positions::lrn<T, BWD>(p, rows);
+}
+
 at::Tensor local_response_norm_fwd(const at::Tensor& input, int64_t size, double alpha,
                                    double beta, double k) {
   constexpr const char* op = "fastnorm::local_response_norm_fwd";
@@ -66,11 +91,8 @@ at::Tensor local_response_norm_fwd(const at::Tensor& input, int64_t size, double
   const at::Tensor x = input.contiguous(fmt);  // a copy only for other stride patterns
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (x.numel() == 0) return y;
-  const bool rows = fmt != at::MemoryFormat::Contiguous || x.numel() == x.size(0) * x.size(1);
   FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm::local_response_norm_fwd", [&] {
-    positions::LrnArgs<scalar_t> p = lrn_args<scalar_t>(x, size, alpha, beta, k);
-    p.out = y.data_ptr<scalar_t>();
-    positions::lrn<scalar_t, false>(p, rows);
+    run_lrn<scalar_t, false>(x, at::Tensor(), y, fmt, size, alpha, beta, k);
   });
   return y;
 }
@@ -94,12 +116,8 @@ at::Tensor local_response_norm_bwd(const at::Tensor& grad_out, const at::Tensor&
   const at::Tensor dy = grad_out.contiguous(fmt);  // x's layout
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (x.numel() == 0) return dx;
-  const bool rows = fmt != at::MemoryFormat::Contiguous || x.numel() == x.size(0) * x.size(1);
   FASTNORM_DISPATCH_FLOATING(input.scalar_type(), "fastnorm::local_response_norm_bwd", [&] {
-    positions::LrnArgs<scalar_t> p = lrn_args<scalar_t>(x, size, alpha, beta, k);
-    p.dy = dy.data_ptr<scalar_t>();
-    p.out = dx.data_ptr<scalar_t>();
-    positions::lrn<scalar_t, true>(p, rows);
+    run_lrn<scalar_t, true>(x, dy, dx, fmt, size, alpha, beta, k);
   });
   return dx;
 }

@@ -13,6 +13,8 @@
 //       affine       cl_apply<NC>
 //       grad sums    cl_bwd_sums (rstd null) + row_sums_finalize
 //       affine grad  cl_dx<NC>
+// Packs (with_pack, common.h): 16 bytes, else 8 (fp16 rows of 14 x 14 = 196), else single
+// elements, as the run (L for rows, C for channels_last) and the tensors' alignment allow.
 // Any other strides: .contiguous() first. Every [N, C] tensor is in the statistics dtype (float64
 // for float64 input, float32 otherwise), contiguous; one given in another float dtype is cast.
 // The sums always end with row_sums_finalize, even over a single partial per row (S == 1,
@@ -136,17 +138,15 @@ std::tuple<at::Tensor, at::Tensor> nc_moments(const at::Tensor& input) {
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_moments", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    constexpr int V = kVec16<T>;
     const T* xp = x.data_ptr<T>();
     A* mp = mean.data_ptr<A>();
     A* vp = var.data_ptr<A>();
-    if (!cl) {
-      if (d.L % V == 0 && is_aligned(xp, 16)) moments_rows<T, V>(xp, d, mp, vp, x);
-      else moments_rows<T, 1>(xp, d, mp, vp, x);
-    } else {
-      if (d.C % V == 0 && is_aligned(xp, 16)) moments_cl<T, V>(xp, d, mp, vp, x);
-      else moments_cl<T, 1>(xp, d, mp, vp, x);
-    }
+    auto fits = [&](int v) { return (cl ? d.C : d.L) % v == 0 && pack_aligned(xp, v, sizeof(T)); };
+    with_pack<T>(fits, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      if (!cl) moments_rows<T, V>(xp, d, mp, vp, x);
+      else moments_cl<T, V>(xp, d, mp, vp, x);
+    });
   });
   return {mean, var};
 }
@@ -193,9 +193,11 @@ at::Tensor nc_affine(const at::Tensor& input, const at::Tensor& scale, const at:
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_affine", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    constexpr int V = kVec16<T>;
     const T* xp = x.data_ptr<T>();
-    const bool aligned = is_aligned(xp, 16) && is_aligned(y.data_ptr(), 16);
+    auto fits = [&](int v) {
+      return (cl ? d.C : d.L) % v == 0 && pack_aligned(xp, v, sizeof(T)) &&
+             pack_aligned(y.data_ptr(), v, sizeof(T));
+    };
     if (!cl) {
       groups::RowFwd<T> p;
       p.x = xp;
@@ -203,16 +205,14 @@ at::Tensor nc_affine(const at::Tensor& input, const at::Tensor& scale, const at:
       p.b = operand<T>(sh);
       p.mean = nullptr;
       p.rstd = const_cast<A*>(sc.data_ptr<A>());  // read only (row_apply's rstd)
-      if (d.L % V == 0 && aligned) affine_rows<T, V>(p, d);
-      else affine_rows<T, 1>(p, d);
+      with_pack<T>(fits, [&](auto v) { affine_rows<T, decltype(v)::value>(p, d); });
     } else {
       channels::ClFwd<T> p;
       p.x = xp;
       p.y = operand<T>(y);
       p.b = operand<T>(sh);
       p.rstd = sc.data_ptr<A>();
-      if (d.C % V == 0 && aligned) affine_cl<T, V>(p, d);
-      else affine_cl<T, 1>(p, d);
+      with_pack<T>(fits, [&](auto v) { affine_cl<T, decltype(v)::value>(p, d); });
     }
   });
   return y;
@@ -279,9 +279,11 @@ std::tuple<at::Tensor, at::Tensor> nc_grad_sums(const at::Tensor& grad_out, cons
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_grad_sums", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    constexpr int V = kVec16<T>;
     const T* xp = x.data_ptr<T>();
-    const bool aligned = is_aligned(xp, 16) && is_aligned(dy.data_ptr(), 16);
+    auto fits = [&](int v) {
+      return (cl ? d.C : d.L) % v == 0 && pack_aligned(xp, v, sizeof(T)) &&
+             pack_aligned(dy.data_ptr(), v, dy.element_size());
+    };
     A* o_dy = sum_dy.data_ptr<A>();
     A* o_xc = sum_dy_xc.data_ptr<A>();
     if (!cl) {
@@ -291,16 +293,14 @@ std::tuple<at::Tensor, at::Tensor> nc_grad_sums(const at::Tensor& grad_out, cons
       p.mean = mu.data_ptr<A>();
       p.rstd = nullptr;  // centred sums: sum(dy * (x - mean))
       p.stat_div = 1;
-      if (d.L % V == 0 && aligned) grad_sums_rows<T, V>(p, d, o_dy, o_xc, x);
-      else grad_sums_rows<T, 1>(p, d, o_dy, o_xc, x);
+      with_pack<T>(fits, [&](auto v) { grad_sums_rows<T, decltype(v)::value>(p, d, o_dy, o_xc, x); });
     } else {
       channels::ClBwd<T> p;
       p.x = xp;
       p.dy = operand<T>(dy);
       p.mean = mu.data_ptr<A>();
       p.rstd = nullptr;
-      if (d.C % V == 0 && aligned) grad_sums_cl<T, V>(p, d, o_dy, o_xc, x);
-      else grad_sums_cl<T, 1>(p, d, o_dy, o_xc, x);
+      with_pack<T>(fits, [&](auto v) { grad_sums_cl<T, decltype(v)::value>(p, d, o_dy, o_xc, x); });
     }
   });
   return {sum_dy, sum_dy_xc};
@@ -344,7 +344,6 @@ at::Tensor nc_affine_grad(const std::optional<at::Tensor>& grad_out, const at::T
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_affine_grad", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    constexpr int V = kVec16<T>;
     groups::GnDx<T> p;
     p.x = x.data_ptr<T>();
     p.dy = operand<T>(dy);  // absent without grad_out: the a * dy term drops
@@ -353,15 +352,15 @@ at::Tensor nc_affine_grad(const std::optional<at::Tensor>& grad_out, const at::T
     p.c1 = kc.data_ptr<A>();
     p.c2 = kb.data_ptr<A>();
     p.dx = dx.data_ptr<T>();
-    const bool aligned = is_aligned(p.x, 16) && is_aligned(p.dx, 16) &&
-                         (!dy.defined() || is_aligned(dy.data_ptr(), 16));
-    if (!cl) {
-      if (d.L % V == 0 && aligned) affine_grad_rows<T, V>(p, d);
-      else affine_grad_rows<T, 1>(p, d);
-    } else {
-      if (d.C % V == 0 && aligned) affine_grad_cl<T, V>(p, d);
-      else affine_grad_cl<T, 1>(p, d);
-    }
+    auto fits = [&](int v) {
+      return (cl ? d.C : d.L) % v == 0 && pack_aligned(p.x, v, sizeof(T)) &&
+             pack_aligned(p.dx, v, sizeof(T)) &&
+             (!dy.defined() || pack_aligned(dy.data_ptr(), v, dy.element_size()));
+    };
+    with_pack<T>(fits, [&](auto v) {
+      if (!cl) affine_grad_rows<T, decltype(v)::value>(p, d);
+      else affine_grad_cl<T, decltype(v)::value>(p, d);
+    });
   });
   return dx;
 }

@@ -326,6 +326,20 @@ def test_fake_metadata_matches(fmt):
         assert fake.stride() == real.stride()
 
 
+@pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
+def test_meta_accepts_more_than_2_31_channels(fmt):
+    """No channel limit on any path (the CUDA kernels index channels in 64 bits): the meta
+    kernels take C above 2^31 without allocating, in the input's layout (the emulation tier's
+    test_channel_count_above_2_31 checks the CUDA host code)."""
+    x = torch.empty(1, (1 << 31) + 5, 1, 2, device="meta")
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    y = ops.local_response_norm_fwd(x, 5, 1e-4, 0.75, 1.0)
+    dx = ops.local_response_norm_bwd(x, x, 5, 1e-4, 0.75, 1.0)
+    for t in (y, dx):
+        assert t.device.type == "meta" and t.shape == x.shape and t.stride() == x.stride()
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------

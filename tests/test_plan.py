@@ -239,18 +239,28 @@ def test_layer_norm2d_layouts(emu):
 
 def test_local_response_norm_one_launch_each_way(emu):
     # one fused kernel each way, x (and dy) read once, no statistics or parameters: 1.00 passes;
-    # AlexNet's odd S (55 x 55) takes single positions, GoogLeNet's 56 x 56 16-byte packs, and
-    # channels_last input the rows kernels
-    for shape, layout, want in (((128, 96, 55, 55), "contiguous", "<float, 1, false>"),
-                                ((128, 64, 56, 56), "contiguous", "<float, 4, false>"),
-                                ((128, 96, 55, 55), "channels_last", "<float, 1, true>")):
-        est = case(emu, "local_response_norm", shape, torch.float32, layout)
-        assert kernels(est, "fwd") == ["lrn_fwd_kernel"] and kernels(est, "bwd") == ["lrn_bwd_kernel"]
+    # AlexNet's odd S (55 x 55) takes single positions, GoogLeNet's 56 x 56 16-byte packs,
+    # ConvNeXt-like fp16 14 x 14 (196 = 4 mod 8) 8-byte packs, and channels_last input the rows
+    # kernels (C = 96: 16-byte packs)
+    for shape, dtype, layout, kern, want in (
+            ((128, 96, 55, 55), torch.float32, "contiguous", "kernel", "<float, 1>"),
+            ((128, 64, 56, 56), torch.float32, "contiguous", "kernel", "<float, 4>"),
+            ((32, 64, 14, 14), torch.float16, "contiguous", "kernel", "<Half, 4>"),
+            ((128, 96, 55, 55), torch.float32, "channels_last", "rows_kernel", "<float, 4>")):
+        est = case(emu, "local_response_norm", shape, dtype, layout)
+        assert kernels(est, "fwd") == [f"lrn_fwd_{kern}"]
+        assert kernels(est, "bwd") == [f"lrn_bwd_{kern}"]
         assert all(want in ln["kernel"] for ln in est["launches"])
-        x = 4 * math.prod(shape)
+        x = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
         assert est["passes"]["fwd"]["est_bytes"] == est["passes"]["fwd"]["min_bytes"] == 2 * x
         assert est["passes"]["bwd"]["est_bytes"] == est["passes"]["bwd"]["min_bytes"] == 3 * x
         assert not any(ln["approx"] for ln in est["launches"])
+        if kern == "rows_kernel":
+            # whole rows: 4096 // 96 = 42 rows a forward tile (1008 packs of 4: 4 a thread, all
+            # in flight), 2048 // 96 = 21 a backward tile (504 packs per array: 2 a thread, x
+            # and dy); 387200 rows leave far more tiles than a wave
+            fwd, bwd = est["launches"]
+            assert fwd["inflight_thread"] == 4 * 16 and bwd["inflight_thread"] == 2 * 2 * 16
 
 
 def test_frozen_batch_norm_is_one_pass_each_way(emu):

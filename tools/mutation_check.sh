@@ -18,6 +18,8 @@ MUTATIONS=(
   "bound-off-by-one|asan|kernels/groups_forward.cuh|s.replace('if (valid \&\& pk < packs) {\n        const int j0 = pk * VEC;', 'if (valid \&\& pk <= packs) {\n        const int j0 = pk * VEC;', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
   "divergent-shuffle|plain|kernels/welford.cuh|s.replace('v += __shfl_xor_sync(0xffffffffu, v, offset, width);', 'if ((threadIdx.x \& 31) < 16) v += __shfl_xor_sync(0xffffffffu, v, offset, width);', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
   "dropped-store|plain|kernels/groups_forward.cuh|s.replace('      p.rstd[row] = rstd;\n', '', 1)|tests/cuda/test_row_kernels.py -k layer_norm_fwd_bwd"
+  "lrn-rows-no-halo|plain|kernels/channels_positions.cuh|s.replace('const int64_t lo = (q.c0 - w.before > 0 ? q.c0 - w.before : 0) / V * V;', 'const int64_t lo = q.c0 / V * V;', 1)|tests/cuda/test_lrn_kernels.py -k rows_tiles"
+  "lrn-rows-twin-order|plain|kernels/channels_positions.cuh|s.replace('for (int j = static_cast<int>(jlo - qlo); j <= static_cast<int>(jhi - qlo); ++j) tsum += qr[j];', 'for (int j = static_cast<int>(jhi - qlo); j >= static_cast<int>(jlo - qlo); --j) tsum += qr[j];', 1)|tests/cuda/test_lrn_kernels.py -k bitwise"
 )
 
 status=0

@@ -106,10 +106,13 @@ def _kernel_consts() -> dict:
     for f, names in (("groups_forward.cuh", ("kUnroll", "kItemThreads", "kFwdCachedMaxThreads",
                                              "kBwdElems")),
                      ("groups_backward.cuh", ("kBwdSplitMaxThreads",)),
-                     ("channels_common.cuh", ("kUnroll", "kThreads", "kClThreads"))):
+                     ("channels_common.cuh", ("kUnroll", "kThreads", "kClThreads")),
+                     ("channels_positions.cuh", ("kPosThreads", "kLrnStage", "kLrnFwdTileBytes",
+                                                 "kLrnBwdTileBytes"))):
         with open(os.path.join(ROOT, "csrc", "kernels", f)) as fh:
             text = fh.read()
-        ns = "groups" if f.startswith("groups") else "channels"
+        ns = ("groups" if f.startswith("groups") else
+              "positions" if f == "channels_positions.cuh" else "channels")
         for n in names:
             m = re.search(r"constexpr\s+(?:int|int64_t)\s+" + n + r"\s*=\s*(\d+)\s*;", text)
             if m is None:
@@ -451,6 +454,36 @@ def _ws_cl(k, c):
     return 2 * c.N * Kc * c.C * c.acc, ok
 
 
+def mirror_lrn_rows(c: Call, vec: int, bwd: bool, per_sm: int, sm=SMS):
+    """positions.h lrn_rows_run -> (tile_rows, tile_c, tiles, grid): whole rows when C fits a
+    shared array (as many rows as fit, no fewer tiles than a wave), else one row's chunks of
+    tile_c channels beside the halo; per_sm: the kernel's resident blocks per SM."""
+    cap = K["positions::kLrnBwdTileBytes" if bwd else "positions::kLrnFwdTileBytes"] // c.acc
+    rows = c.N * c.HW
+    wave = sm * max(per_sm, 1)
+    if c.C <= cap:
+        tile_c, ctiles = c.C, 1
+        tile_rows = max(1, min(cap // c.C, _cdiv(rows, wave)))
+    else:
+        before, after = min(LRN_SIZE // 2, c.C), min((LRN_SIZE - 1) // 2, c.C)
+        halo = (2 if bwd else 1) * (before + after) + 2 * (16 // c.elem - 1)
+        tile_c, tile_rows = (cap - halo) // 32 * 32, 1
+        ctiles = _cdiv(c.C, tile_c)
+    tiles = _cdiv(rows, tile_rows) * ctiles
+    return tile_rows, tile_c, tiles, _grid_of(min(tiles, wave))
+
+
+def _flight_lrn_rows(k: Launch, c: Call):
+    """The rows kernels' staging: each thread loads up to kLrnStage packs per array (x; the
+    backward also dy) of a tile before storing any to shared memory."""
+    per_sm = c.occupancy.get(_short(k.sig))
+    tile_rows, tile_c, _, grid = mirror_lrn_rows(c, k.vec, k.name.startswith("lrn_bwd"),
+                                                 per_sm or 8)
+    packs = _cdiv(tile_rows * tile_c, k.vec)
+    return (min(K["positions::kLrnStage"], _cdiv(packs, K["positions::kPosThreads"])),
+            per_sm is not None and grid == k.grid[0])
+
+
 def _flight_bn(k: Launch, c: Call):
     """BatchNorm stats/apply/sums: kUnroll packs per thread per iteration, capped by the packs a
     thread visits (NCHW: grid.x blocks per channel; NHWC: grid.y * block.y row lanes)."""
@@ -695,12 +728,18 @@ MODELS = {
     "ln2d_fwd_kernel": _Ln2dFwd(),
     "ln2d_bwd_kernel": Model(reads=("x", "dy", "x", "dy"), writes=("dx",), small=("stats", "w"),
                              ws_out=_ws_ln2d, flight=one(), streams=2),
-    # LocalResponseNorm (both layouts): x (and dy) from memory once; a group's window re-reads
-    # of its neighbours' channels are L1 hits and not counted. In flight per thread: the
-    # forward's channel walk unrolled 4 deep (4 packs of x; one element each for rows); the
-    # backward's inner window sum likewise (4 packs of x; dy's one pack per channel left out)
+    # LocalResponseNorm, NCHW: x (and dy) from memory once; a group's window re-reads of its
+    # neighbours' channels are L1 hits and not counted. In flight per thread: the forward's
+    # channel walk unrolled 4 deep (4 packs of x); the backward's inner window sum likewise (4
+    # packs of x; dy's one pack per channel left out)
     "lrn_fwd_kernel": Model(reads=("x",), writes=("y",), flight=one(4)),
     "lrn_bwd_kernel": Model(reads=("x", "dy"), writes=("dx",), flight=one(4)),
+    # rows (channels_last, S == 1): tiles staged in shared memory, x (and dy) read once (a
+    # channel chunk's halo, C above a tile, re-read by its neighbour: not counted), outputs
+    # written once
+    "lrn_fwd_rows_kernel": Model(reads=("x",), writes=("y",), flight=_flight_lrn_rows),
+    "lrn_bwd_rows_kernel": Model(reads=("x", "dy"), writes=("dx",), flight=_flight_lrn_rows,
+                                 streams=2),
 }
 
 

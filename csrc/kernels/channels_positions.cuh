@@ -26,27 +26,26 @@
 //   lrn_bwd_kernel   dx_c = dy_c * d_c^-beta - (2 alpha beta / size) * x_c *
 //                    sum_{j in twin(c)} dy_j x_j d_j^(-beta-1), twin(c) = [c - (size-1)/2,
 //                    c + size/2] (the channels whose window holds c); d recomputed from x
-// A thread owns G consecutive channels (a channel group) of one position pack and walks the
-// channels its group's windows reach in ascending order, so every output's window sum is a fresh
-// sum in channel order (as torch's pooling sums it), never a running add/subtract one. Values
-// outside the group are re-read (L1 hits: neighbouring groups and, NCHW, the same thread's last
-// window). Two layouts, one kernel each way (template flag CL):
-//   NCHW (CL = false): the pack is V consecutive positions (16 bytes when the host allows) of
-//     channel j at base + j * S; a warp's load of one channel is 32 packs in a row (coalesced).
-//     Threads: position packs fastest, then channel groups.
-//   channels_last / channels_last_3d, or S == 1 (CL = true): a position's C channels are one
-//     contiguous row; the thread's group is G consecutive channels of one row (V = 1) and the
-//     window reads are scalar loads of that row, which the threads of neighbouring groups (the
-//     next lanes of the warp) read too: L1 hits. The group's G outputs are stored as one pack
-//     (16-byte stores) when the host allows. Threads: channel groups fastest, then positions.
-// The backward needs d_j for every j of twin(c): the group computes them in one ascending walk
-// over the G + size - 1 channels its twin windows reach (each a fresh window sum of size
-// re-reads), adding dy_j x_j d_j^(-beta-1) to the outputs whose twin window holds j.
-// Loads in flight: the forward's channel walk is unrolled 4 deep, the backward's inner window sum
-// likewise (its outer walk is not: with G x V sums, own values and x live, an unrolled outer walk
-// spills). G x V is 16 elements (8 in fp64), enough to amortise the size - 1 halo channels and
-// few enough to stay within kLrnMinBlocks' 128 registers (-Xptxas -v: 60-92 forward, 93-124
-// backward, no spills).
+// Every output's window sum (and twin sum) is a fresh sum in ascending channel order, as torch's
+// pooling sums it, never a running add/subtract one: its rounding depends on C, size and the
+// dtype only, and both layouts give the same bits (one spelling of the arithmetic, LrnMath).
+// Two layouts, one kernel each way per layout:
+//   NCHW (lrn_fwd_kernel, lrn_bwd_kernel): a thread owns G consecutive channels of a pack of V
+//     consecutive positions (16- or 8-byte packs when the host allows, else single positions)
+//     and walks the channels its group's windows reach in ascending order; a warp's load of one
+//     channel is 32 packs in a row (coalesced). Values outside the group are re-read (L1 hits).
+//     The backward recomputes d_j per twin channel (a fresh window sum of size re-reads). G x V
+//     is 16 elements (8 in fp64): enough to amortise the size - 1 halo channels, few enough to
+//     stay within kLrnMinBlocks' 128 registers (-Xptxas -v, sm_90: 75-96 forward, 96-126
+//     backward, no spills).
+//   rows: channels_last / channels_last_3d, or S == 1 (lrn_fwd_rows_kernel,
+//     lrn_bwd_rows_kernel): a position's C channels are one contiguous row. A block takes tiles
+//     of whole rows (several rows, C channels: one contiguous run) when C fits its shared-memory
+//     arrays, else of one row's channel chunk plus the halo its windows reach; it stages x (and
+//     dy) of the tile in shared memory with coalesced pack loads, then computes each output from
+//     there, consecutive threads on consecutive channels (conflict-free shared reads, coalesced
+//     stores). The backward computes d_j, q_j and own_j once per (row, twin channel) of the tile
+//     (not once per output's window), then each output's twin sum of q from shared memory.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -357,22 +356,86 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int 
 template <typename T>
 struct LrnArgs {
   using A = acc_of<T>;
-  const T* x = nullptr;   // [N, C, S] (CL = false) or [N, S, C] (CL = true), contiguous
+  const T* x = nullptr;   // [N, C, S] (NCHW kernels) or [N * S, C] rows (rows kernels)
   const T* dy = nullptr;  // backward only: x's layout
   T* out = nullptr;       // y (forward) or dx (backward): x's layout
   int64_t N = 0, C = 0, S = 0;
   int64_t size = 1;       // channels in a window, >= 1
   A alpha = 0, beta = 0, k = 0;
-  bool vec_store = false;  // CL: a full group's G outputs stored as one pack (host: aligned)
+  // rows kernels: tiles of tile_rows rows x tile_c channels (tile_c == C: whole rows), ctiles
+  // channel tiles per row (launch/positions.h lrn_rows_tiles)
+  int64_t tile_rows = 1, tile_c = 1, ctiles = 1;
 };
 
+// win(c) = [c - before, c + after] within [0, C); twin(c) = [c - after, c + before]. Channel
+// indices and these reaches are 64-bit throughout: before + after reaches 2C.
+struct LrnReach {
+  int64_t before, after;
+};
+__host__ __device__ constexpr LrnReach lrn_reach(int64_t size, int64_t C) {
+  return LrnReach{size / 2 < C ? size / 2 : C, (size - 1) / 2 < C ? (size - 1) / 2 : C};
+}
+
+// The outputs g of a group of G channels from c0 whose window, reaching lo_off channels below
+// and hi_off above, holds channel j = c0 + jr: g in [jr - hi_off, jr + lo_off] within [0, G),
+// as small ints (lo > hi: none). Clamped in 64 bits first: jr + lo_off exceeds 2^31 for C > 2^30.
+struct LrnSpan {
+  int lo, hi;
+};
+__host__ __device__ constexpr LrnSpan lrn_span(int64_t jr, int64_t lo_off, int64_t hi_off, int G) {
+  const int64_t lo = jr - hi_off, hi = jr + lo_off;
+  return LrnSpan{static_cast<int>(lo < 0 ? 0 : (lo > G ? G : lo)),
+                 static_cast<int>(hi < -1 ? -1 : (hi > G - 1 ? G - 1 : hi))};
+}
+// At C = 2^31 + 2 and size 2^32 + 2 (reaches 2^31 + 1 below, 2^31 above), where an int span
+// overflowed: the last channel the forward walk of a 16-channel group reaches is in output 15's
+// window only, the first in output 0's only.
+constexpr bool lrn_span_exact_at_2_31() {
+  constexpr int64_t C = (int64_t(1) << 31) + 2;
+  constexpr LrnReach w = lrn_reach((int64_t(1) << 32) + 2, C);
+  constexpr LrnSpan last = lrn_span(15 + w.after, w.before, w.after, 16);
+  constexpr LrnSpan first = lrn_span(-w.before, w.before, w.after, 16);
+  return w.before == (int64_t(1) << 31) + 1 && w.after == (int64_t(1) << 31) && last.lo == 15 &&
+         last.hi == 15 && first.lo == 0 && first.hi == 0;
+}
+static_assert(lrn_span_exact_at_2_31(), "LocalResponseNorm window spans at C > 2^31");
+
+__device__ __forceinline__ float pow_acc(float a, float b) { return powf(a, b); }
+__device__ __forceinline__ double pow_acc(double a, double b) { return pow(a, b); }
+
+// The per-channel arithmetic, one spelling for both layouts (so NCHW and rows give the same
+// bits): torch's div = the window's average of squares (sum / size, the zero padding counted),
+// times alpha, plus k; y = x / div^beta. Backward, per channel j of a twin window:
+// q_j = dy_j x_j d_j^(-beta-1) and own_j = dy_j d_j^-beta; dx_c = own_c - coef x_c sum q.
+template <typename A>
+struct LrnMath {
+  A fsize, alpha, beta, k, coef;
+  __device__ __forceinline__ A div(A sum) const { return sum / fsize * alpha + k; }
+  __device__ __forceinline__ A y(A x, A sum) const { return x / pow_acc(div(sum), beta); }
+  __device__ __forceinline__ void q_own(A sum, A x, A dy, A& q, A& own) const {
+    const A d = div(sum);
+    const A r = A(1) / pow_acc(d, beta);  // d^-beta
+    q = dy * x * r / d;
+    own = dy * r;
+  }
+  __device__ __forceinline__ A dx(A own, A x, A tsum) const { return own - coef * x * tsum; }
+};
+
+template <typename T>
+__device__ __forceinline__ LrnMath<acc_of<T>> lrn_math(const LrnArgs<T>& p) {
+  using A = acc_of<T>;
+  const A fsize = static_cast<A>(p.size);
+  return LrnMath<A>{fsize, p.alpha, p.beta, p.k, A(2) * p.alpha * p.beta / fsize};
+}
+
+// ---- NCHW: a channel's positions are contiguous ----------------------------------------------
 // Elements a thread holds per array (G channels x V positions): 16 fp32 registers, 8 fp64 pairs.
 template <typename T>
 inline constexpr int kLrnElems = sizeof(acc_of<T>) == 8 ? 8 : 16;
 
-// Channels per thread: G x V = kLrnElems. NCHW: 4 channels of a 4-position fp32 pack, 2 of an
-// 8-position fp16/bf16 pack, 4 of a 2-position fp64 pack; single positions (and channels_last):
-// 16 channels (8 in fp64).
+// Channels per thread: G x V = kLrnElems. 16-byte packs: 4 channels of a 4-position fp32 pack,
+// 2 of an 8-position fp16/bf16 pack, 4 of a 2-position fp64 pack; 8-byte packs: 8 channels of
+// 2 fp32 positions, 4 of 4 fp16/bf16 positions; single positions: 16 channels (8 in fp64).
 template <typename T, int V>
 inline constexpr int kLrnGroup = kLrnElems<T> / V > 0 ? kLrnElems<T> / V : 1;
 
@@ -380,86 +443,53 @@ inline constexpr int kLrnGroup = kLrnElems<T> / V > 0 ? kLrnElems<T> / V : 1;
 // overlap the next one's loads. The kernels fit it without spilling (-Xptxas -v).
 constexpr int kLrnMinBlocks = 2;
 
-__device__ __forceinline__ float pow_acc(float a, float b) { return powf(a, b); }
-__device__ __forceinline__ double pow_acc(double a, double b) { return pow(a, b); }
-
-// torch's div: the window's average (sum / size: avg_pool counting the zero padding), times
-// alpha, plus k; y = x / div^beta.
-template <typename A>
-__device__ __forceinline__ A lrn_div(A sum, A size, A alpha, A k) {
-  return sum / size * alpha + k;
-}
-
-// Unit u (position packs x channel groups) -> the position's offset at channel 0 and the group's
-// first channel.
-template <typename T, int V, bool CL>
+// Unit u (position packs fastest, then channel groups) -> the pack's offset at channel 0 and
+// the group's first channel.
+template <typename T, int V>
 __device__ __forceinline__ void lrn_unit(const LrnArgs<T>& p, int64_t u, int64_t items,
-                                         int64_t groups, int64_t& base, int64_t& c0) {
-  constexpr int G = kLrnGroup<T, V>;
-  if constexpr (CL) {
-    const int64_t row = u / groups;  // channel groups fastest: a warp reads along a row
-    c0 = (u - row * groups) * G;
-    base = row * p.C;
-  } else {
-    const int64_t gi = u / items;  // position packs fastest: a warp reads along positions
-    c0 = gi * G;
-    base = pack_base<V>(u - gi * items, p.S / V, p.C, p.S);
-  }
+                                         int64_t& base, int64_t& c0) {
+  const int64_t gi = u / items;  // a warp reads along positions
+  c0 = gi * kLrnGroup<T, V>;
+  base = pack_base<V>(u - gi * items, p.S / V, p.C, p.S);
 }
 
-template <typename T, int V, bool CL>
+template <typename T, int V>
 __device__ __forceinline__ void lrn_store(const LrnArgs<T>& p, int64_t base, int64_t c0,
-                                          int64_t cs, const acc_of<T> (&o)[kLrnGroup<T, V>][V]) {
-  using A = acc_of<T>;
-  constexpr int G = kLrnGroup<T, V>;
-  if constexpr (CL) {
-    if (p.vec_store && c0 + G <= p.C) {
-      A flat[G];
+                                          const acc_of<T> (&o)[kLrnGroup<T, V>][V]) {
 #pragma unroll
-      for (int g = 0; g < G; ++g) flat[g] = o[g][0];
-      store_as<T, G, A>(p.out + base + c0, flat);
-      return;
-    }
-  }
-#pragma unroll
-  for (int g = 0; g < G; ++g)
-    if (c0 + g < p.C) store_as<T, V, A>(p.out + base + (c0 + g) * cs, o[g]);
+  for (int g = 0; g < kLrnGroup<T, V>; ++g)
+    if (c0 + g < p.C) store_as<T, V, acc_of<T>>(p.out + base + (c0 + g) * p.S, o[g]);
 }
 
-template <typename T, int V, bool CL>
+template <typename T, int V>
 __global__ void __launch_bounds__(kPosThreads, kLrnMinBlocks) lrn_fwd_kernel(LrnArgs<T> p) {
   using A = acc_of<T>;
   constexpr int G = kLrnGroup<T, V>;
-  static_assert(!CL || V == 1, "channels_last: a thread's channels belong to one position");
-  const int64_t cs = CL ? 1 : p.S;  // channel stride
-  const int64_t items = CL ? p.N * p.S : p.N * (p.S / V);
-  const int64_t groups = (p.C + G - 1) / G;
-  const int64_t units = items * groups;
-  // win(c) = [c - before, c + after], reaching at most C channels either way (int: C < 2^31)
-  const int before = static_cast<int>(p.size / 2 < p.C ? p.size / 2 : p.C);
-  const int after = static_cast<int>((p.size - 1) / 2 < p.C ? (p.size - 1) / 2 : p.C);
-  const A fsize = static_cast<A>(p.size);
+  const LrnMath<A> m = lrn_math(p);
+  const LrnReach w = lrn_reach(p.size, p.C);
+  const int64_t items = p.N * (p.S / V);
+  const int64_t units = items * ((p.C + G - 1) / G);
   for (int64_t u = blockIdx.x * int64_t(kPosThreads) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * kPosThreads) {
     int64_t base, c0;
-    lrn_unit<T, V, CL>(p, u, items, groups, base, c0);
+    lrn_unit<T, V>(p, u, items, base, c0);
     A sum[G][V], xo[G][V];
 #pragma unroll
     for (int g = 0; g < G; ++g)
 #pragma unroll
       for (int e = 0; e < V; ++e) sum[g][e] = xo[g][e] = A(0);
     // the channels the group's windows reach, ascending; each adds to the windows holding it
-    const int64_t jlo = c0 - before > 0 ? c0 - before : 0;
-    const int64_t jhi = c0 + G - 1 + after < p.C - 1 ? c0 + G - 1 + after : p.C - 1;
+    const int64_t jlo = c0 - w.before > 0 ? c0 - w.before : 0;
+    const int64_t jhi = c0 + G - 1 + w.after < p.C - 1 ? c0 + G - 1 + w.after : p.C - 1;
 #pragma unroll 4
     for (int64_t j = jlo; j <= jhi; ++j) {
       A a[V];
-      load_acc<A, T, V>(p.x + base + j * cs, a);
-      // j is in win(c0 + g) for g in [jr - after, jr + before]: compares with constants
-      const int jr = static_cast<int>(j - c0);
+      load_acc<A, T, V>(p.x + base + j * p.S, a);
+      const int64_t jr = j - c0;
+      const LrnSpan s = lrn_span(jr, w.before, w.after, G);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        const bool in = g >= jr - after && g <= jr + before;
+        const bool in = g >= s.lo && g <= s.hi;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           if (in) sum[g][e] += a[e] * a[e];
@@ -471,75 +501,64 @@ __global__ void __launch_bounds__(kPosThreads, kLrnMinBlocks) lrn_fwd_kernel(Lrn
 #pragma unroll
     for (int g = 0; g < G; ++g)
 #pragma unroll
-      for (int e = 0; e < V; ++e)
-        o[g][e] = xo[g][e] / pow_acc(lrn_div(sum[g][e], fsize, p.alpha, p.k), p.beta);
-    lrn_store<T, V, CL>(p, base, c0, cs, o);
+      for (int e = 0; e < V; ++e) o[g][e] = m.y(xo[g][e], sum[g][e]);
+    lrn_store<T, V>(p, base, c0, o);
   }
 }
 
-template <typename T, int V, bool CL>
+template <typename T, int V>
 __global__ void __launch_bounds__(kPosThreads, kLrnMinBlocks) lrn_bwd_kernel(LrnArgs<T> p) {
   using A = acc_of<T>;
   constexpr int G = kLrnGroup<T, V>;
-  static_assert(!CL || V == 1, "channels_last: a thread's channels belong to one position");
-  const int64_t cs = CL ? 1 : p.S;
-  const int64_t items = CL ? p.N * p.S : p.N * (p.S / V);
-  const int64_t groups = (p.C + G - 1) / G;
-  const int64_t units = items * groups;
-  const int before = static_cast<int>(p.size / 2 < p.C ? p.size / 2 : p.C);
-  const int after = static_cast<int>((p.size - 1) / 2 < p.C ? (p.size - 1) / 2 : p.C);
-  const A fsize = static_cast<A>(p.size);
-  const A coef = A(2) * p.alpha * p.beta / fsize;
+  const LrnMath<A> m = lrn_math(p);
+  const LrnReach w = lrn_reach(p.size, p.C);
+  const int64_t items = p.N * (p.S / V);
+  const int64_t units = items * ((p.C + G - 1) / G);
   for (int64_t u = blockIdx.x * int64_t(kPosThreads) + threadIdx.x; u < units;
        u += int64_t(gridDim.x) * kPosThreads) {
     int64_t base, c0;
-    lrn_unit<T, V, CL>(p, u, items, groups, base, c0);
+    lrn_unit<T, V>(p, u, items, base, c0);
     // per output: the twin-window sum, its own dy * d^-beta, its own x
     A tsum[G][V], own[G][V], xo[G][V];
 #pragma unroll
     for (int g = 0; g < G; ++g)
 #pragma unroll
       for (int e = 0; e < V; ++e) tsum[g][e] = own[g][e] = xo[g][e] = A(0);
-    // twin(c) = [c - after, c + before]: the channels j whose window holds c
-    const int64_t jlo = c0 - after > 0 ? c0 - after : 0;
-    const int64_t jhi = c0 + G - 1 + before < p.C - 1 ? c0 + G - 1 + before : p.C - 1;
+    const int64_t jlo = c0 - w.after > 0 ? c0 - w.after : 0;
+    const int64_t jhi = c0 + G - 1 + w.before < p.C - 1 ? c0 + G - 1 + w.before : p.C - 1;
 #pragma unroll 1
     for (int64_t j = jlo; j <= jhi; ++j) {
       // d_j: a fresh sum over win(j) in channel order, the forward's sum
-      const int64_t ilo = j - before > 0 ? j - before : 0;
-      const int64_t ihi = j + after < p.C - 1 ? j + after : p.C - 1;
+      const int64_t ilo = j - w.before > 0 ? j - w.before : 0;
+      const int64_t ihi = j + w.after < p.C - 1 ? j + w.after : p.C - 1;
       A s[V], xj[V];
 #pragma unroll
       for (int e = 0; e < V; ++e) s[e] = xj[e] = A(0);
 #pragma unroll 4
       for (int64_t i = ilo; i <= ihi; ++i) {
         A a[V];
-        load_acc<A, T, V>(p.x + base + i * cs, a);
+        load_acc<A, T, V>(p.x + base + i * p.S, a);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           s[e] += a[e] * a[e];
           if (i == j) xj[e] = a[e];
         }
       }
-      A d[V];
-      load_acc<A, T, V>(p.dy + base + j * cs, d);
-      A q[V], r[V];
+      A d[V], q[V], r[V];
+      load_acc<A, T, V>(p.dy + base + j * p.S, d);
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const A div = lrn_div(s[e], fsize, p.alpha, p.k);
-        r[e] = A(1) / pow_acc(div, p.beta);  // d_j^-beta
-        q[e] = d[e] * xj[e] * r[e] / div;    // dy_j x_j d_j^(-beta-1)
-      }
-      // j is in twin(c0 + g) for g in [jr - before, jr + after]
-      const int jr = static_cast<int>(j - c0);
+      for (int e = 0; e < V; ++e) m.q_own(s[e], xj[e], d[e], q[e], r[e]);
+      // j is in twin(c0 + g): c0 + g in win(j)
+      const int64_t jr = j - c0;
+      const LrnSpan sp = lrn_span(jr, w.after, w.before, G);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
-        const bool in = g >= jr - before && g <= jr + after;
+        const bool in = g >= sp.lo && g <= sp.hi;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           if (in) tsum[g][e] += q[e];
           if (g == jr) {
-            own[g][e] = d[e] * r[e];
+            own[g][e] = r[e];
             xo[g][e] = xj[e];
           }
         }
@@ -549,8 +568,193 @@ __global__ void __launch_bounds__(kPosThreads, kLrnMinBlocks) lrn_bwd_kernel(Lrn
 #pragma unroll
     for (int g = 0; g < G; ++g)
 #pragma unroll
-      for (int e = 0; e < V; ++e) o[g][e] = own[g][e] - coef * xo[g][e] * tsum[g][e];
-    lrn_store<T, V, CL>(p, base, c0, cs, o);
+      for (int e = 0; e < V; ++e) o[g][e] = m.dx(own[g][e], xo[g][e], tsum[g][e]);
+    lrn_store<T, V>(p, base, c0, o);
+  }
+}
+
+// ---- rows (channels_last, or S == 1): a position's channels are contiguous --------------------
+// Shared-memory tiles of the accumulation type: the forward stages x (16 KB), the backward x,
+// dy and the twin terms q (8 KB each: 24 KB). kLrn*Tile: elements per array.
+constexpr int kLrnFwdTileBytes = 16384;
+constexpr int kLrnBwdTileBytes = 8192;
+template <typename T>
+inline constexpr int kLrnFwdTile = kLrnFwdTileBytes / int(sizeof(acc_of<T>));
+template <typename T>
+inline constexpr int kLrnBwdTile = kLrnBwdTileBytes / int(sizeof(acc_of<T>));
+// Small register state (a staging batch of kLrnStage packs per array, held as loaded; one output
+// at a time): four resident blocks (a cap of 64 registers; -Xptxas -v, sm_90: 51-64, no spills),
+// up to eight by shared memory (16 KB / 24 KB a block).
+constexpr int kLrnRowsMinBlocks = 4;
+constexpr int kLrnStage = 4;  // packs per thread per array in flight while staging
+
+// One tile's channel range [lo, hi) of the rows r0 .. r0 + nr - 1 -> dst (nr rows of hi - lo):
+// coalesced packs of V (lo and hi multiples of V: the host picked V to divide C, so whole rows
+// are too), kLrnStage packs per thread loaded before any is stored. Whole rows (the range is
+// all of C) are one contiguous run of nr * C elements.
+template <typename T, int V>
+__device__ __forceinline__ void lrn_stage(acc_of<T>* dst, const T* __restrict__ src, int64_t C,
+                                          int64_t r0, int nr, int64_t lo, int w) {
+  using A = acc_of<T>;
+  const int wp = w / V, packs = nr * wp;
+  const bool whole = w == C;  // uniform
+  for (int b = threadIdx.x; b < packs; b += kPosThreads * kLrnStage) {
+    T v[kLrnStage][V];  // held as loaded, converted at the store (fewer registers)
+#pragma unroll
+    for (int s = 0; s < kLrnStage; ++s) {
+      const int pk = b + s * kPosThreads;
+      if (pk < packs) {
+        int64_t off;
+        if (whole) {
+          off = r0 * C + int64_t(pk) * V;
+        } else {
+          const int r = pk / wp;
+          off = (r0 + r) * C + lo + int64_t(pk - r * wp) * V;
+        }
+        load_raw<T, V>(src + off, v[s]);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kLrnStage; ++s) {
+      const int pk = b + s * kPosThreads;
+      if (pk < packs) {
+        A a[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) a[e] = static_cast<A>(v[s][e]);
+        store_raw<A, V>(dst + pk * V, a);  // row r at r * w, packs in order
+      }
+    }
+  }
+}
+
+// A tile's place: rows r0 .. r0 + nr - 1, channels c0 .. c0 + nc - 1.
+struct LrnTile {
+  int64_t r0, c0;
+  int nr, nc;
+};
+template <typename T>
+__device__ __forceinline__ LrnTile lrn_tile(const LrnArgs<T>& p, int64_t t, int64_t rows) {
+  const int64_t rt = t / p.ctiles, ct = t - rt * p.ctiles;
+  LrnTile q;
+  q.r0 = rt * p.tile_rows;
+  q.c0 = ct * p.tile_c;
+  q.nr = static_cast<int>(rows - q.r0 < p.tile_rows ? rows - q.r0 : p.tile_rows);
+  q.nc = static_cast<int>(p.C - q.c0 < p.tile_c ? p.C - q.c0 : p.tile_c);
+  return q;
+}
+
+// The outputs of a tile, thread by thread: (r, cc) = o / nc, o % nc for o = threadIdx.x,
+// + kPosThreads, ...; one division per tile, then steps.
+struct LrnWalk {
+  int r, cc, dr, dc, nc;
+  __device__ __forceinline__ LrnWalk(int nc_) : nc(nc_) {
+    r = threadIdx.x / nc;
+    cc = threadIdx.x - r * nc;
+    dr = kPosThreads / nc;
+    dc = kPosThreads - dr * nc;
+  }
+  __device__ __forceinline__ void next() {
+    r += dr;
+    cc += dc;
+    if (cc >= nc) {
+      cc -= nc;
+      ++r;
+    }
+  }
+};
+
+// y for a tile of rows x channels: x over the channels its windows reach staged in shared
+// memory (coalesced, read once from memory), then each output's window summed from there in
+// channel order (fresh, as the NCHW kernel sums it: the same bits), y stored (coalesced).
+template <typename T, int V>
+__global__ void __launch_bounds__(kPosThreads, kLrnRowsMinBlocks) lrn_fwd_rows_kernel(LrnArgs<T> p) {
+  using A = acc_of<T>;
+  __shared__ __align__(16) A xs[kLrnFwdTile<T>];
+  const LrnMath<A> m = lrn_math(p);
+  const LrnReach w = lrn_reach(p.size, p.C);
+  const int64_t rows = p.N * p.S;
+  const int64_t tiles = (rows + p.tile_rows - 1) / p.tile_rows * p.ctiles;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {  // uniform over the block
+    const LrnTile q = lrn_tile(p, t, rows);
+    const int64_t lo = (q.c0 - w.before > 0 ? q.c0 - w.before : 0) / V * V;
+    const int64_t end = q.c0 + q.nc + w.after;
+    const int64_t hi = end < p.C ? (end + V - 1) / V * V : p.C;
+    const int wx = static_cast<int>(hi - lo);
+    __syncthreads();  // the previous tile's reads of xs are done
+    lrn_stage<T, V>(xs, p.x, p.C, q.r0, q.nr, lo, wx);
+    __syncthreads();
+    LrnWalk o(q.nc);
+    for (; o.r < q.nr; o.next()) {
+      const int64_t c = q.c0 + o.cc;
+      const int64_t jlo = c - w.before > 0 ? c - w.before : 0;
+      const int64_t jhi = c + w.after < p.C - 1 ? c + w.after : p.C - 1;
+      const A* row = xs + o.r * wx;
+      A sum = A(0);
+      for (int j = static_cast<int>(jlo - lo); j <= static_cast<int>(jhi - lo); ++j) sum += row[j] * row[j];
+      const A y = m.y(row[c - lo], sum);
+      p.out[(q.r0 + o.r) * p.C + c] = static_cast<T>(y);
+    }
+  }
+}
+
+// dx for a tile: x over the channels the tile's twin windows' own windows reach and dy over the
+// twin channels staged; then q_j and own_j once per twin channel j (each d_j a fresh window sum
+// from shared memory, as the forward's), q to shared memory, own over dy's slot; then each
+// output's twin sum of q in channel order (the NCHW kernel's order: the same bits).
+template <typename T, int V>
+__global__ void __launch_bounds__(kPosThreads, kLrnRowsMinBlocks) lrn_bwd_rows_kernel(LrnArgs<T> p) {
+  using A = acc_of<T>;
+  constexpr int E = kLrnBwdTile<T>;
+  __shared__ __align__(16) A xs[E];
+  __shared__ __align__(16) A ds[E];  // dy, then own
+  __shared__ __align__(16) A qs[E];
+  const LrnMath<A> m = lrn_math(p);
+  const LrnReach w = lrn_reach(p.size, p.C);
+  const int64_t rows = p.N * p.S;
+  const int64_t tiles = (rows + p.tile_rows - 1) / p.tile_rows * p.ctiles;
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {  // uniform over the block
+    const LrnTile q = lrn_tile(p, t, rows);
+    // twin channels [qlo, qhi); dy staged over [dlo, dhi), x over [xlo, xhi) (pack-rounded)
+    const int64_t qlo = q.c0 - w.after > 0 ? q.c0 - w.after : 0;
+    const int64_t qhi = q.c0 + q.nc + w.before < p.C ? q.c0 + q.nc + w.before : p.C;
+    const int64_t dlo = qlo / V * V;
+    const int64_t dhi = qhi < p.C ? (qhi + V - 1) / V * V : p.C;
+    const int64_t xlo = (qlo - w.before > 0 ? qlo - w.before : 0) / V * V;
+    const int64_t xend = qhi + w.after;
+    const int64_t xhi = xend < p.C ? (xend + V - 1) / V * V : p.C;
+    const int wq = static_cast<int>(qhi - qlo), wd = static_cast<int>(dhi - dlo),
+              wx = static_cast<int>(xhi - xlo);
+    __syncthreads();  // the previous tile's reads are done
+    lrn_stage<T, V>(xs, p.x, p.C, q.r0, q.nr, xlo, wx);
+    lrn_stage<T, V>(ds, p.dy, p.C, q.r0, q.nr, dlo, wd);
+    __syncthreads();
+    // q_j and own_j for every twin channel j of every row (one thread each)
+    LrnWalk o(wq);
+    for (; o.r < q.nr; o.next()) {
+      const int64_t j = qlo + o.cc;
+      const int64_t ilo = j - w.before > 0 ? j - w.before : 0;
+      const int64_t ihi = j + w.after < p.C - 1 ? j + w.after : p.C - 1;
+      const A* xr = xs + o.r * wx;
+      A s = A(0);
+      for (int i = static_cast<int>(ilo - xlo); i <= static_cast<int>(ihi - xlo); ++i) s += xr[i] * xr[i];
+      A* dslot = ds + o.r * wd + (j - dlo);
+      A qj, own;
+      m.q_own(s, xr[j - xlo], *dslot, qj, own);
+      qs[o.r * wq + o.cc] = qj;
+      *dslot = own;  // read back by this tile's outputs only (the same j)
+    }
+    __syncthreads();
+    LrnWalk oc(q.nc);
+    for (; oc.r < q.nr; oc.next()) {
+      const int64_t c = q.c0 + oc.cc;
+      const int64_t jlo = c - w.after > 0 ? c - w.after : 0;
+      const int64_t jhi = c + w.before < p.C - 1 ? c + w.before : p.C - 1;
+      const A* qr = qs + oc.r * wq;
+      A tsum = A(0);
+      for (int j = static_cast<int>(jlo - qlo); j <= static_cast<int>(jhi - qlo); ++j) tsum += qr[j];
+      const A dx = m.dx(ds[oc.r * wd + (c - dlo)], xs[oc.r * wx + (c - xlo)], tsum);
+      p.out[(q.r0 + oc.r) * p.C + c] = static_cast<T>(dx);
+    }
   }
 }
 

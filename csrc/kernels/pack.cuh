@@ -19,6 +19,9 @@ template <typename T> using acc_of = typename AccOf<T>::type;
 
 // Elements per 16-byte access.
 template <typename T> inline constexpr int kVec16 = 16 / int(sizeof(T));
+// Elements per 8-byte access: the fallback pack when 16 bytes do not divide a run (fp16 at 14 x 14
+// = 196 positions); 1 for fp64.
+template <typename T> inline constexpr int kVec8 = 8 / int(sizeof(T));
 
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }

@@ -115,36 +115,71 @@ void ln2d_backward(const PosBwd<T>& p, Operand<T> dw_out, Operand<T> db_out,
   else ln2d_backward_vec<T, 1>(p, dw_out, db_out, like);
 }
 
-// LocalResponseNorm: one kernel each way (kernels/channels_positions.cuh), p.out = y or dx.
-// NCHW (CL = false): 16-byte packs of V positions when S % V == 0 (a pack never crosses a channel)
-// and x, dy and out are 16-byte aligned; single positions otherwise. Rows (CL = true: channels
-// last, or S == 1): scalar loads along the row; a group's outputs stored as one pack when C is a
-// multiple of the group (every group then starts G elements apart) and out is 16-byte aligned.
-// Grid: one wave of resident blocks walking the units grid-stride (wave_grid: every thread keeps
-// its group's window loads in flight, as the LayerNorm2d forward does).
-template <typename T, int V, bool CL, bool BWD>
-void lrn_run(const LrnArgs<T>& p) {
+// ---- LocalResponseNorm (kernels/channels_positions.cuh): p.out = y or dx --------------------
+// Rows kernels' tiles: whole rows when C fits a shared-memory array (no halo: windows stop at a
+// row's ends), as many rows as fit but no fewer tiles than a wave of blocks; otherwise one row's
+// chunks of tile_c channels (a multiple of 32) beside the halo their windows reach (forward: the
+// window's size - 1 channels; backward: twice that, the twin windows' own windows), with room
+// for rounding both ends out to a 16-byte pack. 0: not even 32 channels fit beside the halo.
+template <typename T, bool BWD>
+inline int64_t lrn_rows_chunk(int64_t C, int64_t size) {
+  constexpr int64_t cap = BWD ? kLrnBwdTile<T> : kLrnFwdTile<T>;
+  if (C <= cap) return C;
+  const LrnReach w = lrn_reach(size, C);
+  const int64_t halo = (BWD ? 2 : 1) * (w.before + w.after) + 2 * (kVec16<T> - 1);
+  const int64_t tc = halo < cap ? (cap - halo) / 32 * 32 : 0;
+  return tc >= 32 ? tc : 0;
+}
+
+// Whether the rows kernels take these channels and window: false when not even 32 channels fit
+// beside the halo (C above the tile and windows of about 1000 channels or more, 500 in fp64):
+// the caller runs the NCHW kernels instead (local_response_norm.cu).
+template <typename T, bool BWD>
+inline bool lrn_rows_fit(int64_t C, int64_t size) {
+  return lrn_rows_chunk<T, BWD>(C, size) > 0;
+}
+
+// Grid: one wave of resident blocks walking the units (NCHW) or tiles (rows) grid-stride. NCHW:
+// every thread keeps its group's window loads in flight (wave_grid). Rows: each tile's staging
+// has all its loads in flight at once (kLrnStage packs per thread and array: a full forward
+// tile is 16 KB), and an SM holds up to eight blocks (shared memory allows it), so one block's
+// staging overlaps the others' arithmetic.
+template <typename T, int V, bool BWD>
+void lrn_nchw_run(const LrnArgs<T>& p) {
   constexpr int G = kLrnGroup<T, V>;
-  const int64_t items = CL ? p.N * p.S : p.N * (p.S / V);
-  const int64_t units = items * ceil_div(p.C, G);
-  auto kernel = BWD ? lrn_bwd_kernel<T, V, CL> : lrn_fwd_kernel<T, V, CL>;
+  const int64_t units = p.N * (p.S / V) * ceil_div(p.C, G);
+  auto kernel = BWD ? lrn_bwd_kernel<T, V> : lrn_fwd_kernel<T, V>;
   const int per_sm = resident_blocks(kernel, kPosThreads, 0);
   launch(kernel, grid_of(wave_grid(ceil_div(units, kPosThreads), per_sm)), kPosThreads, 0,
          current_stream(), p);
 }
 
+template <typename T, int V, bool BWD>
+void lrn_rows_run(LrnArgs<T> p) {
+  constexpr int64_t cap = BWD ? kLrnBwdTile<T> : kLrnFwdTile<T>;
+  auto kernel = BWD ? lrn_bwd_rows_kernel<T, V> : lrn_fwd_rows_kernel<T, V>;
+  const int64_t wave = int64_t(sm_count()) * resident_blocks(kernel, kPosThreads, 0);
+  const int64_t rows = p.N * p.S;
+  p.tile_c = lrn_rows_chunk<T, BWD>(p.C, p.size);
+  p.ctiles = ceil_div(p.C, p.tile_c);
+  p.tile_rows = p.tile_c == p.C ? std::max<int64_t>(1, std::min(cap / p.C, ceil_div(rows, wave))) : 1;
+  const int64_t tiles = ceil_div(rows, p.tile_rows) * p.ctiles;
+  launch(kernel, grid_of(std::min(tiles, wave)), kPosThreads, 0, current_stream(), p);
+}
+
+// Packs: the widest of 16 and 8 bytes that divides the run (NCHW: S, so a pack never crosses a
+// channel; rows: C, so none crosses a row) and whose alignment x, dy and (NCHW, which stores in
+// packs) out have; single elements otherwise. rows: the caller checked lrn_rows_fit.
 template <typename T, bool BWD>
-void lrn(LrnArgs<T> p, bool rows) {
-  constexpr int V = kVec16<T>;
-  if (rows) {
-    p.vec_store = p.C % kLrnGroup<T, 1> == 0 && groups::aligned16(p.out);
-    lrn_run<T, 1, true, BWD>(p);
-    return;
-  }
-  const bool vec = p.S % V == 0 && groups::aligned16(p.x) && groups::aligned16(p.out) &&
-                   (!BWD || groups::aligned16(p.dy));
-  if (vec) lrn_run<T, V, false, BWD>(p);
-  else lrn_run<T, 1, false, BWD>(p);
+void lrn(const LrnArgs<T>& p, bool rows) {
+  auto fits = [&](int v) {
+    return (rows ? p.C : p.S) % v == 0 && pack_aligned(p.x, v, sizeof(T)) &&
+           pack_aligned(p.dy, v, sizeof(T)) && (rows || pack_aligned(p.out, v, sizeof(T)));
+  };
+  with_pack<T>(fits, [&](auto v) {
+    if (rows) lrn_rows_run<T, decltype(v)::value, BWD>(p);
+    else lrn_nchw_run<T, decltype(v)::value, BWD>(p);
+  });
 }
 
 }  // namespace positions

@@ -4,17 +4,18 @@ nc_grad_sums, nc_affine_grad; contract in docs/ops.md), called as ops through th
 (FASTNORM_EMU), or the ATen reference (FASTNORM_KERNEL_TARGETS=reference); compared with a float64
 reference written here, for every dtype, NCHW / NCDHW, channels_last and channels_last_3d.
 
-Host decisions of csrc/nc_norm.cu and the cases that cross them (V = 16-byte pack: 4 fp32, 8
-fp16/bf16, 2 fp64; 132 SMs):
+Host decisions of csrc/nc_norm.cu and the cases that cross them (V = pack: 16 bytes (4 fp32, 8
+fp16/bf16, 2 fp64) or 8 bytes (2 fp32, 4 fp16/bf16); 132 SMs):
 
   layout   contiguous (rank 3, 4, 5) -> rows family: rows (n, c) of L = prod(spatial) elements
            (launch/groups.h plan_items); channels_last / channels_last_3d -> channels family
            (launch/channels.h plan_cl, G = C); other strides (a transposed input) -> contiguous
            copy, output contiguous. A tensor both contiguous and channels_last (C = 1, or L = 1)
            reads as contiguous.
-  packs    rows: L % V == 0 and x / y / dy / dx 16-byte aligned -> vector, else single elements
-           (L = 7, 13 * 3, 2311; or one element off alignment); channels: C % V == 0 and aligned
-           (C = 16) -> vector, else single (C = 3, 5, 13).
+  packs    the widest V that divides the run (rows: L; channels: C) and whose alignment x / y /
+           dy / dx have: 16 bytes (L = 32; C = 16), 8 bytes (fp16 L = 196 = 14 x 14 and L = 36,
+           fp32 L = 14; fp16 C = 12, fp32 C = 6; tensors 8 bytes off a 16-byte boundary), else
+           single elements (L = 7, 13 * 3, 2311; C = 3, 5, 13; one element off alignment).
   rows     S partials per row: S == 1 (whole rows per item), S > 1 (rows of more than 4 warp
            steps, 512 packs, and too few rows to fill the device: (1, 2, 72, 72) and L = 2311).
   channels K row chunks per (n, tile): K == 1 (small L), K > 1 ((1, 8, 32, 32), (1, 3, 20, 20)).
@@ -58,10 +59,11 @@ def _randn(dev, shape, dtype, scale=1.0, shift=0.0, fmt=None):
     return t if fmt is None else t.contiguous(memory_format=fmt)
 
 
-def _misaligned(t):
-    """The same values and strides one element off a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    v = torch.as_strided(buf, t.shape, t.stride(), 1)
+def _misaligned(t, nbytes=None):
+    """The same values and strides one element (or nbytes) off a 16-byte boundary."""
+    off = 1 if nbytes is None else nbytes // t.element_size()
+    buf = torch.empty(t.numel() + off, dtype=t.dtype, device=t.device)
+    v = torch.as_strided(buf, t.shape, t.stride(), off)
     v.copy_(t)
     return v
 
@@ -121,11 +123,14 @@ CASES = {
     "rows-L7": ((3, 5, 7), None, False),              # rank 3, L = 7: single elements
     "rows-L1": ((2, 13, 1, 1), None, False),          # L = 1 (also channels_last-contiguous)
     "rows-C1": ((4, 1, 5, 5), None, False),           # C = 1, L = 25: single elements
-    "rows-N1-C3": ((1, 3, 6, 6), None, False),        # L = 36: vector fp32/fp64, single fp16/bf16
+    "rows-N1-C3": ((1, 3, 6, 6), None, False),        # L = 36: vector fp32/fp64, 8-byte fp16/bf16
     "rows-5d": ((2, 3, 2, 3, 4), None, False),        # NCDHW, L = 24: vector but fp16/bf16
     "rows-split-vec": ((1, 2, 72, 72), None, False),  # L = 5184: vector, S > 1
     "rows-split-scalar": ((1, 1, 2311), None, False),  # L = 2311 (prime): single, S > 1
     "rows-misaligned": ((2, 3, 4, 8), None, True),    # vector shape one element off: single
+    "rows-L196": ((2, 3, 14, 14), None, False),       # fp16/bf16: 8-byte packs (196 % 8 = 4)
+    "rows-L14": ((2, 3, 2, 7), None, False),          # fp32: 8-byte packs
+    "rows-off8": ((2, 3, 4, 8), None, 8),             # 8 bytes off: 8-byte packs (fp64: single)
     "transposed": ((2, 5, 4, 6), "transposed", False),  # other strides: a contiguous copy
     # channels_last: x[n] an [L, C] matrix, G = C
     "cl-vec": ((2, 16, 3, 5), CL, False),             # C = 16: vector for every dtype, K == 1
@@ -134,6 +139,9 @@ CASES = {
     "cl-split-vec": ((1, 8, 32, 32), CL, False),      # C = 8 (vector but fp64: 4 packs), K > 1
     "cl-split-scalar": ((1, 3, 20, 20), CL, False),   # single, K > 1
     "cl-misaligned": ((2, 16, 3, 5), CL, True),       # vector shape one element off: single
+    "cl-C12": ((2, 12, 3, 3), CL, False),             # fp16/bf16: 8-byte packs
+    "cl-C6": ((2, 6, 3, 3), CL, False),               # fp32: 8-byte packs
+    "cl-off8": ((2, 16, 3, 5), CL, 8),                # 8 bytes off: 8-byte packs (fp64: single)
     "cl3d-vec": ((2, 16, 2, 3, 2), CL3, False),
     "cl3d-C5": ((2, 5, 2, 2, 3), CL3, False),
 }
@@ -145,7 +153,9 @@ def _make(dev, shape, fmt, dtype, misalign, scale=1.5, shift=0.5):
         assert _layout(x) == "other"
         return x
     x = _randn(dev, shape, dtype, scale, shift, fmt=fmt)
-    return _misaligned(x) if misalign else x
+    if not misalign:
+        return x
+    return _misaligned(x, None if misalign is True else misalign)
 
 
 def _expected_layout(x):
@@ -197,7 +207,7 @@ def test_nc_ops(target, case, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64],
                          ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", ["rows-vec", "rows-L7", "cl-vec", "cl-C5"])
+@pytest.mark.parametrize("case", ["rows-vec", "rows-L7", "rows-L196", "cl-vec", "cl-C5", "cl-C12"])
 def test_float32_grad_out_and_cast_inputs(target, case, dtype):
     """grad_out in float32 with a half / bf16 / fp64 input; [N, C] inputs given in another float
     dtype than the statistics dtype (cast); grad_out in another layout than x (read in x's)."""
@@ -302,31 +312,38 @@ def _items_s(m, length, vec, target=SMS * 64):
     return -(-lp // cp)
 
 
-# case -> (dtype, vector path, more than one partial per row / chunk per (n, tile))
+# case -> (dtype, pack bytes (16, 8, or 0: single elements), more than one partial per row /
+# chunk per (n, tile))
 DECISIONS = [
-    ("rows-vec", torch.float32, True, False), ("rows-vec", torch.float16, True, False),
-    ("rows-L7", torch.float32, False, False), ("rows-N1-C3", torch.float16, False, False),
-    ("rows-N1-C3", torch.float64, True, False),
-    ("rows-split-vec", torch.float32, True, True), ("rows-split-vec", torch.bfloat16, True, True),
-    ("rows-split-scalar", torch.float32, False, True),
-    ("rows-misaligned", torch.float32, False, False),
-    ("cl-vec", torch.float16, True, False), ("cl-vec", torch.float64, True, False),
-    ("cl-C5", torch.float32, False, False),
-    ("cl-split-vec", torch.float32, True, True), ("cl-split-vec", torch.float16, True, True),
-    ("cl-split-scalar", torch.float32, False, True),
-    ("cl-misaligned", torch.float32, False, False), ("cl3d-vec", torch.float32, True, False),
+    ("rows-vec", torch.float32, 16, False), ("rows-vec", torch.float16, 16, False),
+    ("rows-L7", torch.float32, 0, False), ("rows-N1-C3", torch.float16, 8, False),
+    ("rows-N1-C3", torch.float64, 16, False),
+    ("rows-split-vec", torch.float32, 16, True), ("rows-split-vec", torch.bfloat16, 16, True),
+    ("rows-split-scalar", torch.float32, 0, True),
+    ("rows-misaligned", torch.float32, 0, False),
+    ("rows-L196", torch.float16, 8, False), ("rows-L196", torch.bfloat16, 8, False),
+    ("rows-L196", torch.float32, 16, False), ("rows-L14", torch.float32, 8, False),
+    ("rows-L14", torch.float16, 0, False), ("rows-off8", torch.float16, 8, False),
+    ("rows-off8", torch.float32, 8, False), ("rows-off8", torch.float64, 0, False),
+    ("cl-vec", torch.float16, 16, False), ("cl-vec", torch.float64, 16, False),
+    ("cl-C5", torch.float32, 0, False),
+    ("cl-split-vec", torch.float32, 16, True), ("cl-split-vec", torch.float16, 16, True),
+    ("cl-split-scalar", torch.float32, 0, True),
+    ("cl-misaligned", torch.float32, 0, False), ("cl3d-vec", torch.float32, 16, False),
+    ("cl-C12", torch.float16, 8, False), ("cl-C12", torch.float32, 16, False),
+    ("cl-C6", torch.float32, 8, False), ("cl-off8", torch.bfloat16, 8, False),
 ]
 
 
-@pytest.mark.parametrize("case,dtype,vec,split", DECISIONS,
+@pytest.mark.parametrize("case,dtype,pack,split", DECISIONS,
                          ids=[f"{c}-{str(d).split('.')[-1]}" for c, d, *_ in DECISIONS])
-def test_plan_decisions(target, case, dtype, vec, split):
+def test_plan_decisions(target, case, dtype, pack, split):
     target.require("emu", why="launch records of the emulated target")
     shape, fmt, misalign = CASES[case]
     x = _make(target.device, shape, fmt, dtype, misalign)
     n, c = x.shape[:2]
     st = torch.zeros(n, c, dtype=_stat(dtype))
-    V = 16 // x.element_size()
+    V = max(1, pack // x.element_size())
     rows = fmt is None
     launches = {}
     for name, fn in (("moments", lambda: target.ops.nc_moments(x)),
@@ -345,7 +362,7 @@ def test_plan_decisions(target, case, dtype, vec, split):
         assert [g.split("<")[0].split("::")[-1] for g in got] == list(ks), (name, got)
         # the streaming kernel's pack width: the second template argument
         args = [a.strip() for a in got[0].split("<", 1)[1].rsplit(">", 1)[0].split(",")]
-        assert args[1] == str(V if vec else 1), (name, got[0])
+        assert args[1] == str(V), (name, got[0])
         if name in ("affine", "dx"):  # the per-(n, c) instantiations (GnMap of N * C rows, NC)
             # row_apply<T, V, GN, X, ACT>: GN; cl_apply / gn_dx_nchw / cl_dx<T, V, ACT, NC>: NC,
             # never with ACT
@@ -355,7 +372,7 @@ def test_plan_decisions(target, case, dtype, vec, split):
                 assert args[2:4] == ["false", "true"], (name, got[0])
     length = x[0, 0].numel()
     if rows:
-        assert (_items_s(n * c, length, V if vec else 1) > 1) == split
+        assert (_items_s(n * c, length, V) > 1) == split
     else:
         # channels: the partial grid is N x K x tiles, one tile for C / V <= 256 channel packs
         grid = launches["moments"][0][1][0]

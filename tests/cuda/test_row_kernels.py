@@ -440,6 +440,8 @@ GN_CASES = [
     ((1, 2, 72, 72), 1, "nchw"),      # backward channel sums vector, S > 1 for every dtype (HW = 5184)
     ((1, 1032, 3, 3), 8, "cl"),       # channels_last: 2-3 channel tiles (fp32/fp64), bx * by = 129 x 1
                                       # (fp16), packs straddling groups (Cg = 129), K == 1
+    ((2, 6, 14, 14), 2, "nchw"),      # backward channel sums in 8-byte packs for fp16/bf16 (HW = 196)
+    ((2, 6, 2, 7), 3, "nchw"),        # backward channel sums in 8-byte packs for fp32 (HW = 14)
 ]
 # Which channels_last plan the other cases take (plan_cl, sm = 132): (3, 64, 8, 8) vector K > 1;
 # (2, 16, 4, 6, 5) vector K == 1 (fp64 K = 3); (4, 10, 1, 1) vector (fp64 only) K == 1;
@@ -469,6 +471,51 @@ def test_group_norm_fwd_bwd(target, dtype, shape, G, layout):
     _poison_allocator(target, x)
     dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True])
     assert dx.dtype == dtype and dx.is_contiguous(memory_format=_fmt(layout))
+    _check(dx, rdx, dtype, 1, None, "dx")
+    _check(dw, rdw, dtype, 1, None, "dweight")
+    _check(db, rdb, dtype, 1, None, "dbias")
+
+
+# (shape, dtype, 8 bytes off a 16-byte boundary) -> the pack of the NCHW backward's per-(n, c)
+# sums (row_sums_partial_kernel<T, V, ...>): the widest of 16 and 8 bytes dividing HW and allowed
+# by x's and dy's alignment
+GN_SUM_PACKS = [((2, 6, 14, 14), torch.float16, False, 4), ((2, 6, 14, 14), torch.bfloat16, False, 4),
+                ((2, 6, 14, 14), torch.float32, False, 4), ((2, 6, 2, 7), torch.float32, False, 2),
+                ((2, 6, 2, 7), torch.float16, False, 1), ((2, 6, 4, 4), torch.float16, False, 8),
+                ((2, 6, 4, 4), torch.float16, True, 4), ((2, 6, 4, 4), torch.float64, True, 1)]
+
+
+@pytest.mark.parametrize("shape,dtype,off8,pack", GN_SUM_PACKS,
+                         ids=[f"{'x'.join(map(str, s))}-{str(d).split('.')[-1]}{'-off8' if o else ''}"
+                              for s, d, o, _ in GN_SUM_PACKS])
+@pytest.mark.parametrize("act", [0, 5], ids=["plain", "gelu"])
+def test_group_norm_backward_sum_packs(target, shape, dtype, off8, pack, act):
+    """The backward's channel sums take 8-byte packs where 16 bytes do not divide HW (or x and dy
+    are 8 bytes off a 16-byte boundary), the same results as the reference either way."""
+    target.require("emu", why="the launched kernels are recorded by the emulator")
+    dev = target.device
+    x = _randn(dev, shape, dtype, 1.5, 0.25)
+    dy = _randn(dev, shape, dtype)
+    if off8:
+        shift = 8 // x.element_size()
+        bx = torch.empty(x.numel() + shift, dtype=dtype)
+        bd = torch.empty(x.numel() + shift, dtype=dtype)
+        x = bx[shift:].view(shape).copy_(x)
+        dy = bd[shift:].view(shape).copy_(dy)
+    C, G = shape[1], 2
+    w, b = _params(dev, (C,), dtype, None, "wb")
+    y, mean, rstd = target.ops.group_norm_fwd(x, w, b, G, EPS, None, act, 0.0)
+    rec = target.emu.record_launches(
+        lambda: target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True], b, act, 0.0))
+    sums = [k.split("(")[0] for k, *_ in rec if "row_sums_partial_kernel" in k]
+    assert len(sums) == 1 and f", {pack}, " in sums[0], sums
+    dx, dw, db = target.ops.group_norm_bwd(dy, x, mean, rstd, w, G, [True, True, True], b, act, 0.0)
+    if act:
+        norm = lambda x64, w64, b64: F.group_norm(x64, G, w64, b64, EPS)  # noqa: E731
+        ry, rdx, rdw, rdb = _act_ref(norm, act, x, w, b, dy)  # gelu: no kink to step off
+    else:
+        ry, _, _, (rdx, rdw, rdb) = _gn_ref(x, G, w, b, dy)
+    _check(y, ry, dtype, 0, None, "y")
     _check(dx, rdx, dtype, 1, None, "dx")
     _check(dw, rdw, dtype, 1, None, "dweight")
     _check(db, rdb, dtype, 1, None, "dbias")
@@ -798,6 +845,7 @@ ACT_PATHS = [
     ("gn", (1, 8, 33, 33), 1, "nchw"),     # NCHW split fwd (vector, packs straddling channels), sums scalar S > 1
     ("gn", (2, 3, 61, 61), 1, "nchw"),     # NCHW split fwd scalar, sums scalar, dx scalar
     ("gn", (1, 2, 72, 72), 1, "nchw"),     # NCHW sums vector S > 1, dx vector
+    ("gn", (2, 6, 14, 14), 2, "nchw"),     # NCHW sums in 8-byte packs (fp16/bf16: HW = 196)
     ("gn", (2, 7, 5, 5), 7, "cl"),         # channels_last scalar
     ("gn", (3, 64, 8, 8), 32, "cl"),       # channels_last vector, K > 1 row chunks
 ]
