@@ -1,6 +1,7 @@
 """Compile time of each unit of the extension, measured one unit at a time.
 
-    python tools/unit_times.py [BUILD_DIR]        # default build/ext (after a build)
+    python tools/unit_times.py [BUILD_DIR] [UNIT ...]   # default build/ext (after a build); all units,
+                                                        # or those whose source path contains UNIT
 
 Runs every compile command of BUILD_DIR/build.ninja (`ninja -t commands`: the exact commands the
 last build ran, arch list included) one after another, writing to a scratch folder, and prints each
@@ -42,9 +43,12 @@ def children_cpu() -> float:
 
 def main() -> None:
     build_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "build", "ext")
+    wanted = sys.argv[2:]
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for src, cmd in compile_commands(build_dir):
+            if wanted and not any(w in src for w in wanted):
+                continue
             obj = os.path.join(scratch, "unit.o")
             # the object and its depfile go to the scratch folder: the build stays as it was
             cmd = re.sub(r"(\s-o\s+)\S+", lambda m: m.group(1) + shlex.quote(obj), cmd)
