@@ -230,10 +230,9 @@ void grad_sums_rows(groups::RowSums<T> p, const NcDims& d, acc_of<T>* sum_dy, ac
   p.ws = ws.data_ptr<A>();
   launch(groups::row_sums_partial_kernel<T, VEC, T, false>, groups::item_grid(it), groups::kItemThreads, 0,
          stream, p, it);
-  // ws[0] = sum(dy), ws[1] = sum(dy * (x - mean)) per item (row r: items r * S .. r * S + S - 1)
+  // rstd null: the kSumDyXhat plane holds sum(dy * (x - mean))
   launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(it.M, 8)), 256, 0, stream,
-         static_cast<const A*>(p.ws), it.M, it.S, int64_t(1), it.S, int64_t(0), int64_t(1), items,
-         sum_dy, sum_dy_xc);
+         static_cast<const A*>(p.ws), groups::PartialsLayout::items(it.M, it.S), sum_dy, sum_dy_xc);
 }
 
 template <typename T, int VEC>
@@ -249,12 +248,11 @@ void grad_sums_cl(channels::ClBwd<T> p, const NcDims& d, acc_of<T>* sum_dy, acc_
   at::Tensor ws = at::empty({2 * plane}, acc_options(like));
   launch(channels::cl_bwd_sums_kernel<T, VEC, false>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
          p, ws.data_ptr<A>());
-  // ws[0] = sum(dy * (x - mean)), ws[1] = sum(dy), laid out [N, K, C]: (n, c) sums K partials
-  // C apart from n * K * C + c
+  // rstd null: the kSumDyXhat plane holds sum(dy * (x - mean))
   const int64_t nc = d.N * d.C;
   launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
-         static_cast<const A*>(ws.data_ptr<A>()), nc, s.K, s.C, s.K * s.C, int64_t(1), s.C, plane,
-         sum_dy_xc, sum_dy);
+         static_cast<const A*>(ws.data_ptr<A>()), groups::PartialsLayout::channels_last(s.N, s.K, s.C),
+         sum_dy, sum_dy_xc);
 }
 
 std::tuple<at::Tensor, at::Tensor> nc_grad_sums(const at::Tensor& grad_out, const at::Tensor& input,
