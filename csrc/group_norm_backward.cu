@@ -45,20 +45,20 @@ void nchw_channel_sums(const groups::row_sums_t<T, ACT>& base, const Dims& d, at
   p.ws = ws.data_ptr<A>();
   launch(groups::row_sums_partial_kernel<T, VEC, T, ACT>, groups::item_grid(it), groups::kItemThreads, 0, stream,
       p, it);
-  // row_sums_partial: ws[0] = sum(dy) (= B), ws[1] = sum(dy * xhat) (= S)
   if (it.S == 1) {
     keep = ws;
-    B = p.ws;
-    S = p.ws + items;
+    B = p.ws + groups::kSumDy * items;
+    S = p.ws + groups::kSumDyXhat * items;
     return;
   }
   const int64_t nc = d.N * d.C;
   keep = at::empty({2 * nc}, acc_options(like));
   A* o = keep.data_ptr<A>();
   launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
-      p.ws, nc, it.S, 1, it.S, 0, 1, items, o, o + nc);
-  B = o;
-  S = o + nc;
+      p.ws, groups::PartialsLayout::items(it.M, it.S), o + groups::kSumDy * nc,
+      o + groups::kSumDyXhat * nc);
+  B = o + groups::kSumDy * nc;
+  S = o + groups::kSumDyXhat * nc;
 }
 
 template <typename T, int VEC, bool ACT>
@@ -88,20 +88,21 @@ void cl_channel_sums(const channels::cl_bwd_t<T, ACT>& base, const Dims& d, at::
   at::Tensor ws = at::empty({2 * plane}, acc_options(like));
   launch(channels::cl_bwd_sums_kernel<T, VEC, ACT>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
       p, ws.data_ptr<A>());
-  // cl_bwd_sums: ws[0] = S, ws[1] = B, laid out [N, K, C]
+  // laid out [N, K, C] per plane
   if (s.K == 1) {
     keep = ws;
-    S = ws.data_ptr<A>();
-    B = S + plane;
+    B = ws.data_ptr<A>() + groups::kSumDy * plane;
+    S = ws.data_ptr<A>() + groups::kSumDyXhat * plane;
     return;
   }
   const int64_t nc = d.N * d.C;
   keep = at::empty({2 * nc}, acc_options(like));
   A* o = keep.data_ptr<A>();
   launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
-      ws.data_ptr<A>(), nc, s.K, s.C, s.K * s.C, 1, s.C, plane, o, o + nc);
-  S = o;
-  B = o + nc;
+      ws.data_ptr<A>(), groups::PartialsLayout::channels_last(s.N, s.K, s.C), o + groups::kSumDy * nc,
+      o + groups::kSumDyXhat * nc);
+  B = o + groups::kSumDy * nc;
+  S = o + groups::kSumDyXhat * nc;
 }
 
 // dx, channels_last: a plan of its own (a wave of cl_dx, whose register budget is not the sums').

@@ -152,6 +152,29 @@ std::tuple<at::Tensor, at::Tensor> nc_moments(const at::Tensor& input) {
 }
 
 // ---- nc_affine -----------------------------------------------------------------------------------
+// y = x * scale + shift per (n, c), and where the forward kernels' params (groups::RowFwd for
+// row_apply, channels::ClFwd for cl_apply<NC>) carry it: rstd = scale, b = shift; mean null (rows)
+// or unused (NC), w absent.
+template <typename T>
+struct NcScaleShift {
+  using A = acc_of<T>;
+  const T* x = nullptr;
+  Operand<T> y;
+  const A* scale = nullptr;
+  Operand<T> shift;
+
+  template <typename P>
+  P params() const {
+    P p;
+    p.x = x;
+    p.y = y;
+    p.b = shift;
+    p.mean = nullptr;
+    p.rstd = const_cast<A*>(scale);  // read only (RowFwd's rstd is row_welford's output too)
+    return p;
+  }
+};
+
 // NCHW: row_apply with the GnMap of N * C groups of one "channel" each (kernels/groups_forward.cuh):
 // mean null (0), rstd = scale, w absent (1), b = shift, all per row.
 template <typename T, int VEC>
@@ -198,20 +221,16 @@ at::Tensor nc_affine(const at::Tensor& input, const at::Tensor& scale, const at:
       return (cl ? d.C : d.L) % v == 0 && pack_aligned(xp, v, sizeof(T)) &&
              pack_aligned(y.data_ptr(), v, sizeof(T));
     };
+    NcScaleShift<T> q;
+    q.x = xp;
+    q.y = operand<T>(y);
+    q.scale = sc.data_ptr<A>();
+    q.shift = operand<T>(sh);
     if (!cl) {
-      groups::RowFwd<T> p;
-      p.x = xp;
-      p.y = operand<T>(y);
-      p.b = operand<T>(sh);
-      p.mean = nullptr;
-      p.rstd = const_cast<A*>(sc.data_ptr<A>());  // read only (row_apply's rstd)
+      const auto p = q.template params<groups::RowFwd<T>>();
       with_pack<T>(fits, [&](auto v) { affine_rows<T, decltype(v)::value>(p, d); });
     } else {
-      channels::ClFwd<T> p;
-      p.x = xp;
-      p.y = operand<T>(y);
-      p.b = operand<T>(sh);
-      p.rstd = sc.data_ptr<A>();
+      const auto p = q.template params<channels::ClFwd<T>>();
       with_pack<T>(fits, [&](auto v) { affine_cl<T, decltype(v)::value>(p, d); });
     }
   });
@@ -230,10 +249,9 @@ void grad_sums_rows(groups::RowSums<T> p, const NcDims& d, acc_of<T>* sum_dy, ac
   p.ws = ws.data_ptr<A>();
   launch(groups::row_sums_partial_kernel<T, VEC, T, false>, groups::item_grid(it), groups::kItemThreads, 0,
          stream, p, it);
-  // ws[0] = sum(dy), ws[1] = sum(dy * (x - mean)) per item (row r: items r * S .. r * S + S - 1)
+  // rstd null: the kSumDyXhat plane holds sum(dy * (x - mean))
   launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(it.M, 8)), 256, 0, stream,
-         static_cast<const A*>(p.ws), it.M, it.S, int64_t(1), it.S, int64_t(0), int64_t(1), items,
-         sum_dy, sum_dy_xc);
+         static_cast<const A*>(p.ws), groups::PartialsLayout::items(it.M, it.S), sum_dy, sum_dy_xc);
 }
 
 template <typename T, int VEC>
@@ -249,12 +267,11 @@ void grad_sums_cl(channels::ClBwd<T> p, const NcDims& d, acc_of<T>* sum_dy, acc_
   at::Tensor ws = at::empty({2 * plane}, acc_options(like));
   launch(channels::cl_bwd_sums_kernel<T, VEC, false>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0, stream,
          p, ws.data_ptr<A>());
-  // ws[0] = sum(dy * (x - mean)), ws[1] = sum(dy), laid out [N, K, C]: (n, c) sums K partials
-  // C apart from n * K * C + c
+  // rstd null: the kSumDyXhat plane holds sum(dy * (x - mean))
   const int64_t nc = d.N * d.C;
   launch(groups::row_sums_finalize_kernel<A>, grid_of(ceil_div(nc, 8)), 256, 0, stream,
-         static_cast<const A*>(ws.data_ptr<A>()), nc, s.K, s.C, s.K * s.C, int64_t(1), s.C, plane,
-         sum_dy_xc, sum_dy);
+         static_cast<const A*>(ws.data_ptr<A>()), groups::PartialsLayout::channels_last(s.N, s.K, s.C),
+         sum_dy, sum_dy_xc);
 }
 
 std::tuple<at::Tensor, at::Tensor> nc_grad_sums(const at::Tensor& grad_out, const at::Tensor& input,
@@ -307,7 +324,33 @@ std::tuple<at::Tensor, at::Tensor> nc_grad_sums(const at::Tensor& grad_out, cons
 }
 
 // ---- nc_affine_grad ------------------------------------------------------------------------------
-// groups::GnDx in the NC mapping (kernels/groups_backward.cuh): w = a, c1 = c, c2 = b.
+// dx = a * dy + b * (x - mean) + c per (n, c), and where groups::GnDx carries it for the dx
+// kernels' NC flag (kernels/groups_backward.cuh): w = a (absent without dy), c1 = c, c2 = b,
+// rstd unused.
+template <typename T>
+struct NcAffineGrad {
+  using A = acc_of<T>;
+  const T* x = nullptr;
+  Operand<T> dy;  // absent without grad_out: the a * dy term drops
+  const A* mean = nullptr;
+  Operand<T> a;
+  const A* b = nullptr;
+  const A* c = nullptr;
+  T* dx = nullptr;
+
+  groups::GnDx<T> params() const {
+    groups::GnDx<T> p;
+    p.x = x;
+    p.dy = dy;
+    p.mean = mean;
+    p.w = dy.present() ? a : Operand<T>{};
+    p.c1 = c;
+    p.c2 = b;
+    p.dx = dx;
+    return p;
+  }
+};
+
 template <typename T, int VEC>
 void affine_grad_rows(const groups::GnDx<T>& p, const NcDims& d) {
   const groups::Items it = nc_items(d, VEC);
@@ -344,14 +387,15 @@ at::Tensor nc_affine_grad(const std::optional<at::Tensor>& grad_out, const at::T
   FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::nc_affine_grad", [&] {
     using T = scalar_t;
     using A = acc_of<T>;
-    groups::GnDx<T> p;
-    p.x = x.data_ptr<T>();
-    p.dy = operand<T>(dy);  // absent without grad_out: the a * dy term drops
-    p.mean = mu.data_ptr<A>();
-    p.w = dy.defined() ? operand<T>(ka) : Operand<T>{};
-    p.c1 = kc.data_ptr<A>();
-    p.c2 = kb.data_ptr<A>();
-    p.dx = dx.data_ptr<T>();
+    NcAffineGrad<T> q;
+    q.x = x.data_ptr<T>();
+    q.dy = operand<T>(dy);
+    q.mean = mu.data_ptr<A>();
+    q.a = operand<T>(ka);
+    q.b = kb.data_ptr<A>();
+    q.c = kc.data_ptr<A>();
+    q.dx = dx.data_ptr<T>();
+    const groups::GnDx<T> p = q.params();
     auto fits = [&](int v) {
       return (cl ? d.C : d.L) % v == 0 && pack_aligned(p.x, v, sizeof(T)) &&
              pack_aligned(p.dx, v, sizeof(T)) &&

@@ -557,9 +557,10 @@ struct ClBwdAct : ClBwd<T> {
 template <typename T, bool ACT>
 using cl_bwd_t = std::conditional_t<ACT, ClBwdAct<T>, ClBwd<T>>;
 
-// Per-(n, chunk, channel) sums, channels_last: ws[0][(n*K + k)*C + c] = sum(dy * xhat),
-// ws[1][...] = sum(dy) (ACT: of dz). rstd null: sum(dy * (x - mean)), the centred sums of
-// nc_grad_sums (G = C; rstd is applied to the block's total, so the choice is outside the loop).
+// Per-(n, chunk, channel) sums, channels_last: ws[kSumDy][(n*K + k)*C + c] = sum(dy),
+// ws[kSumDyXhat][...] = sum(dy * xhat) (ACT: of dz). rstd null: sum(dy * (x - mean)), the centred
+// sums of nc_grad_sums (G = C; rstd is applied to the block's total, so the choice is outside the
+// loop).
 // Minimum blocks per SM of the ACT variants. The derivative of the activation (exp, erf, tanh,
 // log1p, inlined per element) runs with the plain kernel's packs of x and dy in flight plus the
 // per-channel affine of z: at the plain caps, fp64 (both kernels) and the 8-wide half packs of
@@ -667,8 +668,8 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClSumsActBlocks<T, VEC> : k
       GroupWalk gw(n, s.G, cp * VEC, s.Cg);
 #pragma unroll
       for (int v = 0; v < VEC; ++v, gw.next(s.Cg)) {
-        ws[base + v] = p.rstd != nullptr ? sa[v] * p.rstd[gw.ng] : sa[v];
-        ws[plane + base + v] = sb[v];
+        ws[groups::kSumDy * plane + base + v] = sb[v];
+        ws[groups::kSumDyXhat * plane + base + v] = p.rstd != nullptr ? sa[v] * p.rstd[gw.ng] : sa[v];
       }
     }
   }

@@ -302,12 +302,16 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT>)
   }
 }
 
+// The two planes of the backward sums' workspaces (row_sums_partial, cl_bwd_sums) and of
+// row_sums_finalize's output, in this order: sum(dy) then sum(dy * xhat) (ACT: of dz).
+enum SumsPlane : int { kSumDy = 0, kSumDyXhat = 1 };
+
 // Per-item sums for the backward, over (row, chunk) items:
 //   s1 = sum(g), s2 = sum(g * xhat), g = dy * w[j] (w null: g = dy), xhat = (x - mean) * rstd,
 // with the statistics of row / stat_div (GroupNorm NCHW: rows are (n, c) planes, stat_div = C/G).
 // rstd null: 1, the centred sums sum(dy * (x - mean)) of nc_grad_sums (rstd is read once per
 // item, so the choice costs nothing in the loop).
-// ws[0][item] = s1, ws[1][item] = s2.
+// ws[kSumDy][item] = s1, ws[kSumDyXhat][item] = s2.
 template <typename T>
 struct RowSums {
   using A = acc_of<T>;
@@ -418,34 +422,58 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(row_sums
     s1 = warp_sum(s1, tpr);  // every lane of the warp takes part
     s2 = warp_sum(s2, tpr);
     if (item < items && t == 0) {
-      p.ws[item] = s1;
-      p.ws[items + item] = s2;
+      p.ws[kSumDy * items + item] = s1;
+      p.ws[kSumDyXhat * items + item] = s2;
     }
   }
 }
 
-// out1[r] = sum_k in[base(r) + k*sk], out2[r] = sum_k in[plane + base(r) + k*sk] in a fixed order,
-// base(r) = (r / rdiv) * s_hi + (r % rdiv) * s_lo. A warp per r.
+// Where row_sums_finalize finds the K partials of output r in each plane of its input:
+// base(r) + k * sk, base(r) = (r / rdiv) * s_hi + (r % rdiv) * s_lo.
+struct PartialsLayout {
+  int64_t rows = 0;   // outputs per plane
+  int64_t K = 0;      // partials per output
+  int64_t rdiv = 1;
+  int64_t s_hi = 0;
+  int64_t s_lo = 0;
+  int64_t sk = 1;     // between an output's partials
+  int64_t plane = 0;  // elements per plane of the input
+
+  // row_sums_partial's (row, chunk) items: row r's S partials are items r * S .. r * S + S - 1.
+  static PartialsLayout items(int64_t M, int64_t S) {
+    return PartialsLayout{M, S, 1, S, 0, 1, M * S};
+  }
+  // cl_bwd_sums' [N, K, C] planes: (n, c)'s K partials lie C apart from n * K * C + c.
+  static PartialsLayout channels_last(int64_t N, int64_t K, int64_t C) {
+    return PartialsLayout{N * C, K, C, K * C, 1, C, N * K * C};
+  }
+};
+
+// out_dy[r], out_dy_xhat[r]: the sums of output r's partials in the kSumDy and kSumDyXhat planes of
+// `in`, in a fixed order. A warp per r.
 template <typename A>
 __global__ void __launch_bounds__(256)
-    row_sums_finalize_kernel(const A* __restrict__ in, int64_t rows, int64_t K, int64_t rdiv,
-                             int64_t s_hi, int64_t s_lo, int64_t sk, int64_t plane,
-                             A* __restrict__ out1, A* __restrict__ out2) {
+    row_sums_finalize_kernel(const A* __restrict__ in, PartialsLayout l,
+                             A* __restrict__ out_dy, A* __restrict__ out_dy_xhat) {
   const int lane = threadIdx.x & 31;
   const int wpb = blockDim.x >> 5;
+  // the layout's fields as locals: read in place from the struct, fp32's kernel spilled 4 bytes
+  const int64_t rows = l.rows, K = l.K, rdiv = l.rdiv, s_hi = l.s_hi, s_lo = l.s_lo, sk = l.sk;
+  const A* in_dy = in + kSumDy * l.plane;
+  const A* in_dy_xhat = in + kSumDyXhat * l.plane;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * wpb + (threadIdx.x >> 5); r < rows;
        r += static_cast<int64_t>(gridDim.x) * wpb) {  // uniform over the warp
     const int64_t base = (r / rdiv) * s_hi + (r % rdiv) * s_lo;
     A a = A(0), b = A(0);
     for (int64_t k = lane; k < K; k += 32) {
-      a += in[base + k * sk];
-      b += in[plane + base + k * sk];
+      a += in_dy[base + k * sk];
+      b += in_dy_xhat[base + k * sk];
     }
     a = warp_sum(a);
     b = warp_sum(b);
     if (lane == 0) {
-      out1[r] = a;
-      out2[r] = b;
+      out_dy[r] = a;
+      out_dy_xhat[r] = b;
     }
   }
 }

@@ -231,16 +231,16 @@ void ln_backward_vec(row_bwd_t<T, ACT> p, Operand<T> dw_out, Operand<T> db_out, 
     rsp.act = p.act;
   }
   launch(row_sums_partial_kernel<T, VEC, X, ACT>, item_grid(it), kItemThreads, 0, stream, rsp, it);
-  const A* rs1 = rsp.ws;
-  const A* rs2 = rsp.ws + items;
+  const A* rs1 = rsp.ws + kSumDy * items;
+  const A* rs2 = rsp.ws + kSumDyXhat * items;
   at::Tensor rs;
   if (it.S > 1) {
     rs = at::empty({2 * p.M}, ao);
     A* r = rs.data_ptr<A>();
     launch(row_sums_finalize_kernel<A>, grid_of(ceil_div(p.M, 8)), 256, 0, stream,
-        rsp.ws, p.M, it.S, 1, it.S, 0, 1, items, r, r + p.M);
-    rs1 = r;
-    rs2 = r + p.M;
+        rsp.ws, PartialsLayout::items(p.M, it.S), r + kSumDy * p.M, r + kSumDyXhat * p.M);
+    rs1 = r + kSumDy * p.M;
+    rs2 = r + kSumDyXhat * p.M;
   }
   int threads = kBwdSplitBound<T, ACT>;
   while (threads > 128 && ceil_div(p.L, int64_t(threads) * kBwdElems) * p.M < 2 * sm) threads /= 2;
