@@ -55,7 +55,7 @@ void with_pack(const Fits& fits, F&& f) {
   f(std::integral_constant<int, 1>{});
 }
 
-// The layout the kernels read (group_norm.cu, nc_norm.cu): channels_last(_3d) natively, plain
+// The layout the kernels read (group_norm_*.cu, nc_norm.cu): channels_last(_3d) natively, plain
 // contiguous, or a contiguous copy.
 inline bool channels_last_layout(const at::Tensor& input, at::MemoryFormat& fmt) {
   if (input.is_contiguous()) {

@@ -1,6 +1,6 @@
 // Strided channels (BatchNorm NCHW / NHWC, GroupNorm / InstanceNorm channels_last), host side:
 // the launch plans (chunks per channel, block shapes, fused or general path, grids for this
-// device). The op wrappers (batch_norm.cu, group_norm.cu) run them. Kernels: kernels/channels_*.cuh.
+// device). The op wrappers (batch_norm_*.cu, group_norm_*.cu) run them. Kernels: kernels/channels_*.cuh.
 #pragma once
 #include <algorithm>
 #include <cstdint>

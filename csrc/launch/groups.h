@@ -1,6 +1,6 @@
 // Contiguous groups (LayerNorm rows, GroupNorm / InstanceNorm NCHW groups), host side: the launch
 // plans (which kernels, grid, block for a shape on this device) and the launch sequences that
-// layer_norm.cu and group_norm.cu share. Raw pointers in, kernels out on the current stream;
+// layer_norm_*.cu and group_norm_*.cu share. Raw pointers in, kernels out on the current stream;
 // workspaces come from the caching allocator (at::empty). Kernels: kernels/groups_*.cuh.
 #pragma once
 #include <ATen/ops/empty.h>
@@ -278,7 +278,7 @@ void ln_backward(const RowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out, const
   else ln_backward_vec<T, 1, X, false>(p, dw_out, db_out, like);
 }
 
-// ---- LayerNorm over rows, tensor level: what layer_norm.cu and layer_norm2d.cu (channels_last)
+// ---- LayerNorm over rows, tensor level: what layer_norm_*.cu and layer_norm2d_*.cu (channels_last)
 // both launch. x: contiguous rows [M, L] of T; y: T or float32; w, b, dw, db: undefined when
 // absent or not wanted; mean / rstd: [M] in the accumulation type; act: the fused activation
 // (identity: the plain LayerNorm).

@@ -205,7 +205,7 @@ def test_every_activation(target, code, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan's paths (csrc/batch_norm.cu, launch/channels.h: fused when a channel (tile) takes one
+# The plan's paths (csrc/batch_norm_*.cu, launch/channels.h: fused when a channel (tile) takes one
 # block or a thread few vectors; general = stats, finalize, apply) for each pack width. A general
 # path needs more than 4096 vectors per channel (NCHW) or than 16 rows per thread lane (NHWC):
 # the sizes below are the smallest that cross that line, one channel where a channel's size

@@ -5,7 +5,7 @@ sources in the CPU emulation (FASTNORM_EMU), or the ATen reference (FASTNORM_KER
 References: torch.nn.functional.batch_norm in float64 on the target's device (and torch in the
 input's dtype where the running statistics are compared).
 
-The shapes cover every host dispatch decision of csrc/batch_norm.cu: NCHW ([N, C, S]) and NHWC
+The shapes cover every host dispatch decision of csrc/batch_norm_*.cu: NCHW ([N, C, S]) and NHWC
 ([R, C] rows: channels_last, or S == 1) views, 16-byte vector and scalar access, the fused
 single-launch path (one block per channel / channel tile) and the general path (stats, finalize,
 apply), eval, empty batches. The CUDA target runs every case; the emulated target (slow: every CUDA

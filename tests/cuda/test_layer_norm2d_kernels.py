@@ -3,7 +3,7 @@
 emulation (FASTNORM_EMU), or the ATen reference (FASTNORM_KERNEL_TARGETS=reference); compared with
 a float64 reference written here, for every dtype, NCHW and channels_last.
 
-Host decisions of csrc/layer_norm2d.cu and csrc/launch/positions.h, and the cases that cross them
+Host decisions of csrc/layer_norm2d_*.cu and csrc/launch/positions.h, and the cases that cross them
 (V = 16-byte pack: 4 fp32, 8 fp16/bf16, 2 fp64; S = prod(spatial); lanes = channel lanes per
 block, positions per block = 256 / lanes; cached = the forward keeps a lane's packs in registers,
 C <= lanes * 8):
