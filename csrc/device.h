@@ -7,6 +7,9 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
+#include <functional>
+#include <unordered_map>
 #include <utility>
 
 #ifndef FASTNORM_EMULATION
@@ -68,14 +71,66 @@ inline int sm_count() {
   return cached_count;
 }
 
+// What an occupancy answer depends on besides the kernel, block size and dynamic shared memory:
+// on a GPU, the device; in the emulation also the emulator's state (the kernel resources it was
+// given, a new launch record), which it counts in an epoch. (Its device sizes are device ordinals.)
+struct OccupancyKey {
+  const void* kernel;
+  int threads;
+  size_t smem;
+  int device;
+  bool operator==(const OccupancyKey&) const = default;
+};
+
+struct OccupancyKeyHash {
+  size_t operator()(const OccupancyKey& k) const noexcept {
+    size_t h = std::hash<const void*>()(k.kernel);
+    for (uint64_t v : {uint64_t(k.threads), uint64_t(k.smem), uint64_t(k.device)})
+      h = (h ^ std::hash<uint64_t>()(v)) * 0x100000001b3ull;
+    return h;
+  }
+};
+
+inline uint64_t occupancy_epoch() {
+#ifdef FASTNORM_EMULATION
+  return ::fastnorm_emu::occupancy_epoch();
+#else
+  return 0;
+#endif
+}
+
 // Blocks of `kernel` one SM holds at once with this block size and dynamic shared memory (the
 // runtime's occupancy calculator: registers, shared memory, threads), at least 1. Plans size
-// grids from it rather than from an assumed blocks-per-SM.
+// grids from it rather than from an assumed blocks-per-SM. The calculator costs microseconds of
+// host time and nearly every op call asks it: answers are cached per host thread (no lock, no
+// race between threads), keyed by everything they depend on.
+inline int resident_blocks_of(const void* kernel, int threads, size_t smem) {
+  struct Cache {
+    std::unordered_map<OccupancyKey, int, OccupancyKeyHash> blocks;
+    uint64_t epoch = 0;
+  };
+  static thread_local Cache cache;
+  int dev = 0;
+  FASTNORM_DEVICE_CHECK(cudaGetDevice(&dev));
+  const uint64_t epoch = occupancy_epoch();
+  if (epoch != cache.epoch || cache.blocks.size() >= 4096) {  // stale, or shapes without end
+    cache.blocks.clear();
+    cache.epoch = epoch;
+  }
+  const OccupancyKey key{kernel, threads, smem, dev};
+  const auto it = cache.blocks.find(key);
+  if (it != cache.blocks.end()) return it->second;
+  int n = 0;
+  FASTNORM_DEVICE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(
+      &n, kernel, threads, smem, cudaOccupancyDefault));
+  n = n > 0 ? n : 1;
+  cache.blocks.emplace(key, n);
+  return n;
+}
+
 template <typename... Params>
 inline int resident_blocks(void (*kernel)(Params...), int threads, size_t smem) {
-  int n = 0;
-  FASTNORM_DEVICE_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem));
-  return n > 0 ? n : 1;
+  return resident_blocks_of(reinterpret_cast<const void*>(kernel), threads, smem);
 }
 
 }  // namespace fastnorm

@@ -382,3 +382,45 @@ def test_occupancy_from_resource_report(emu, tmp_path):
         ) == "fastnorm::channels::cl_apply_kernel<c10::Half, 8>"
     finally:
         emu.use_resource_report("")
+
+
+def test_occupancy_answers_cached_and_never_stale(emu):
+    """resident_blocks() (csrc/device.h) asks the runtime once per (kernel, threads, shared
+    memory, device) and host thread: a second call of an op makes no query. A device of another
+    size (another device ordinal of the emulator) or other kernel resources get fresh answers, and
+    the plans follow them: the channels_last GroupNorm grids are one wave of what the device holds
+    (resident blocks per SM x SMs)."""
+    x = torch.empty(8, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    w = torch.ones(64)
+
+    def call():
+        emu.ops.group_norm_fwd(x, w, w, 8, EPS)
+
+    def grids():
+        return {k.split("(")[0]: g[0] for k, g, _, _ in emu.record_launches(call)
+                if "cl_welford_partial" in k or "cl_apply" in k}
+
+    emu.use_resource_report("")
+    try:
+        launches = emu.record_launches(lambda: (call(), call()))
+        queries = emu.occupancy_queries()
+        names = [q[0] for q in queries]
+        assert len(launches) >= 4 and len(names) >= 2
+        assert len(set(q[:3] for q in queries)) == len(queries), f"a query repeated: {queries}"
+        base = grids()
+        assert len(base) == 2 and all(v <= 8 * 132 for v in base.values()), base  # 8 per SM
+        for sms, per_sm in ((132, 1), (132, 2), (8, 0)):
+            with emu.schedule(sm_count=sms, blocks_per_sm=per_sm):
+                g = grids()
+                answers = [b for *_, b, _ in emu.occupancy_queries()]
+            assert len(answers) == 2 and all(b == (per_sm or 8) for b in answers), answers
+            assert all(v <= (per_sm or 8) * sms for v in g.values()) and g != base, (sms, g)
+        assert grids() == base  # back on the first device: its answers again
+        for name in names:  # other resources of the same kernels (128 registers: 2 blocks)
+            emu.lib.fastnorm_emu_kernel_resources(name.encode(), 128, 0, 1)
+        g = grids()
+        assert [(b, src) for *_, b, src in emu.occupancy_queries()] == [(2, "report")] * 2
+        assert all(v <= 2 * 132 for v in g.values()) and g != base, g
+    finally:
+        emu.use_resource_report("")
+    assert grids() == base

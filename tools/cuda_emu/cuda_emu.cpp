@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -106,6 +107,7 @@ struct State {
   // occupancy queries answer from threads and shared memory alone.
   std::map<std::string, std::tuple<int, int, int>> resources;
   std::vector<std::string> occupancy_log;  // "kernel<TAB>threads<TAB>smem<TAB>blocks<TAB>source"
+  std::atomic<uint64_t> occupancy_epoch{0};  // occupancy_epoch() of cuda_emu.h
   long launches = 0;
   std::mt19937_64 rng;
 };
@@ -534,6 +536,8 @@ void* block_shared(const void* key, size_t bytes) {
   return p;
 }
 
+uint64_t occupancy_epoch() { return st().occupancy_epoch.load(); }
+
 void* dynamic_shared() {
   running("extern __shared__");
   return st().dyn;
@@ -735,6 +739,7 @@ void fastnorm_emu_record_only(int on) {
   if (on) {
     s.recorded.clear();
     s.occupancy_log.clear();
+    ++s.occupancy_epoch;  // host caches ask again: the log then has every query of the record
   }
 }
 
@@ -754,6 +759,7 @@ int fastnorm_emu_sanitized(void) { return FASTNORM_EMU_ASAN; }
 void fastnorm_emu_kernel_resources(const char* name, int regs, int static_smem, int barriers) {
   auto& s = st();
   std::lock_guard<std::recursive_mutex> lock(s.mu);
+  ++s.occupancy_epoch;  // other registers or shared memory: other answers
   if (name == nullptr || *name == 0) {
     s.resources.clear();
     return;

@@ -104,6 +104,11 @@ void* block_shared(const void* key, size_t bytes);
 void* dynamic_shared();
 
 // ---- host side --------------------------------------------------------------------------------
+// Advances whenever an occupancy answer may change for the same kernel, block, shared memory and
+// device ordinal: new kernel resources, or a new launch record (whose log lists every query the
+// host plans make). Host caches of the answers (csrc/device.h) are keyed by it.
+uint64_t occupancy_epoch();
+
 struct DeviceGuard {
   explicit DeviceGuard(c10::Device) {}
 };
