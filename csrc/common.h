@@ -132,6 +132,7 @@ inline Activation activation_of(int64_t kind, double param, const char* op) {
   Activation a;
   a.kind = static_cast<int>(kind);
   a.param = static_cast<float>(param);
+  a.param64 = param;
   return a;
 }
 

@@ -5,7 +5,9 @@ formulas.
 The codes are the ops' `activation` argument and must equal csrc/kernels/activation.cuh's
 `ActKind` (tests/test_norm_act.py parses the header and compares). Each activation's reference
 is torch's own function, and its backward torch's own backward op, so the reference ops
-(fastnorm/ops/) compute what torch computes, kinks included.
+(fastnorm/ops/) compute what torch computes, kinks included (relu6: the formula of torch's CUDA
+hardtanh_backward, which passes dy at a NaN z as the kernels do; its CPU kernel does so only
+outside its vectorized loop).
 
 `from_module(m)` says which activation a torch or timm module computes: (name, param) when its
 math is exactly one of the table's (forward and gradient, the one-sided choices at the kinks
@@ -37,12 +39,18 @@ def _aten():
     return torch.ops.aten
 
 
+def _relu6_backward(dy: Tensor, z: Tensor) -> Tensor:
+    """hardtanh_backward(dy, z, 0, 6) as torch's CUDA kernel computes it (and its CPU kernel's
+    scalar path): 0 where z <= 0 or z >= 6, dy elsewhere, a NaN z included. The CPU kernel's
+    vectorized path gives 0 for a NaN z; fastnorm's kernels pass dy, as CUDA's does."""
+    return dy.masked_fill((z <= 0) | (z >= 6), 0)
+
+
 ACTIVATIONS: Dict[str, Activation] = {
     "identity": Activation(0, lambda z, p: z, lambda dy, z, p: dy),
     "relu": Activation(1, lambda z, p: F.relu(z),
                        lambda dy, z, p: _aten().threshold_backward(dy, F.relu(z), 0)),
-    "relu6": Activation(2, lambda z, p: F.relu6(z),
-                        lambda dy, z, p: _aten().hardtanh_backward(dy, z, 0.0, 6.0)),
+    "relu6": Activation(2, lambda z, p: F.relu6(z), lambda dy, z, p: _relu6_backward(dy, z)),
     "leaky_relu": Activation(3, lambda z, p: F.leaky_relu(z, p),
                              lambda dy, z, p: _aten().leaky_relu_backward(dy, z, p, False), True),
     "silu": Activation(4, lambda z, p: F.silu(z), lambda dy, z, p: _aten().silu_backward(dy, z)),

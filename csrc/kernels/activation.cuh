@@ -37,7 +37,10 @@ enum ActKind : int {
 
 struct Activation {
   int kind = kActIdentity;
-  float param = 0.f;  // LeakyReLU's negative_slope; unused by the others
+  // LeakyReLU's negative_slope (unused by the others) as torch holds it: float32 for float32 /
+  // half / bf16 data (ATen's opmath type), float64 for float64 data
+  float param = 0.f;
+  double param64 = 0.0;
 };
 
 namespace act_math {
@@ -50,6 +53,10 @@ __device__ __forceinline__ float tanh_(float v) { return tanhf(v); }
 __device__ __forceinline__ double tanh_(double v) { return tanh(v); }
 __device__ __forceinline__ float erf_(float v) { return erff(v); }
 __device__ __forceinline__ double erf_(double v) { return erf(v); }
+
+// The activation's parameter in the accumulation type (Activation::param / param64).
+__device__ __forceinline__ float param_(const Activation& a, float) { return a.param; }
+__device__ __forceinline__ double param_(const Activation& a, double) { return a.param64; }
 
 template <typename A>
 __device__ __forceinline__ A sigmoid(A z) {
@@ -83,7 +90,7 @@ __device__ __forceinline__ A activate(const Activation& a, A z) {
     case kActRelu6:
       return relu6_(z);
     case kActLeakyRelu:
-      return z > A(0) ? z : z * static_cast<A>(a.param);
+      return z > A(0) ? z : z * param_(a, z);
     case kActSilu:
       return z * sigmoid(z);
     case kActGelu:
@@ -108,16 +115,18 @@ __device__ __forceinline__ A activate(const Activation& a, A z) {
 // dy * act'(z): the gradient reaching z. At the kinks the one-sided choices are torch's backward
 // formulas: relu 0 at z == 0, relu6 0 at 0 and 6, leaky_relu the slope at 0, hardswish
 // z / 3 + 1/2 on the open interval (-3, 3) (0 at -3, dy at 3), hardsigmoid 1/6 on (-3, 3).
+// A NaN z takes what torch's comparisons give it: relu and relu6 pass dy (threshold_backward and
+// hardtanh_backward zero only z <= 0 / z >= 6), leaky_relu dy * slope, hardsigmoid 0.
 template <typename A>
 __device__ __forceinline__ A activation_grad(const Activation& a, A z, A dy) {
   using namespace act_math;
   switch (a.kind) {
     case kActRelu:
-      return z > A(0) ? dy : A(0);
+      return z <= A(0) ? A(0) : dy;
     case kActRelu6:
-      return (z > A(0) && z < A(6)) ? dy : A(0);
+      return (z <= A(0) || z >= A(6)) ? A(0) : dy;
     case kActLeakyRelu:
-      return z > A(0) ? dy : dy * static_cast<A>(a.param);
+      return z > A(0) ? dy : dy * param_(a, z);
     case kActSilu: {
       const A s = sigmoid(z);
       return dy * s * (A(1) + z * (A(1) - s));
