@@ -10,13 +10,14 @@ namespace {
 // ------------------------------------------------------------------------------------------
 // Backward launches.
 
-template <typename scalar_t, int V, bool ACT>
+// D: dy's dtype (scalar_t, or float with V == 1: kernels/channels_backward.cuh).
+template <typename scalar_t, int V, bool ACT, typename D = scalar_t>
 void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_sums,
                 channels::BwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
   const cudaStream_t stream = current_stream();
   const scalar_t* x = l.x.const_data_ptr<scalar_t>();
-  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const D* dyp = static_cast<const D*>(dy.const_data_ptr());
   scalar_t* dxp = a.need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
   const int64_t C = l.C, R = l.N * l.S;
   const auto ws_opts = l.x.options().dtype(stat_dtype(l.x.scalar_type()));
@@ -27,10 +28,10 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   NhwcCfg k{};
   const size_t smem = l.nhwc ? 2 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
   const int per_sm =
-      l.nhwc ? std::min(resident_blocks(channels::bn_bwd_sums_nhwc<scalar_t, V, ACT>, kThreads, smem),
-                        resident_blocks(channels::bn_bwd_apply_nhwc<scalar_t, V, ACT>, kThreads, 0))
-             : std::min(resident_blocks(channels::bn_bwd_sums_nchw<scalar_t, V, ACT>, kThreads, 0),
-                        resident_blocks(channels::bn_bwd_apply_nchw<scalar_t, V, ACT>, kThreads, 0));
+      l.nhwc ? std::min(resident_blocks(channels::bn_bwd_sums_nhwc<scalar_t, V, ACT, D>, kThreads, smem),
+                        resident_blocks(channels::bn_bwd_apply_nhwc<scalar_t, V, ACT, D>, kThreads, 0))
+             : std::min(resident_blocks(channels::bn_bwd_sums_nchw<scalar_t, V, ACT, D>, kThreads, 0),
+                        resident_blocks(channels::bn_bwd_apply_nchw<scalar_t, V, ACT, D>, kThreads, 0));
   if (!l.nhwc) {
     a.Sv = l.S / V;
     G = nchw_chunks(l.N * a.Sv, C, per_sm);
@@ -43,12 +44,12 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   }
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
-      launch(channels::bn_bwd_apply_nchw<scalar_t, V, ACT>,
+      launch(channels::bn_bwd_apply_nchw<scalar_t, V, ACT, D>,
           nchw_grid(grid_chunks, C), channels::kThreads, 0, stream,
           dyp, x, dxp, a);
     } else {
       const size_t apply_smem = a.mode == channels::kModeFused ? smem : 0;  // (as in the forward)
-      launch(channels::bn_bwd_apply_nhwc<scalar_t, V, ACT>,
+      launch(channels::bn_bwd_apply_nhwc<scalar_t, V, ACT, D>,
           nhwc_grid(k, grid_chunks), dim3(k.tx, k.ty), apply_smem, stream,
           dyp, x, dxp, a);
     }
@@ -69,10 +70,10 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   a.part = ws.mutable_data_ptr<acc_t>();
   a.coef = a.part + 2 * G * C;
   if (!l.nhwc) {
-    launch(channels::bn_bwd_sums_nchw<scalar_t, V, ACT>, nchw_grid(G, C), channels::kThreads, 0, stream,
+    launch(channels::bn_bwd_sums_nchw<scalar_t, V, ACT, D>, nchw_grid(G, C), channels::kThreads, 0, stream,
         dyp, x, a);
   } else {
-    launch(channels::bn_bwd_sums_nhwc<scalar_t, V, ACT>,
+    launch(channels::bn_bwd_sums_nhwc<scalar_t, V, ACT, D>,
         nhwc_grid(k, G), dim3(k.tx, k.ty), smem, stream,
         dyp, x, a);
   }
@@ -130,8 +131,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
   Tensor dbias = at::empty({output_mask[2] ? C : 0}, w_opts);
   if (!need_dx && !need_sums) return {dx, dweight, dbias};
 
-  Tensor dy = grad_out.scalar_type() == input.scalar_type() ? grad_out
-                                                           : grad_out.to(input.scalar_type());
+  // grad_out of the input's dtype, or float32 with a half / bf16 input read as it is by the
+  // single-element kernels (no rounding pass, no overflow of the values above 65504). Any other
+  // dtype is converted first.
+  const bool dy_f32 = grad_out.scalar_type() == at::kFloat &&
+                      (input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16);
+  Tensor dy = grad_out.scalar_type() == input.scalar_type() || dy_f32
+                  ? grad_out
+                  : grad_out.to(input.scalar_type());
   dy = like_layout(dy, l);
   const Tensor mean_c = mean.to(acc_type).contiguous();
   const Tensor rstd_c = rstd.to(acc_type).contiguous();
@@ -159,6 +166,14 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& grad_out, const 
     a.need_dx = need_dx;
     a.bias = operand<scalar_t>(bias);
     a.act = act;
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      if (dy_f32) {
+        with_act(act, [&](auto act_c) {
+          launch_bwd<scalar_t, 1, decltype(act_c)::value, float>(l, dy, dx, need_sums, a);
+        });
+        return;
+      }
+    }
     with_pack_width<scalar_t>(l, {&l.x, &dy, &dx}, [&](auto v) {
       with_act(act, [&](auto act_c) {
         launch_bwd<scalar_t, decltype(v)::value, decltype(act_c)::value>(l, dy, dx, need_sums, a);

@@ -62,16 +62,18 @@ __device__ __forceinline__ BwdCoef<acc_of<scalar_t>> bwd_finalize(const BwdArgs<
 
 // NCHW: sum(dy) and sum(dy * (x - m)) over the elements of channel c that the cursor visits.
 // ACT: of dz = act_grad(dy) instead, z from m, gs = w * rstd and the bias `shift`.
-template <typename scalar_t, typename acc_t, int V, bool ACT>
-__device__ __forceinline__ void nchw_thread_sums(const Pack<scalar_t, V>* __restrict__ dyv,
+template <typename scalar_t, typename acc_t, int V, bool ACT, typename D>
+__device__ __forceinline__ void nchw_thread_sums(const Pack<D, V>* __restrict__ dyv,
                                                  const Pack<scalar_t, V>* __restrict__ xv,
                                                  NchwCursor cur, acc_t m, acc_t& sdy,
                                                  acc_t& sdxm, const Activation& act, acc_t gs,
                                                  acc_t shift) {
   using P = Pack<scalar_t, V>;
+  using PD = Pack<D, V>;  // dy's packs
   sdy = sdxm = acc_t(0);
   while (cur.remaining >= kUnroll) {
-    P pd[kUnroll], px[kUnroll];
+    PD pd[kUnroll];
+    P px[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       pd[u] = dyv[cur.off];
@@ -90,7 +92,7 @@ __device__ __forceinline__ void nchw_thread_sums(const Pack<scalar_t, V>* __rest
       }
   }
   while (cur.remaining > 0) {
-    const P pd = dyv[cur.off];
+    const PD pd = dyv[cur.off];
     const P px = xv[cur.off];
     cur.next();
     cur.remaining -= 1;
@@ -106,8 +108,8 @@ __device__ __forceinline__ void nchw_thread_sums(const Pack<scalar_t, V>* __rest
 
 // NHWC: the same two sums for V channels over rows r0, r0 + step, ... < R (ACT: gs[], shift[]
 // per channel, as nchw_thread_sums).
-template <typename scalar_t, typename acc_t, int V, bool ACT>
-__device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __restrict__ dyv,
+template <typename scalar_t, typename acc_t, int V, bool ACT, typename D>
+__device__ __forceinline__ void nhwc_thread_sums(const Pack<D, V>* __restrict__ dyv,
                                                  const Pack<scalar_t, V>* __restrict__ xv,
                                                  int64_t Cv, int64_t cv, int64_t R, int64_t r0,
                                                  int64_t step, const acc_t (&m)[V],
@@ -115,6 +117,7 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __rest
                                                  const Activation& act, const acc_t (&gs)[V],
                                                  const acc_t (&shift)[V]) {
   using P = Pack<scalar_t, V>;
+  using PD = Pack<D, V>;  // dy's packs
 #pragma unroll
   for (int j = 0; j < V; ++j) sdy[j] = sdxm[j] = acc_t(0);
   if (r0 >= R) return;
@@ -122,7 +125,8 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __rest
   int64_t off = r0 * Cv + cv;
   const int64_t doff = step * Cv;
   while (rows >= kUnroll) {
-    P pd[kUnroll], px[kUnroll];
+    PD pd[kUnroll];
+    P px[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       pd[u] = dyv[off + u * doff];
@@ -142,7 +146,7 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __rest
       }
   }
   while (rows > 0) {
-    const P pd = dyv[off];
+    const PD pd = dyv[off];
     const P px = xv[off];
     off += doff;
     rows -= 1;
@@ -159,15 +163,19 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<scalar_t, V>* __rest
 
 // ---------------------------------------------------------------------------------------------
 // Backward sums kernels (general path): partial sums [2][G1][C].
+// D, in these and the apply kernels: dy's dtype, the input's, or float for a float32 grad_out of
+// a half / bf16 input (read as it is: rounded to half first, values above 65504 would overflow).
+// The host takes float only with single elements (V == 1): the packed kernels keep their code.
 
-template <typename scalar_t, int V, bool ACT>
+template <typename scalar_t, int V, bool ACT, typename D = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    bn_bwd_sums_nchw(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+    bn_bwd_sums_nchw(const D* __restrict__ dy, const scalar_t* __restrict__ x,
                      BwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
+  using PD = Pack<D, V>;  // dy's packs
   __shared__ acc_t sh[64];
-  const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
+  const PD* __restrict__ dyv = reinterpret_cast<const PD*>(dy);
   const P* __restrict__ xv = reinterpret_cast<const P*>(x);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -181,7 +189,8 @@ __global__ void __launch_bounds__(kThreads)
       gs = a.weight.get_or(c, acc_t(1)) * a.rstd[c];
       shift = a.bias.get_or(c, acc_t(0));
     }
-    nchw_thread_sums<scalar_t, acc_t, V, ACT>(dyv, xv, cur, a.mean[c], sdy, sdxm, a.act, gs, shift);
+    nchw_thread_sums<scalar_t, acc_t, V, ACT, D>(dyv, xv, cur, a.mean[c], sdy, sdxm, a.act, gs,
+                                                 shift);
     block_sum2(sdy, sdxm, sh);
     if (threadIdx.x == 0) {
       const int64_t i = static_cast<int64_t>(blockIdx.x) * C + c;
@@ -192,15 +201,16 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t).
-template <typename scalar_t, int V, bool ACT>
+template <typename scalar_t, int V, bool ACT, typename D = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    bn_bwd_sums_nhwc(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+    bn_bwd_sums_nhwc(const D* __restrict__ dy, const scalar_t* __restrict__ x,
                      BwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
+  using PD = Pack<D, V>;  // dy's packs
   extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
   acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
-  const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
+  const PD* __restrict__ dyv = reinterpret_cast<const PD*>(dy);
   const P* __restrict__ xv = reinterpret_cast<const P*>(x);
   const int64_t C = a.C, Cv = a.C / V, R = a.N * a.S;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -217,8 +227,8 @@ __global__ void __launch_bounds__(kThreads)
       shift[j] = active ? a.bias.get_or(cv * V + j, acc_t(0)) : acc_t(0);
     }
   }
-  nhwc_thread_sums<scalar_t, acc_t, V, ACT>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m, sdy,
-                                            sdxm, a.act, gs, shift);
+  nhwc_thread_sums<scalar_t, acc_t, V, ACT, D>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m,
+                                               sdy, sdxm, a.act, gs, shift);
   tree_sum2_rows<acc_t, V>(sdy, sdxm, smem);
   if (active && threadIdx.y == 0) {
     const int64_t base = static_cast<int64_t>(blockIdx.y) * C + cv * V;
@@ -261,14 +271,15 @@ __global__ void __launch_bounds__(kThreads) bn_bwd_finalize(BwdArgs<scalar_t> a)
 
 // NCHW. grid (G, min(C, 65535)), block kThreads.
 // ACT: dz = dy * act'(z) in place of dy everywhere (sums and dx); z needs x in eval too.
-template <typename scalar_t, int V, bool ACT>
+template <typename scalar_t, int V, bool ACT, typename D = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    bn_bwd_apply_nchw(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+    bn_bwd_apply_nchw(const D* __restrict__ dy, const scalar_t* __restrict__ x,
                       scalar_t* __restrict__ dx, BwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
+  using PD = Pack<D, V>;  // dy's packs
   __shared__ acc_t sh[64];
-  const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
+  const PD* __restrict__ dyv = reinterpret_cast<const PD*>(dy);
   const P* __restrict__ xv = reinterpret_cast<const P*>(x);
   P* __restrict__ dxv = reinterpret_cast<P*>(dx);
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -294,8 +305,8 @@ __global__ void __launch_bounds__(kThreads)
     } else {  // uniform branch
       acc_t sdy = acc_t(0), sdxm = acc_t(0);
       if (a.mode == kModeFused) {
-        nchw_thread_sums<scalar_t, acc_t, V, ACT>(dyv, xv, cur, a.mean[c], sdy, sdxm, a.act, zg,
-                                                  zb);
+        nchw_thread_sums<scalar_t, acc_t, V, ACT, D>(dyv, xv, cur, a.mean[c], sdy, sdxm, a.act,
+                                                     zg, zb);
         block_sum2(sdy, sdxm, sh);
       }
       k = bwd_finalize(a, c, sdy, sdxm, blockIdx.x == 0 && threadIdx.x == 0);
@@ -304,7 +315,8 @@ __global__ void __launch_bounds__(kThreads)
 
     if (a.training) {
       while (cur.remaining >= kUnroll) {
-        P pd[kUnroll], px[kUnroll];
+        PD pd[kUnroll];
+        P px[kUnroll];
         int64_t offs[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -327,7 +339,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       while (cur.remaining > 0) {
-        const P pd = dyv[cur.off];
+        const PD pd = dyv[cur.off];
         const P px = xv[cur.off];
         P o;
 #pragma unroll
@@ -342,7 +354,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     } else {
       while (cur.remaining >= kUnroll) {
-        P pd[kUnroll];
+        PD pd[kUnroll];
         P px[kUnroll];  // read with ACT only (z)
         int64_t offs[kUnroll];
 #pragma unroll
@@ -366,7 +378,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       while (cur.remaining > 0) {
-        const P pd = dyv[cur.off];
+        const PD pd = dyv[cur.off];
         P px;  // read with ACT only (z)
         if constexpr (ACT) px = xv[cur.off];
         P o;
@@ -386,15 +398,16 @@ __global__ void __launch_bounds__(kThreads)
 
 // NHWC. grid (ceil(C / V / tx), G), block (tx, ty).
 // Dynamic shared memory: 2 * kThreads * V * sizeof(acc_t). ACT: as bn_bwd_apply_nchw.
-template <typename scalar_t, int V, bool ACT>
+template <typename scalar_t, int V, bool ACT, typename D = scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    bn_bwd_apply_nhwc(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+    bn_bwd_apply_nhwc(const D* __restrict__ dy, const scalar_t* __restrict__ x,
                       scalar_t* __restrict__ dx, BwdArgs<scalar_t> a) {
   using acc_t = acc_of<scalar_t>;
   using P = Pack<scalar_t, V>;
+  using PD = Pack<D, V>;  // dy's packs
   extern __shared__ __align__(16) unsigned char bn_dyn_smem[];
   acc_t* smem = reinterpret_cast<acc_t*>(bn_dyn_smem);
-  const P* __restrict__ dyv = reinterpret_cast<const P*>(dy);
+  const PD* __restrict__ dyv = reinterpret_cast<const PD*>(dy);
   const P* __restrict__ xv = reinterpret_cast<const P*>(x);
   P* __restrict__ dxv = reinterpret_cast<P*>(dx);
   const int64_t C = a.C, Cv = a.C / V, R = a.N * a.S;
@@ -435,8 +448,8 @@ __global__ void __launch_bounds__(kThreads)
       acc_t m[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) m[j] = active ? a.mean[c0 + j] : acc_t(0);
-      nhwc_thread_sums<scalar_t, acc_t, V, ACT>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m, sdy,
-                                                sdxm, a.act, zg, zb);
+      nhwc_thread_sums<scalar_t, acc_t, V, ACT, D>(dyv, xv, Cv, cv, active ? R : 0, r0, step, m,
+                                                   sdy, sdxm, a.act, zg, zb);
       tree_sum2_rows<acc_t, V>(sdy, sdxm, smem);
     }
     const bool writer = active && blockIdx.y == 0 && threadIdx.y == 0;
@@ -458,7 +471,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t doff = step * Cv;
   if (a.training) {
     while (rows >= kUnroll) {
-      P pd[kUnroll], px[kUnroll];
+      PD pd[kUnroll];
+      P px[kUnroll];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         pd[u] = dyv[off + u * doff];
@@ -480,7 +494,7 @@ __global__ void __launch_bounds__(kThreads)
       rows -= kUnroll;
     }
     while (rows > 0) {
-      const P pd = dyv[off];
+      const PD pd = dyv[off];
       const P px = xv[off];
       P o;
 #pragma unroll
@@ -495,7 +509,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   } else {
     while (rows >= kUnroll) {
-      P pd[kUnroll];
+      PD pd[kUnroll];
       P px[kUnroll];  // read with ACT only (z)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -518,7 +532,7 @@ __global__ void __launch_bounds__(kThreads)
       rows -= kUnroll;
     }
     while (rows > 0) {
-      const P pd = dyv[off];
+      const PD pd = dyv[off];
       P px;  // read with ACT only (z)
       if constexpr (ACT) px = xv[off];
       P o;

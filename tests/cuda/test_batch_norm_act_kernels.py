@@ -264,6 +264,31 @@ def test_float32_params(target, dtype, shape, fmt):
     run_case(target, x, w, b, rm, rv, dy, 4, dtype, grad_dtype=torch.float32)  # silu
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("shape,fmt", [((2, 3, 5, 8), None), ((256, 2, 7, 7), None),
+                                       ((2, 3, 24, 24), CL)],
+                         ids=["nchw-fused", "nchw-general", "nhwc-general"])
+def test_float32_grad_out(target, dtype, shape, fmt):
+    """A float32 dy of a half input with values above fp16's range: dz = dy * act'(z) from it as
+    it is (the single-element kernels read it; nothing rounds it to half first)."""
+    x, w, b, rm, rv, _ = make(target, shape, dtype, fmt, seed=11, params_dtype=torch.float32)
+    w = w * 1e-3  # dx within fp16's range
+    dy = torch.randn(shape, generator=gen(18), dtype=torch.float64).mul(1e5).float()
+    dy = (dy.contiguous(memory_format=fmt) if fmt is not None else dy).to(target.device)
+    assert dy.abs().max() > 65504
+    ops, code = target.ops, 5  # gelu
+    y, mean, rstd = ops.batch_norm_fwd(x, w, b, rm, rv, None, True, 0.1, EPS, code, 0.0)
+    _, dx64, dw64, db64 = ref(x, w, b, dy, code, True)
+    dx, dw, db = ops.batch_norm_bwd(dy, x, mean, rstd, w, True, [True, True, True], b, code, 0.0)
+    assert_close(dx, dx64, TOL[dtype], "dx")
+    assert_close(dw, dw64, 1e-4, "dweight")
+    assert_close(db, db64, 1e-4, "dbias")
+    y, mean, rstd = ops.batch_norm_fwd(x, w, b, rm, rv, None, False, 0.1, EPS, code, 0.0)
+    _, dx64, _, _ = ref(x, w, b, dy, code, False, rm, rv)
+    dx, _, _ = ops.batch_norm_bwd(dy, x, mean, rstd, w, False, [True, False, False], b, code, 0.0)
+    assert_close(dx, dx64, TOL[dtype], "eval dx")
+
+
 @pytest.mark.parametrize("shape,fmt", [((2, 3, 5, 7), None), ((2, 3, 24, 24), CL)],
                          ids=["nchw-fused", "nhwc-general"])
 def test_no_affine(target, shape, fmt):

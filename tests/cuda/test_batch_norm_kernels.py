@@ -330,6 +330,56 @@ def test_amp_fp32_params(target, C, M, layout, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# A float32 grad_out with a half / bf16 input (the gradient of a float32 cast of y): read as it is
+# by the single-element kernels, with no pass that rounds it to the input's dtype first (values
+# above 65504 would overflow fp16). Fused and general paths, NCHW and NHWC, training and eval.
+
+F32_DY = {"nchw-fused": ((2, 3, 5, 8), None), "nchw-general": ((256, 2, 7, 7), None),
+          "nhwc-fused": ((2, 16, 5, 7), torch.channels_last),
+          "nhwc-general": ((2, 3, 24, 24), torch.channels_last)}
+
+
+def _ops_run(fn):
+    """The ATen ops fn dispatches (profiler names)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("case", list(F32_DY))
+def test_float32_grad_out_read_as_is(target, dtype, case):
+    shape, fmt = F32_DY[case]
+    dev = target.device
+    x = (torch.randn(shape, device=dev, generator=gen(dev, 3)) * 2 + 0.5).to(dtype)
+    x = x.contiguous(memory_format=fmt) if fmt is not None else x
+    C = shape[1]
+    w, b, rm, rv = make_params(target, C, torch.float32)
+    w = w * 1e-3  # dx = w * rstd * (dy - ...) within fp16's range for |dy| up to ~4e5
+    y, mean, rstd = fwd(target, x, w, b, rm, rv, None, True, 0.1)
+    dy = make_dy(x.float()) * 1e5
+    assert dy.dtype == torch.float32 and dy.abs().max() > 65504
+    _, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
+    out = {}
+    ran = _ops_run(lambda: out.update(g=bwd(target, dy, x, mean, rstd, w, True)))
+    assert not ran & {"aten::_to_copy", "aten::copy_"}, sorted(ran)
+    dx, dw, db = out["g"]
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+    check_format(dx, x, "nhwc" if fmt is not None else "nchw")
+    assert_close(dx, dx64, TOL[dtype], "dx")
+    assert_close(dw, dw64, 1e-4, "dweight")
+    assert_close(db, db64, 1e-4, "dbias")
+    # eval: dx = dy * w * rstd alone, and with the sums
+    y, mean, rstd = fwd(target, x, w, b, rm, rv, None, False, 0.1)
+    _, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy, training=False, rm=rm, rv=rv)
+    dx, _, _ = bwd(target, dy, x, mean, rstd, w, False, (True, False, False))
+    assert_close(dx, dx64, TOL[dtype], "eval dx")
+    _, dw, db = bwd(target, dy, x, mean, rstd, w, False, (False, True, True))
+    assert_close(dw, dw64, 1e-4, "eval dweight")
+    assert_close(db, db64, 1e-4, "eval dbias")
+
+
+# ---------------------------------------------------------------------------------------------
 # Eval forward/backward, running statistics over two training steps, momentum None.
 
 EVAL_CASES = [(64, 3136), (3, 49), (8, 4224)]
