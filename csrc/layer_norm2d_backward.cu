@@ -62,15 +62,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm2d_bwd(
     if (rows_layout(fmt, s)) {
       groups::layer_norm_rows_backward<T>(x, dy, mu, rs, w, output_mask[0] ? &dx : nullptr, dw_out,
                                           db_out, M, s.C, act, b);
-    } else if (s.C > positions::kMaxBwdChannels<T>) {
-      // channels too many for the positions backward's per-block parameter sums in shared
-      // memory: the rows family on channels_last copies of x and dy (one extra pass each way)
-      const at::Tensor xr = x.movedim(1, -1).contiguous();
-      const at::Tensor dyr = dy.movedim(1, -1).contiguous();
-      at::Tensor dxr = output_mask[0] ? at::empty(xr.sizes(), xr.options()) : at::Tensor();
-      groups::layer_norm_rows_backward<T>(xr, dyr, mu, rs, w, output_mask[0] ? &dxr : nullptr,
-                                          dw_out, db_out, M, s.C, act, b);
-      if (output_mask[0]) dx.copy_(dxr.movedim(-1, 1));
     } else {
       positions::PosBwd<T> p;
       p.x = x.data_ptr<T>();

@@ -3,15 +3,16 @@
 // apart. LayerNorm2d on NCHW input (ConvNeXt's channels-first LayerNorm), and LocalResponseNorm,
 // whose reduction is a window of channels around each output channel instead of all of them.
 //   ln2d_fwd_kernel  per position: Welford over the thread's channels, Chan merge of the block's
-//                    channel lanes in a fixed order, then y = (x - mean) * rstd * w_c + b_c
+//                    channel lanes in a fixed tree, then y = z = (x - mean) * (rstd * w_c) + b_c
+//                    (affine_z, kernels/pack.cuh)
 //   ln2d_bwd_kernel  per position: s1 = sum_c g, s2 = sum_c g * xhat (g = dy * w_c), then
 //                    dx = rstd * (g - s1 / C - xhat * s2 / C) (two passes over x and dy: the
 //                    first only when dx is wanted); per channel, this block's partial
 //                    sums of dy * xhat and dy (dweight, dbias) -> row blockIdx.x of [gridDim, C]
 //                    workspaces, summed in a fixed order by groups' col_sum_finalize_kernel.
 // Block layout: kPosThreads = PX x CY threads. tx = threadIdx.x % PX walks positions, V
-// consecutive positions per thread (a pack: 16 bytes when the host allows), so a warp's load of
-// one channel is PX * V consecutive elements (coalesced); ty = threadIdx.x / PX takes channels
+// consecutive positions per thread (a pack: 16 or 8 bytes when the host allows), so a warp's load
+// of one channel is PX * V consecutive elements (coalesced); ty = threadIdx.x / PX takes channels
 // c = ty, ty + CY, ... A tile is PX packs of positions x all C channels; blocks walk tiles
 // grid-stride. CACHED (forward): the thread's packs stay in registers between the statistics
 // and the output pass (C <= CY * kCachePacks); otherwise the output pass reads them again (the
@@ -52,6 +53,7 @@
 #include <cstdint>
 
 #include "kernels/activation.cuh"
+#include "kernels/channels_common.cuh"  // merge_shared_count
 #include "kernels/pack.cuh"
 #include "kernels/welford.cuh"
 
@@ -61,6 +63,14 @@ namespace positions {
 constexpr int kPosThreads = 256;
 // Packs of x a forward thread keeps in registers (CACHED): 8 x 16 bytes = 32 registers.
 constexpr int kCachePacks = 8;
+
+// The backward's static merge buffer (red: s1 / s2 per channel lane and position), and the most
+// dynamic shared memory its per-block dweight / dbias sums ([2, C] in the accumulation type) take:
+// beyond it (C > 3072, 1536 in fp64) the sums live in the block's rows of the workspaces instead.
+// Together at most 16 + 24 = 40 KB, 8 KB under the 48 KB a block gets without opting in.
+template <typename T, int V>
+inline constexpr size_t kBwdRedBytes = 2 * size_t(kPosThreads) * V * sizeof(acc_of<T>);
+constexpr size_t kBwdSumsSmem = 24 * 1024;
 
 template <typename T>
 struct PosFwd {
@@ -86,6 +96,7 @@ struct PosBwd {
   T* dx = nullptr;       // nullable: dx not requested
   A* ws_dw = nullptr;    // nullable: [gridDim.x, C] partials of sum(dy * xhat)
   A* ws_db = nullptr;    // nullable: [gridDim.x, C] partials of sum(dy)
+  bool sums_in_smem = false;  // the block's sums in dynamic shared memory (else in its ws rows)
   int64_t N = 0, C = 0, S = 0;
   Operand<T> b;          // [C]: the bias (absent = 0), read with ACT only (z)
   Activation act;        // ln2d_bwd_kernel<..., ACT = true>: dy -> dy * act'(z)
@@ -161,7 +172,9 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int 
         }
       }
     }
-    // Chan merge of the cy channel lanes, lane 0 first, in lane order
+    // Chan merge of the cy channel lanes in a fixed tree: lane j takes lane j + h for h = cy / 2,
+    // ..., 2, 1, every lane below h at once: log2(cy) dependent steps, not a chain of cy - 1
+    // merges on one warp. The order depends on C alone (cy does).
     const int slot = tx * V;
     __syncthreads();  // red may still be read for the previous tile
 #pragma unroll
@@ -169,21 +182,31 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int 
       red[0][ty * px * V + slot + k] = mean[k];
       red[1][ty * px * V + slot + k] = m2[k];
     }
-    __syncthreads();
+    for (int h = cy >> 1; h > 0; h >>= 1) {
+      __syncthreads();
+      if (ty < h) {
+        // lane ty + h holds lanes ty + h, ty + 3h, ... (the steps before merged them); its V
+        // positions share one count: one division per step
+        int64_t nb = 0;
+        for (int q = ty + h; q < cy; q += 2 * h) nb += lane_channels(full, rem, q);
+        const int o = (ty + h) * px * V + slot;
+        channels::merge_shared_count<A, V>(mean, m2, cnt, &red[0][o], &red[1][o],
+                                           static_cast<A>(nb));
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          red[0][ty * px * V + slot + k] = mean[k];  // read by lane ty - h / 2 next step
+          red[1][ty * px * V + slot + k] = m2[k];
+        }
+      }
+    }
     if (ty == 0) {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        Welford<A> w(mean[k], m2[k], cnt);
-        for (int j = 1; j < cy; ++j) {
-          const A nj = static_cast<A>(lane_channels(full, rem, j));
-          if (nj == A(0)) break;
-          w.merge(Welford<A>(red[0][j * px * V + slot + k], red[1][j * px * V + slot + k], nj));
-        }
-        const A rs = rsqrt_acc(w.var_biased() + p.eps);
-        red[0][slot + k] = w.mean;
+        const A rs = rsqrt_acc(Welford<A>(mean[k], m2[k], cnt).var_biased() + p.eps);
+        red[0][slot + k] = mean[k];
         red[1][slot + k] = rs;
         if (active) {
-          p.mean[item * V + k] = w.mean;
+          p.mean[item * V + k] = mean[k];
           p.rstd[item * V + k] = rs;
         }
       }
@@ -200,7 +223,7 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_fwd_kernel(PosFwd<T> p, int 
       const A wc = p.w.get_or(c, A(1)), bc = p.b.get_or(c, A(0));
       A o[V];
 #pragma unroll
-      for (int k = 0; k < V; ++k) o[k] = (static_cast<A>(v[k]) - mu[k]) * rs[k] * wc + bc;
+      for (int k = 0; k < V; ++k) o[k] = affine_z(static_cast<A>(v[k]), mu[k], rs[k] * wc, bc);
       if constexpr (ACT) {
 #pragma unroll
         for (int k = 0; k < V; ++k) o[k] = activate(p.act, o[k]);
@@ -228,19 +251,28 @@ template <typename T, int V, bool ACT>
 __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int cy) {
   using A = acc_of<T>;
   __shared__ A red[2][kPosThreads * V];  // per (channel lane, position): s1 / s2 partials
-  extern __shared__ unsigned char dyn_smem[];  // [2, C] dweight / dbias sums of this block
-  A* acc_w = reinterpret_cast<A*>(dyn_smem);
-  A* acc_b = acc_w + p.C;
+  static_assert(sizeof(red) == kBwdRedBytes<T, V> && sizeof(red) + kBwdSumsSmem <= 40 * 1024,
+                "the backward's shared memory leaves 8 KB of the 48 KB a block gets by default");
+  extern __shared__ __align__(16) unsigned char ln2d_dyn_smem[];
   const bool want_w = p.ws_dw != nullptr, want_b = p.ws_db != nullptr;
-  const bool want_params = want_w || want_b;  // uniform; the host sized dyn_smem to match
+  const bool want_params = want_w || want_b;  // uniform
+  // This block's sum j (0: dweight, 1: dbias) of channel c: [2, C] in dynamic shared memory when
+  // the host sized it so, else the block's own row of that workspace (one writer each, below).
+  auto acc = [&](int j, int64_t c) -> A& {
+    if (p.sums_in_smem) return reinterpret_cast<A*>(ln2d_dyn_smem)[j * p.C + c];
+    return (j == 0 ? p.ws_dw : p.ws_db)[blockIdx.x * p.C + c];
+  };
   const int px = kPosThreads / cy;
   const int tx = threadIdx.x % px, ty = threadIdx.x / px;
   const int64_t Sp = p.S / V, items = p.N * Sp;
   const int64_t tiles = (items + px - 1) / px;
   const A inv_c = A(1) / static_cast<A>(p.C);
   if (want_params) {
-    for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) acc_w[c] = acc_b[c] = A(0);
-    __syncthreads();
+    for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
+      if (want_w) acc(0, c) = A(0);
+      if (want_b) acc(1, c) = A(0);
+    }
+    __syncthreads();  // (global memory too: visible to the block after the barrier)
   }
   // channel blocks of cy channels: the same trip count for every lane, so the width-px shuffles
   // of the parameter sums see all 32 lanes of a warp (a lane past C contributes zeros)
@@ -270,8 +302,10 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int 
           if constexpr (ACT) {
             const A bc = p.b.get_or(c, A(0));
 #pragma unroll
-            for (int k = 0; k < V; ++k)
-              d[k] = activation_grad(p.act, (static_cast<A>(v[k]) - mu[k]) * rs[k] * wc + bc, d[k]);
+            for (int k = 0; k < V; ++k) {
+              const A z = affine_z(static_cast<A>(v[k]), mu[k], rs[k] * wc, bc);
+              d[k] = activation_grad(p.act, z, d[k]);
+            }
           }
 #pragma unroll
           for (int k = 0; k < V; ++k) {
@@ -320,8 +354,10 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int 
       if constexpr (ACT) {  // a lane past C or the positions: d = 0 stays 0 (z finite there)
         const A bc = live ? p.b.get_or(c, A(0)) : A(0);
 #pragma unroll
-        for (int k = 0; k < V; ++k)
-          d[k] = activation_grad(p.act, (static_cast<A>(v[k]) - mu[k]) * rs[k] * wc + bc, d[k]);
+        for (int k = 0; k < V; ++k) {
+          const A z = affine_z(static_cast<A>(v[k]), mu[k], rs[k] * wc, bc);
+          d[k] = activation_grad(p.act, z, d[k]);
+        }
       }
       A o[V];
 #pragma unroll
@@ -336,17 +372,17 @@ __global__ void __launch_bounds__(kPosThreads) ln2d_bwd_kernel(PosBwd<T> p, int 
         pw = warp_sum(pw, px);
         pb = warp_sum(pb, px);
         if (tx == 0 && c < p.C) {  // lane ty owns channel c: one writer, tiles in order
-          acc_w[c] += pw;
-          acc_b[c] += pb;
+          if (want_w) acc(0, c) += pw;
+          if (want_b) acc(1, c) += pb;
         }
       }
     }
   }
-  if (!want_params) return;  // uniform
+  if (!want_params || !p.sums_in_smem) return;  // uniform
   __syncthreads();
   for (int64_t c = threadIdx.x; c < p.C; c += blockDim.x) {
-    if (want_w) p.ws_dw[blockIdx.x * p.C + c] = acc_w[c];
-    if (want_b) p.ws_db[blockIdx.x * p.C + c] = acc_b[c];
+    if (want_w) p.ws_dw[blockIdx.x * p.C + c] = acc(0, c);
+    if (want_b) p.ws_db[blockIdx.x * p.C + c] = acc(1, c);
   }
 }
 

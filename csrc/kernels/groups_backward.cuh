@@ -58,14 +58,15 @@ struct RowBwdAct : RowBwd<T> {
 template <typename T, bool ACT>
 using row_bwd_t = std::conditional_t<ACT, RowBwdAct<T>, RowBwd<T>>;
 
-// dy -> dz = dy * act'(z) for the VEC elements of a pack, z = (x - mean) * (rstd * w) + b (the
-// forward's expression, so the activation's kinks fall where the forward put them).
+// dy -> dz = dy * act'(z) for the VEC elements of a pack, z = affine_z (the forward's z, so the
+// activation's kinks fall where the forward put them).
 template <typename A, int VEC>
 __device__ __forceinline__ void act_grad_pack(const Activation& a, const A (&xa)[VEC], A mean,
                                               A rstd, const A (&wv)[VEC], const A (&bv)[VEC],
                                               A (&g)[VEC]) {
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) g[k] = activation_grad(a, (xa[k] - mean) * (rstd * wv[k]) + bv[k], g[k]);
+  for (int k = 0; k < VEC; ++k)
+    g[k] = activation_grad(a, affine_z(xa[k], mean, rstd * wv[k], bv[k]), g[k]);
 }
 
 // The normalised row's storage: x (X == T) or the fp32 residual stream (add_norm).

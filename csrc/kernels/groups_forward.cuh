@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           if constexpr (RMS) o[k] = static_cast<A>(v[r][k]) * (rstd * wv[k]);  // no bias
-          else o[k] = (static_cast<A>(v[r][k]) - mean) * (rstd * wv[k]) + bv[k];
+          else o[k] = affine_z(static_cast<A>(v[r][k]), mean, rstd * wv[k], bv[k]);
         }
         if constexpr (ACT) act_epilogue<ACT>(p.act, o);
         p.y.store(row * p.L + j0, o);
@@ -463,7 +463,8 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(act_params_t<Ro
           A wv[VEC], bv[VEC], o[VEC];
           row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
 #pragma unroll
-          for (int k = 0; k < VEC; ++k) o[k] = (static_cast<A>(v[u][k]) - mean) * (rstd * wv[k]) + bv[k];
+          for (int k = 0; k < VEC; ++k)
+            o[k] = affine_z(static_cast<A>(v[u][k]), mean, rstd * wv[k], bv[k]);
           if constexpr (ACT) act_epilogue<ACT>(p.act, o);
           p.y.store(row * it.L + j0, o);
         }

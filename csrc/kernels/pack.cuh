@@ -26,6 +26,18 @@ template <typename T> inline constexpr int kVec8 = 8 / int(sizeof(T));
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }
 
+// z = xhat * w + b as the row and position kernels form it, forward and backward alike:
+// (x - mean) * scale + shift with scale = rstd * w, the product and the sum rounded once. An
+// explicit fma, not one left to contraction (nvcc contracts, g++ does not, and other spellings
+// contract differently): a backward that recomputes z from the saved statistics finds the
+// forward's z bit for bit, so an activation's kink falls on the same side of it.
+__device__ __forceinline__ float affine_z(float x, float mean, float scale, float shift) {
+  return fmaf(x - mean, scale, shift);
+}
+__device__ __forceinline__ double affine_z(double x, double mean, double scale, double shift) {
+  return fma(x - mean, scale, shift);
+}
+
 // V consecutive elements moved by one load or store (the host checks the alignment).
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {

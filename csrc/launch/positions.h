@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+#include <utility>
 
 #include "common.h"
 #include "kernels/channels_positions.cuh"
@@ -26,12 +29,6 @@ inline int channel_lanes(int64_t C, int64_t per_lane) {
   while (cy < 32 && int64_t(cy) * per_lane < C) cy <<= 1;
   return cy;
 }
-
-// The backward's per-block dweight/dbias sums live in dynamic shared memory, [2, C]; kept within
-// 32 KB (beside the 16 KB static merge buffer, under the 48 KB needing no opt-in). Wider C: the op
-// wrapper runs the rows family on a channels_last copy instead.
-template <typename T>
-inline constexpr int64_t kMaxBwdChannels = (32 * 1024) / (2 * int64_t(sizeof(acc_of<T>)));
 
 // Grid: one wave of resident blocks (the occupancy calculator's count for this kernel, block and
 // shared memory), each walking tiles grid-stride; fewer when there are fewer tiles. Why one wave
@@ -67,24 +64,56 @@ void ln2d_forward_vec(const PosFwd<T>& p) {
   else ln2d_forward_act<T, V, false>(p);
 }
 
-// 16-byte packs of V positions when S % V == 0 (a pack never crosses a channel) and x and y are
-// 16-byte aligned (every pack offset is then a multiple of V elements); single positions
-// otherwise. Weight and bias are read per channel: no alignment needed.
-template <typename T>
-void ln2d_forward(const PosFwd<T>& p) {
-  constexpr int V = kVec16<T>;
-  const bool vec = p.S % V == 0 && groups::aligned16(p.x) && groups::aligned16(p.y.ptr);
-  if (vec) ln2d_forward_vec<T, V>(p);
-  else ln2d_forward_vec<T, 1>(p);
+// A pack of V positions (V > 1) fits when S % V == 0 (a pack never crosses a channel) and every
+// pointer is aligned to the bytes its pack moves, at most 16 (a float32 operand of a half input
+// moves 4 bytes per element; wider packs are several 16-byte accesses): {pointer, element bytes}.
+inline bool pack_fits(int64_t S, int V, std::initializer_list<std::pair<const void*, int>> ptrs) {
+  if (S % V != 0) return false;
+  for (const auto& [ptr, elem] : ptrs)
+    if (!is_aligned(ptr, size_t(std::min(16, V * elem)))) return false;
+  return true;
 }
 
-// dw_out / db_out: [C] in T or float32, absent when not wanted. p.ws_dw / p.ws_db are set here.
+template <typename T>
+int operand_bytes(const Operand<T>& o) {
+  return o.f32 ? 4 : int(sizeof(T));
+}
+
+// Calls f with the widest pack of positions that fits (std::integral_constant): 16 bytes of x,
+// else 8 bytes (fp16 / bf16: 4 positions, as ConvNeXt's 14 x 14 = 196 positions allow; fp32: 2),
+// else single positions. Weight and bias are read per channel: no alignment needed.
+template <typename T, typename F>
+void with_position_pack(int64_t S, std::initializer_list<std::pair<const void*, int>> ptrs, F&& f) {
+  constexpr int V16 = kVec16<T>, V8 = 8 / int(sizeof(T));
+  if (pack_fits(S, V16, ptrs)) {
+    f(std::integral_constant<int, V16>{});
+    return;
+  }
+  if constexpr (V8 > 1) {
+    if (pack_fits(S, V8, ptrs)) {
+      f(std::integral_constant<int, V8>{});
+      return;
+    }
+  }
+  f(std::integral_constant<int, 1>{});
+}
+
+template <typename T>
+void ln2d_forward(const PosFwd<T>& p) {
+  with_position_pack<T>(p.S, {{p.x, int(sizeof(T))}, {p.y.ptr, operand_bytes(p.y)}},
+                        [&](auto v) { ln2d_forward_vec<T, decltype(v)::value>(p); });
+}
+
+// dw_out / db_out: [C] in T or float32, absent when not wanted. p.ws_dw / p.ws_db and where the
+// block's sums live (p.sums_in_smem: [2, C] within kBwdSumsSmem) are set here.
 template <typename T, int V, bool ACT>
 void ln2d_backward_act(PosBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
   using A = acc_of<T>;
   const bool want_dw = dw_out.present(), want_db = db_out.present();
   const int cy = channel_lanes(p.C, kCachePacks);
-  const size_t smem = want_dw || want_db ? size_t(2 * p.C) * sizeof(A) : 0;
+  const size_t sums = size_t(2 * p.C) * sizeof(A);
+  p.sums_in_smem = (want_dw || want_db) && sums <= kBwdSumsSmem;
+  const size_t smem = p.sums_in_smem ? sums : 0;
   const int64_t tiles = ceil_div(p.N * (p.S / V), kPosThreads / cy);
   const int per_sm = resident_blocks(ln2d_bwd_kernel<T, V, ACT>, kPosThreads, smem);
   // one wave (see wave_grid): also bounds the [grid, C] partials, read once by the finalize
@@ -108,11 +137,9 @@ void ln2d_backward_vec(PosBwd<T> p, Operand<T> dw_out, Operand<T> db_out, const 
 template <typename T>
 void ln2d_backward(const PosBwd<T>& p, Operand<T> dw_out, Operand<T> db_out,
                    const at::Tensor& like) {
-  constexpr int V = kVec16<T>;
-  const bool vec = p.S % V == 0 && groups::aligned16(p.x) && is_aligned(p.dy.ptr, 16) &&
-                   groups::aligned16(p.dx);
-  if (vec) ln2d_backward_vec<T, V>(p, dw_out, db_out, like);
-  else ln2d_backward_vec<T, 1>(p, dw_out, db_out, like);
+  with_position_pack<T>(
+      p.S, {{p.x, int(sizeof(T))}, {p.dy.ptr, operand_bytes(p.dy)}, {p.dx, int(sizeof(T))}},
+      [&](auto v) { ln2d_backward_vec<T, decltype(v)::value>(p, dw_out, db_out, like); });
 }
 
 // ---- LocalResponseNorm (kernels/channels_positions.cuh): p.out = y or dx --------------------

@@ -22,7 +22,6 @@ TOL = {torch.float64: (1e-10, 1e-9), torch.float32: (2e-5, 1e-4),
        torch.float16: (2e-3, 4e-3), torch.bfloat16: (1.6e-2, 3e-2)}
 EPS = 1e-6
 LEAKY_SLOPE = 0.2
-LEAKY_SLOPE_F64 = 0.125
 ACTS = {
     0: ("identity", lambda z: z),
     1: ("relu", F.relu),
@@ -53,11 +52,9 @@ def act_fn(code, p):
 
 
 def param_of(code, dtype=None):
-    """leaky_relu's negative_slope. The kernels hold it as a float (Activation::param), so for
-    float64 the test takes a slope float32 represents exactly (0.2 would be 1.5e-9 off)."""
-    if code != 3:
-        return 0.0
-    return LEAKY_SLOPE_F64 if dtype == torch.float64 else LEAKY_SLOPE
+    """leaky_relu's negative_slope: 0.2, which float32 does not hold exactly (1.5e-9 off), so
+    float64 data checks that the kernels use torch's float64 slope."""
+    return LEAKY_SLOPE if code == 3 else 0.0
 
 
 def _stat(dtype):
@@ -159,6 +156,21 @@ def test_paths(target, dtype, case):
     _run(target, x, w, b, code, dtype, seed=50 + i)
 
 
+# 8-byte packs of positions (S a multiple of 4 for fp16 / bf16, of 2 for fp32, but not of the
+# 16-byte pack): cached (C = 5) and uncached (C = 300) forward, the backward
+PACK8 = {torch.float32: (2, 3), torch.float16: (3, 4), torch.bfloat16: (3, 4)}
+PACK8_CASES = [(d, c) for d in PACK8 for c in (5, 300)]
+
+
+@pytest.mark.parametrize("dtype,c", PACK8_CASES, ids=[f"{d}-c{c}" for d, c in PACK8_CASES])
+def test_eight_byte_packs(target, dtype, c):
+    i = PACK8_CASES.index((dtype, c))
+    code = (5, 2, 9, 7, 3, 11)[i]  # gelu, relu6, mish, hardswish, leaky_relu, tanh
+    x = _randn(target.device, (2, c, *PACK8[dtype]), dtype, 2.0, 0.5, seed=60 + i)
+    w, b = _params(target.device, c, dtype, 60 + i)
+    _run(target, x, w, b, code, dtype, seed=60 + i)
+
+
 MASKS = [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
 
 
@@ -217,3 +229,96 @@ def test_unknown_activation_is_a_value_error(target, code):
     m = torch.zeros(shape[0] * 16, device=target.device)
     with pytest.raises(ValueError, match="activation"):
         target.ops.layer_norm2d_bwd(x, x, m, m + 1, w, [True, True, True], b, code, 0.0)
+
+
+def test_leaky_relu_slope_exact(target):
+    """y = leaky_relu(z) where z is exact (C = 2 channels of +-1: mean 0, rstd 1 with eps = 0;
+    z = -3 for the second): the kernels' product z * slope is torch's bit for bit, in float32
+    (slope rounded to float32, ATen's opmath type) and float64 (the slope as a double)."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.tensor([1.0, -1.0], dtype=dtype).reshape(1, 2, 1, 1).expand(2, 2, 4, 4)
+        x = x.contiguous().to(target.device)
+        w = torch.tensor([1.0, 3.0], dtype=dtype, device=target.device)
+        y, _, rstd = target.ops.layer_norm2d_fwd(x, w, None, 0.0, None, 3, LEAKY_SLOPE)
+        assert torch.equal(rstd.cpu(), torch.ones_like(rstd.cpu()))
+        want = F.leaky_relu(torch.tensor(-3.0, dtype=dtype), LEAKY_SLOPE)
+        if dtype == torch.float64:  # a float32 slope would give another product
+            assert want.item() != -3.0 * torch.tensor(LEAKY_SLOPE, dtype=torch.float32).item()
+        assert torch.equal(y[:, 1].cpu(), want.expand(2, 4, 4)), (dtype, y[0, 1, 0, 0].item())
+
+
+# The kinks of relu: 0, and of relu6: 0 and 6.
+def _kink_bias(x, w, kink):
+    """A bias that puts z = xhat * w + b within rounding of `kink` at the first position of every
+    channel (float64 statistics): z's sign there is decided by the last bit of the kernel's
+    arithmetic."""
+    x64 = x.detach().to("cpu", torch.float64)
+    mean = x64.mean(1, keepdim=True)
+    rstd = (((x64 - mean) ** 2).mean(1, keepdim=True) + EPS).rsqrt()
+    xhat0 = ((x64 - mean) * rstd)[0, :, 0, 0]
+    return (kink - xhat0 * w.detach().to("cpu", torch.float64)).to(x.dtype).to(x.device)
+
+
+KINKS = [(1, 0.0), (2, 0.0), (2, 6.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("code,kink", KINKS, ids=[f"{ACTS[c][0]}-{k:g}" for c, k in KINKS])
+@pytest.mark.parametrize("c,fmt", [(300, None), (4100, None), (300, torch.channels_last)],
+                         ids=["c300", "c4100-wide", "c300-rows"])
+def test_backward_mask_is_the_forwards(target, dtype, code, kink, c, fmt):
+    """Near a kink the backward's derivative mask is the one the forward's output shows: the
+    backward recomputes z bit for bit (kernels/pack.cuh affine_z), the wide-C backward (sums in
+    the workspace) and the channels_last rows included. Checked exactly with integer dy: dbias =
+    sum over positions of dy where 0 < y < 6 (relu6) / 0 < y (relu)."""
+    dev = target.device
+    x = _randn(dev, (1, c, 1, 2), dtype, 2.0, 0.5, seed=13)
+    x = x.contiguous(memory_format=fmt) if fmt is not None else x
+    w = _randn(dev, (c,), dtype, 0.5, 1.0, seed=14)
+    b = _kink_bias(x, w, kink)
+    y, mean, rstd = target.ops.layer_norm2d_fwd(x, w, b, EPS, None, code, 0.0)
+    g = torch.Generator().manual_seed(15)
+    dy = torch.randint(1, 9, x.shape, generator=g).to(dtype).to(dev)
+    dy = dy.contiguous(memory_format=fmt) if fmt is not None else dy
+    _, _, db = target.ops.layer_norm2d_bwd(dy, x, mean, rstd, w, [False, False, True], b, code, 0.0)
+    y64, dy64 = y.detach().to("cpu", torch.float64), dy.to("cpu", torch.float64)
+    live = (y64 > 0) & (y64 < 6) if code == 2 else y64 > 0
+    want = (dy64 * live).sum((0, 2, 3))
+    near = (y64[0, :, 0, 0] - kink).abs() < 1e-4
+    assert near.sum() > c // 4, "the test data is not near the kink"
+    assert torch.equal(db.to("cpu", torch.float64), want), \
+        f"{int((db.cpu().double() != want).sum())} channels' masks differ from the forward's"
+
+
+@pytest.mark.parametrize("code", [1, 2], ids=["relu", "relu6"])
+@pytest.mark.parametrize("c,fmt", [(5, None), (300, None), (4100, None), (5, torch.channels_last)],
+                         ids=["c5", "c300", "c4100-wide", "c5-rows"])
+def test_nan_z_passes_dy_as_torch(target, code, c, fmt):
+    """A NaN z (here: a NaN bias of channel 0) passes dy, as torch's relu / relu6 backward
+    (threshold_backward; hardtanh_backward's CUDA kernel and its CPU scalar path) zero only
+    z <= 0 (and z >= 6): every gradient stays finite. Reference: float64 autograd of the norm,
+    fed dz by those formulas (torch's CPU hardtanh_backward gives 0 for a NaN in its vectorized
+    path)."""
+    dev = target.device
+    x = _randn(dev, (2, c, 2, 2), torch.float32, 2.0, 0.5, seed=16)
+    x = x.contiguous(memory_format=fmt) if fmt is not None else x
+    w, b = _params(dev, c, torch.float32, 16)
+    b[0] = float("nan")
+    dy = _randn(dev, x.shape, torch.float32, seed=17)
+    dy = dy.contiguous(memory_format=fmt) if fmt is not None else dy
+    y, mean, rstd = target.ops.layer_norm2d_fwd(x, w, b, EPS, None, code, 0.0)
+    assert torch.isnan(y[:, 0]).all()
+    dx, dw, db = target.ops.layer_norm2d_bwd(dy, x, mean, rstd, w, [True, True, True], b, code,
+                                             0.0)
+    x64, w64, b64 = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (x, w, b))
+    mu = x64.mean(1, keepdim=True)
+    xhat = (x64 - mu) / (((x64 - mu) ** 2).mean(1, keepdim=True) + EPS).sqrt()
+    z = xhat * w64.reshape(1, -1, 1, 1) + b64.reshape(1, -1, 1, 1)
+    dy64 = dy.detach().to("cpu", torch.float64)
+    off = (z <= 0) | (z >= 6) if code == 2 else z <= 0
+    z.backward(dy64.masked_fill(off, 0))
+    # all of dy reached the NaN z
+    torch.testing.assert_close(b64.grad[0], dy64[:, 0].sum(), rtol=1e-12, atol=0)
+    _check(dx, x64.grad, torch.float32, 1, "dx")
+    _check(dw, w64.grad, torch.float32, 1, "dweight")
+    _check(db, b64.grad, torch.float32, 1, "dbias")

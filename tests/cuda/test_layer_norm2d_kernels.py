@@ -4,21 +4,23 @@ emulation (FASTNORM_EMU), or the ATen reference (FASTNORM_KERNEL_TARGETS=referen
 a float64 reference written here, for every dtype, NCHW and channels_last.
 
 Host decisions of csrc/layer_norm2d_*.cu and csrc/launch/positions.h, and the cases that cross them
-(V = 16-byte pack: 4 fp32, 8 fp16/bf16, 2 fp64; S = prod(spatial); lanes = channel lanes per
-block, positions per block = 256 / lanes; cached = the forward keeps a lane's packs in registers,
-C <= lanes * 8):
+(V = 16-byte pack: 4 fp32, 8 fp16/bf16, 2 fp64; 8-byte pack: 2 fp32, 4 fp16/bf16; S =
+prod(spatial); lanes = channel lanes per block, positions per block = 256 / lanes; cached = the
+forward keeps a lane's packs in registers, C <= lanes * 8):
 
   layout   channels_last (4-D) / channels_last_3d (5-D) / S == 1 -> rows family (groups.h):
            (2, 24, 4, 4) CL, (2, 6, 2, 3, 4) CL3, (3, 6, 1, 1), (4, 6)
            NCHW-contiguous (or made contiguous: a transposed input) -> positions family
-  packs    S % V == 0 and 16-byte aligned: vector (S = 16); S = 15, or x / dy / dx / y one element
-           off alignment: single positions
+  packs    S % V == 0 and 16-byte aligned: 16-byte packs (S = 16); S a multiple of the 8-byte
+           pack but not of the 16-byte one (fp16 S = 12, fp32 S = 6), or a pointer 8 bytes off a
+           16-byte boundary: 8-byte packs; S = 15, or x / dy / dx / y one element off alignment:
+           single positions
   lanes    C = 5 (8 lanes, cached), 100 (16, cached), 200 (32, cached), 300 (32, not cached)
   tiles    (5, 7, 8, 8): several tiles per block with one resident block (the 1-SM schedule),
            partial last tile (positions not a multiple of the tile)
-  backward dweight/dbias wanted or not (dynamic shared memory or none), dx wanted or not (first pass
-           skipped), weight absent; C > kMaxBwdChannels (4096 fp32-accumulated, 2048 fp64): rows
-           family on channels_last copies
+  backward dweight/dbias wanted or not, dx wanted or not (first pass skipped), weight absent; a
+           block's dweight/dbias sums in dynamic shared memory up to kBwdSumsSmem (C <= 3072
+           fp32-accumulated, 1536 fp64), in its rows of the workspaces beyond (no shared memory)
   dtypes   out_dtype=float32 with a half input (autocast's fused cast), float32 dy, float32
            parameters with a half input
   empty    N = 0, C = 0, S = 0
@@ -50,10 +52,10 @@ def _randn(dev, shape, dtype, scale=1.0, shift=0.0, fmt=None):
     return t if fmt is None else t.contiguous(memory_format=fmt)
 
 
-def _misaligned(t):
-    """The same values one element off a 16-byte boundary (a view into a larger buffer)."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    v = buf[1:].view(t.shape)
+def _misaligned(t, elems=1):
+    """The same values `elems` elements off a 16-byte boundary (a view into a larger buffer)."""
+    buf = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)
+    v = buf[elems:].view(t.shape)
     v.copy_(t)
     return v
 
@@ -99,7 +101,7 @@ def _layout(t):
 
 
 def _run(target, x, w, b, dtype, out_dtype=None, dy_dtype=None, mask=(True, True, True),
-         misalign=False):
+         misalign=0):
     dev = target.device
     y, mean, rstd = target.ops.layer_norm2d_fwd(x, w, b, EPS, out_dtype)
     assert y.dtype == (out_dtype or dtype) and _layout(y) == _layout(x)
@@ -108,7 +110,7 @@ def _run(target, x, w, b, dtype, out_dtype=None, dy_dtype=None, mask=(True, True
     assert mean.shape == (m,) and rstd.shape == (m,) and mean.dtype == _stat(dtype)
     dy = _randn(dev, x.shape, dy_dtype or dtype, fmt=CL if _layout(x) == "channels_last" else None)
     if misalign:
-        dy = _misaligned(dy)
+        dy = _misaligned(dy, misalign)
     mask = [mask[0], mask[1] and w is not None, mask[2] and b is not None]
     dx, dw, db = target.ops.layer_norm2d_bwd(dy, x, mean, rstd, w, mask)
     if x.numel() == 0:
@@ -208,18 +210,88 @@ def test_misaligned_pointers_take_single_positions(target, dtype, case):
     x = _misaligned(_randn(dev, shape, dtype, 2.0, 0.5, fmt))
     w = _randn(dev, (shape[1],), dtype, 0.5, 1.0)
     b = _randn(dev, (shape[1],), dtype, 0.5)
-    _run(target, x, w, b, dtype, misalign=True)
+    _run(target, x, w, b, dtype, misalign=1)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_wide_channels_backward_on_rows(target, dtype):
-    """C above the positions backward's shared-memory sums: rows on channels_last copies."""
-    c = 4100
+def _launched(target, fn):
+    """Emulation: [(kernel name, template arguments, dynamic shared memory)] fn launches."""
+    out = []
+    for k, _, _, smem in target.emu.record_launches(fn):
+        head = k.split("(")[0]
+        name, _, args = head.partition("<")
+        out.append((name.split("::")[-1], [a.strip() for a in args.rstrip(">").split(",")], smem))
+    return out
+
+
+# 8-byte packs: S a multiple of the 8-byte pack but not of the 16-byte one, or every tensor 8 bytes
+# off a 16-byte boundary (S = 16): 4 positions a pack for fp16 / bf16, 2 for fp32
+PACK8 = {torch.float32: (2, 3), torch.float16: (3, 4), torch.bfloat16: (3, 4)}
+
+
+@pytest.mark.parametrize("dtype", list(PACK8), ids=str)
+@pytest.mark.parametrize("c", [5, 300], ids=["cached", "uncached"])
+@pytest.mark.parametrize("how", ["shape", "pointer"])
+def test_eight_byte_packs(target, dtype, c, how):
     dev = target.device
+    v8 = 8 // torch.tensor([], dtype=dtype).element_size()
+    spatial = PACK8[dtype] if how == "shape" else (4, 4)
+    x = _randn(dev, (2, c, *spatial), dtype, 2.0, 0.5)
+    if how == "pointer":
+        x = _misaligned(x, v8)
+    w = _randn(dev, (c,), dtype, 0.5, 1.0)
+    b = _randn(dev, (c,), dtype, 0.5)
+    _run(target, x, w, b, dtype, misalign=v8 if how == "pointer" else 0)
+    _run(target, x, w, b, dtype, mask=(True, False, False), misalign=v8 if how == "pointer" else 0)
+    if target.emulated:  # the 8-byte pack kernels ran
+        dy = x.clone()
+        for name, args, _ in _launched(target, lambda: (
+                target.ops.layer_norm2d_fwd(x, w, b, EPS),
+                target.ops.layer_norm2d_bwd(dy, x, *target.ops.layer_norm2d_fwd(x, w, b, EPS)[1:],
+                                            w, [True, True, True]))):
+            if name.startswith("ln2d_"):
+                assert int(args[1]) == v8, (name, args)
+
+
+def _wide_case(dev, dtype, c):
     x = _randn(dev, (1, c, 2, 1), dtype, 2.0, 0.5)
     w = _randn(dev, (c,), dtype, 0.5, 1.0)
     b = _randn(dev, (c,), dtype, 0.5)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_channels_backward_sums_in_workspace(target, dtype):
+    """C above the backward's shared-memory sums: each block keeps its dweight / dbias sums in
+    its rows of the workspaces (the positions kernel all the same, no copies)."""
+    x, w, b = _wide_case(target.device, dtype, 4100)
     _run(target, x, w, b, dtype)
+    for mask in ((True, False, False), (False, True, False), (False, False, True)):
+        _run(target, x, w, b, dtype, mask=mask)
+
+
+# the widest C whose [2, C] sums take kBwdSumsSmem (24 KB) of shared memory, and one more
+SUMS_EDGE = [(torch.float32, 3072, 24576), (torch.float32, 3073, 0), (torch.float64, 1536, 24576),
+             (torch.float64, 1537, 0), (torch.float16, 3073, 0)]
+
+
+@pytest.mark.parametrize("dtype,c,smem", SUMS_EDGE, ids=[f"{d}-c{c}" for d, c, _ in SUMS_EDGE])
+def test_backward_sums_shared_or_workspace(target, dtype, c, smem):
+    """The same results either side of the shared-memory budget; the launches: the positions
+    backward alone for dx (no dynamic shared memory, no finalize), with the column-sum finalize
+    when dweight / dbias are wanted, and no other kernel (no copies to other layouts)."""
+    x, w, b = _wide_case(target.device, dtype, c)
+    _run(target, x, w, b, dtype)
+    if not target.emulated:
+        return
+    _, mean, rstd = target.ops.layer_norm2d_fwd(x, w, b, EPS)
+    dy = x.clone()
+    for mask, want in (([True, False, False], [("ln2d_bwd_kernel", 0)]),
+                       ([True, True, True], [("ln2d_bwd_kernel", smem),
+                                             ("col_sum_finalize_kernel", 0)]),
+                       ([False, False, True], [("ln2d_bwd_kernel", smem),
+                                               ("col_sum_finalize_kernel", 0)])):
+        got = _launched(target, lambda: target.ops.layer_norm2d_bwd(dy, x, mean, rstd, w, mask))
+        assert [(n, sm) for n, _, sm in got] == want, (mask, got)
 
 
 def test_non_contiguous_input(target):
