@@ -59,6 +59,11 @@ def _batch_norm_bwd_plain(grad_out, input, mean, rstd, weight, training, output_
         return (torch.empty_like(input, memory_format=fmt) if output_mask[0] else _empty(input),
                 input.new_zeros((c,), dtype=wd) if output_mask[1] else _empty(input, wd),
                 input.new_zeros((c,), dtype=wd) if output_mask[2] else _empty(input, wd))
+    if grad_out.dtype == torch.float32 and in_dtype in (torch.float16, torch.bfloat16):
+        # a float32 grad_out of a half input is read as it is, as the kernels read it (rounded
+        # to half first, values above 65504 would overflow)
+        input = input.float()
+        weight = None if weight is None else weight.float()
     dy, x, w, sd = _ref_inputs(grad_out, input, weight)
     dy = dy.contiguous(memory_format=memory_format_of(x))
     if training:

@@ -362,7 +362,8 @@ def test_float32_grad_out_read_as_is(target, dtype, case):
     _, dx64, dw64, db64 = ref_fwd_bwd(x, w, b, dy)
     out = {}
     ran = _ops_run(lambda: out.update(g=bwd(target, dy, x, mean, rstd, w, True)))
-    assert not ran & {"aten::_to_copy", "aten::copy_"}, sorted(ran)
+    if target.name != "reference":  # (the reference computes with ATen ops in float32)
+        assert not ran & {"aten::_to_copy", "aten::copy_"}, sorted(ran)
     dx, dw, db = out["g"]
     assert dx.dtype == dtype and dw.dtype == torch.float32
     check_format(dx, x, "nhwc" if fmt is not None else "nchw")
