@@ -19,29 +19,21 @@ void launch_bwd(const Layout& l, const Tensor& dy, const Tensor& dx, bool need_s
   const scalar_t* x = l.x.const_data_ptr<scalar_t>();
   const D* dyp = static_cast<const D*>(dy.const_data_ptr());
   scalar_t* dxp = a.need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
-  const int64_t C = l.C, R = l.N * l.S;
+  const int64_t C = l.C;
   const auto ws_opts = l.x.options().dtype(stat_dtype(l.x.scalar_type()));
   Tensor ws;
 
-  bool fused = false;
-  int64_t G = 1;
-  NhwcCfg k{};
   const size_t smem = l.nhwc ? 2 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
   const int per_sm =
       l.nhwc ? std::min(resident_blocks(channels::bn_bwd_sums_nhwc<scalar_t, V, ACT, D>, kThreads, smem),
                         resident_blocks(channels::bn_bwd_apply_nhwc<scalar_t, V, ACT, D>, kThreads, 0))
              : std::min(resident_blocks(channels::bn_bwd_sums_nchw<scalar_t, V, ACT, D>, kThreads, 0),
                         resident_blocks(channels::bn_bwd_apply_nchw<scalar_t, V, ACT, D>, kThreads, 0));
-  if (!l.nhwc) {
-    a.Sv = l.S / V;
-    G = nchw_chunks(l.N * a.Sv, C, per_sm);
-    fused = fuse_nchw(l.N * a.Sv, G);
-  } else {
-    a.Sv = 0;
-    k = nhwc_cfg(R, C, V, per_sm);
-    G = k.G;
-    fused = fuse_nhwc(R, k);
-  }
+  const channels::BnPlan plan = channels::plan_bn(l.nhwc, l.N, l.S, C, V, per_sm);
+  a.Sv = plan.Sv;
+  const int64_t G = plan.G;
+  const NhwcCfg k = plan.k;
+  const bool fused = plan.fused;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
       launch(channels::bn_bwd_apply_nchw<scalar_t, V, ACT, D>,

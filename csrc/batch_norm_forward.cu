@@ -16,13 +16,10 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, channels::F
   const cudaStream_t stream = current_stream();
   const scalar_t* x = l.x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.numel() > 0 ? y.mutable_data_ptr<scalar_t>() : nullptr;
-  const int64_t C = l.C, R = l.N * l.S;
+  const int64_t C = l.C;
   const auto ws_opts = l.x.options().dtype(stat_dtype(l.x.scalar_type()));
   Tensor ws;  // lives until the launches are queued (stream-ordered reuse after that)
 
-  bool fused = false;
-  int64_t G = 1;
-  NhwcCfg k{};
   const size_t smem = l.nhwc ? 3 * static_cast<size_t>(channels::kThreads) * V * sizeof(acc_t) : 0;
   // chunks per channel for one wave of the general path's stats and apply kernels
   const int per_sm =
@@ -30,16 +27,11 @@ void launch_fwd(const Layout& l, const Tensor& y, const Tensor& nbt, channels::F
                         resident_blocks(channels::bn_fwd_apply_nhwc<scalar_t, V, ACT>, kThreads, 0))
              : std::min(resident_blocks(channels::bn_fwd_stats_nchw<scalar_t, V>, kThreads, 0),
                         resident_blocks(channels::bn_fwd_apply_nchw<scalar_t, V, ACT>, kThreads, 0));
-  if (!l.nhwc) {
-    a.Sv = l.S / V;
-    G = nchw_chunks(l.N * a.Sv, C, per_sm);
-    fused = fuse_nchw(l.N * a.Sv, G);
-  } else {
-    a.Sv = 0;
-    k = nhwc_cfg(R, C, V, per_sm);
-    G = k.G;
-    fused = fuse_nhwc(R, k);
-  }
+  const channels::BnPlan plan = channels::plan_bn(l.nhwc, l.N, l.S, C, V, per_sm);
+  a.Sv = plan.Sv;
+  const int64_t G = plan.G;
+  const NhwcCfg k = plan.k;
+  const bool fused = plan.fused;
   auto apply = [&](int64_t grid_chunks) {
     if (!l.nhwc) {
       launch(channels::bn_fwd_apply_nchw<scalar_t, V, ACT>,

@@ -31,8 +31,7 @@ void nchw_channel_sums(const groups::row_sums_t<T, ACT>& base, const Dims& d, at
                        const acc_of<T>*& S, const acc_of<T>*& B, const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
-  const int sm = sm_count();
-  const groups::Items it = groups::plan_items(d.N * d.C, d.HW, VEC, static_cast<int64_t>(sm) * 64);
+  const groups::Items it = groups::plan_items(d.N * d.C, d.HW, VEC);
   const int64_t items = it.M * it.S;
   at::Tensor ws = at::empty({2 * items}, acc_options(like));
   groups::row_sums_t<T, ACT> p = base;
@@ -70,7 +69,7 @@ void nchw_dx(groups::gn_dx_t<T, ACT> p, const Dims& d) {
   p.gn.pack_in_channel = d.HW % VEC == 0;
   p.gn.div64 = L >= (int64_t(1) << 31);
   if (!p.gn.div64) p.gn.hw_div = FastDiv(static_cast<uint32_t>(d.HW));
-  const groups::Items it = groups::plan_items(d.N * d.G, L, VEC, static_cast<int64_t>(sm_count()) * 64);
+  const groups::Items it = groups::plan_items(d.N * d.G, L, VEC);
   launch(groups::gn_dx_nchw_kernel<T, VEC, ACT>, groups::item_grid(it), groups::kItemThreads, 0, current_stream(),
       p, it);
 }
@@ -81,8 +80,7 @@ void cl_channel_sums(const channels::cl_bwd_t<T, ACT>& base, const Dims& d, at::
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
   channels::cl_bwd_t<T, ACT> p = base;
-  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count(),
-                          resident_blocks(channels::cl_bwd_sums_kernel<T, VEC, ACT>, channels::kClThreads, 0));
+  p.s = channels::plan_cl_sums(d.N, d.HW, d.C, d.G, VEC);  // the sums' tree: the sample's shape only
   const channels::ClShape& s = p.s;
   const int64_t plane = s.N * s.K * s.C;
   at::Tensor ws = at::empty({2 * plane}, acc_options(like));

@@ -29,12 +29,10 @@ void cl_forward_vec(channels::cl_fwd_t<T, ACT> p, const Dims& d, acc_of<T> eps, 
                     const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
-  const int sm = sm_count();
-  // Each pass gets its own plan, its grid a wave of that kernel (their register budgets differ);
-  // the statistics' plan also fixes the partials' layout, which the finalize reads.
-  const channels::ClShape s = channels::plan_cl(
-      d.N, d.HW, d.C, d.G, VEC, sm,
-      resident_blocks(channels::cl_welford_partial_kernel<T, VEC>, channels::kClThreads, 0));
+  // The statistics' plan fixes each (n, g)'s tree and the partials' layout, which the finalize
+  // reads: from the sample's shape alone (plan_cl_sums). The apply pass, elementwise, gets a wave
+  // of its own kernel.
+  const channels::ClShape s = channels::plan_cl_sums(d.N, d.HW, d.C, d.G, VEC);
   at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, acc_options(like));
   launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
       stream, p.x, s, ws.data_ptr<A>());
@@ -42,7 +40,7 @@ void cl_forward_vec(channels::cl_fwd_t<T, ACT> p, const Dims& d, acc_of<T> eps, 
       ws.data_ptr<A>(), s, eps, mean, rstd, false);
   p.mean = mean;
   p.rstd = rstd;
-  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm,
+  p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count(),
                           resident_blocks(channels::cl_apply_kernel<T, VEC, ACT>, channels::kClThreads, 0));
   launch(channels::cl_apply_kernel<T, VEC, ACT>, grid_of(p.s.N * p.s.K * p.s.CT), p.s.bx * p.s.by, 0,
       stream, p);

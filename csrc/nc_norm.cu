@@ -83,7 +83,7 @@ at::Tensor nc_grad(const at::Tensor& g, const at::Tensor& input, at::MemoryForma
 
 // Items of the row kernels: the (row, chunk) plan GroupNorm's split passes use.
 groups::Items nc_items(const NcDims& d, int vec) {
-  return groups::plan_items(d.N * d.C, d.L, vec, static_cast<int64_t>(sm_count()) * 64);
+  return groups::plan_items(d.N * d.C, d.L, vec);
 }
 
 // ---- nc_moments ----------------------------------------------------------------------------------
@@ -109,9 +109,7 @@ template <typename T, int VEC>
 void moments_cl(const T* x, const NcDims& d, acc_of<T>* mean, acc_of<T>* var, const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
-  const channels::ClShape s = channels::plan_cl(
-      d.N, d.L, d.C, d.C, VEC, sm_count(),
-      resident_blocks(channels::cl_welford_partial_kernel<T, VEC>, channels::kClThreads, 0));
+  const channels::ClShape s = channels::plan_cl_sums(d.N, d.L, d.C, d.C, VEC);
   at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, acc_options(like));
   launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
          stream, x, s, ws.data_ptr<A>());
@@ -259,9 +257,7 @@ void grad_sums_cl(channels::ClBwd<T> p, const NcDims& d, acc_of<T>* sum_dy, acc_
                   const at::Tensor& like) {
   using A = acc_of<T>;
   const cudaStream_t stream = current_stream();
-  p.s = channels::plan_cl(
-      d.N, d.L, d.C, d.C, VEC, sm_count(),
-      resident_blocks(channels::cl_bwd_sums_kernel<T, VEC, false>, channels::kClThreads, 0));
+  p.s = channels::plan_cl_sums(d.N, d.L, d.C, d.C, VEC);
   const channels::ClShape& s = p.s;
   const int64_t plane = s.N * s.K * s.C;
   at::Tensor ws = at::empty({2 * plane}, acc_options(like));

@@ -101,14 +101,17 @@ RUNNING_BYTES = 4  # BatchNorm's running statistics: float32 (as calls() makes t
 
 
 def _kernel_consts() -> dict:
-    """The integer constants of csrc/kernels the model uses, read from the sources."""
+    """The integer constants of csrc/kernels (and csrc/launch) the model uses, read from the
+    sources."""
     out = {}
     for f, names in (("groups_forward.cuh", ("kUnroll", "kItemThreads", "kFwdCachedMaxThreads",
                                              "kBwdElems")),
                      ("groups_backward.cuh", ("kBwdSplitMaxThreads",)),
                      ("channels_common.cuh", ("kUnroll", "kThreads", "kClThreads")),
                      ("channels_positions.cuh", ("kPosThreads", "kLrnStage", "kLrnFwdTileBytes",
-                                                 "kLrnBwdTileBytes"))):
+                                                 "kLrnBwdTileBytes")),
+                     # the channels_last reductions' plan (host side)
+                     ("../launch/channels.h", ("kClTilePacks", "kClChunkRows", "kClMaxChunks"))):
         with open(os.path.join(ROOT, "csrc", "kernels", f)) as fh:
             text = fh.read()
         ns = ("groups" if f.startswith("groups") else
@@ -165,16 +168,15 @@ def _grid_of(blocks: int) -> int:
     return max(1, min(blocks, 1 << 20))
 
 
-def mirror_cached(M, L, vec, elem, packs_per_thread, max_tpr, sub_warp_threads, sm=SMS):
-    """groups.h plan_cached -> (tpr, threads, row_blocks), or None (rows too long)."""
+def mirror_cached(M, L, vec, elem, packs_per_thread, max_tpr, sub_warp_threads):
+    """groups.h plan_cached -> (tpr, threads, row_blocks), or None (rows too long). Threads per
+    row from the row alone (M counts blocks only)."""
     packs = L // vec
     need = max(1, _cdiv(packs, packs_per_thread))
     if need > max_tpr:
         return None
     line = min(packs, _cdiv(128, vec * elem))
     tpr = max(_pow2_ceil(need), _pow2_ceil(line))
-    while tpr < max_tpr and tpr < packs and M * tpr < sm * 256:
-        tpr <<= 1
     threads = sub_warp_threads if tpr <= 32 else tpr
     return tpr, threads, _cdiv(M, threads // tpr)
 
@@ -185,7 +187,7 @@ def mirror_cached_bwd(M, L, vec, elem, acc, held=0, sm=SMS):
     when tpr > 32 (up to kRowBlockThreads threads and no more rows per block than rows per SM)."""
     held = held or elem
     m = mirror_cached(M, L, vec, held, bwd_packs(vec), bwd_cached_max_threads(acc, vec, elem, held),
-                      256, sm)
+                      256)
     if m is None:
         return None
     tpr, threads, _ = m
@@ -198,16 +200,11 @@ def mirror_cached_bwd(M, L, vec, elem, acc, held=0, sm=SMS):
     return tpr, threads, _cdiv(M, threads // tpr)
 
 
-def mirror_items(M, L, vec, target):
-    """groups.h plan_items -> (S, chunk packs, tpr, grid)."""
+def mirror_items(M, L, vec):
+    """groups.h plan_items -> (S, chunk packs, tpr, grid): chunks of at most 4 full-warp
+    iterations, from the row's length alone."""
     Lp = max(1, L // vec)
-    step = 32 * K["groups::kUnroll"]
-    cp = max(_cdiv(M * Lp, max(1, target)), 4 * step)
-    if cp >= Lp:
-        cp = Lp
-    else:
-        cp = _cdiv(cp, step) * step
-        cp = min(cp, Lp)
+    cp = min(Lp, 4 * 32 * K["groups::kUnroll"])
     S = _cdiv(Lp, cp)
     tpr = min(32, _pow2_ceil(_cdiv(cp, K["groups::kUnroll"])))
     return S, cp, tpr, _grid_of(_cdiv(M * S, K["groups::kItemThreads"] // tpr))
@@ -234,6 +231,24 @@ def mirror_cl(N, HW, C, G, vec, per_sm, sm=SMS):
     k = max(1, min(fit, kmax_for(bx)))
     rpc = _cdiv(HW, k)
     return bx, by, CT, _cdiv(HW, rpc), rpc
+
+
+CL_SUMS_KERNELS = ("cl_welford_partial_kernel", "cl_bwd_sums_kernel")
+
+
+def mirror_cl_sums(N, HW, C, G, vec):
+    """channels.h plan_cl_sums -> (bx, by, CT, K, rpc): the channels_last reductions' plan, from
+    the sample's shape alone (tiles of at most kClTilePacks packs, chunks of >= kClChunkRows rows,
+    at most kClMaxChunks per sample)."""
+    threads = K["channels::kClThreads"]
+    Cp = C // vec
+    tiles = _cdiv(Cp, max(1, min(Cp, K["channels::kClTilePacks"])))
+    bx = max(1, _cdiv(Cp, tiles))
+    CT = _cdiv(Cp, bx)
+    by = max(1, threads // bx)
+    rows = max(K["channels::kClChunkRows"], by, _cdiv(HW, K["channels::kClMaxChunks"]))
+    rpc = max(1, min(HW, _cdiv(rows, by) * by))
+    return bx, by, CT, max(1, _cdiv(HW, rpc)), rpc
 
 
 # ---- the call and one launch, as the models see them ------------------------------------------
@@ -414,7 +429,7 @@ def _rows(k: Launch, c: Call):
 
 def _items(k: Launch, c: Call):
     M, L = _rows(k, c)
-    S, cp, tpr, grid = mirror_items(M, L, k.vec, SMS * 64)
+    S, cp, tpr, grid = mirror_items(M, L, k.vec)
     return M * S, min(K["groups::kUnroll"], _cdiv(cp, tpr)), grid == k.grid[0]
 
 
@@ -438,6 +453,10 @@ def _param_arrays(c: Call) -> int:
 
 
 def _cl(k: Launch, c: Call):
+    if k.name in CL_SUMS_KERNELS:  # the reductions: plan_cl_sums, no occupancy query
+        bx, by, CT, Kc, rpc = mirror_cl_sums(c.N, c.HW, c.C, c.G, k.vec)
+        ok = _grid_of(c.N * Kc * CT) == k.grid[0] and bx * by == k.threads
+        return Kc, min(K["channels::kUnroll"], _cdiv(rpc, by)), ok
     per_sm = c.occupancy.get(_short(k.sig))  # what the host's occupancy query answered for this kernel
     bx, by, CT, Kc, rpc = mirror_cl(c.N, c.HW, c.C, c.G, k.vec, per_sm or 4)
     ok = per_sm is not None and _grid_of(c.N * Kc * CT) == k.grid[0] and bx * by == k.threads

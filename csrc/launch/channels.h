@@ -60,6 +60,30 @@ inline bool fuse_nhwc(int64_t R, const NhwcCfg& k) {
   return k.G == 1 || R <= static_cast<int64_t>(k.ty) * kFuseVectorsPerThread;
 }
 
+// The plan of one BatchNorm pass (forward or backward): NCHW chunks per channel or the NHWC
+// tiles, and whether the fused single-launch path applies. per_sm: resident blocks per SM of the
+// pass's kernels (the fewer of its reduction and elementwise kernels).
+struct BnPlan {
+  int64_t Sv = 0;    // NCHW: packs per (n, c) plane (S / V); 0 for NHWC
+  int64_t G = 1;     // chunks per channel (grid.y of NCHW, k.G of NHWC)
+  NhwcCfg k{};       // NHWC tiles (unused for NCHW)
+  bool fused = false;
+};
+
+inline BnPlan plan_bn(bool nhwc, int64_t N, int64_t S, int64_t C, int V, int per_sm) {
+  BnPlan b;
+  if (!nhwc) {
+    b.Sv = S / V;
+    b.G = nchw_chunks(N * b.Sv, C, per_sm);
+    b.fused = fuse_nchw(N * b.Sv, b.G);
+  } else {
+    b.k = nhwc_cfg(N * S, C, V, per_sm);
+    b.G = b.k.G;
+    b.fused = fuse_nhwc(N * S, b.k);
+  }
+  return b;
+}
+
 // Finalize kernels: threadIdx.x picks the channel, ty threads share its G1 partials (~4 each).
 struct FinCfg {
   dim3 grid, block;
@@ -93,6 +117,8 @@ inline dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
 // blocks for 132 SMs), the channel tiles get narrower first (down to 32 packs = 512 bytes per
 // row), which adds blocks without adding partials; tiles are balanced (no tile mostly idle).
 // When N x tiles alone exceed a wave, K = 1 and the grid is what the data gives.
+// The reductions (statistics, backward sums) are planned by plan_cl_sums below, not here: this
+// plan's chunks follow N and the device, which only the elementwise passes (apply, dx) may.
 inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int sm, int per_sm) {
   // the kernels index items and channels in 32 bits (ClItem, GroupWalk)
   TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "fastnorm group_norm: ", C,
@@ -118,6 +144,41 @@ inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int
   const int64_t K = std::max<int64_t>(1, std::min(fit, kmax_for(s.bx)));
   s.rpc = ceil_div(HW, K);
   s.K = ceil_div(HW, s.rpc);
+  TORCH_CHECK(N * s.K * s.CT <= std::numeric_limits<uint32_t>::max(), "fastnorm group_norm: ",
+              N * s.K * s.CT, " work items: at most 2^32 - 1 are supported on the channels_last path");
+  return s;
+}
+
+// channels_last reductions (GroupNorm / InstanceNorm statistics and backward sums, the per-(n, c)
+// moments and gradient sums): the block shape and the row chunks decide the tree that reduces each
+// (n, channel), so they are functions of (HW, C, vec) alone, never of N or the device: a sample's
+// statistics are the same bits in any batch on any GPU. Tiles of at most kClTilePacks channel
+// packs (512 bytes of a row: whole 128-byte lines), balanced, so that a block has >= 8 row lanes
+// and a small batch still has tiles x chunks blocks; chunks of kClChunkRows rows or more (a whole
+// multiple of by), more rows for large HW so that a sample has at most kClMaxChunks chunks: the
+// partials [N, K, C] (2 values per channel per >= 64 rows) stay within ~4% of a forward's bytes,
+// and one sample of a 64 x 64 map is still ~60 chunks x tiles blocks.
+constexpr int64_t kClTilePacks = 32;
+constexpr int64_t kClChunkRows = 64;
+constexpr int64_t kClMaxChunks = 256;
+
+inline ClShape plan_cl_sums(int64_t N, int64_t HW, int64_t C, int64_t G, int vec) {
+  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "fastnorm group_norm: ", C,
+              " channels: at most 2^31 - 1 are supported on the channels_last path");
+  ClShape s;
+  s.N = N;
+  s.HW = HW;
+  s.C = C;
+  s.G = G;
+  s.Cg = C / G;
+  const int64_t Cp = C / vec;
+  const int64_t tiles = ceil_div(Cp, std::max<int64_t>(1, std::min<int64_t>(Cp, kClTilePacks)));
+  s.bx = static_cast<int>(std::max<int64_t>(1, ceil_div(Cp, tiles)));  // balanced tiles
+  s.CT = ceil_div(Cp, s.bx);
+  s.by = std::max(1, kClThreads / s.bx);
+  const int64_t rows = std::max({kClChunkRows, int64_t(s.by), ceil_div(HW, kClMaxChunks)});
+  s.rpc = std::max<int64_t>(1, std::min(HW, round_up(rows, int64_t(s.by))));
+  s.K = std::max<int64_t>(1, ceil_div(HW, s.rpc));
   TORCH_CHECK(N * s.K * s.CT <= std::numeric_limits<uint32_t>::max(), "fastnorm group_norm: ",
               N * s.K * s.CT, " work items: at most 2^32 - 1 are supported on the channels_last path");
   return s;

@@ -2,6 +2,12 @@
 // plans (which kernels, grid, block for a shape on this device) and the launch sequences that
 // layer_norm_*.cu and group_norm_*.cu share. Raw pointers in, kernels out on the current stream;
 // workspaces come from the caching allocator (at::empty). Kernels: kernels/groups_*.cuh.
+//
+// Batch and device invariance: how a row is reduced (cached or split, threads per row, chunks) is
+// decided by the row's own length, dtype, pack width and the call's flags, never by the number of
+// rows M or the SM count; those choose only how many rows a block takes and the grid. So a row's
+// statistics, output and input gradient are the same bits alone, in any batch, on any GPU of an
+// architecture (docs/semantics.md, "Reproducibility").
 #pragma once
 #include <ATen/ops/empty.h>
 
@@ -23,58 +29,54 @@ inline bool aligned16(const T* p) {
 
 // ---- cached (rows in registers) plans ---------------------------------------------------------
 struct CachedPlan {
-  bool ok = false;
+  bool ok = false;     // the row fits the kernel's registers at max_tpr threads (else: split)
   int tpr = 1;         // threads per row, a power of two
   int threads = 0;     // block size
   int64_t row_blocks = 0;
-  int64_t max_parallel = 0;  // threads the rows could occupy at one block per row (the split rule)
 };
 
-// Threads per row of the cached kernels. Each thread issues all its loads of a row before the
-// reduction, so a resident row keeps its whole row in flight and an SM keeps (resident rows) x
-// (row bytes): the fewest threads per row that hold the row in registers give the most resident
-// rows, hence the most bytes in flight (Little's law: an H100 needs ~16 KB per SM). Two floors:
-// enough threads that one warp load covers a 128-byte line of a row (narrow rows), and enough
-// threads in all to give every SM kMinThreadsPerSm. (A fill target of 2048 threads per SM used
-// to make 4096 x 768 bf16 one 128-thread row per block: 8 resident rows, ~12 KB per SM.)
-constexpr int64_t kMinThreadsPerSm = 256;
+// Threads per row of the cached kernels: a function of the row alone (the tree that reduces it).
+// Each thread issues all its loads of a row before the reduction, so a resident row keeps its
+// whole row in flight and an SM keeps (resident rows) x (row bytes): the fewest threads per row
+// that hold the row in registers give the most resident rows, hence the most bytes in flight
+// (Little's law: an H100 needs ~16 KB per SM), with a floor of enough threads that one warp load
+// covers a 128-byte line of a row (narrow rows). Few rows are not given more threads per row:
+// that would be another tree (the widening by M x tpr < SMs x 256 this replaced made a row's bits
+// depend on its batch and GPU); a small batch is launch-bound, one launch per pass either way.
 constexpr int64_t kLineBytes = 128;
 
 // packs_per_thread: the kernel's register capacity; sub_warp_threads: block size when tpr <= 32.
+// M only counts the blocks.
 inline CachedPlan plan_cached(int64_t M, int64_t L, int vec, int elem_bytes, int packs_per_thread,
-                              int max_tpr, int sub_warp_threads, int sm) {
+                              int max_tpr, int sub_warp_threads) {
   CachedPlan c;
   const int64_t packs = L / vec;
   const int64_t need = std::max<int64_t>(1, ceil_div(packs, packs_per_thread));
   if (need > max_tpr) return c;
   const int64_t line = std::min<int64_t>(packs, ceil_div(kLineBytes, int64_t(vec) * elem_bytes));
-  int tpr = std::max(pow2_ceil(need), pow2_ceil(line));
-  while (tpr < max_tpr && tpr < packs && M * tpr < static_cast<int64_t>(sm) * kMinThreadsPerSm)
-    tpr <<= 1;
+  const int tpr = std::max(pow2_ceil(need), pow2_ceil(line));
   c.ok = true;
   c.tpr = tpr;
   c.threads = tpr <= 32 ? sub_warp_threads : tpr;
   c.row_blocks = ceil_div(M, c.threads / tpr);
-  c.max_parallel = M * std::min<int64_t>(max_tpr, pow2_ceil(packs));
   return c;
 }
 
 // ---- (row, chunk) items ---------------------------------------------------------------------------
-// About target_items items: rows split into chunks of whole warp iterations when rows are long or
-// few, whole rows otherwise; tpr lanes per item.
-inline Items plan_items(int64_t M, int64_t L, int vec, int64_t target_items) {
+// A row of up to kItemChunkPacks packs is one item; a longer row is cut into chunks of
+// kItemChunkPacks packs (four iterations of a full warp: 8 KB of 16-byte packs), the last one
+// shorter. The chunks, hence a row's partials and their merge order, depend on the row's length
+// and pack width alone: not on M, not on the device (a row's bits are the same in any batch on any
+// GPU). The fill of the GPU comes from the number of items: M x chunks, with chunks of 8 KB an
+// item of a long row is still a warp's worth of loads in flight. tpr lanes per item.
+constexpr int64_t kItemChunkPacks = 4 * 32 * kUnroll;
+
+inline Items plan_items(int64_t M, int64_t L, int vec) {
   Items it;
   it.M = M;
   it.L = L;
   const int64_t Lp = std::max<int64_t>(1, L / vec);
-  const int64_t step = 32 * kUnroll;  // packs a full warp covers per iteration
-  int64_t cp = std::max<int64_t>(ceil_div(M * Lp, std::max<int64_t>(1, target_items)), 4 * step);
-  if (cp >= Lp) {
-    cp = Lp;
-  } else {
-    cp = round_up(cp, step);
-    if (cp >= Lp) cp = Lp;
-  }
+  const int64_t cp = std::min(Lp, kItemChunkPacks);
   it.S = ceil_div(Lp, cp);
   it.chunk = cp * vec;
   it.tpr = std::min(32, pow2_ceil(ceil_div(cp, kUnroll)));
@@ -94,7 +96,6 @@ void row_forward_vec(act_params_t<RowFwd<T>, ACT> p, const at::Tensor& like) {
   using A = acc_of<T>;
   static_assert(!GN || (!RMS && std::is_void_v<X>), "GroupNorm rows: LayerNorm statistics of x");
   using S = held_t<T, X>;  // the row as held in registers
-  const int sm = sm_count();
   const cudaStream_t stream = current_stream();
   if constexpr (RMS) p.inv_len = A(1) / static_cast<A>(p.L);
   if constexpr (GN) {
@@ -105,15 +106,15 @@ void row_forward_vec(act_params_t<RowFwd<T>, ACT> p, const at::Tensor& like) {
   // register capacity by the held element size: a row held as X = float32 (half input, fp32
   // residual) gets half the packs, hence twice the threads per row
   const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(S)), kFwdPacks<T, VEC, S>,
-                                   kFwdCachedMaxThreads, 128, sm);
-  // long rows too few to occupy the GPU even at one block per row: the (row, chunk) split
-  const bool split = !c.ok || (p.L >= 8192 && c.max_parallel < static_cast<int64_t>(sm) * 512);
-  if (!split) {
+                                   kFwdCachedMaxThreads, 128);
+  // rows longer than the registers hold: the (row, chunk) split (by the row's length only; a few
+  // long rows that fit stay cached, fewer SMs busy but one launch and the same tree in any batch)
+  if (c.ok) {
     launch(row_fwd_cached_kernel<T, VEC, GN, RMS, X, ACT>, grid_of(c.row_blocks), c.threads, 0, stream,
         p, c.tpr);
     return;
   }
-  const Items it = plan_items(p.M, p.L, VEC, static_cast<int64_t>(sm) * 64);
+  const Items it = plan_items(p.M, p.L, VEC);
   const int64_t items = it.M * it.S;
   at::Tensor ws = at::empty({(RMS ? 1 : 3) * items}, acc_options(like));
   A* wsp = ws.data_ptr<A>();
@@ -172,10 +173,9 @@ void ln_backward_vec(row_bwd_t<T, ACT> p, Operand<T> dw_out, Operand<T> db_out, 
   const cudaStream_t stream = current_stream();
   const at::TensorOptions ao = acc_options(like);
   constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, ACT>;
-  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256, sm);
-  const bool split = !c.ok || (p.L >= 4096 && c.max_parallel < static_cast<int64_t>(sm) * 512);
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256);
   at::Tensor ws_dw, ws_db;
-  if (!split) {
+  if (c.ok) {  // the row in registers; split below only for rows longer than they hold
     // Rows per block. A block keeps one set of column partials however many rows it loops over,
     // and writes them once: [grid, L] partials in acc type, written and read back by
     // col_sum_finalize. One row per block of tpr > 32 threads made 4096 x 768 bf16 a grid of
@@ -214,7 +214,7 @@ void ln_backward_vec(row_bwd_t<T, ACT> p, Operand<T> dw_out, Operand<T> db_out, 
     return;
   }
   // long rows: row sums by (row, chunk) items, then a column-chunked pass
-  const Items it = plan_items(p.M, p.L, VEC, static_cast<int64_t>(sm) * 64);
+  const Items it = plan_items(p.M, p.L, VEC);
   const int64_t items = it.M * it.S;
   at::Tensor ws1 = at::empty({2 * items}, ao);
   row_sums_t<T, ACT> rsp;
