@@ -55,15 +55,15 @@ def test_layer_norm_cached_forward_is_one_pass(emu):
 
 
 def test_layer_norm_split_forward_is_one_and_a_half_passes(emu):
-    # 1024 x 65536 bf16 (rows too few for the cached kernel): statistics pass over x, apply pass
-    # over x and y. Items: 8192 packs per row, target 132 * 64 = 8448 items ->
-    # chunk = max(ceil(1024 * 8192 / 8448), 4 * 128) = 993 -> 1024 packs (whole warp steps),
-    # 8 chunks per row, 8192 items of 3 partial fp32 values, written then read once.
+    # 1024 x 65536 bf16 (rows longer than the cached kernel's registers hold): statistics pass
+    # over x, apply pass over x and y. Items: 8192 packs per row in chunks of 4 x 128 = 512 packs
+    # (the row's length alone decides them), 16 chunks per row, 16384 items of 3 partial fp32
+    # values, written then read once.
     est = case(emu, "layer_norm", (1024, 65536), torch.bfloat16)
     assert kernels(est, "fwd") == ["row_welford_partial_kernel", "row_welford_finalize_kernel",
                                    "row_apply_kernel"]
     x = 2 * 1024 * 65536
-    ws = 3 * 8192 * 4
+    ws = 3 * 16384 * 4
     stats = 2 * 1024 * 4   # mean and rstd: written by the finalize, read by the apply
     params = 2 * 65536 * 2  # w and b, read by the apply
     want = (x + ws) + (ws + stats) + (x + x + stats + params)
@@ -112,13 +112,15 @@ def test_batch_norm_fused_path_reads_x_twice(emu):
 
 def test_group_norm_channels_last_partials_counted(emu):
     # 8 x 1280 x 16 x 16 fp16 channels_last: partials [N, K, C] fp32 (2 planes) written by the
-    # partial kernel and read by the finalize; K from the plan (checked against the launch).
+    # partial kernel and read by the finalize; K from the reductions' plan, which depends on the
+    # sample's shape alone (160 channel packs: 5 tiles of 32, 8 row lanes; 256 rows: 4 chunks of
+    # 64), checked against the launch.
     est = case(emu, "group_norm", (8, 1280, 16, 16), torch.float16, "channels_last")
     assert kernels(est, "fwd") == ["cl_welford_partial_kernel", "cl_welford_finalize_kernel",
                                    "cl_apply_kernel"]
     part = est["launches"][0]
-    per_sm = est["occupancy"][part["kernel"]]  # the occupancy query the host plan made
-    bx, by, CT, K, rpc = planner.mirror_cl(8, 256, 1280, 32, 8, per_sm)
+    bx, by, CT, K, rpc = planner.mirror_cl_sums(8, 256, 1280, 32, 8)
+    assert (bx, by, CT, K, rpc) == (32, 8, 5, 4, 64)
     assert part["grid"][0] == 8 * K * CT and part["block"][0] == bx * by
     x, ws, stats = 2 * 8 * 1280 * 256, 2 * 8 * K * 1280 * 4, 2 * 8 * 32 * 4
     want = (x + ws) + (ws + stats) + (x + x + stats + 2 * 1280 * 2)
