@@ -39,8 +39,12 @@ struct Welford {
   }
 };
 
-// Butterfly merge over the lanes of a warp (or of `width` lanes): every lane ends with the total.
-// The merge order depends only on lane ids, never on timing.
+// Butterfly merge over the lanes of a warp (or of `width` lanes), then every lane takes the first
+// lane's total. The merge order depends only on lane ids, never on timing. The broadcast is
+// needed: Chan's merge is not symmetric in rounding (merge(a, b) and merge(b, a) may differ in
+// the last bit), so the butterfly leaves the lanes with totals that differ in the last bit, and a
+// row's lanes would normalise with different means than the one its first lane saves for the
+// backward (which recomputes z from it: an activation's kink could fall on the other side).
 template <typename acc_t>
 __device__ __forceinline__ Welford<acc_t> warp_merge(Welford<acc_t> w, int width = 32) {
 #pragma unroll
@@ -50,7 +54,9 @@ __device__ __forceinline__ Welford<acc_t> warp_merge(Welford<acc_t> w, int width
                      __shfl_xor_sync(0xffffffffu, w.count, offset, width));
     w.merge(o);
   }
-  return w;
+  return Welford<acc_t>(__shfl_sync(0xffffffffu, w.mean, 0, width),
+                        __shfl_sync(0xffffffffu, w.m2, 0, width),
+                        __shfl_sync(0xffffffffu, w.count, 0, width));
 }
 
 // Merge across a 1-D block. `shared` holds at least blockDim.x / 32 states. Every thread returns
