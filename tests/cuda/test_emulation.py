@@ -388,17 +388,20 @@ def test_occupancy_answers_cached_and_never_stale(emu):
     """resident_blocks() (csrc/device.h) asks the runtime once per (kernel, threads, shared
     memory, device) and host thread: a second call of an op makes no query. A device of another
     size (another device ordinal of the emulator) or other kernel resources get fresh answers, and
-    the plans follow them: the channels_last GroupNorm grids are one wave of what the device holds
-    (resident blocks per SM x SMs)."""
-    x = torch.empty(8, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    the plans follow them: the channels_last GroupNorm elementwise grids (apply, dx) are one wave of
+    what the device holds (resident blocks per SM x SMs); its reductions' plans ask nothing (they
+    depend on the sample's shape alone)."""
+    x = torch.randn(8, 64, 32, 32).contiguous(memory_format=torch.channels_last)
     w = torch.ones(64)
+    _, mean, rstd = emu.ops.group_norm_fwd(x, w, w, 8, EPS)
 
     def call():
         emu.ops.group_norm_fwd(x, w, w, 8, EPS)
+        emu.ops.group_norm_bwd(x, x, mean, rstd, w, 8, [True, False, False])
 
     def grids():
         return {k.split("(")[0]: g[0] for k, g, _, _ in emu.record_launches(call)
-                if "cl_welford_partial" in k or "cl_apply" in k}
+                if "cl_dx" in k or "cl_apply" in k}
 
     emu.use_resource_report("")
     try:
