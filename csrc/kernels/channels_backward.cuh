@@ -750,7 +750,7 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClDxActBlocks<T, VEC> : kCl
           for (int v = 0; v < VEC; ++v) {
             if constexpr (ACT) {
               const A d = static_cast<A>(xv[u][v]) - mu[v];
-              const A g = activation_grad(p.act, d * wr[v] + bb[v], gv[u][v]);
+              const A g = activation_grad(p.act, affine_z(static_cast<A>(xv[u][v]), mu[v], wr[v], bb[v]), gv[u][v]);
               o[v] = wr[v] * g - k1[v] - d * k2[v];
             } else {
               o[v] = wr[v] * gv[u][v] - k1[v] - (static_cast<A>(xv[u][v]) - mu[v]) * k2[v];

@@ -302,11 +302,11 @@ __device__ __forceinline__ acc_t act_out(const Activation& act, acc_t z) {
 }
 
 // The gradient reaching z: dy * act'(z), z = (x - mean) * (w * rstd) + b recomputed from x and
-// the saved statistics as the forward formed it (the same expression, so the same rounding).
+// the saved statistics as the forward formed it (affine_z, kernels/pack.cuh: the same rounding).
 template <bool ACT, typename acc_t>
 __device__ __forceinline__ acc_t act_grad(const Activation& act, acc_t x, acc_t mean, acc_t gs,
                                           acc_t shift, acc_t dy) {
-  if constexpr (ACT) return activation_grad(act, (x - mean) * gs + shift, dy);
+  if constexpr (ACT) return activation_grad(act, affine_z(x, mean, gs, shift), dy);
   else return dy;
 }
 

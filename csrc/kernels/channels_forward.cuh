@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < V; ++k)
           o.v[k] = static_cast<scalar_t>(
-              act_out<ACT>(a.act, (static_cast<acc_t>(pk[u].v[k]) - mean) * scale + shift));
+              act_out<ACT>(a.act, affine_z(static_cast<acc_t>(pk[u].v[k]), mean, scale, shift)));
         yv[offs[u]] = o;
       }
     }
@@ -361,7 +361,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < V; ++k)
         o.v[k] = static_cast<scalar_t>(
-            act_out<ACT>(a.act, (static_cast<acc_t>(pk.v[k]) - mean) * scale + shift));
+            act_out<ACT>(a.act, affine_z(static_cast<acc_t>(pk.v[k]), mean, scale, shift)));
       yv[cur.off] = o;
       cur.next();
       cur.remaining -= 1;
@@ -431,7 +431,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int j = 0; j < V; ++j)
           o.v[j] = static_cast<scalar_t>(act_out<ACT>(
-              a.act, (static_cast<acc_t>(pk[u].v[j]) - mean[j]) * scale[j] + shift[j]));
+              a.act, affine_z(static_cast<acc_t>(pk[u].v[j]), mean[j], scale[j], shift[j])));
         yv[off + u * doff] = o;
       }
       off += kUnroll * doff;
@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < V; ++j)
         o.v[j] = static_cast<scalar_t>(
-            act_out<ACT>(a.act, (static_cast<acc_t>(pk.v[j]) - mean[j]) * scale[j] + shift[j]));
+            act_out<ACT>(a.act, affine_z(static_cast<acc_t>(pk.v[j]), mean[j], scale[j], shift[j])));
       yv[off] = o;
       off += doff;
       rows -= 1;
@@ -641,7 +641,7 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClApplyActBlocks<T, VEC> : 
         if (h + u * s.by < h1) {
           A o[VEC];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) o[v] = (static_cast<A>(xv[u][v]) - mu[v]) * sc[v] + bb[v];
+          for (int v = 0; v < VEC; ++v) o[v] = affine_z(static_cast<A>(xv[u][v]), mu[v], sc[v], bb[v]);
           if constexpr (ACT) {
 #pragma unroll
             for (int v = 0; v < VEC; ++v) o[v] = activate(p.act, o[v]);
