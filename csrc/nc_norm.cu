@@ -76,8 +76,9 @@ at::Tensor nc_grad(const at::Tensor& g, const at::Tensor& input, at::MemoryForma
   TORCH_CHECK(g.sizes() == input.sizes(), op, ": expected grad_out of the input's shape ",
               input.sizes(), ", got shape ", g.sizes());
   TORCH_CHECK(g.scalar_type() == input.scalar_type() || g.scalar_type() == at::kFloat, op,
-              ": expected grad_out of the input's dtype (", input.scalar_type(),
-              ") or float32, got ", g.scalar_type());
+              ": expected grad_out of the input's dtype (torch.",
+              c10::getDtypeNames(input.scalar_type()).first, ") or torch.float32, got torch.",
+              c10::getDtypeNames(g.scalar_type()).first);
   return g.contiguous(fmt);
 }
 
