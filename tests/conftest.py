@@ -327,14 +327,20 @@ def _cuda_target():
 _EMU_CACHE: dict = {}
 
 
+def _emu_module():
+    """tools/cuda_emu/emu.py (a test artifact, not part of the package)."""
+    if os.path.join(_ROOT, "tools") not in sys.path:
+        sys.path.insert(0, os.path.join(_ROOT, "tools"))
+    from cuda_emu import emu  # noqa: E402
+    return emu
+
+
 def _emu_target():
     variant = os.environ.get("FASTNORM_EMU", "")
     if not variant:
         return None, "emulation tier not requested (FASTNORM_EMU=plain|asan, or make test-kernels)"
     if "handle" not in _EMU_CACHE:
-        sys.path.insert(0, os.path.join(_ROOT, "tools"))
-        from cuda_emu import emu  # noqa: E402  (a test artifact, not part of the package)
-        _EMU_CACHE["handle"] = emu.load(variant)
+        _EMU_CACHE["handle"] = _emu_module().load(variant)
     h = _EMU_CACHE["handle"]
     return KernelTarget("emu", torch.device("cpu"), h.ops, emulated=True, emu=h), None
 
@@ -387,6 +393,39 @@ KERNEL_TEST_FILES = {"test_batch_norm_kernels.py", "test_row_kernels.py",
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "emu_coverage: the kernel-coverage check (runs last)")
+    _route_ops_to_emulation()
+
+
+# ------------------------------------------------------------------------------------------------
+# FASTNORM_EMU_OPS=plain|asan: the whole session's fastnorm:: ops on CPU tensors run the emulated
+# CUDA kernels (tools/cuda_emu emu.route_ops), and the CPU fast path is off, so module, functional,
+# autograd and convert() tests exercise the kernels without a GPU (make test-emu-modules;
+# docs/emulation.md). Set up before any test runs; an emulation that cannot be loaded fails the
+# session. The library is built first if needed (ninja, build/emu-<variant>), by the pytest-xdist
+# controller only (it configures before the workers start; they load what it built);
+# FASTNORM_EMU_NO_BUILD=1 loads it as it is (make, which has just built it; a shared checkout).
+# ------------------------------------------------------------------------------------------------
+EMU_OPS = os.environ.get("FASTNORM_EMU_OPS", "").strip()
+EMU_ROUTED: dict = {}  # {"handle": the emulator, "ops": the routed op names} once routed
+
+
+def _route_ops_to_emulation():
+    if not EMU_OPS or EMU_ROUTED:
+        return
+    emu = _emu_module()
+    build_first = (os.environ.get("FASTNORM_EMU_NO_BUILD", "").strip() in ("", "0")
+                   and not os.environ.get("PYTEST_XDIST_WORKER"))
+    handle = emu.load(EMU_OPS, build_first=build_first)
+    EMU_ROUTED["handle"] = handle
+    EMU_ROUTED["ops"] = emu.route_ops(handle)
+    assert not fastnorm.functional._cpu_fast_path_enabled
+
+
+def pytest_report_header(config):
+    if EMU_ROUTED:
+        return (f"fastnorm: {len(EMU_ROUTED['ops'])} of {len(fastnorm.ops.OP_NAMES)} fastnorm:: ops "
+                f"on CPU run the emulated kernels ({EMU_ROUTED['handle'].variant}); CPU fast path off")
+    return None
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -396,3 +435,19 @@ def pytest_collection_modifyitems(session, config, items):
         and not getattr(config.option, "lf", False) and not getattr(config.option, "deselect", None))
     last = [i for i in items if i.get_closest_marker("emu_coverage")]
     items[:] = [i for i in items if not i.get_closest_marker("emu_coverage")] + last
+    if EMU_ROUTED:
+        # the ATen side of the fast-path / op-path fixtures turns the CPU fast path back on: under
+        # the switch it runs no kernel (the CPU suite runs it), so it is deselected
+        aten_side = [i for i in items if _fast_path_param(i)]
+        if aten_side:
+            config.hook.pytest_deselected(items=aten_side)
+            items[:] = [i for i in items if not _fast_path_param(i)]
+
+
+# The fixtures that run a test on both CPU routes (path / cpu_path) and their fast-path values.
+FAST_PATH_PARAMS = {"path": ("fast", "fast_path"), "cpu_path": ("aten", "fast_path")}
+
+
+def _fast_path_param(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(params.get(name) in values for name, values in FAST_PATH_PARAMS.items())

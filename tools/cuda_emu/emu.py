@@ -7,6 +7,11 @@ load(variant) registers the kernels as torch.ops.fastnorm_emu.* (CPU tensors), w
 of fastnorm.ops.SCHEMAS, and returns a handle with the emulator's controls: schedule(...) (thread and
 block order, device size) and coverage().
 
+route_ops(handle) sends torch.ops.fastnorm.* on CPU tensors to those kernels (a CPU registration
+that calls torch.ops.fastnorm_emu.*) and turns the modules' CPU fast path off, so the modules,
+functional, autograd and convert() run the emulated kernels: FASTNORM_EMU_OPS=plain|asan in
+tests/conftest.py, make test-emu-modules (docs/emulation.md).
+
 Variants: "plain" (-O1) and "asan" (AddressSanitizer + UndefinedBehaviorSanitizer: exact-size
 buffers, misaligned vector accesses). The asan variant must run in a process that starts with
 the sanitizer runtime: LD_PRELOAD=$(python tools/cuda_emu/emu.py asan-runtime).
@@ -254,8 +259,10 @@ def _define_schemas():
     _LOADED["lib"] = lib
 
 
-def load(variant: str) -> Emulator:
-    """Build if needed (not under a preloaded sanitizer runtime) and load the emulation."""
+def load(variant: str, build_first: bool = True) -> Emulator:
+    """Build if needed (not under a preloaded sanitizer runtime) and load the emulation.
+    build_first=False loads the library as it is, never building (a checkout where someone else
+    keeps it built; the FASTNORM_EMU_NO_BUILD=1 of tests/conftest.py's FASTNORM_EMU_OPS switch)."""
     if variant in _LOADED:
         return _LOADED[variant]
     import torch
@@ -264,7 +271,7 @@ def load(variant: str) -> Emulator:
     if variant == "asan" and not _asan_preloaded():
         raise RuntimeError("the asan emulation needs the sanitizer runtime loaded first: run with "
                            f"LD_PRELOAD={asan_runtime()} ASAN_OPTIONS=detect_leaks=0 (make test-kernels)")
-    if not _asan_preloaded():
+    if not _asan_preloaded() and build_first:
         path = build(variant)
     elif not os.path.exists(path):
         raise RuntimeError(f"{path} is missing: build it first (python tools/cuda_emu/emu.py build {variant})")
@@ -287,6 +294,60 @@ def load(variant: str) -> Emulator:
     emu.configure()
     _LOADED[variant] = emu
     return emu
+
+
+def route_ops(emu: Emulator, fast_path: bool = False) -> list[str]:
+    """Send torch.ops.fastnorm.* on CPU tensors to the emulated kernels: for every op of
+    fastnorm.ops.OP_NAMES that the emulation implements (fastnorm_emu::<op> has a CPU kernel), a
+    CPU kernel of fastnorm::<op> that calls torch.ops.fastnorm_emu.<op>. A direct CPU registration
+    takes precedence over the CompositeExplicitAutograd reference, as the extension's CUDA one
+    does on CUDA tensors, so every caller (modules, functional, autograd, convert()) runs the
+    kernels. The emulation's errors propagate: no fallback to the reference (an input it cannot
+    take raises). Ops outside OP_NAMES (SyncBatchNorm's) or without an emulated kernel stay on the
+    reference. Unless fast_path=True the modules' CPU fast path (fastnorm.functional), which
+    bypasses the ops on CPU, is turned off. Returns the routed op names; the registration lives
+    until unroute_ops(). Used by tests/conftest.py under FASTNORM_EMU_OPS=plain|asan."""
+    import torch
+
+    import fastnorm.functional
+    import fastnorm.ops as fops
+
+    if "route" in _LOADED:
+        held, routed, _ = _LOADED["route"]
+        if held is not emu:
+            raise RuntimeError(f"fastnorm emulation: the ops are already routed to the {held.variant} "
+                               f"variant (unroute_ops() first)")
+        return list(routed)
+    lib = torch.library.Library("fastnorm", "IMPL")  # noqa: TOR901 (kept alive in _LOADED)
+    routed = []
+    for qualified in fops.OP_NAMES:
+        name = qualified.split("::", 1)[1]
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm_emu::{name}", "CPU"):
+            continue
+        emu_op = getattr(emu.ops, name).default
+
+        def kernel(*args, _op=emu_op, **kwargs):
+            return _op(*args, **kwargs)
+
+        lib.impl(name, kernel, "CPU")
+        routed.append(qualified)
+    if not fast_path:
+        fastnorm.functional.set_cpu_fast_path(False)
+    _LOADED["route"] = (emu, routed, lib)
+    return list(routed)
+
+
+def routed_ops() -> list[str]:
+    """The ops route_ops() sends to the emulation now ([] when none)."""
+    return list(_LOADED["route"][1]) if "route" in _LOADED else []
+
+
+def unroute_ops() -> None:
+    """Undo route_ops(): the fastnorm:: ops on CPU run the reference again (the CPU fast path
+    stays as route_ops left it)."""
+    entry = _LOADED.pop("route", None)
+    if entry is not None:
+        entry[2]._destroy()
 
 
 def defined_kernels(src: str = CSRC) -> list[str]:
