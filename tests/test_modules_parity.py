@@ -3,6 +3,7 @@ gradients, running buffers and num_batches_tracked over two training steps then 
 plus an independent float64 reference for a subset."""
 from __future__ import annotations
 
+import math
 import pytest
 import torch
 from torch import nn
@@ -234,7 +235,13 @@ def test_awkward_shapes(name, shape, device):
     if base_kind(name) == "in":
         kw.update(affine=True, track_running_stats=True)
     t, f = make_pair(name, c, device, **kw)
-    run_protocol(t, f, shape, device)
+    # One element per normalised group (LayerNorm over 1 value, GroupNorm with 1 channel of 1
+    # position per group): xhat is 0 exactly and y = bias, dx = 0 exactly, which the kernels
+    # return; torch's own result there carries its rounding amplified by rstd = 1/sqrt(eps) ~ 316
+    # (up to ~3e-5 in float32). Judged at the scale of that error.
+    one_per_group = ((base_kind(name) == "ln" and c == 1) or
+                     (name == "GroupNorm" and c // kw["num_groups"] * math.prod(shape[2:]) == 1))
+    run_protocol(t, f, shape, device, factor=32.0 if one_per_group else 1.0)
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3, 6])
