@@ -20,11 +20,14 @@ of V = 4 fp32, 8 fp16/bf16, 2 fp64 elements; "split" = Welford partials + finali
   (32, 300)         cached, sub-warp, vector              cached, sub-warp, vector
   (33, 300)         cached, block per row, scalar         cached, scalar
   (1024, 8)         cached, block per row, vector         cached, block per row, vector
-  (4096, 3)         cached, vector                        split, vector: S > 1 (fp32/fp64),
-                                                          S == 1 (fp16/bf16: no row finalize)
-  (4097, 2)         cached, scalar, 1024 threads          split, scalar, S > 1
-  (8192, 2)         split, vector, S > 1                  split, vector, S > 1
+  (4096, 3)         cached, vector                        cached, vector
+  (4097, 2)         split, scalar (no cached plan fits)   split, scalar, S > 1
+  (8192, 2)         cached, vector (fp64: split, S > 1)   cached, vector (fp64: split)
   (8193, 2)         split, scalar (no cached plan fits)   split, scalar (no cached plan fits)
+  (32776, 1)        split, vector, S > 1 (beyond the      split, vector, S > 1
+                    registers: 16384 fp32, 32768 half)
+  Cached or split, threads per row and chunks follow the row's length, dtype and pack width only,
+  never the number of rows or SMs (tests/cuda/test_invariance.py).
 
   The cached backward puts several rows in a block when tpr > 32 and the rows give every SM more
   than one (rows per block <= 512 / tpr, a power of two): at 132 SMs only the CUDA-sized cases;
@@ -178,7 +181,8 @@ def _params(dev, shape, dtype, param_dtype, affine):
 
 # (n, m): the rows of LN_N, and the small cases that cross the same plans on the emulated target
 # (table in the module docstring)
-LN_CASES = [(n, _ln_rows(n)) for n in LN_N] + [(1024, 8), (4096, 3), (4097, 2), (8192, 2), (8193, 2)]
+LN_CASES = [(n, _ln_rows(n)) for n in LN_N] + [(1024, 8), (4096, 3), (4097, 2), (8192, 2), (8193, 2),
+                                               (32776, 1)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -203,8 +207,8 @@ def test_layer_norm_fwd_bwd(target, dtype, n, m):
     _check(db, rdb, dtype, 1, None, "dbias")
 
 
-# 33, 1024: cached plans (scalar / vector); 4097, 65536 and (emulation-sized) 8192: split plans
-MIXED_LN = [(n, _ln_rows(n) // 4 + 1) for n in (33, 1024, 4097, 65536)] + [(8192, 2)]
+# 33, 1024: cached plans (scalar / vector); 4097, 65536 and (emulation-sized) 32776: split plans
+MIXED_LN = [(n, _ln_rows(n) // 4 + 1) for n in (33, 1024, 4097, 65536)] + [(32776, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -434,8 +438,9 @@ GN_CASES = [
     ((2, 24, 1024), 2, "nchw"),       # long rows, few of them: split forward
     # emulation-sized (every dtype):
     ((2, 16, 3, 3), 2, "nchw"),       # 16-byte packs straddling channels (HW = 9, Cg * HW = 72)
-    ((1, 8, 33, 33), 1, "nchw"),      # split forward, packs straddling channels (L = 8712); backward
+    ((1, 8, 33, 33), 1, "nchw"),      # cached forward, packs straddling channels (L = 8712); backward
                                       # channel sums scalar (HW = 1089), several chunks (S > 1)
+    ((1, 8, 65, 65), 1, "nchw"),      # split forward (L = 33800), packs straddling channels
     ((2, 3, 61, 61), 1, "nchw"),      # split forward scalar (L = 11163 odd), scalar sums S > 1
     ((1, 2, 72, 72), 1, "nchw"),      # backward channel sums vector, S > 1 for every dtype (HW = 5184)
     ((1, 1032, 3, 3), 8, "cl"),       # channels_last: 2-3 channel tiles (fp32/fp64), bx * by = 129 x 1
@@ -837,11 +842,12 @@ def test_act_every_code(target, dtype, code, family, shape, groups, layout):
 # elements, per family), every dtype, each with every activation in turn.
 ACT_PATHS = [
     ("ln", (16, 33), None, "nchw"),        # cached fwd / bwd, scalar
-    ("ln", (2, 8192), None, "nchw"),       # split fwd (row_apply) / bwd (row_sums_partial, ln_bwd_split), vector
+    ("ln", (1, 32776), None, "nchw"),      # split fwd (row_apply) / bwd (row_sums_partial, ln_bwd_split), vector
     ("ln", (2, 8193), None, "nchw"),       # split fwd / bwd, scalar
     ("gn", (2, 7, 5, 5), 7, "nchw"),       # NCHW cached fwd, scalar; sums and dx scalar
     ("gn", (2, 6, 7, 9), 3, "nchw"),       # NCHW fp64 packs straddling channels (HW = 63)
-    ("gn", (1, 8, 33, 33), 1, "nchw"),     # NCHW split fwd (vector, packs straddling channels), sums scalar S > 1
+    ("gn", (1, 8, 33, 33), 1, "nchw"),     # NCHW cached fwd (packs straddling channels), sums scalar S > 1
+    ("gn", (1, 8, 65, 65), 1, "nchw"),     # NCHW split fwd (vector, packs straddling channels: L = 33800)
     ("gn", (2, 3, 61, 61), 1, "nchw"),     # NCHW split fwd scalar, sums scalar, dx scalar
     ("gn", (1, 2, 72, 72), 1, "nchw"),     # NCHW sums vector S > 1, dx vector
     ("gn", (2, 6, 14, 14), 2, "nchw"),     # NCHW sums in 8-byte packs (fp16/bf16: HW = 196)
