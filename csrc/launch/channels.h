@@ -107,6 +107,25 @@ inline dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
 }
 
 // ---- GroupNorm / InstanceNorm channels_last ----------------------------------------------------
+// The sample's part of a channels_last plan (both plans below start from it); the kernels index
+// items and channels in 32 bits (ClItem, GroupWalk).
+inline ClShape cl_shape(int64_t N, int64_t HW, int64_t C, int64_t G) {
+  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "fastnorm group_norm: ", C,
+              " channels: at most 2^31 - 1 are supported on the channels_last path");
+  ClShape s;
+  s.N = N;
+  s.HW = HW;
+  s.C = C;
+  s.G = G;
+  s.Cg = C / G;
+  return s;
+}
+
+inline void check_cl_items(const ClShape& s) {
+  TORCH_CHECK(s.N * s.K * s.CT <= std::numeric_limits<uint32_t>::max(), "fastnorm group_norm: ",
+              s.N * s.K * s.CT, " work items: at most 2^32 - 1 are supported on the channels_last path");
+}
+
 // channels_last blocks: bx channel packs x by rows; the HW rows of each n split into K chunks so
 // that one wave of the kernel fills the GPU: per_sm x SMs blocks, per_sm the blocks of that
 // kernel one SM holds (resident_blocks(): its registers and shared memory, see the budgets in
@@ -120,15 +139,7 @@ inline dim3 nhwc_grid(const NhwcCfg& k, int64_t G) {
 // The reductions (statistics, backward sums) are planned by plan_cl_sums below, not here: this
 // plan's chunks follow N and the device, which only the elementwise passes (apply, dx) may.
 inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int sm, int per_sm) {
-  // the kernels index items and channels in 32 bits (ClItem, GroupWalk)
-  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "fastnorm group_norm: ", C,
-              " channels: at most 2^31 - 1 are supported on the channels_last path");
-  ClShape s;
-  s.N = N;
-  s.HW = HW;
-  s.C = C;
-  s.G = G;
-  s.Cg = C / G;
+  ClShape s = cl_shape(N, HW, C, G);
   const int64_t Cp = C / vec;
   const int64_t target = static_cast<int64_t>(std::max(per_sm, 1)) * sm;
   auto kmax_for = [&](int64_t bx) {  // most row chunks with >= max(by, 16) rows each
@@ -144,8 +155,7 @@ inline ClShape plan_cl(int64_t N, int64_t HW, int64_t C, int64_t G, int vec, int
   const int64_t K = std::max<int64_t>(1, std::min(fit, kmax_for(s.bx)));
   s.rpc = ceil_div(HW, K);
   s.K = ceil_div(HW, s.rpc);
-  TORCH_CHECK(N * s.K * s.CT <= std::numeric_limits<uint32_t>::max(), "fastnorm group_norm: ",
-              N * s.K * s.CT, " work items: at most 2^32 - 1 are supported on the channels_last path");
+  check_cl_items(s);
   return s;
 }
 
@@ -163,14 +173,7 @@ constexpr int64_t kClChunkRows = 64;
 constexpr int64_t kClMaxChunks = 256;
 
 inline ClShape plan_cl_sums(int64_t N, int64_t HW, int64_t C, int64_t G, int vec) {
-  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max(), "fastnorm group_norm: ", C,
-              " channels: at most 2^31 - 1 are supported on the channels_last path");
-  ClShape s;
-  s.N = N;
-  s.HW = HW;
-  s.C = C;
-  s.G = G;
-  s.Cg = C / G;
+  ClShape s = cl_shape(N, HW, C, G);
   const int64_t Cp = C / vec;
   const int64_t tiles = ceil_div(Cp, std::max<int64_t>(1, std::min<int64_t>(Cp, kClTilePacks)));
   s.bx = static_cast<int>(std::max<int64_t>(1, ceil_div(Cp, tiles)));  // balanced tiles
@@ -179,8 +182,7 @@ inline ClShape plan_cl_sums(int64_t N, int64_t HW, int64_t C, int64_t G, int vec
   const int64_t rows = std::max({kClChunkRows, int64_t(s.by), ceil_div(HW, kClMaxChunks)});
   s.rpc = std::max<int64_t>(1, std::min(HW, round_up(rows, int64_t(s.by))));
   s.K = std::max<int64_t>(1, ceil_div(HW, s.rpc));
-  TORCH_CHECK(N * s.K * s.CT <= std::numeric_limits<uint32_t>::max(), "fastnorm group_norm: ",
-              N * s.K * s.CT, " work items: at most 2^32 - 1 are supported on the channels_last path");
+  check_cl_items(s);
   return s;
 }
 
