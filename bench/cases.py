@@ -27,7 +27,8 @@ import fastnorm
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "add_rms_norm",
-       "layer_norm2d", "frozen_batch_norm", "switch_norm", "adain", "ibn", "local_response_norm")
+       "layer_norm2d", "frozen_batch_norm", "switch_norm", "adain", "ibn", "local_response_norm",
+       "llama_rms_norm", "gemma_rms_norm", "gated_rms_norm")
 
 # The fewest x-sized tensors each pass must read or write once (inputs read once, outputs written
 # once; parameters, statistics and parameter gradients are per row or per channel and left out).
@@ -43,6 +44,8 @@ STREAMS = {
     "add_rms_norm": {"fwd": 4, "bwd": 4, "fwdbwd": 8},
     "frozen_batch_norm": {"fwd": 2, "bwd": 2, "fwdbwd": 4},
     "adain": {"fwd": 3, "bwd": 5, "fwdbwd": 8},
+    # gated_rms_norm: fwd reads x and gate, writes y; bwd reads x, gate and dy, writes dx, dgate
+    "gated_rms_norm": {"fwd": 3, "bwd": 5, "fwdbwd": 8},
 }
 
 
@@ -89,6 +92,101 @@ def fuse_add_norms(model: nn.Module) -> int:
             m.__class__ = FusedAddRMSNorm
             n += 1
     return n
+
+
+# Hugging Face's RMSNorm conventions: the transformers classes when installed, else stand-ins
+# spelled as they are (transformers' LlamaRMSNorm, GemmaRMSNorm, Mamba2RMSNormGated).
+class LlamaStyleRMSNorm(nn.Module):
+    """`weight * (x.float() * rsqrt(mean(x^2) + eps)).to(input dtype)` (transformers' LlamaRMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class GemmaStyleRMSNorm(nn.Module):
+    """Everything in float32 with `(1 + weight)`, rounded once (transformers' GemmaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        h = x.float()
+        output = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (output * (1.0 + self.weight.float())).type_as(x)
+
+
+class MambaStyleGatedRMSNorm(nn.Module):
+    """norm(x * silu(gate)) in groups, Llama's rounding (transformers' Mamba2RMSNormGated)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.group_size = group_size
+
+    def forward(self, hidden_states, gate=None):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        if gate is not None:
+            hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+        *prefix_dims, last_dim = hidden_states.shape
+        group_count = last_dim // self.group_size
+        g = hidden_states.view(*prefix_dims, group_count, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        hidden_states = g.view(*prefix_dims, group_count * self.group_size)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+def hf_rms_norm_reference(op: str, dim: int) -> nn.Module:
+    """The Hugging Face module of a convention case (transformers' own class when installed)."""
+    try:
+        from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.models.mamba2.modeling_mamba2 import Mamba2RMSNormGated
+    except ImportError:
+        LlamaRMSNorm, GemmaRMSNorm, Mamba2RMSNormGated = (
+            LlamaStyleRMSNorm, GemmaStyleRMSNorm, MambaStyleGatedRMSNorm)
+    if op == "llama_rms_norm":
+        return LlamaRMSNorm(dim, eps=1e-6)
+    if op == "gemma_rms_norm":
+        return GemmaRMSNorm(dim, eps=1e-6)
+    return Mamba2RMSNormGated(dim, group_size=MAMBA_GROUP_SIZE, eps=1e-6)
+
+
+MAMBA_GROUP_SIZE = 1024  # Mamba-Codestral-7B: intermediate 8192 in 8 groups
+
+
+class ConventionRMSNorm(nn.Module):
+    """fastnorm's computation of a convention case, on the reference module's parameter:
+    fastnorm.functional.rms_norm with normalized_dtype (Llama) or weight_offset (Gemma), or
+    gated_rms_norm (Mamba-2)."""
+
+    def __init__(self, op: str, ref: nn.Module):
+        super().__init__()
+        self.op = op
+        self.weight = nn.Parameter(ref.weight.detach().clone())
+        self.eps = getattr(ref, "variance_epsilon", getattr(ref, "eps", 1e-6))
+        self.group_size = getattr(ref, "group_size", None)
+
+    def forward(self, x, gate=None):
+        FN = fastnorm.functional
+        if self.op == "llama_rms_norm":
+            return FN.rms_norm(x, (x.shape[-1],), self.weight, self.eps, normalized_dtype=x.dtype)
+        if self.op == "gemma_rms_norm":
+            return FN.rms_norm(x, (x.shape[-1],), self.weight, self.eps, weight_offset=1.0)
+        return FN.gated_rms_norm(x, gate, self.weight, self.eps, group_size=self.group_size,
+                                 norm_before_gate=False, normalized_dtype=x.dtype)
 
 
 class PermuteLayerNorm2d(nn.LayerNorm):
@@ -278,7 +376,7 @@ class Case:
     def n_inputs(self) -> int:
         """Tensors the layer takes (add_rms_norm: input and residual; adain: content and style,
         here of one shape)."""
-        return 2 if self.op in ("add_rms_norm", "adain") else 1
+        return 2 if self.op in ("add_rms_norm", "adain", "gated_rms_norm") else 1
 
     @property
     def n_outputs(self) -> int:
@@ -291,7 +389,7 @@ class Case:
         builds it: the fused residual add, the stand-ins used without timm / torchvision, and
         the source articles' layers SwitchNorm, AdaIN and IBN, whose references have no
         torch.nn class)."""
-        return self.op not in ("add_rms_norm",) + NC_OPS and type(self._third_party()) not in (
+        return self.op not in ("add_rms_norm",) + NC_OPS + HF_OPS and type(self._third_party()) not in (
             PermuteLayerNorm2d, FormulaFrozenBatchNorm2d)
 
     def _third_party(self) -> Optional[nn.Module]:
@@ -316,6 +414,8 @@ class Case:
             m = nn.RMSNorm(c, eps=1e-6)  # Llama's eps
         elif self.op == "add_rms_norm":
             m = AddRMSNorm(c, eps=1e-6)
+        elif self.op in HF_OPS:
+            m = hf_rms_norm_reference(self.op, c)
         elif self.op in ("layer_norm2d", "frozen_batch_norm"):
             m = self._third_party()
         elif self.op == "batch_norm":
@@ -364,6 +464,8 @@ class Case:
                 assert f.half == ref.half
             f.load_state_dict(ref.state_dict())
             return f.train(ref.training)
+        if self.op in HF_OPS:
+            return ConventionRMSNorm(self.op, ref).train(ref.training)
         m = copy.deepcopy(ref)
         if self.op == "add_rms_norm":
             assert fuse_add_norms(m) == 1
@@ -384,7 +486,10 @@ class Case:
 
 
 # ops whose parameters run along the last dimension (rows of the normalised width)
-ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm")
+ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "llama_rms_norm", "gemma_rms_norm",
+           "gated_rms_norm")
+# Hugging Face's RMSNorm conventions (fastnorm_module: ConventionRMSNorm)
+HF_OPS = ("llama_rms_norm", "gemma_rms_norm", "gated_rms_norm")
 # the source articles' layers (SwitchNorm, AdaIN, IBN) on the per-(n, c) ops (fastnorm_module builds them from the reference's state)
 NC_OPS = ("switch_norm", "adain", "ibn")
 
@@ -428,6 +533,14 @@ CASES: List[Case] = [
     *[_ln(name, 4096, width, ("bf16",), quick=(width == 4096), op=op)
       for op in ("rms_norm", "add_rms_norm")
       for name, width in (("llama-7b-4096", 4096), ("llama-70b-8192", 8192))],
+    # Hugging Face's conventions (against transformers' own module, eager and torch.compile): the
+    # Llama-style RMSNorm at Llama-3-8B's shapes (hidden 4096, 8 x 4096 tokens) and Qwen3's per-head
+    # QK-norm (rows of 128, 32 heads, 4096 tokens); Gemma's (1 + w) at Gemma-7B's hidden 3072;
+    # Mamba-2's gated RMSNorm at Mamba-Codestral-7B's (intermediate 8192, 8 groups, 8 x 2048 tokens)
+    Case("llama_rms_norm", "llama3-8b-4096", (32768, 4096), ("bf16",), quick=True),
+    Case("llama_rms_norm", "qwen3-qknorm-32x128", (4096, 32, 128), ("bf16",)),
+    Case("gemma_rms_norm", "gemma-7b-3072", (32768, 3072), ("bf16",), quick=True),
+    Case("gated_rms_norm", "mamba2-codestral-8192", (16384, 8192), ("bf16",), quick=True),
     # LayerNorm2d of ConvNeXt-T's four stages at batch 32 (NCHW and channels_last; against timm's
     # LayerNorm2d: permute, F.layer_norm, permute)
     *[Case("layer_norm2d", f"convnext-t-stage{i + 1}", (32, c, hw, hw),

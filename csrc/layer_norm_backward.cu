@@ -200,10 +200,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd(
   return {dx, dres, dw, db};
 }
 
+// ---- gated RMSNorm --------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_rms_norm_bwd(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& gate,
+    const at::Tensor& rstd, const std::optional<at::Tensor>& weight, int64_t group_size,
+    bool norm_before_gate, int64_t activation, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "fastnorm::gated_rms_norm_bwd";
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  check_float_dtype(dt, op);
+  check_backward_inputs(grad_out, input, rstd, rstd, op);
+  const GatedShape s = gated_shape(input, gate, group_size, activation, groups::kGatedMaxGroup, op);
+  const at::Tensor w = param(weight, input, s.H, op, "weight");
+  const bool want_dw = output_mask[2] && w.defined();
+  const at::ScalarType wd = w.defined() ? w.scalar_type() : dt;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor g = gate.contiguous();
+  const at::TensorOptions xo = x.options(), wo = x.options().dtype(wd);
+  at::Tensor dx = output_mask[0] ? at::empty(x.sizes(), xo) : at::empty({0}, xo);
+  at::Tensor dg = output_mask[1] ? at::empty(x.sizes(), xo) : at::empty({0}, xo);
+  if (s.M == 0 || s.H == 0)
+    return {dx, dg, want_dw ? at::zeros({s.H}, wo) : at::empty({0}, wo)};
+  at::Tensor dw = want_dw ? at::empty({s.H}, wo) : at::empty({0}, wo);
+  if (!output_mask[0] && !output_mask[1] && !want_dw) return {dx, dg, dw};
+  TORCH_CHECK(rstd.numel() == s.M * s.G, op, ": rstd must have ", s.M * s.G,
+              " elements (one per row and group), got ", rstd.numel());
+  const at::Tensor rs = rstd.to(stat_dtype(dt)).contiguous();
+  const at::Tensor dy = grad_out.contiguous();
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::gated_rms_norm_bwd", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    groups::GatedRowBwd<T> p;
+    p.x = x.data_ptr<T>();
+    p.gate = g.data_ptr<T>();
+    p.dy = operand<T>(dy);
+    p.mean = nullptr;  // RMSNorm
+    p.rstd = rs.data_ptr<A>();
+    p.w = operand<T>(w);
+    p.dx = output_mask[0] ? dx.data_ptr<T>() : nullptr;
+    p.dgate = output_mask[1] ? dg.data_ptr<T>() : nullptr;
+    p.M = s.M;
+    p.L = group_size;
+    p.ld = s.H;
+    p.gate_silu = activation == kActSilu;
+    const Operand<T> dw_out = want_dw ? operand<T>(dw) : Operand<T>{};
+    if (norm_before_gate) groups::gated_backward<T, groups::kGateAfter>(p, s.G, dw_out, x);
+    else groups::gated_backward<T, groups::kGateFirst>(p, s.G, dw_out, x);
+  });
+  return {dx, dg, dw};
+}
+
 }  // namespace
 }  // namespace fastnorm
 
 TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
+  m.impl("gated_rms_norm_bwd", TORCH_FN(fastnorm::gated_rms_norm_bwd));
   m.impl("layer_norm_bwd", TORCH_FN(fastnorm::layer_norm_bwd));
   m.impl("rms_norm_bwd", TORCH_FN(fastnorm::rms_norm_bwd));
   m.impl("add_norm_bwd", TORCH_FN(fastnorm::add_norm_bwd));

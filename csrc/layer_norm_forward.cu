@@ -51,7 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& input,
                                                 at::IntArrayRef normalized_shape,
                                                 const std::optional<at::Tensor>& weight, double eps,
-                                                std::optional<at::ScalarType> out_dtype) {
+                                                std::optional<at::ScalarType> out_dtype,
+                                                bool round_normalized) {
   constexpr const char* op = "fastnorm::rms_norm_fwd";
   check_kernel_device(input, op);
   DeviceGuard guard(input.device());
@@ -78,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& input,
     p.M = M;
     p.L = N;
     p.eps = static_cast<A>(eps);
+    p.round_xhat = round_normalized;
     groups::row_forward<T, false, true>(p, x);
   });
   return {y, rstd};
@@ -143,10 +145,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd(
   return {y, res_out, mean, rstd};
 }
 
+// ---- gated RMSNorm --------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> gated_rms_norm_fwd(
+    const at::Tensor& input, const at::Tensor& gate, const std::optional<at::Tensor>& weight,
+    double eps, int64_t group_size, bool norm_before_gate, int64_t activation,
+    bool round_normalized) {
+  constexpr const char* op = "fastnorm::gated_rms_norm_fwd";
+  check_kernel_device(input, op);
+  DeviceGuard guard(input.device());
+  const at::ScalarType dt = input.scalar_type();
+  check_float_dtype(dt, op);
+  const GatedShape s = gated_shape(input, gate, group_size, activation, groups::kGatedMaxGroup, op);
+  const at::Tensor w = param(weight, input, s.H, op, "weight");
+  // the Llama rounding before a float32 weight promotes the output, as `weight * x.to(dtype)`
+  const bool promote = !norm_before_gate && round_normalized && w.defined();
+  const at::ScalarType odt = promote ? c10::promoteTypes(dt, w.scalar_type()) : dt;
+  const at::Tensor x = input.contiguous();
+  const at::Tensor g = gate.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(odt));
+  at::Tensor rstd = at::empty({s.M * s.G}, x.options().dtype(stat_dtype(dt)));
+  if (s.M == 0 || s.H == 0) return {y, rstd};
+  FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::gated_rms_norm_fwd", [&] {
+    using T = scalar_t;
+    using A = acc_of<T>;
+    groups::GatedRowFwd<T> p;
+    p.x = x.data_ptr<T>();
+    p.gate = g.data_ptr<T>();
+    p.y = operand<T>(y);
+    p.w = operand<T>(w);
+    p.rstd = rstd.data_ptr<A>();
+    p.M = s.M;
+    p.L = group_size;
+    p.ld = s.H;
+    p.eps = static_cast<A>(eps);
+    p.round_xhat = round_normalized;
+    p.gate_silu = activation == kActSilu;
+    // `weight * x_n.to(dtype)` stays in T for a weight of T (or none): rounded before the gate
+    p.round_n = round_normalized && (!w.defined() || w.scalar_type() == dt);
+    if (norm_before_gate) groups::gated_forward<T, groups::kGateAfter>(p, s.G);
+    else groups::gated_forward<T, groups::kGateFirst>(p, s.G);
+  });
+  return {y, rstd};
+}
+
 }  // namespace
 }  // namespace fastnorm
 
 TORCH_LIBRARY_IMPL(FASTNORM_OP_NAMESPACE, FASTNORM_DISPATCH_KEY, m) {
+  m.impl("gated_rms_norm_fwd", TORCH_FN(fastnorm::gated_rms_norm_fwd));
   m.impl("layer_norm_fwd", TORCH_FN(fastnorm::layer_norm_fwd));
   m.impl("rms_norm_fwd", TORCH_FN(fastnorm::rms_norm_fwd));
   m.impl("add_norm_fwd", TORCH_FN(fastnorm::add_norm_fwd));

@@ -27,6 +27,7 @@ import torch
 
 from . import activations as _acts
 from .ops.common import memory_format_of, stat_dtype
+from .ops import row_norms as _row_norms
 from .ops.local_response_norm import lrn_div, lrn_grad, lrn_window
 
 _fn = torch.ops.fastnorm
@@ -464,7 +465,7 @@ def _rms_backward(ctx, dy, _drstd):
     else:
         dx, dw = _fn.rms_norm_bwd(dy, x, rstd, w, ctx.normalized_shape, needs)
         dx, dw = (t if m else None for t, m in zip((dx, dw), needs))
-    return dx, None, dw, None, None
+    return dx, None, dw, None, None, None
 
 
 torch.library.register_autograd("fastnorm::rms_norm_fwd", _rms_backward, setup_context=_rms_setup)
@@ -475,8 +476,8 @@ class _RMSNormFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, normalized_shape, weight, eps, out_dtype):
-        return _fn.rms_norm_fwd(input, normalized_shape, weight, eps, out_dtype)
+    def forward(input, normalized_shape, weight, eps, out_dtype, round_normalized=False):
+        return _fn.rms_norm_fwd(input, normalized_shape, weight, eps, out_dtype, round_normalized)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -492,7 +493,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
 class RMSNormFunction(_RMSNormFunction):
     @staticmethod
-    def jvp(ctx, tx, _tshape, tw, _teps, _tdtype):
+    def jvp(ctx, tx, _tshape, tw, _teps, _tdtype, _tround=None):
         x, w, rstd = ctx.saved_tensors
         k = len(ctx.normalized_shape)
         dims, _ = _trailing(x, k)
@@ -510,6 +511,67 @@ class RMSNormFunction(_RMSNormFunction):
         if ty is None:
             return torch.zeros(x.shape, dtype=ctx.y_dtype, device=x.device), None
         return ty.to(ctx.y_dtype).contiguous(), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated RMSNorm
+# ----------------------------------------------------------------------------------------------
+def _gated_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
+    input, gate, weight, eps, group_size, norm_before_gate, activation, _ = inputs
+    save(ctx, input, gate, weight, output[1])
+    ctx.gated = (float(eps), int(group_size), bool(norm_before_gate), int(activation))
+
+
+def _gated_backward(ctx, dy, _drstd):
+    x, gate, w, rstd = ctx.saved_tensors
+    eps, group_size, norm_before_gate, activation = ctx.gated
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+             ctx.needs_input_grad[2] and w is not None]
+    if torch.is_grad_enabled():
+        # Differentiable ATen ops with rstd recomputed from the inputs, so that second derivatives
+        # see its dependence on x and the gate.
+        sd = stat_dtype(x.dtype)
+        m, h = x.numel() // max(x.shape[-1], 1), x.shape[-1]
+        g = h // group_size
+        src = x.to(sd)
+        if not norm_before_gate:
+            src = src * _row_norms.GATE_ACTIVATIONS[activation](gate.to(sd))
+        grouped = src.reshape(m, g, group_size)
+        r = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+        dx, dg, dw = _row_norms.gated_rms_norm_grads(dy, x, gate, w, r, group_size,
+                                                     norm_before_gate, activation)
+        dx = dx.to(x.dtype) if needs[0] else None
+        dg = dg.to(gate.dtype) if needs[1] else None
+        dw = dw.to(w.dtype) if needs[2] else None
+    else:
+        dx, dg, dw = _fn.gated_rms_norm_bwd(dy, x, gate, rstd, w, group_size, norm_before_gate,
+                                            activation, needs)
+        dx, dg, dw = (t if m else None for t, m in zip((dx, dg, dw), needs))
+    return dx, dg, dw, None, None, None, None, None
+
+
+torch.library.register_autograd("fastnorm::gated_rms_norm_fwd", _gated_backward,
+                                setup_context=_gated_setup)
+
+
+class GatedRMSNormFunction(torch.autograd.Function):
+    """(y, rstd) = gated_rms_norm(x, gate); rstd is not differentiable. No jvp: forward-mode AD
+    and torch.func transforms take functional.gated_rms_norm's ATen composition instead."""
+
+    @staticmethod
+    def forward(input, gate, weight, eps, group_size, norm_before_gate, activation,
+                round_normalized):
+        return _fn.gated_rms_norm_fwd(input, gate, weight, eps, group_size, norm_before_gate,
+                                      activation, round_normalized)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _gated_setup(ctx, inputs, output, _save)
+
+    @staticmethod
+    def backward(ctx, dy, drstd):
+        return _gated_backward(ctx, dy, drstd)
 
 
 def _add_norm_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
@@ -746,4 +808,5 @@ apply_batch_norm = _applier(BatchNormFunction, _BatchNormFunction, 11)
 apply_layer_norm2d = _applier(LayerNorm2dFunction, _LayerNorm2dFunction, 7)
 apply_rms_norm = _applier(RMSNormFunction, _RMSNormFunction)
 apply_add_norm = _applier(AddNormFunction, _AddNormFunction)
+apply_gated_rms_norm = _applier(GatedRMSNormFunction, GatedRMSNormFunction)
 apply_local_response_norm = _applier(LocalResponseNormFunction, _LocalResponseNormFunction)

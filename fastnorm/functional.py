@@ -34,9 +34,10 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 from . import activations as _acts
-from .autograd import (apply_add_norm, apply_batch_norm, apply_group_norm,
+from .autograd import (apply_add_norm, apply_batch_norm, apply_gated_rms_norm, apply_group_norm,
                        apply_instance_norm_tracked, apply_layer_norm, apply_layer_norm2d,
                        apply_local_response_norm, apply_rms_norm)
 from .instance_stats_autograd import AdaINFunction as _AdaINFunction
@@ -49,7 +50,7 @@ __all__ = [
     "batch_norm", "batch_norm_act", "frozen_batch_norm",
     "layer_norm", "layer_norm_act", "layer_norm2d", "layer_norm2d_act",
     "group_norm", "group_norm_act", "instance_norm",
-    "rms_norm", "add_rms_norm", "add_layer_norm",
+    "rms_norm", "add_rms_norm", "add_layer_norm", "gated_rms_norm",
     "adaptive_instance_norm",
     "local_response_norm",
 ]
@@ -683,31 +684,46 @@ def _op_dtypes(input: Tensor, *params: Optional[Tensor]) -> bool:
 
 
 def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None,
-             eps: Optional[float] = None) -> Tensor:
+             eps: Optional[float] = None, *, weight_offset: float = 0.0,
+             normalized_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Same as torch.nn.functional.rms_norm: y = x / sqrt(mean(x^2) + eps) * weight over the
     trailing normalized_shape dims, computed in float32 for half inputs (float64 for float64)
     and rounded once to the input's dtype; eps=None is the computation dtype's epsilon. Under
-    CUDA autocast a half input gives a float32 output, as torch's."""
+    CUDA autocast a half input gives a float32 output, as torch's.
+
+    Two options reproduce the conventions of other libraries' RMSNorms exactly:
+
+    - `weight_offset=c`: the weight applied is `c + weight`, formed in the computation dtype
+      (Gemma's `1 + weight`, Transformer Engine's zero-centred gamma). Needs a weight; gradients
+      reach `weight` as through that sum.
+    - `normalized_dtype=D`: the normalised value x / sqrt(mean(x^2) + eps), formed in the
+      computation dtype, is rounded to D before the weight multiplies it, and the output's dtype is
+      torch.promote_types(D, weight.dtype) (D without a weight). This
+      is Hugging Face's Llama-style RMSNorm (`weight * x_normed.to(input_dtype)`, D = the input's
+      dtype: a float32 weight under bfloat16 activations gives a float32 output, as there) and T5's
+      (D = the weight's dtype when it is half, float32 otherwise). The backward treats the rounding
+      as the identity, as autograd does through `.to()`.
+
+    With either option autocast does not change the output's dtype (the modules they reproduce
+    cast explicitly): the input's dtype, or the promotion above.
+
+    On CPU (the fast path) the options are computed with the same ATen ops, in the same order, as
+    those libraries' modules, so the results are bitwise theirs; on CUDA by the fused kernel
+    (float32 statistics reduced in a different order: equal to within rounding)."""
     if isinstance(normalized_shape, int):
         raise TypeError(f"rms_norm(): argument 'normalized_shape' (position 2) must be tuple of "
                         f"ints, not int")
     shape = list(normalized_shape)
+    if weight_offset != 0.0 or normalized_dtype is not None:
+        return _rms_norm_convention(input, shape, weight, eps, float(weight_offset),
+                                    normalized_dtype)
     refused = None
     if cpu_fast_path(input):
         try:
             return torch.rms_norm(input, shape, weight, eps)
         except Exception as e:  # noqa: BLE001 (the checks below say why, else it is raised)
             refused = e
-    name = "rms_norm"
-    if input.is_floating_point() or input.is_complex():
-        pass
-    else:
-        raise NotImplementedError(f"{name}: expected a floating-point input (float16, bfloat16, "
-                                  f"float32 or float64), but got dtype {input.dtype}")
-    if shape and input.dim() < len(shape):
-        raise ValueError(f"{name}: expected an input with at least {len(shape)} dimensions for "
-                         f"normalized_shape={shape}, but got input of shape {list(input.shape)}")
-    _check_normalized_shape(name, input, shape, (("weight", weight),))
+    _check_rms_args("rms_norm", input, shape, weight)
     if refused is not None:
         raise refused  # not an argument fastnorm checks: ATen's own reason (or a hook's)
     if input.is_complex() or not _op_dtypes(input, weight):
@@ -717,6 +733,154 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
         return input.clone() if weight is None else (input * weight).to(input.dtype)
     y, _ = apply_rms_norm(input, shape, weight, _rms_eps(eps, input.dtype), _autocast_dtype(input))
     return y
+
+
+def _check_rms_args(name: str, input: Tensor, shape: List[int], weight: Optional[Tensor]) -> None:
+    if not (input.is_floating_point() or input.is_complex()):
+        raise NotImplementedError(f"{name}: expected a floating-point input (float16, bfloat16, "
+                                  f"float32 or float64), but got dtype {input.dtype}")
+    if shape and input.dim() < len(shape):
+        raise ValueError(f"{name}: expected an input with at least {len(shape)} dimensions for "
+                         f"normalized_shape={shape}, but got input of shape {list(input.shape)}")
+    _check_normalized_shape(name, input, shape, (("weight", weight),))
+
+
+def _rms_norm_composite(input: Tensor, shape: List[int], weight: Optional[Tensor], eps: float,
+                        weight_offset: float, normalized_dtype: Optional[torch.dtype],
+                        out_dtype: torch.dtype) -> Tensor:
+    """rms_norm's conventions with ATen ops, spelled as Hugging Face's modules spell them (the CPU
+    fast path: bitwise theirs), and for the dtype combinations the kernel does not take."""
+    sd = _stat_dtype(input.dtype)
+    dims = list(range(input.dim() - len(shape), input.dim()))
+    xs = input.to(sd)
+    y = xs * torch.rsqrt(xs.pow(2).mean(dims, keepdim=True) + eps)
+    if normalized_dtype is not None:
+        y = y.to(normalized_dtype)
+    if weight is not None:
+        w = weight.to(sd) + weight_offset if weight_offset != 0.0 else weight
+        y = w * y
+    return y.to(out_dtype)
+
+
+def _rms_norm_convention(input: Tensor, shape: List[int], weight: Optional[Tensor],
+                         eps: Optional[float], weight_offset: float,
+                         normalized_dtype: Optional[torch.dtype]) -> Tensor:
+    name = "rms_norm"
+    _check_rms_args(name, input, shape, weight)
+    if input.is_complex():
+        raise NotImplementedError(f"{name}: weight_offset and normalized_dtype take a real "
+                                  f"floating-point input, but got dtype {input.dtype}")
+    if weight_offset != 0.0 and weight is None:
+        raise ValueError(f"{name}: weight_offset={weight_offset} needs a weight (the weight applied "
+                         f"is weight_offset + weight), but got weight=None")
+    if normalized_dtype is not None and not normalized_dtype.is_floating_point:
+        raise TypeError(f"{name}: expected a floating-point normalized_dtype, but got "
+                        f"{normalized_dtype}")
+    eps = _rms_eps(eps, input.dtype)
+    sd = _stat_dtype(input.dtype)
+    if normalized_dtype is None:
+        out_dtype = input.dtype  # the modules these options reproduce cast explicitly: no autocast
+    else:
+        out_dtype = torch.promote_types(normalized_dtype,
+                                        normalized_dtype if weight is None else weight.dtype)
+    # the kernel: rounds the normalised value to the input dtype only (a wider D rounds nothing),
+    # weights of the input's dtype or float32, outputs of the input's dtype or float32
+    rounds_to_input = normalized_dtype == input.dtype
+    exact_d = normalized_dtype is None or rounds_to_input or (
+        normalized_dtype == torch.float32 and sd == torch.float32)
+    w_eff = weight
+    if weight is not None and weight_offset != 0.0:
+        w_eff = weight.to(sd) + weight_offset
+    if (cpu_fast_path(input) or input.numel() == 0 or not exact_d
+            or not _op_dtypes(input, w_eff) or out_dtype not in (input.dtype, torch.float32)):
+        return _rms_norm_composite(input, shape, weight, eps, weight_offset, normalized_dtype,
+                                   out_dtype)
+    y, _ = apply_rms_norm(input, shape, w_eff, eps,
+                          None if out_dtype == input.dtype else out_dtype, rounds_to_input)
+    return y
+
+
+_GATE_ACTIVATIONS = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid}
+_GATE_CODES = {"silu": 4, "sigmoid": 10}  # fastnorm.activations' codes
+# The longest group the fused kernels hold in registers in both passes (csrc/launch/groups.h
+# kGatedMaxGroup); longer groups are computed with ATen operations.
+_GATED_MAX_GROUP = 4096
+
+
+def gated_rms_norm(input: Tensor, gate: Optional[Tensor], weight: Optional[Tensor] = None,
+                   eps: float = 1e-6, *, group_size: Optional[int] = None,
+                   norm_before_gate: bool = True, activation: str = "silu",
+                   normalized_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The gated RMSNorm of state-space and linear-attention models, over the last dim of input
+    (hidden size H) in groups of `group_size` consecutive elements (None: one group of H), with
+    statistics in float32 (float64 for float64) and act = silu or sigmoid:
+
+    - norm_before_gate=False (Mamba-2's `norm(x * silu(gate))`, as Hugging Face's
+      MambaRMSNormGated and its copies in Bamba, Zamba2, NemotronH, GraniteMoeHybrid compute it):
+      h = x * act(gate) (gate None: h = x), each group normalised, h_n = h / sqrt(mean(h^2) + eps);
+      y = weight * round_D(h_n) in torch.promote_types(D, weight.dtype) with D = normalized_dtype,
+      or without it round_input(weight * h_n).
+    - norm_before_gate=True (Qwen3-Next's and OLMo-Hybrid's `norm(x) * silu(gate)`, Kimi-Linear's
+      with sigmoid): x_n = x / sqrt(mean(x^2) + eps) per group; with D: n = weight * round_D(x_n)
+      (in torch.promote_types(D, weight.dtype)), without it n = weight * x_n in float32; then
+      y = round_input(n * act(gate)). The gate is required.
+
+    gate has input's shape; weight has H elements. Gradients reach input, gate and weight (the
+    roundings are the identity to them, as through `.to()`).
+
+    On CPU (the fast path) it is computed with the ATen operations those modules use, in their
+    order: bitwise theirs. Otherwise one fused kernel per pass (fastnorm::gated_rms_norm_fwd /
+    _bwd), for a gate of the input's dtype, weights of the input's dtype or float32,
+    normalized_dtype None or the input's dtype, and groups of up to 4096 elements; other
+    combinations, torch.func transforms and forward-mode AD use the ATen composition."""
+    name = "gated_rms_norm"
+    _check_floating(name, input)
+    if input.dim() < 1:
+        raise ValueError(f"{name}: expected an input of at least 1 dimension, but got a 0-dim input")
+    h = input.shape[-1]
+    if activation not in _GATE_ACTIVATIONS:
+        raise ValueError(f"{name}: expected activation 'silu' or 'sigmoid', but got {activation!r}")
+    if gate is None and norm_before_gate:
+        raise ValueError(f"{name}: norm_before_gate=True multiplies by act(gate): a gate is needed")
+    if gate is not None:
+        if gate.shape != input.shape:
+            raise RuntimeError(f"{name}: expected gate of the input's shape {list(input.shape)}, "
+                               f"but got gate of shape {list(gate.shape)}")
+        _check_floating(name, gate)
+    gs = h if group_size is None else int(group_size)
+    if gs <= 0 or h % gs != 0:
+        raise ValueError(f"{name}: expected group_size dividing the last dim ({h}), but got "
+                         f"group_size={group_size}")
+    if weight is not None and list(weight.shape) != [h]:
+        raise RuntimeError(f"{name}: expected weight of shape [{h}] (the last dim), but got "
+                           f"weight of shape {list(weight.shape)}")
+    for what, t in (("gate", gate), ("weight", weight)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{name}: expected {what} on the input's device {input.device}, "
+                               f"but got {what} on {t.device}")
+    if (gate is not None and gate.dtype == input.dtype and input.numel() > 0
+            and gs <= _GATED_MAX_GROUP and _op_dtypes(input, weight)
+            and normalized_dtype in (None, input.dtype) and not cpu_fast_path(input)
+            and _functorch_level() is None and _forward_ad._current_level < 0):
+        y, _ = apply_gated_rms_norm(input, gate, weight, float(eps), gs, bool(norm_before_gate),
+                                    _GATE_CODES[activation], normalized_dtype is not None)
+        return y
+    act = _GATE_ACTIVATIONS[activation]
+    sd = _stat_dtype(input.dtype)
+    x = input.to(sd)
+    if gate is not None and not norm_before_gate:
+        x = x * act(gate.to(sd))
+    grouped = x.view(*x.shape[:-1], h // gs, gs)
+    n = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).view(x.shape)
+    if normalized_dtype is not None:
+        n = n.to(normalized_dtype)
+        if weight is not None:
+            n = weight * n
+    elif weight is not None:
+        n = weight.to(sd) * n
+    if norm_before_gate:
+        return (n * act(gate.to(sd))).to(input.dtype)
+    return n if normalized_dtype is not None else n.to(input.dtype)
 
 
 def _add_norm_aten(input: Tensor, residual: Tensor, shape: List[int], weight: Optional[Tensor],

@@ -80,6 +80,20 @@ __device__ __forceinline__ A gelu_tanh_inner(A z) {
 }
 }  // namespace act_math
 
+// The gate of gated RMSNorm, silu(g) or sigmoid(g), and d(loss)/dg = d * gate'(g): a two-way choice
+// (uniform over the grid) with activate's / activation_grad's formulas, not their switch over every
+// kind (the gated row kernels keep their registers for the row).
+template <typename A>
+__device__ __forceinline__ A gate_value(bool silu, A g) {
+  const A s = act_math::sigmoid(g);
+  return silu ? g * s : s;
+}
+template <typename A>
+__device__ __forceinline__ A gate_grad(bool silu, A g, A d) {
+  const A s = act_math::sigmoid(g);
+  return silu ? d * s * (A(1) + g * (A(1) - s)) : d * s * (A(1) - s);
+}
+
 // act(z). NaN propagates as in torch (comparisons are written so that a NaN z falls through to z).
 template <typename A>
 __device__ __forceinline__ A activate(const Activation& a, A z) {

@@ -58,6 +58,22 @@ struct RowBwdAct : RowBwd<T> {
 template <typename T, bool ACT>
 using row_bwd_t = std::conditional_t<ACT, RowBwdAct<T>, RowBwd<T>>;
 
+// Gated RMSNorm's backward params (GATE as in groups_forward.cuh; the rounding of the forward is
+// the identity here, as autograd takes it through `.to()`):
+//   kGateFirst  the row is h = x * a(g) (x held as h, X = acc); d_h by the RMS formula, then
+//               dx = d_h * a(g) and dgate = d_h * x * a'(g) at the store;
+//   kGateAfter  y = n * a(g), n = w * xhat: at load dgate = dy * n * a'(g) is stored and dy becomes
+//               dn = dy * a(g), which the RMS backward takes as its dy (dweight = sum dn * xhat).
+template <typename T>
+struct GatedRowBwd : RowBwd<T> {
+  const T* gate = nullptr;
+  T* dgate = nullptr;   // nullable: dgate not requested
+  int64_t ld = 0;
+  bool gate_silu = true;
+};
+template <typename T, bool ACT, int GATE>
+using row_bwd_params_t = std::conditional_t<GATE != kGateNone, GatedRowBwd<T>, row_bwd_t<T, ACT>>;
+
 // dy -> dz = dy * act'(z) for the VEC elements of a pack, z = affine_z (the forward's z, so the
 // activation's kinks fall where the forward put them).
 template <typename A, int VEC>
@@ -87,6 +103,36 @@ __device__ __forceinline__ void store_dx(const RowBwd<T>& p, int64_t i, acc_of<T
   }
   if (p.dx != nullptr) store_as<T, VEC>(p.dx + i, o);
   if (p.dres != nullptr) store_as<X, VEC>(static_cast<X*>(p.dres) + i, o);
+}
+
+// kGateFirst: the row h = x * a(g) of the pack at i, in the accumulation type.
+template <typename T, int VEC>
+__device__ __forceinline__ void gated_h(const GatedRowBwd<T>& p, int64_t i, acc_of<T> (&h)[VEC]) {
+  T xt[VEC], gt[VEC];
+  load_raw<T, VEC>(p.x + i, xt);
+  load_raw<T, VEC>(p.gate + i, gt);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k)
+    h[k] = static_cast<acc_of<T>>(xt[k]) * gate_value(p.gate_silu, static_cast<acc_of<T>>(gt[k]));
+}
+
+// kGateFirst: d_h of the pack at i -> dx = d_h * a(g), dgate = d_h * x * a'(g) (x and g re-read:
+// the row was held as h; the re-read hits L1 / L2).
+template <typename T, int VEC>
+__device__ __forceinline__ void gated_dx(const GatedRowBwd<T>& p, int64_t i, acc_of<T> (&dh)[VEC]) {
+  using A = acc_of<T>;
+  T xt[VEC], gt[VEC];
+  load_raw<T, VEC>(p.x + i, xt);
+  load_raw<T, VEC>(p.gate + i, gt);
+  A dx[VEC], dg[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) {
+    const A g = static_cast<A>(gt[k]);
+    dx[k] = dh[k] * gate_value(p.gate_silu, g);
+    dg[k] = gate_grad(p.gate_silu, g, dh[k] * static_cast<A>(xt[k]));
+  }
+  if (p.dx != nullptr) store_as<T, VEC>(p.dx + i, dx);
+  if (p.dgate != nullptr) store_as<T, VEC>(p.dgate + i, dg);
 }
 
 // LayerNorm backward with rows in registers (L <= tpr * kBwdElems, L % VEC == 0).
@@ -144,12 +190,14 @@ inline size_t ln_bwd_cached_smem(int threads, int tpr, int arrays) {
 
 // blockDim = rows per block x tpr (tpr <= 32: 256 threads); a block loops over row groups and
 // keeps its own column partials of dweight / dbias, combined once at the end (see below).
-template <typename T, int VEC, typename X, bool ACT>
+template <typename T, int VEC, typename X, bool ACT, int GATE = kGateNone>
 __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT>)
-    ln_bwd_cached_kernel(row_bwd_t<T, ACT> p, int tpr) {
+    ln_bwd_cached_kernel(row_bwd_params_t<T, ACT, GATE> p, int tpr) {
   using A = acc_of<T>;
   constexpr int R = kBwdPacks<VEC>;
   static_assert(!ACT || std::is_same_v<X, T>, "activation epilogues: LayerNorm, not add_norm");
+  static_assert(GATE != kGateFirst || std::is_same_v<X, A>, "gate first: the row held as h (acc)");
+  static_assert(GATE == kGateNone || !ACT, "gates: RMSNorm rows");
   __shared__ A red[64];
   extern __shared__ __align__(16) unsigned char col_smem[];  // ln_bwd_cached_smem bytes
 
@@ -170,19 +218,43 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT>)
   for (int64_t rb = blockIdx.x; rb * rpb < p.M; rb += gridDim.x) {  // uniform over the block
     const int64_t row = rb * rpb + grp;
     const bool valid = row < p.M;
-    const int64_t off = (valid ? row : 0) * p.L;
+    const int64_t off = (valid ? row : 0) * row_pitch<GATE>(p);
     X xv[R][VEC];
     A gv[R][VEC];  // dy; the weight is re-read from L1 rather than held (register budget)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int pk = r * tpr + t;
       if (valid && pk < packs) {
-        load_raw<X, VEC>(xs + off + pk * VEC, xv[r]);
+        if constexpr (GATE == kGateFirst) {
+          gated_h<T, VEC>(p, off + pk * VEC, xv[r]);
+        } else {
+          load_raw<X, VEC>(xs + off + pk * VEC, xv[r]);
+        }
         p.dy.load(off + pk * VEC, gv[r]);
       }
     }
     const A mean = valid && !rms ? p.mean[row] : A(0);
     const A rstd = valid ? p.rstd[row] : A(0);
+    if constexpr (GATE == kGateAfter) {  // dgate = dy * n * a'(g) stored; dy -> dn = dy * a(g)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int pk = r * tpr + t;
+        if (valid && pk < packs) {
+          A wv[VEC], dg[VEC];
+          T gt[VEC];
+          ln_weight<T, VEC>(p, pk * VEC, wv);
+          load_raw<T, VEC>(p.gate + off + pk * VEC, gt);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const A g = static_cast<A>(gt[k]);
+            const A n = static_cast<A>(xv[r][k]) * rstd * wv[k];
+            dg[k] = gate_grad(p.gate_silu, g, gv[r][k] * n);
+            gv[r][k] *= gate_value(p.gate_silu, g);
+          }
+          if (p.dgate != nullptr) store_as<T, VEC>(p.dgate + off + pk * VEC, dg);
+        }
+      }
+    }
     if constexpr (ACT) {  // dy -> dz in place: both passes below read dz
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -233,7 +305,11 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT>)
           dwp[r][k] += gv[r][k] * xh;
           dbp[r][k] += gv[r][k];
         }
-        store_dx<T, VEC, X>(p, off + pk * VEC, o);
+        if constexpr (GATE == kGateFirst) {
+          gated_dx<T, VEC>(p, off + pk * VEC, o);
+        } else {
+          store_dx<T, VEC, X>(p, off + pk * VEC, o);
+        }
       }
     }
   }

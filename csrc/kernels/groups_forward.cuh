@@ -80,8 +80,44 @@ struct RowFwd {
   A eps = 0;
   A inv_len = 0;  // RMSNorm: 1 / L, set by the host plan (mean of squares = sum * (1 / L), as
                   // ATen's mean computes it)
+  bool round_xhat = false;  // RMSNorm only: rms_z's Llama convention
   GnMap gn;
 };
+
+// RMSNorm's output element before its store. Plain: x * (rstd * w), rounded once at the store.
+// round_xhat, the convention of Hugging Face's Llama-style RMSNorm (`weight * (x * rstd).to(dtype)`):
+// the normalised value is formed first and rounded to the input dtype T, then multiplied by the
+// weight (the product of two T values is exact in float32; the store rounds it, or not for a
+// float32 output). A run-time flag, uniform over the grid.
+template <typename T, typename A>
+__device__ __forceinline__ A rms_z(A x, A rstd, A w, bool round_xhat) {
+  if (round_xhat) return static_cast<A>(static_cast<T>(x * rstd)) * w;
+  return x * (rstd * w);
+}
+
+// Gated RMSNorm (gated_rms_norm_fwd), on the cached RMS kernels, the GATE template flag:
+//   kGateFirst  (Mamba-2)     the row is h = x * gate_value(gate), formed at load in the
+//                             accumulation type and held so; y = rms_z(h) (Llama rounding or not);
+//   kGateAfter  (Qwen3-Next)  the row is x; n = rms_z(x), rounded to T when round_n (a weight of
+//                             T: `weight * x_n.to(dtype)` stays in T), then y = n * gate_value(gate).
+// Rows are the groups of group_size elements of a [M, H] tensor: one launch per group column g, the
+// pointers offset by g * group_size and a row pitch ld = H; rstd is stored group-major [G, M].
+enum GateKind : int { kGateNone = 0, kGateFirst = 1, kGateAfter = 2 };
+
+template <typename T>
+struct GatedRowFwd : RowFwd<T> {
+  const T* gate = nullptr;
+  int64_t ld = 0;          // row pitch (elements)
+  bool gate_silu = true;   // silu, else sigmoid
+  bool round_n = false;    // kGateAfter: n rounded to T before the gate
+};
+
+// Row pitch: L, or a gated launch's ld.
+template <int GATE, typename P>
+__device__ __forceinline__ int64_t row_pitch(const P& p) {
+  if constexpr (GATE != kGateNone) return p.ld;
+  else return p.L;
+}
 
 // The params of an ACT kernel: the plain kernel's struct P plus the epilogue's fields, a struct of
 // its own, so that every plain kernel keeps its parameter block exactly: when a params struct
@@ -93,6 +129,9 @@ struct ActOf : P {
 };
 template <typename P, bool ACT>
 using act_params_t = std::conditional_t<ACT, ActOf<P>, P>;
+template <typename T, bool ACT, int GATE>
+using row_fwd_params_t =
+    std::conditional_t<GATE != kGateNone, GatedRowFwd<T>, act_params_t<RowFwd<T>, ACT>>;
 
 // The ACT epilogue on a pack of z before its store: act(z) when ACT, z untouched otherwise (the
 // plain kernels compile to exactly what they were).
@@ -147,6 +186,9 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
 // stream's dtype (add_norm: the row is r = round_X(x + residual), held as X).
 template <typename T, typename X>
 using held_t = std::conditional_t<std::is_void_v<X>, T, X>;
+// The row as held in registers by the forward: T, the residual stream's X, or the gated h (acc).
+template <typename T, typename X, int GATE>
+using fwd_held_t = std::conditional_t<GATE == kGateFirst, acc_of<T>, held_t<T, X>>;
 
 // VEC elements of the row source at i: x, or with a residual r = round_X(x + residual), formed in
 // the accumulation type and stored to residual_out on the way (add_norm). The residual is a
@@ -184,12 +226,13 @@ __device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i,
 // 512-thread block allows without spills (48-128, ptxas -v, sm_90). The same for
 // row_welford_partial (256, 1): 55-80 registers, no spills.
 // ------------------------------------------------------------------------------------------------
-template <typename T, int VEC, bool GN, bool RMS, typename X, bool ACT>
+template <typename T, int VEC, bool GN, bool RMS, typename X, bool ACT, int GATE = kGateNone>
 __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1)
-    row_fwd_cached_kernel(act_params_t<RowFwd<T>, ACT> p, int tpr) {
+    row_fwd_cached_kernel(row_fwd_params_t<T, ACT, GATE> p, int tpr) {
   using A = acc_of<T>;
-  using S = held_t<T, X>;
+  using S = fwd_held_t<T, X, GATE>;
   static_assert(!ACT || (!RMS && std::is_void_v<X>), "activation epilogues: LayerNorm / GroupNorm");
+  static_assert(GATE == kGateNone || (RMS && !GN && !ACT && std::is_void_v<X>), "gates: RMSNorm rows");
   constexpr int R = kFwdPacks<T, VEC, S>;
   // raw storage (a __shared__ variable cannot have a constructor); Welford<A> is three A's
   static_assert(sizeof(Welford<A>) == 3 * sizeof(A), "Welford layout");
@@ -203,12 +246,23 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1)
   for (int64_t rb = blockIdx.x; rb * rpb < p.M; rb += gridDim.x) {  // uniform over the block
     const int64_t row = rb * rpb + grp;
     const bool valid = row < p.M;
-    const int64_t off = (valid ? row : 0) * p.L;
+    const int64_t off = (valid ? row : 0) * row_pitch<GATE>(p);
     S v[R][VEC];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int pk = r * tpr + t;
-      if (valid && pk < packs) load_row_source<T, VEC, X>(p, off + pk * VEC, v[r]);
+      if (valid && pk < packs) {
+        if constexpr (GATE == kGateFirst) {  // h = x * gate(g), in the accumulation type
+          T xt[VEC], gt[VEC];
+          load_raw<T, VEC>(p.x + off + pk * VEC, xt);
+          load_raw<T, VEC>(p.gate + off + pk * VEC, gt);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k)
+            v[r][k] = static_cast<A>(xt[k]) * gate_value(p.gate_silu, static_cast<A>(gt[k]));
+        } else {
+          load_row_source<T, VEC, X>(p, off + pk * VEC, v[r]);
+        }
+      }
     }
     A mean = A(0), rstd;
     if constexpr (RMS) {
@@ -277,11 +331,20 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1)
         row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-          if constexpr (RMS) o[k] = static_cast<A>(v[r][k]) * (rstd * wv[k]);  // no bias
+          if constexpr (RMS) o[k] = rms_z<T>(static_cast<A>(v[r][k]), rstd, wv[k], p.round_xhat);
           else o[k] = affine_z(static_cast<A>(v[r][k]), mean, rstd * wv[k], bv[k]);
         }
         if constexpr (ACT) act_epilogue<ACT>(p.act, o);
-        p.y.store(row * p.L + j0, o);
+        if constexpr (GATE == kGateAfter) {  // y = n * gate(g), n rounded to T first when round_n
+          T gt[VEC];
+          load_raw<T, VEC>(p.gate + off + j0, gt);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) {
+            const A n = p.round_n ? static_cast<A>(static_cast<T>(o[k])) : o[k];
+            o[k] = n * gate_value(p.gate_silu, static_cast<A>(gt[k]));
+          }
+        }
+        p.y.store(off + j0, o);
       }
     }
   }
@@ -462,9 +525,14 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(act_params_t<Ro
           const int64_t j0 = q * VEC;
           A wv[VEC], bv[VEC], o[VEC];
           row_affine<T, VEC, GN>(p, cbase, j0, wv, bv);
+          if (p.round_xhat) {  // RMSNorm (mean 0, no bias) in the Llama convention
 #pragma unroll
-          for (int k = 0; k < VEC; ++k)
-            o[k] = affine_z(static_cast<A>(v[u][k]), mean, rstd * wv[k], bv[k]);
+            for (int k = 0; k < VEC; ++k) o[k] = rms_z<T>(static_cast<A>(v[u][k]), rstd, wv[k], true);
+          } else {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k)
+              o[k] = affine_z(static_cast<A>(v[u][k]), mean, rstd * wv[k], bv[k]);
+          }
           if constexpr (ACT) act_epilogue<ACT>(p.act, o);
           p.y.store(row * it.L + j0, o);
         }

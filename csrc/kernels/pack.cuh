@@ -122,6 +122,12 @@ struct Operand {
   bool f32 = false;
 
   __host__ __device__ bool present() const { return ptr != nullptr; }
+  // The operand n elements further on (absent stays absent).
+  __host__ __device__ Operand advanced(int64_t n) const {
+    if (ptr == nullptr) return *this;
+    const int64_t bytes = (std::is_same_v<T, float> || f32) ? 4 : int64_t(sizeof(T));
+    return Operand{static_cast<char*>(ptr) + n * bytes, f32};
+  }
 
   __device__ __forceinline__ A get(int64_t i) const {
     if (std::is_same_v<T, float> || f32) return static_cast<A>(static_cast<const float*>(ptr)[i]);

@@ -161,21 +161,17 @@ void launch_col_sums(const acc_of<T>* ws1, const acc_of<T>* ws2, int64_t K, int6
 }
 
 // ---- LayerNorm backward ----------------------------------------------------------------------------
-// dw_out / db_out: [L] in T or float32, absent when not wanted; p.ws_dw / p.ws_db are set here.
-// RMSNorm: p.mean null (db_out absent). add_norm: X the residual stream's dtype (p.x32 when X is
-// float32 and T is not), p.dres_in / p.dres as wanted. ACT: the activation's backward (p.act,
-// p.b), LayerNorm only.
-template <typename T, int VEC, typename X, bool ACT>
-void ln_backward_vec(row_bwd_t<T, ACT> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
-  const bool want_dw = dw_out.present(), want_db = db_out.present();
+// The cached backward's launch (rows in registers, plan c): rows per block, the grid, the column
+// partials [grid, L] of dweight / dbias (p.ws_dw / p.ws_db, set here) and their fixed-order sums
+// into dw_out / db_out (absent: not wanted). Shared by the LayerNorm / RMSNorm / add_norm rows and
+// the gated RMSNorm rows.
+template <typename T, typename P, typename K>
+void launch_bwd_cached(K kernel, P p, const CachedPlan& c, int max_threads, Operand<T> dw_out,
+                       Operand<T> db_out, const at::Tensor& like) {
   using A = acc_of<T>;
+  const bool want_dw = dw_out.present(), want_db = db_out.present();
   const int sm = sm_count();
-  const cudaStream_t stream = current_stream();
   const at::TensorOptions ao = acc_options(like);
-  constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, ACT>;
-  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256);
-  at::Tensor ws_dw, ws_db;
-  if (c.ok) {  // the row in registers; split below only for rows longer than they hold
     // Rows per block. A block keeps one set of column partials however many rows it loops over,
     // and writes them once: [grid, L] partials in acc type, written and read back by
     // col_sum_finalize. One row per block of tpr > 32 threads made 4096 x 768 bf16 a grid of
@@ -190,29 +186,48 @@ void ln_backward_vec(row_bwd_t<T, ACT> p, Operand<T> dw_out, Operand<T> db_out, 
     // 1024 x 8 x 4 B x (1/2 .. 1) = 16-32 KB for half data (4096 x 768 bf16: 8 rows x 3 KB =
     // 24 KB), 32-64 KB for fp32 -- the ~16-32 KB Little's law asks of an H100 SM (3.35 TB/s /
     // 132 SMs = 25 B/ns, times ~0.7-1 us of DRAM latency under load).
-    constexpr int kRowBlockThreads = 512;
-    constexpr int kBlockCap = std::min(kRowBlockThreads, kMaxThreads);  // ACT: fewer, see the kernel
-    int threads = c.threads;
-    if (c.tpr > 32) {
-      const int64_t rows_per_sm = std::max<int64_t>(1, p.M / sm);
-      int rpb = 1;
-      while (int64_t(rpb) * 2 * c.tpr <= kBlockCap && rpb * 2 <= rows_per_sm) rpb *= 2;
-      threads = c.tpr * rpb;
-    }
-    const int64_t row_blocks = ceil_div(p.M, threads / c.tpr);
-    const int arrays = int(want_dw) + int(want_db);
-    const size_t smem = ln_bwd_cached_smem<A>(threads, c.tpr, arrays);
-    const int per_sm = resident_blocks(ln_bwd_cached_kernel<T, VEC, X, ACT>, threads, smem);
-    const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(row_blocks, int64_t(sm) * per_sm));
-    if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
-    if (want_db) ws_db = at::empty({grid, p.L}, ao);
-    p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
-    p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-    launch(ln_bwd_cached_kernel<T, VEC, X, ACT>, static_cast<unsigned>(grid), threads, smem, stream,
-        p, c.tpr);
-    launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out);
+  constexpr int kRowBlockThreads = 512;
+  const int block_cap = std::min(kRowBlockThreads, max_threads);  // ACT: fewer, see the kernel
+  int threads = c.threads;
+  if (c.tpr > 32) {
+    const int64_t rows_per_sm = std::max<int64_t>(1, p.M / sm);
+    int rpb = 1;
+    while (int64_t(rpb) * 2 * c.tpr <= block_cap && rpb * 2 <= rows_per_sm) rpb *= 2;
+    threads = c.tpr * rpb;
+  }
+  const int64_t row_blocks = ceil_div(p.M, threads / c.tpr);
+  const int arrays = int(want_dw) + int(want_db);
+  const size_t smem = ln_bwd_cached_smem<A>(threads, c.tpr, arrays);
+  const int per_sm = resident_blocks(kernel, threads, smem);
+  const int64_t grid = std::max<int64_t>(1, std::min<int64_t>(row_blocks, int64_t(sm) * per_sm));
+  at::Tensor ws_dw, ws_db;
+  if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
+  if (want_db) ws_db = at::empty({grid, p.L}, ao);
+  p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
+  p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
+  launch(kernel, static_cast<unsigned>(grid), threads, smem, current_stream(), p, c.tpr);
+  launch_col_sums<T>(p.ws_dw, p.ws_db, grid, p.L, dw_out, db_out);
+}
+
+// dw_out / db_out: [L] in T or float32, absent when not wanted; p.ws_dw / p.ws_db are set here.
+// RMSNorm: p.mean null (db_out absent). add_norm: X the residual stream's dtype (p.x32 when X is
+// float32 and T is not), p.dres_in / p.dres as wanted. ACT: the activation's backward (p.act,
+// p.b), LayerNorm only.
+template <typename T, int VEC, typename X, bool ACT>
+void ln_backward_vec(row_bwd_t<T, ACT> p, Operand<T> dw_out, Operand<T> db_out, const at::Tensor& like) {
+  const bool want_dw = dw_out.present(), want_db = db_out.present();
+  using A = acc_of<T>;
+  const int sm = sm_count();
+  const cudaStream_t stream = current_stream();
+  const at::TensorOptions ao = acc_options(like);
+  constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, ACT>;
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256);
+  if (c.ok) {  // the row in registers; split below only for rows longer than they hold
+    launch_bwd_cached<T>(ln_bwd_cached_kernel<T, VEC, X, ACT>, p, c, kMaxThreads, dw_out, db_out,
+                         like);
     return;
   }
+  at::Tensor ws_dw, ws_db;
   // long rows: row sums by (row, chunk) items, then a column-chunked pass
   const Items it = plan_items(p.M, p.L, VEC);
   const int64_t items = it.M * it.S;
@@ -320,6 +335,74 @@ void layer_norm_rows_backward(const at::Tensor& x, const at::Tensor& dy, const a
   ln_backward<T>(p, dw.defined() ? operand<T>(dw) : Operand<T>{},
                  db.defined() ? operand<T>(db) : Operand<T>{}, x, act,
                  act.kind != kActIdentity ? operand<T>(b) : Operand<T>{});
+}
+
+// ---- gated RMSNorm rows (gated_rms_norm_fwd / _bwd) ---------------------------------------------------
+// Groups of L = group_size elements of an [M, H] tensor (G = H / L per row), one launch per group
+// column g on the cached kernels (GATE: kernels/groups_forward.cuh), the pointers offset by g * L,
+// row pitch H, rstd group-major [G, M]. Both passes hold a group in registers for every dtype and
+// pack width up to kGatedMaxGroup elements (the backward's 512 threads x kBwdElems); the ops take
+// no longer groups (fastnorm.functional.gated_rms_norm computes those with ATen operations).
+inline constexpr int64_t kGatedMaxGroup = 4096;
+
+template <typename T, int VEC, int GATE>
+void gated_forward_vec(GatedRowFwd<T> p, int64_t G) {
+  using A = acc_of<T>;
+  using S = fwd_held_t<T, void, GATE>;
+  p.inv_len = A(1) / static_cast<A>(p.L);
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(S)), kFwdPacks<T, VEC, S>,
+                                   kFwdCachedMaxThreads, 128);
+  TORCH_CHECK(c.ok, "gated_rms_norm_fwd: group_size ", p.L, " is longer than the kernel holds");
+  for (int64_t g = 0; g < G; ++g) {
+    GatedRowFwd<T> q = p;
+    q.x = p.x + g * p.L;
+    q.gate = p.gate + g * p.L;
+    q.y = p.y.advanced(g * p.L);
+    q.w = p.w.advanced(g * p.L);
+    q.rstd = p.rstd + g * p.M;
+    launch(row_fwd_cached_kernel<T, VEC, false, true, void, false, GATE>, grid_of(c.row_blocks),
+           c.threads, 0, current_stream(), q, c.tpr);
+  }
+}
+
+template <typename T, int GATE>
+void gated_forward(const GatedRowFwd<T>& p, int64_t G) {
+  constexpr int V = kVec16<T>;
+  const bool vec = p.L % V == 0 && p.ld % V == 0 && aligned16(p.x) && aligned16(p.gate) &&
+                   aligned16(p.y.ptr) && aligned16(p.w.ptr);
+  if (vec) gated_forward_vec<T, V, GATE>(p, G);
+  else gated_forward_vec<T, 1, GATE>(p, G);
+}
+
+// dw_out: [H] (T or float32), absent when not wanted.
+template <typename T, int VEC, int GATE>
+void gated_backward_vec(GatedRowBwd<T> p, int64_t G, Operand<T> dw_out, const at::Tensor& like) {
+  using X = std::conditional_t<GATE == kGateFirst, acc_of<T>, T>;  // the row as held
+  constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, false>;
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256);
+  TORCH_CHECK(c.ok, "gated_rms_norm_bwd: group_size ", p.L, " is longer than the kernel holds");
+  for (int64_t g = 0; g < G; ++g) {
+    GatedRowBwd<T> q = p;
+    q.x = p.x + g * p.L;
+    q.gate = p.gate + g * p.L;
+    q.dy = p.dy.advanced(g * p.L);
+    q.w = p.w.advanced(g * p.L);
+    q.rstd = p.rstd + g * p.M;
+    q.dx = p.dx != nullptr ? p.dx + g * p.L : nullptr;
+    q.dgate = p.dgate != nullptr ? p.dgate + g * p.L : nullptr;
+    launch_bwd_cached<T>(ln_bwd_cached_kernel<T, VEC, X, false, GATE>, q, c, kMaxThreads,
+                         dw_out.advanced(g * p.L), Operand<T>{}, like);
+  }
+}
+
+template <typename T, int GATE>
+void gated_backward(const GatedRowBwd<T>& p, int64_t G, Operand<T> dw_out, const at::Tensor& like) {
+  constexpr int V = kVec16<T>;
+  const bool vec = p.L % V == 0 && p.ld % V == 0 && aligned16(p.x) && aligned16(p.gate) &&
+                   is_aligned(p.dy.ptr, 16) && aligned16(p.dx) && aligned16(p.dgate) &&
+                   aligned16(p.w.ptr);
+  if (vec) gated_backward_vec<T, V, GATE>(p, G, dw_out, like);
+  else gated_backward_vec<T, 1, GATE>(p, G, dw_out, like);
 }
 
 }  // namespace groups

@@ -19,7 +19,7 @@ SCHEMAS = {
                       f"int[] normalized_shape, bool[3] output_mask, Tensor? bias=None, {_ACT}) "
                       "-> (Tensor, Tensor, Tensor)",
     "rms_norm_fwd": "(Tensor input, int[] normalized_shape, Tensor? weight, float eps, "
-                    "ScalarType? out_dtype=None) -> (Tensor, Tensor)",
+                    "ScalarType? out_dtype=None, bool round_normalized=False) -> (Tensor, Tensor)",
     "rms_norm_bwd": "(Tensor grad_out, Tensor input, Tensor rstd, Tensor? weight, "
                     "int[] normalized_shape, bool[2] output_mask) -> (Tensor, Tensor)",
     "add_norm_fwd": "(Tensor input, Tensor residual, int[] normalized_shape, Tensor? weight, "
@@ -27,6 +27,12 @@ SCHEMAS = {
     "add_norm_bwd": "(Tensor grad_out, Tensor? grad_residual_out, Tensor residual_out, Tensor mean, "
                     "Tensor rstd, Tensor? weight, int[] normalized_shape, bool rms, "
                     "ScalarType input_dtype, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+    "gated_rms_norm_fwd": "(Tensor input, Tensor gate, Tensor? weight, float eps, int group_size, "
+                          "bool norm_before_gate, int activation, bool round_normalized) "
+                          "-> (Tensor, Tensor)",
+    "gated_rms_norm_bwd": "(Tensor grad_out, Tensor input, Tensor gate, Tensor rstd, Tensor? weight, "
+                          "int group_size, bool norm_before_gate, int activation, "
+                          "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
 }
 define(SCHEMAS)
 
@@ -192,12 +198,16 @@ def _norm_dx(g: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor, dims: list
 
 
 @torch.library.impl(lib, "rms_norm_fwd", "CompositeExplicitAutograd")
-def _rms_norm_fwd_ref(input, normalized_shape, weight, eps, out_dtype=None):
+def _rms_norm_fwd_ref(input, normalized_shape, weight, eps, out_dtype=None, round_normalized=False):
+    """round_normalized: the Llama convention, y = weight * round_input_dtype(x * rstd), the
+    normalised value rounded before the weight multiplies it (the kernels' rms_z)."""
     yd = _check_out_dtype(input, out_dtype)
     sd = stat_dtype(input.dtype)
     xs = input.to(sd)
     rstd = _rms_rstd(xs, _norm_dims(input, normalized_shape), eps)
     y = xs * rstd
+    if round_normalized:
+        y = y.to(input.dtype).to(sd)
     if weight is not None:
         y = y * weight.to(sd)
     return y.to(yd).contiguous(), rstd.reshape(_ln_rows(input, normalized_shape))
@@ -223,7 +233,7 @@ def _rms_norm_bwd_ref(grad_out, input, rstd, weight, normalized_shape, output_ma
 
 
 @torch.library.register_fake("fastnorm::rms_norm_fwd")
-def _rms_norm_fwd_fake(input, normalized_shape, weight, eps, out_dtype=None):
+def _rms_norm_fwd_fake(input, normalized_shape, weight, eps, out_dtype=None, round_normalized=False):
     yd = _check_out_dtype(input, out_dtype)
     m = _ln_rows(input, normalized_shape)
     return (input.new_empty(input.shape, dtype=yd),
@@ -322,6 +332,138 @@ def _add_norm_bwd_fake(grad_out, grad_residual_out, residual_out, mean, rstd, we
             residual_out.new_empty(ns, dtype=wd) if output_mask[2] else _empty(residual_out, wd),
             residual_out.new_empty(ns, dtype=wd) if output_mask[3] and not rms
             else _empty(residual_out, wd))
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated RMSNorm (functional.gated_rms_norm). Rows are the groups of group_size elements of the
+# last dim H; rstd is group-major [G, M] (G = H / group_size, M = the rows of H), as the kernels
+# launch one group column at a time. activation: fastnorm.activations' code of silu or sigmoid.
+#   norm_before_gate=False: y = w * round?(rms(x * a(gate))), in promote(input, weight) when
+#     round_normalized (the Llama rounding), else in the input's dtype;
+#   norm_before_gate=True:  y = round_input(n * a(gate)), n = w * round?(rms(x)) rounded to the
+#     input's dtype too when round_normalized and the weight has the input's dtype.
+# The references spell these with the ops Hugging Face's gated RMSNorms use, in their order.
+# ----------------------------------------------------------------------------------------------
+GATE_ACTIVATIONS = {4: torch.nn.functional.silu, 10: torch.sigmoid}  # activations' codes
+
+
+def _gate_grad(code: int, g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """d * a'(g) for the gate activation."""
+    s = torch.sigmoid(g)
+    return d * s * (1 + g * (1 - s)) if code == 4 else d * s * (1 - s)
+
+
+def _gated_shape(op: str, input, gate, group_size: int, activation: int):
+    """(M, H, G) of a gated call, checked as the kernels check it."""
+    if activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be silu (4) or sigmoid (10), but got {activation}")
+    if input.dim() < 1:
+        raise RuntimeError(f"{op}: expected an input of at least 1 dimension")
+    if gate.shape != input.shape or gate.dtype != input.dtype:
+        raise RuntimeError(f"{op}: expected gate of the input's shape {list(input.shape)} and dtype "
+                           f"{input.dtype}, but got gate of shape {list(gate.shape)} and dtype "
+                           f"{gate.dtype}")
+    h = input.shape[-1]
+    if group_size <= 0 or h % group_size != 0:
+        raise RuntimeError(f"{op}: expected group_size dividing the last dim ({h}), but got "
+                           f"{group_size}")
+    return input.numel() // max(h, 1) if h else math.prod(input.shape[:-1]), h, h // group_size
+
+
+def _gated_out_dtype(input, weight, norm_before_gate, round_normalized):
+    if not norm_before_gate and round_normalized and weight is not None:
+        return torch.promote_types(input.dtype, weight.dtype)
+    return input.dtype
+
+
+@torch.library.impl(lib, "gated_rms_norm_fwd", "CompositeExplicitAutograd")
+def _gated_rms_norm_fwd_ref(input, gate, weight, eps, group_size, norm_before_gate, activation,
+                            round_normalized):
+    m, h, g = _gated_shape("gated_rms_norm_fwd", input, gate, group_size, activation)
+    act = GATE_ACTIVATIONS[activation]
+    sd = stat_dtype(input.dtype)
+    x = input.to(sd)
+    if not norm_before_gate:
+        x = x * act(gate.to(sd))
+    grouped = x.reshape(m, g, group_size)
+    rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+    n = (grouped * rstd).reshape(input.shape)
+    if round_normalized:
+        n = n.to(input.dtype)
+    if weight is not None:
+        n = weight * n
+    if norm_before_gate:
+        if not round_normalized:
+            n = n.to(sd)
+        y = (n * act(gate.to(sd))).to(input.dtype)
+    else:
+        y = n.to(_gated_out_dtype(input, weight, norm_before_gate, round_normalized))
+    return y.contiguous(), rstd.reshape(m, g).t().contiguous().reshape(-1).to(sd)
+
+
+def gated_rms_norm_grads(grad_out, input, gate, weight, rstd, group_size, norm_before_gate,
+                         activation):
+    """(dx, dgate, dweight) in the statistics dtype from ATen ops (differentiable); rstd [M, G, 1]
+    (the roundings of the forward are the identity here)."""
+    sd = stat_dtype(input.dtype)
+    shape = input.shape
+    m, g = rstd.shape[0], rstd.shape[1]
+    x, gt, dy = input.to(sd), gate.to(sd), grad_out.to(sd)
+    a = GATE_ACTIVATIONS[activation](gt)
+    w = None if weight is None else weight.to(sd)
+    rows = list(range(input.dim() - 1))
+
+    def rms_dx(gw, hn):  # d(loss)/dh of hn = rms(h) given gw = d(loss)/dhn, per group
+        gw3, hn3 = gw.reshape(m, g, group_size), hn.reshape(m, g, group_size)
+        return (rstd * (gw3 - hn3 * (gw3 * hn3).mean(-1, keepdim=True))).reshape(shape)
+
+    if not norm_before_gate:
+        h = x * a
+        hn = (h.reshape(m, g, group_size) * rstd).reshape(shape)
+        dh = rms_dx(dy if w is None else dy * w, hn)
+        dx, dgate = dh * a, _gate_grad(activation, gt, dh * x)
+        dw = (dy * hn).sum(rows) if rows else dy * hn
+    else:
+        xhat = (x.reshape(m, g, group_size) * rstd).reshape(shape)
+        n = xhat if w is None else xhat * w
+        dgate = _gate_grad(activation, gt, dy * n)
+        dn = dy * a
+        dx = rms_dx(dn if w is None else dn * w, xhat)
+        dw = (dn * xhat).sum(rows) if rows else dn * xhat
+    return dx, dgate, dw
+
+
+@torch.library.impl(lib, "gated_rms_norm_bwd", "CompositeExplicitAutograd")
+def _gated_rms_norm_bwd_ref(grad_out, input, gate, rstd, weight, group_size, norm_before_gate,
+                            activation, output_mask):
+    m, h, g = _gated_shape("gated_rms_norm_bwd", input, gate, group_size, activation)
+    r = rstd.to(stat_dtype(input.dtype)).reshape(g, m).t().reshape(m, g, 1)
+    dx, dgate, dw = gated_rms_norm_grads(grad_out, input, gate, weight, r, group_size,
+                                         norm_before_gate, activation)
+    wd = weight.dtype if weight is not None else input.dtype
+    return (dx.to(input.dtype).contiguous() if output_mask[0] else _empty(input),
+            dgate.to(input.dtype).contiguous() if output_mask[1] else _empty(input),
+            dw.to(wd).reshape(h) if output_mask[2] and weight is not None else _empty(input, wd))
+
+
+@torch.library.register_fake("fastnorm::gated_rms_norm_fwd")
+def _gated_rms_norm_fwd_fake(input, gate, weight, eps, group_size, norm_before_gate, activation,
+                             round_normalized):
+    m, h, g = _gated_shape("gated_rms_norm_fwd", input, gate, group_size, activation)
+    return (input.new_empty(input.shape,
+                            dtype=_gated_out_dtype(input, weight, norm_before_gate, round_normalized)),
+            input.new_empty((m * g,), dtype=stat_dtype(input.dtype)))
+
+
+@torch.library.register_fake("fastnorm::gated_rms_norm_bwd")
+def _gated_rms_norm_bwd_fake(grad_out, input, gate, rstd, weight, group_size, norm_before_gate,
+                             activation, output_mask):
+    _gated_shape("gated_rms_norm_bwd", input, gate, group_size, activation)
+    wd = weight.dtype if weight is not None else input.dtype
+    return (input.new_empty(input.shape) if output_mask[0] else _empty(input),
+            input.new_empty(input.shape) if output_mask[1] else _empty(input),
+            input.new_empty((input.shape[-1],), dtype=wd) if output_mask[2] and weight is not None
+            else _empty(input, wd))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,16 +572,20 @@ def _row_sums(t: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.library.register_vmap("fastnorm::rms_norm_fwd")
-def _rms_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, eps, out_dtype=None):
+def _rms_norm_fwd_vmap(info, in_dims, input, normalized_shape, weight, eps, out_dtype=None,
+                       round_normalized=False):
     xd, _, wd = in_dims[:3]
     b = info.batch_size
     if wd is None:
-        y, rstd = _fn_ops.rms_norm_fwd(input.movedim(xd, 0), normalized_shape, weight, eps, out_dtype)
+        y, rstd = _fn_ops.rms_norm_fwd(input.movedim(xd, 0), normalized_shape, weight, eps, out_dtype,
+                                       round_normalized)
         return (y, rstd.view(b, -1)), (0, 0)
     x = input if xd is None else input.movedim(xd, 0)
     sd = stat_dtype(input.dtype)
+    # the unweighted normalisation, rounded to the input dtype first in the Llama convention
     xhat, rstd = _fn_ops.rms_norm_fwd(x, normalized_shape, None, eps,
-                                      None if sd == input.dtype else torch.float32)
+                                      None if sd == input.dtype or round_normalized
+                                      else torch.float32, round_normalized)
     lead = x.dim() - len(normalized_shape) - (0 if xd is None else 1)
     out = xhat if xd is not None else xhat.unsqueeze(0)
     out = (out.to(sd) * _row_param(weight, wd, b, lead).to(sd)).to(out_dtype or input.dtype)

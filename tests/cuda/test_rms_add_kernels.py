@@ -155,6 +155,40 @@ def test_rms_norm_mixed_params_and_out_dtype(target, dtype, m, n, affine):
         assert dw.numel() == 0
 
 
+ROUND_CASES = [(7, 1), (40, 31), (40, 32), (8, 1024), (3, 1001), (2, 4097), (1, 32776)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,n", ROUND_CASES, ids=_ids(ROUND_CASES))
+@pytest.mark.parametrize("wdt", ["same", "f32", "none"])
+def test_rms_norm_round_normalized(target, dtype, m, n, wdt):
+    """round_normalized=True, Hugging Face's Llama convention `weight * (x * rstd).to(dtype)`: the
+    normalised value rounded to the input dtype before the weight multiplies it (kernels/
+    groups_forward.cuh rms_z), in the cached and the split (apply pass) kernels, vector and scalar.
+    Given the kernel's own rstd the output is exact: x * rstd rounds the same in any IEEE unit and
+    the product of two values of a half dtype is exact in float32, so y must equal the formula
+    bit for bit; rstd itself is checked against float64. A float32 weight gives a float32 output
+    (out_dtype, as the convention promotes); the backward is the plain one (the rounding is the
+    identity to autograd)."""
+    dev = target.device
+    target.skip_if_emulated_above(m * n, EMU_LIMIT)
+    x = _randn(dev, (m, n), dtype, 1.5, -0.3)
+    w = None if wdt == "none" else _randn(dev, (n,), dtype if wdt == "same" else torch.float32, 0.5, 1.0)
+    out = torch.float32 if wdt == "f32" else None
+    y, rstd = target.ops.rms_norm_fwd(x, [n], w, EPS, out, True)
+    a = _acc(dtype)
+    xhat = (x.to(a) * rstd.to(a).view(m, 1)).to(dtype).to(a)
+    want = (xhat if w is None else xhat * w.to(a)).to(out or dtype)
+    assert y.dtype == (out or dtype)
+    assert torch.equal(y, want), f"max |diff| {(y.to(a) - want.to(a)).abs().max().item()}"
+    _, _, rrstd, _ = _norm_ref(x, None, None, True)
+    _check_rstd(rstd, rrstd, dtype)
+    if dtype in (torch.float16, torch.bfloat16) and w is not None and n >= 8:
+        # the rounding is real: the plain kernel (one rounding) differs somewhere
+        y0, _ = target.ops.rms_norm_fwd(x, [n], w, EPS, out, False)
+        assert not torch.equal(y0, y)
+
+
 @pytest.mark.parametrize("device", [dict(sm_count=8), dict(sm_count=1, blocks_per_sm=1)], ids=["8sm", "1sm-1block"])
 @pytest.mark.parametrize("m,n", [(40, 520), (64, 1000)], ids=_ids([(40, 520), (64, 1000)]))
 def test_backward_rows_per_block(target, device, m, n):
