@@ -141,6 +141,36 @@ def test_bench_case_runs_on_cpu(op):
             assert r["shape"] == "x".join(map(str, c.shape)) and r["layout"] == layout
 
 
+def test_hf_convention_cases():
+    """Hugging Face's RMSNorm conventions: the models' shapes, transformers' own modules as the
+    baselines (stand-ins spelled the same without it), and run.py's path on CPU."""
+    by = {(c.op, c.name): c.shape for c in cases.select("cuda", False, cases.HF_OPS)}
+    assert by[("llama_rms_norm", "llama3-8b-4096")] == (32768, 4096)
+    assert by[("llama_rms_norm", "qwen3-qknorm-32x128")] == (4096, 32, 128)
+    assert by[("gemma_rms_norm", "gemma-7b-3072")] == (32768, 3072)
+    assert by[("gated_rms_norm", "mamba2-codestral-8192")] == (16384, 8192)
+    assert {c.op for c in cases.select("cuda", True, cases.HF_OPS)} == set(cases.HF_OPS)
+    torch.manual_seed(0)
+    for op in cases.HF_OPS:
+        dim = 2048 if op == "gated_rms_norm" else 64
+        for ref in (cases.hf_rms_norm_reference(op, dim),
+                    {"llama_rms_norm": cases.LlamaStyleRMSNorm, "gemma_rms_norm": cases.GemmaStyleRMSNorm,
+                     "gated_rms_norm": lambda d: cases.MambaStyleGatedRMSNorm(d, cases.MAMBA_GROUP_SIZE)}[op](dim)):
+            with torch.no_grad():
+                ref.weight.uniform_(0.5, 1.5)
+            ref = ref.to(torch.bfloat16)
+            fast = cases.Case(op, "t", (3, dim), ("bf16",)).fastnorm_module(ref)
+            x, gate = torch.randn(3, dim, dtype=torch.bfloat16), torch.randn(3, dim, dtype=torch.bfloat16)
+            args = (x, gate) if op == "gated_rms_norm" else (x,)
+            assert torch.equal(fast(*args), ref(*args)), (op, type(ref).__name__)
+        (c,) = [small(c) for c in cases.select("cpu", False, [op])][:1]
+        timer = run.Timer(torch.device("cpu"), quick=True)
+        timer.target_ms, timer.min_reps, timer.max_reps = 1, 2, 2
+        meta = {k: "" for k in run.COLUMNS[:8]}
+        rows = run.bench_case(c, ["fastnorm", "eager"], timer, meta, 10.0, seed=0)
+        assert len(rows) == 6 and all(r["correct"] for r in rows), rows
+
+
 def test_add_rms_norm_check_sees_both_outputs():
     # check() compares every output and every input gradient: a provider that gets residual_out
     # wrong fails even with a right normalised output
