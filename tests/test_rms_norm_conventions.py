@@ -271,3 +271,73 @@ def test_gated_errors():
         FN.gated_rms_norm(x, x, torch.ones(4))
     with pytest.raises(NotImplementedError, match="torch.int64"):
         FN.gated_rms_norm(torch.ones(2, 8, dtype=torch.long), None, norm_before_gate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("wdtype", ["same", "f32", "none"])
+def test_gated_op_path_matches_the_composition(dtype, norm_before_gate, wdtype):
+    """The fastnorm:: ops (CPU fast path off: the reference ops here, the kernels on CUDA) against
+    the ATen composition of the fast path: the forward bitwise (the op's reference spells the same
+    ops), the gradients within rounding (the op's backward formula against autograd's graph)."""
+    torch.manual_seed(4)
+    x = (torch.randn(2, 5, 48, dtype=dtype) * 1.5).requires_grad_()
+    gate = torch.randn(2, 5, 48, dtype=dtype).requires_grad_()
+    w = None if wdtype == "none" else (torch.randn(48) * 0.5 + 1).to(
+        dtype if wdtype == "same" else torch.float32).requires_grad_()
+    for activation in ("silu", "sigmoid"):
+        for nd in (None, dtype):
+            kw = dict(group_size=16, norm_before_gate=norm_before_gate, activation=activation,
+                      normalized_dtype=nd)
+            was = FN.set_cpu_fast_path(False)
+            try:
+                y = FN.gated_rms_norm(x, gate, w, 1e-6, **kw)
+            finally:
+                FN.set_cpu_fast_path(was)
+            want = FN.gated_rms_norm(x, gate, w, 1e-6, **kw)
+            assert y.dtype == want.dtype and torch.equal(y, want), kw
+            params = [x, gate] + ([w] if w is not None else [])
+            g = torch.randn_like(y)
+            got = torch.autograd.grad(y, params, g)
+            ref = torch.autograd.grad(want, params, g)
+            for a, b, what in zip(got, ref, ("dx", "dgate", "dweight")):
+                assert_close_scaled(a, b, dtype, factor=2, msg=f"{what} {kw}")
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+def test_gated_opcheck(norm_before_gate):
+    x, gate = torch.randn(3, 4, 32), torch.randn(3, 4, 32)
+    for w in (None, torch.randn(32), torch.randn(32, dtype=torch.float64)):
+        if w is not None and w.dtype == torch.float64:
+            continue
+        for rounded in (False, True):
+            args = (x, gate, w, 1e-5, 8, norm_before_gate, 4, rounded)
+            torch.library.opcheck(ops.gated_rms_norm_fwd.default, args)
+            y, rstd = ops.gated_rms_norm_fwd(*args)
+            assert rstd.shape == (3 * 4 * 4,)
+            torch.library.opcheck(ops.gated_rms_norm_bwd.default,
+                                  (torch.randn_like(y), x, gate, rstd, w, 8, norm_before_gate, 10,
+                                   [True, True, w is not None]))
+
+
+def test_gated_compile_on_the_op_path():
+    """torch.compile(fullgraph=True) of the op path (fast path off: the fake kernels trace it)."""
+    torch._dynamo.reset()
+    was = FN.set_cpu_fast_path(False)
+    try:
+        x = torch.randn(4, 64, requires_grad=True)
+        gate = torch.randn(4, 64, requires_grad=True)
+        w = torch.randn(64, requires_grad=True)
+
+        def fn(x, gate, w):
+            return FN.gated_rms_norm(x, gate, w, 1e-6, group_size=32, norm_before_gate=False)
+
+        eager = fn(x, gate, w)
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, gate, w)
+        assert torch.equal(compiled, eager)
+        g1 = torch.autograd.grad(compiled.sum(), [x, gate, w])
+        g2 = torch.autograd.grad(eager.sum(), [x, gate, w])
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b)
+    finally:
+        FN.set_cpu_fast_path(was)
