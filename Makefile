@@ -4,9 +4,10 @@ PYTHON_BOOT ?= $(shell command -v python3.11 || command -v python3.12 || command
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
-# the tests of convert() for timm's and torchvision's norm layers (fastnorm needs neither);
-# torchvision pinned to the release built for TORCH_SPEC, installed with it so pip keeps torch
-TEST_EXTRAS ?= torchvision==0.29.1 timm
+# the tests of convert() for timm's, torchvision's, transformers' and diffusers' norm layers
+# (fastnorm needs none of them); torchvision pinned to the release built for TORCH_SPEC, installed
+# with it so pip keeps torch
+TEST_EXTRAS ?= torchvision==0.29.1 timm transformers==5.25.0 diffusers==0.42.1
 NVCC        := $(shell command -v nvcc 2>/dev/null)
 # Build the CUDA sources whenever a toolkit exists, GPU or not (CI has nvcc but no GPU). With no
 # GPU visible and TORCH_CUDA_ARCH_LIST unset, a development build is for one arch, CI's (9.0),
