@@ -31,3 +31,8 @@ _FAMILIES = (row_norms, group_norm, batch_norm, layer_norm2d, instance_stats, lo
 # name -> schema of every op the compiled extension implements (tools/cuda_emu defines them too)
 SCHEMAS = {name: schema for family in _FAMILIES for name, schema in family.SCHEMAS.items()}
 OP_NAMES = tuple(f"fastnorm::{n}" for n in SCHEMAS)
+
+try:  # DTensor sharding rules of the row ops, registered once torch.distributed.tensor is imported
+    from . import sharding  # noqa: E402,F401
+except Exception:  # noqa: BLE001 (an optional feature: importing fastnorm never fails for it)
+    pass
