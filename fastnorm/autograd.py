@@ -476,7 +476,7 @@ class _RMSNormFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, normalized_shape, weight, eps, out_dtype, round_normalized=False):
+    def forward(input, normalized_shape, weight, eps, out_dtype, round_normalized):
         return _fn.rms_norm_fwd(input, normalized_shape, weight, eps, out_dtype, round_normalized)
 
     @staticmethod
@@ -493,7 +493,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
 class RMSNormFunction(_RMSNormFunction):
     @staticmethod
-    def jvp(ctx, tx, _tshape, tw, _teps, _tdtype, _tround=None):
+    def jvp(ctx, tx, _tshape, tw, _teps, _tdtype, _tround):
         x, w, rstd = ctx.saved_tensors
         k = len(ctx.normalized_shape)
         dims, _ = _trailing(x, k)
@@ -587,7 +587,7 @@ def _add_norm_backward(ctx, dout, dr, _dmean, _drstd):
     ni, nr = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     nw, nb = ctx.needs_input_grad[3] and w is not None, ctx.needs_input_grad[4] and b is not None
     if dout is None:
-        dout = torch.zeros(r.shape, dtype=ctx.input_dtype, device=r.device)
+        dout = torch.zeros_like(r, dtype=ctx.input_dtype)
     if torch.is_grad_enabled():
         # Differentiable ops; residual_out is this node's output, so second derivatives flow
         # back to input and residual through it.
@@ -639,6 +639,9 @@ class _AddNormFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _, _, mean, rstd = output
         ctx.mark_non_differentiable(mean, rstd)
+        # an unused output's gradient stays None (not a plain zeros tensor, which would not mix
+        # with DTensors under tensor parallelism); the backward builds zeros like residual_out
+        ctx.set_materialize_grads(False)
         _add_norm_setup(ctx, inputs, output, _save)
 
     @staticmethod

@@ -731,7 +731,8 @@ def rms_norm(input: Tensor, normalized_shape: Sequence[int], weight: Optional[Te
     if input.numel() == 0:
         # nothing to normalise (torch returns the empty result); autograd stays connected
         return input.clone() if weight is None else (input * weight).to(input.dtype)
-    y, _ = apply_rms_norm(input, shape, weight, _rms_eps(eps, input.dtype), _autocast_dtype(input))
+    y, _ = apply_rms_norm(input, shape, weight, _rms_eps(eps, input.dtype), _autocast_dtype(input),
+                          False)
     return y
 
 

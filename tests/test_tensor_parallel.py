@@ -269,6 +269,10 @@ def _check_functional_autograd_on_dtensors(rank):
         ys = [FN.layer_norm(xs[0], (8,), ps[0], ps[1]), FN.rms_norm(xs[0], [8], ps[0])]
         ys += list(FN.add_layer_norm(xs[0], xs[1], 8, ps[0], ps[1]))
         ys += list(FN.add_rms_norm(xs[0], xs[1], 8, ps[0]))
+        # one output of each fused add + norm reaching the loss: the other's gradient is None, not
+        # a plain zeros tensor mixed with DTensors
+        ys.append(FN.add_rms_norm(xs[0], xs[1], 8, ps[0])[0])
+        ys.append(FN.add_layer_norm(xs[0], xs[1], 8, ps[0], ps[1])[1])
         if "weight_offset" in inspect.signature(FN.rms_norm).parameters:  # the op's newer args
             ys.append(FN.rms_norm(xs[0], [8], ps[0], weight_offset=1.0,
                                   normalized_dtype=torch.float32))
