@@ -7,7 +7,9 @@ mode, requires_grad, hooks, device, dtype, and its place in the parent; isinstan
 the original class stay true.
 
 What is swapped: the torch.nn classes fastnorm.modules mirrors (TORCH_TO_FASTNORM), SyncBatchNorm,
-and the timm / torchvision classes of fastnorm.third_party when those packages are imported.
+the timm / torchvision classes of fastnorm.third_party when those packages are imported, and the
+norm classes of Hugging Face transformers and diffusers that fastnorm.huggingface recognises by
+probing when either package is imported.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import third_party
+from . import huggingface, third_party
 from .modules import TORCH_TO_FASTNORM
 from .sync_batchnorm import SyncBatchNorm
 
@@ -29,13 +31,17 @@ def _tables() -> Tuple[Dict[type, type], Dict[type, type]]:
     classes, and the third-party adapters of the packages imported so far (a model can hold
     their classes only once they are imported)."""
     to_fastnorm = {**_TORCH_TABLE, **third_party.adapters()}
-    return to_fastnorm, {v: k for k, v in to_fastnorm.items()}
+    # the Hugging Face adapters are made per (class, recipe): several may map to one class
+    return to_fastnorm, {**{v: k for k, v in to_fastnorm.items()}, **huggingface.originals()}
 
 
-def _swap(model: nn.Module, table) -> nn.Module:
+def _swap(model: nn.Module, table, probe: bool = False) -> nn.Module:
     for module in model.modules():
         # exactly the listed class: a subclass has its own forward and is left alone
         new_cls = table.get(type(module))
+        if new_cls is None and probe:
+            # a transformers / diffusers class: its adapter when probing recognises it
+            new_cls = huggingface.adapter_for(module)
         if new_cls is not None:
             module.__class__ = new_cls
     return model
@@ -57,13 +63,18 @@ def convert(model: nn.Module) -> nn.Module:
       Identity (fastnorm.functional.*_act), and SyncBatchNormAct and RmsNormAct with their
       activation after the norm;
     - torchvision (when imported): torchvision.ops.FrozenBatchNorm2d
-      (fastnorm.functional.frozen_batch_norm).
+      (fastnorm.functional.frozen_batch_norm);
+    - transformers / diffusers (when imported): the norm classes fastnorm.huggingface recognises
+      by running their forward on probe copies and comparing with known conventions bit for bit
+      (Llama / Gemma / T5-style RMSNorms, gated RMSNorms, OLMo / Cohere / FP32 LayerNorms,
+      channels-first LayerNorms, ...), each on an adapter made for its class and convention
+      (docs/huggingface.md).
 
     Each keeps its original semantics, class (isinstance), parameters, buffers, training flag and
     hooks (fastnorm.third_party says how the timm and torchvision ones do).
     Returns the model. `converted_modules(model)` lists what was swapped, `revert(model)` undoes
     it."""
-    return _swap(model, _tables()[0])
+    return _swap(model, _tables()[0], probe=huggingface.active())
 
 
 def revert(model: nn.Module) -> nn.Module:
