@@ -49,6 +49,16 @@ def _diffusers():
     return pytest.importorskip("diffusers")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is several times faster than a pool of them on a busy
+    machine (the tiny models' convolutions most of all)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=[True, False], ids=["fast", "ops"])
 def fast_path(request):
     was = FN.set_cpu_fast_path(request.param)
