@@ -805,7 +805,7 @@ _GATE_ACTIVATIONS = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid}
 _GATE_CODES = {"silu": 4, "sigmoid": 10}  # fastnorm.activations' codes
 # The longest group the fused kernels hold in registers in both passes (csrc/launch/groups.h
 # kGatedMaxGroup); longer groups are computed with ATen operations.
-_GATED_MAX_GROUP = 4096
+_GATED_MAX_GROUP = 2048
 
 
 def gated_rms_norm(input: Tensor, gate: Optional[Tensor], weight: Optional[Tensor] = None,
@@ -832,7 +832,7 @@ def gated_rms_norm(input: Tensor, gate: Optional[Tensor], weight: Optional[Tenso
     On CPU (the fast path) it is computed with the ATen operations those modules use, in their
     order: bitwise theirs. Otherwise one fused kernel per pass (fastnorm::gated_rms_norm_fwd /
     _bwd), for a gate of the input's dtype, weights of the input's dtype or float32,
-    normalized_dtype None or the input's dtype, and groups of up to 4096 elements; other
+    normalized_dtype None or the input's dtype, and groups of up to 2048 elements; other
     combinations, torch.func transforms and forward-mode AD use the ATen composition."""
     name = "gated_rms_norm"
     _check_floating(name, input)

@@ -175,9 +175,20 @@ inline constexpr int kBwdCachedMaxThreads =
 template <typename T, int VEC>
 inline constexpr int kBwdCachedActMaxThreads =
     (sizeof(acc_of<T>) == 8 && VEC > 1) || (VEC == 1 && sizeof(T) == 2) ? 256 : 512;
-template <typename T, int VEC, typename X, bool ACT>
+// The gated rows (GATE, kernels/groups_forward.cuh) add the gate's loads and its derivative: at
+// 64 registers (1024 threads) every 16-byte-pack variant spilled (8-44 bytes), at 128 (512) the
+// gate-first single elements (40-92 bytes), every fp64 gate-first one (76-140) and the fp64 packs
+// of gate-after (28) still did (ptxas -v, sm_90): 256 threads for those, 512 for the rest. So a
+// gated group holds up to 256 x kBwdElems = 2048 elements in every variant (launch/groups.h
+// kGatedMaxGroup).
+template <typename T, int VEC, int GATE>
+inline constexpr int kBwdCachedGatedMaxThreads =
+    (sizeof(acc_of<T>) == 8 && (VEC > 1 || GATE == kGateFirst)) || (GATE == kGateFirst && VEC == 1)
+        ? 256 : 512;
+template <typename T, int VEC, typename X, bool ACT, int GATE = kGateNone>
 inline constexpr int kBwdCachedBound =
-    ACT ? kBwdCachedActMaxThreads<T, VEC> : kBwdCachedMaxThreads<T, VEC, X>;
+    GATE != kGateNone ? kBwdCachedGatedMaxThreads<T, VEC, GATE>
+                      : (ACT ? kBwdCachedActMaxThreads<T, VEC> : kBwdCachedMaxThreads<T, VEC, X>);
 
 // Dynamic shared memory of ln_bwd_cached_kernel for the column partials of a block: the tree over
 // its units (rows in flight that own the same columns: warps when tpr <= 32, groups of tpr threads
@@ -191,7 +202,7 @@ inline size_t ln_bwd_cached_smem(int threads, int tpr, int arrays) {
 // blockDim = rows per block x tpr (tpr <= 32: 256 threads); a block loops over row groups and
 // keeps its own column partials of dweight / dbias, combined once at the end (see below).
 template <typename T, int VEC, typename X, bool ACT, int GATE = kGateNone>
-__global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT>)
+__global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE>)
     ln_bwd_cached_kernel(row_bwd_params_t<T, ACT, GATE> p, int tpr) {
   using A = acc_of<T>;
   constexpr int R = kBwdPacks<VEC>;

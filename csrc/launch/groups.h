@@ -341,9 +341,10 @@ void layer_norm_rows_backward(const at::Tensor& x, const at::Tensor& dy, const a
 // Groups of L = group_size elements of an [M, H] tensor (G = H / L per row), one launch per group
 // column g on the cached kernels (GATE: kernels/groups_forward.cuh), the pointers offset by g * L,
 // row pitch H, rstd group-major [G, M]. Both passes hold a group in registers for every dtype and
-// pack width up to kGatedMaxGroup elements (the backward's 512 threads x kBwdElems); the ops take
-// no longer groups (fastnorm.functional.gated_rms_norm computes those with ATen operations).
-inline constexpr int64_t kGatedMaxGroup = 4096;
+// pack width up to kGatedMaxGroup elements (the backward's smallest block, 256 threads x
+// kBwdElems: kBwdCachedGatedMaxThreads); the ops take no longer groups
+// (fastnorm.functional.gated_rms_norm computes those with ATen operations).
+inline constexpr int64_t kGatedMaxGroup = 2048;
 
 template <typename T, int VEC, int GATE>
 void gated_forward_vec(GatedRowFwd<T> p, int64_t G) {
@@ -378,7 +379,7 @@ void gated_forward(const GatedRowFwd<T>& p, int64_t G) {
 template <typename T, int VEC, int GATE>
 void gated_backward_vec(GatedRowBwd<T> p, int64_t G, Operand<T> dw_out, const at::Tensor& like) {
   using X = std::conditional_t<GATE == kGateFirst, acc_of<T>, T>;  // the row as held
-  constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, false>;
+  constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, false, GATE>;
   const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256);
   TORCH_CHECK(c.ok, "gated_rms_norm_bwd: group_size ", p.L, " is longer than the kernel holds");
   for (int64_t g = 0; g < G; ++g) {
