@@ -199,7 +199,18 @@ def make_provider(name: str, case: Case, ref: torch.nn.Module) -> torch.nn.Modul
             from liger_kernel.transformers import LigerGroupNorm
             return _copy_affine(LigerGroupNorm(ref.num_channels, ref.num_groups, eps=ref.eps,
                                                bias=True), ref)
-        raise RuntimeError("liger: LayerNorm and NCHW GroupNorm only")
+        if case.op in ("rms_norm", "llama_rms_norm", "gemma_rms_norm"):
+            # Liger's casting modes: "llama" rounds the normalised value before the weight,
+            # "gemma" computes in float32 with (offset + w); torch's rms_norm is Gemma's without
+            # the offset (everything in float32, one rounding)
+            from liger_kernel.transformers import LigerRMSNorm
+            gemma = case.op == "gemma_rms_norm"
+            eps = getattr(ref, "variance_epsilon", getattr(ref, "eps", 1e-6))
+            m = LigerRMSNorm(case.channels, eps=eps, offset=1.0 if gemma else 0.0,
+                             casting_mode="llama" if case.op == "llama_rms_norm" else "gemma",
+                             init_fn="zeros" if gemma else "ones")
+            return _copy_affine(m, ref)
+        raise RuntimeError("liger: LayerNorm, NCHW GroupNorm and RMSNorm only")
     raise ValueError(name)
 
 
