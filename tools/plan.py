@@ -39,7 +39,14 @@ sys.path.insert(0, HERE)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 SMS = 132  # the emulated H100
 # Ops on rows of the last dimension (the groups family), and every op the planner takes.
-ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm")
+ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm", "llama_rms_norm",
+           "gemma_rms_norm", "gated_rms_norm")
+# Hugging Face's conventions: llama_rms_norm (rms_norm_fwd with round_normalized), gemma_rms_norm
+# (a float32 weight: 1 + w formed by functional.rms_norm), gated_rms_norm (Mamba-2's gate first,
+# silu, the Llama rounding, groups of GATED_GROUP elements when they divide the row: one launch per
+# group column, each over 1 / G of every tensor)
+RMS_OPS = ("rms_norm", "add_rms_norm", "llama_rms_norm", "gemma_rms_norm", "gated_rms_norm")
+GATED_GROUP = 1024
 # the source articles' layers (SwitchNorm, AdaIN, IBN) on the per-(n, c) ops (nc_moments, nc_affine,
 # nc_grad_sums, nc_affine_grad)
 NC_OPS = ("switch_norm", "adain", "ibn")
@@ -133,6 +140,8 @@ K = _kernel_consts()
 #                                     ? 512 : 1024
 # S / X: the dtype a row is held in (the residual stream's with a fused add; else T): `held`, its
 # element size (0: x's).
+#   kBwdCachedGatedMaxThreads<T, VEC, GATE> = (sizeof(acc_of<T>) == 8 && (VEC > 1 || gate first))
+#                                     || (gate first && VEC == 1) ? 256 : 512
 KROW_BLOCK_THREADS = 512  # groups.h ln_backward_vec: kRowBlockThreads (rows per block)
 
 
@@ -144,7 +153,11 @@ def bwd_packs(vec: int) -> int:
     return 8 // vec
 
 
-def bwd_cached_max_threads(acc: int, vec: int, elem: int = 0, held: int = 0) -> int:
+def bwd_cached_max_threads(acc: int, vec: int, elem: int = 0, held: int = 0,
+                           gate_first=None) -> int:
+    """gate_first: None (no gate), True / False (the gated rows' bound)."""
+    if gate_first is not None:
+        return 256 if (acc == 8 and (vec > 1 or gate_first)) or (gate_first and vec == 1) else 512
     return 512 if acc == 8 or vec == 1 or (held or elem) > elem else 1024
 
 
@@ -181,13 +194,13 @@ def mirror_cached(M, L, vec, elem, packs_per_thread, max_tpr, sub_warp_threads):
     return tpr, threads, _cdiv(M, threads // tpr)
 
 
-def mirror_cached_bwd(M, L, vec, elem, acc, held=0, sm=SMS):
+def mirror_cached_bwd(M, L, vec, elem, acc, held=0, sm=SMS, gate_first=None):
     """groups.h ln_backward_vec, cached path -> (tpr, threads, row_blocks), or None (split): the
     cached plan (rows held in X: element size `held`, 0 for x's), then several rows per block
     when tpr > 32 (up to kRowBlockThreads threads and no more rows per block than rows per SM)."""
     held = held or elem
-    m = mirror_cached(M, L, vec, held, bwd_packs(vec), bwd_cached_max_threads(acc, vec, elem, held),
-                      256)
+    m = mirror_cached(M, L, vec, held, bwd_packs(vec),
+                      bwd_cached_max_threads(acc, vec, elem, held, gate_first), 256)
     if m is None:
         return None
     tpr, threads, _ = m
@@ -198,6 +211,12 @@ def mirror_cached_bwd(M, L, vec, elem, acc, held=0, sm=SMS):
             rpb *= 2
         threads = tpr * rpb
     return tpr, threads, _cdiv(M, threads // tpr)
+
+
+def gated_group(h: int) -> int:
+    """The gated case's group size: GATED_GROUP when it divides the row (Mamba-Codestral's), else
+    the whole row."""
+    return GATED_GROUP if h % GATED_GROUP == 0 else h
 
 
 def mirror_items(M, L, vec):
@@ -273,7 +292,8 @@ class Call:
         training = training and not self.frozen  # frozen statistics: the eval path
         self.op, self.shape, self.layout, self.training = op, tuple(shape), layout, training
         self.occupancy = {}  # kernel (_short) -> the resident blocks its host plan was given
-        self.rms = op in ("rms_norm", "add_rms_norm")
+        self.rms = op in RMS_OPS
+        self.gated = op == "gated_rms_norm"  # x and gate in, y out; the gradients of both
         self.add = op.startswith("add_")
         self.rows = op in ROW_OPS or op == "layer_norm2d"
         self.bias = not self.rms            # the op has a bias (and a dbias)
@@ -289,11 +309,18 @@ class Call:
         self.R = self.numel * self.res_elem
         self.split_grads = self.add and residual is not None and residual != dtype
         self.held = self.res_elem if self.add else self.elem
+        self.launches = 1  # launches per pass that split every tensor (the gated group columns)
         if op in ROW_OPS:
             self.L = self.shape[-1]
             self.M = self.numel // self.L if self.L else 0
             self.P, self.S = self.L, self.M  # parameter length, statistics length
-            self.pbytes = self.elem
+            self.pbytes = 4 if op == "gemma_rms_norm" else self.elem  # (1 + w) in float32
+            if self.gated:  # rows are the groups; the row held as h in the accumulation type
+                self.group = gated_group(self.L)
+                self.launches = self.L // self.group
+                self.P, self.S = self.L, self.M * self.launches
+                self.L = self.group
+                self.held = self.acc
         elif op in NC_OPS:  # per (n, c) over the HW positions; [N, C] statistics
             self.N, self.C = self.shape[0], self.shape[1]
             self.HW = math.prod(self.shape[2:])
@@ -324,6 +351,9 @@ class Call:
 
     def small(self, name: str) -> int:
         """Bytes of a small (per row / per channel) vector set, read or written once."""
+        return self._small(name) // self.launches
+
+    def _small(self, name: str) -> int:
         a, p, r = self.acc, self.pbytes, self.rbytes
         nstats = 1 if self.rms else 2  # RMSNorm: rstd only
         grads = (2 if self.bias else 1) if self.param_grads else 0
@@ -350,16 +380,16 @@ class Call:
             if self.op in ("batch_norm", "frozen_batch_norm"):
                 small.append("running" if self.training else "running_r")
             big = 2 * self.E + 2 * self.R if self.add else 2 * self.E
-            if self.op == "adain":  # content and style read, y written
+            if self.op in ("adain", "gated_rms_norm"):  # content and style (x and gate) read
                 big = 3 * self.E
-            return big + sum(self.small(s) for s in small)
+            return big + sum(self._small(s) for s in small)
         if self.add:  # dy; residual_out and its gradient; dresidual (and dinput, two dtypes)
             big = self.E + 3 * self.R + (self.E if self.split_grads else 0)
-        elif self.op == "adain":  # content, style and dy read; both gradients written
+        elif self.op in ("adain", "gated_rms_norm"):  # two inputs and dy read; two gradients
             big = 5 * self.E
         else:
             big = (2 if self.frozen else 3) * self.E
-        return big + sum(self.small(s) for s in ("stats", "w", "dwdb"))
+        return big + sum(self._small(s) for s in ("stats", "w", "dwdb"))
 
     def nbytes(self, tensor: str, x_is_r: bool = False) -> int:
         """Bytes of one x-sized tensor a kernel streams: the fused add's residual stream (and x
@@ -367,7 +397,7 @@ class Call:
         if self.add and (tensor in ("residual", "residual_out", "d_residual_out", "dresidual")
                          or (tensor == "x" and x_is_r)):
             return self.R
-        return self.E
+        return self.E // self.launches
 
 
 class Launch:
@@ -412,7 +442,8 @@ def _flight_cached_fwd(k: Launch, c: Call):
 
 
 def _flight_cached_bwd(k: Launch, c: Call):
-    m = mirror_cached_bwd(c.M, c.L, k.vec, c.elem, c.acc, c.held)
+    m = mirror_cached_bwd(c.M, c.L, k.vec, c.elem, c.acc, c.held,
+                          gate_first=True if c.gated else None)
     ok = m is not None and m[1] == k.threads and k.grid[0] <= m[2]
     tpr = m[0] if m else k.threads
     return min(bwd_packs(k.vec), _cdiv(c.L // k.vec, tpr)), ok
@@ -562,18 +593,21 @@ class Model:
 
     def __init__(self, reads=(), writes=(), small=(), ws_in=False, ws_out=None, flight=None,
                  streams=1, acc_packs=False, add_reads=(), add_writes=(), x_is_r=False,
-                 split_writes=()):
+                 split_writes=(), gate_reads=(), gate_writes=()):
         self.reads, self.writes, self.small = reads, writes, small
         self.ws_in, self.ws_out, self.flight = ws_in, ws_out, flight
         self.streams, self.acc_packs = streams, acc_packs
         self.add_reads, self.add_writes = add_reads, add_writes
         self.x_is_r, self.split_writes = x_is_r, split_writes
+        self.gate_reads, self.gate_writes = gate_reads, gate_writes
 
     def estimate(self, k: Launch, c: Call, st: PassState) -> Est:
         parts, approx = {}, False
-        reads = self.reads + (self.add_reads if c.add else ())
+        reads = (self.reads + (self.add_reads if c.add else ())
+                 + (self.gate_reads if c.gated else ()))
         writes = (self.writes + (self.add_writes if c.add else ())
-                  + (self.split_writes if c.split_grads else ()))
+                  + (self.split_writes if c.split_grads else ())
+                  + (self.gate_writes if c.gated else ()))
         for t in reads:
             parts[f"{t} read"] = parts.get(f"{t} read", 0) + c.nbytes(t, self.x_is_r)
         for t in writes:
@@ -595,8 +629,9 @@ class Model:
             if self.acc_packs:
                 per_thread = packs * self.streams * c.acc
             else:  # the streams' packs, each in its tensor's dtype (the add's residual stream)
-                names = self.reads[:self.streams] + (self.add_reads if c.add else ())
-                per_thread = packs * sum(k.vec * c.nbytes(t, self.x_is_r) // c.numel
+                names = (self.reads[:self.streams] + (self.add_reads if c.add else ())
+                         + (self.gate_reads if c.gated else ()))
+                per_thread = packs * sum(k.vec * c.nbytes(t, self.x_is_r) * c.launches // c.numel
                                          if c.numel else k.vec * c.elem for t in names)
         return Est(parts, per_thread, approx)
 
@@ -689,7 +724,7 @@ MODELS = {
     # per item, the sum of squares)
     "row_fwd_cached_kernel": Model(reads=("x",), writes=("y",), small=("w", "b", "stats"),
                                    flight=_flight_cached_fwd, add_reads=("residual",),
-                                   add_writes=("residual_out",)),
+                                   add_writes=("residual_out",), gate_reads=("gate",)),
     "row_welford_partial_kernel": Model(reads=("x",), ws_out=_ws_items(lambda c: 1 if c.rms else 3),
                                         flight=_flight_items, add_reads=("residual",),
                                         add_writes=("residual_out",)),
@@ -698,10 +733,13 @@ MODELS = {
                               flight=_flight_items, x_is_r=True),
     # contiguous groups, backward (groups_backward.cuh); a fused residual add: x is residual_out,
     # the dx kernels also read the gradient of residual_out and write one input gradient
+    # gated rows: the gate read with x (gate first: x and the gate re-read at the store, L1 / L2
+    # hits, not counted) and its gradient written
     "ln_bwd_cached_kernel": Model(reads=("x", "dy"), writes=("dx",), small=("w", "stats"),
                                   ws_out=_ws_cached_bwd, flight=_flight_cached_bwd, streams=2,
                                   add_reads=("d_residual_out",), x_is_r=True,
-                                  split_writes=("dresidual",)),
+                                  split_writes=("dresidual",), gate_reads=("gate",),
+                                  gate_writes=("dgate",)),
     "row_sums_partial_kernel": Model(reads=("x", "dy"),
                                      small=lambda c: ("w", "stats") if c.rows else ("stats",),
                                      ws_out=_ws_items(2), flight=_flight_items, streams=2,
@@ -787,8 +825,12 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
     c = shape[-1] if op in ROW_OPS else shape[1]
     pdt = torch.float32 if op == "batch_norm" else dtype
     w, b = torch.empty(c, dtype=pdt), torch.empty(c, dtype=pdt)
-    rms = op in ("rms_norm", "add_rms_norm")
+    rms = op in RMS_OPS
     frozen = op == "frozen_batch_norm"
+    if op == "gemma_rms_norm":  # functional.rms_norm hands the op 1 + w in float32
+        w = torch.empty(c, dtype=torch.float32)
+    gate = torch.empty_like(x)
+    gs = gated_group(c) if op == "gated_rms_norm" else 0
     training = training and not frozen
 
     # SwitchNorm, AdaIN, IBN: [N, C] coefficients in the statistics dtype; adain's style has x's shape
@@ -803,8 +845,12 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
             return ops.nc_affine(x, nc, nc), mean
         if op == "layer_norm":
             return ops.layer_norm_fwd(x, [c], w, b, 1e-5)
-        if op == "rms_norm":
+        if op in ("rms_norm", "gemma_rms_norm"):
             return ops.rms_norm_fwd(x, [c], w, 1e-6)
+        if op == "llama_rms_norm":
+            return ops.rms_norm_fwd(x, [c], w, 1e-6, None, True)
+        if op == "gated_rms_norm":  # Mamba-2's: gate first, silu (4), the Llama rounding
+            return ops.gated_rms_norm_fwd(x, gate, w, 1e-6, gs, False, 4, True)
         if op in ("add_rms_norm", "add_layer_norm"):
             return ops.add_norm_fwd(x, res, [c], w, None if rms else b, 1e-6 if rms else 1e-5, rms)
         if op == "layer_norm2d":
@@ -827,8 +873,10 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
             return dx
         if op == "layer_norm":
             return ops.layer_norm_bwd(dy, x, out[1], out[2], w, [c], mask)
-        if op == "rms_norm":
+        if op in ("rms_norm", "llama_rms_norm", "gemma_rms_norm"):
             return ops.rms_norm_bwd(dy, x, out[1], w, [c], [True, True])
+        if op == "gated_rms_norm":
+            return ops.gated_rms_norm_bwd(dy, x, gate, out[1], w, gs, False, 4, [True, True, True])
         if op in ("add_rms_norm", "add_layer_norm"):
             _, r, mean, rstd = out
             two = res.dtype != dtype
