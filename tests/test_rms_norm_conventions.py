@@ -5,7 +5,8 @@ Llama / T5 rounding of the normalised value before the weight) and fastnorm.func
 Each is compared with the formula spelled as the modules that define the convention spell it (the
 same ATen ops in the same order: bitwise on CPU, on the fast path and on the op path alike, since
 the op's reference computes x * rstd as they do and the product of two half values is exact in
-float32), with an independent float64 formula for the gradients, then checked for its dtype rules,
+float32; on the emulated kernels, FASTNORM_EMU_OPS, to within one rounding), with an independent
+float64 formula for the gradients, then checked for its dtype rules,
 errors, gradcheck / gradgradcheck, opcheck and torch.compile. The classes of transformers themselves
 are compared in tests/test_convert_huggingface.py."""
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastnorm.functional as FN
-from conftest import assert_close_scaled
+from conftest import EMU_ROUTED, assert_close_scaled
 
 ops = torch.ops.fastnorm
 HALF = [torch.float16, torch.bfloat16]
@@ -34,6 +35,17 @@ def path(request):
 
 def _stat(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def assert_bitwise(actual, expected, msg, on_kernels=False):
+    """Bit for bit; on the emulated kernels (FASTNORM_EMU_OPS, the op path) within one rounding of
+    the output dtype: the kernels reduce the statistics in another order than ATen's mean."""
+    assert actual.dtype == expected.dtype, msg
+    if on_kernels and EMU_ROUTED:
+        eps = torch.finfo(expected.dtype).eps
+        torch.testing.assert_close(actual, expected, rtol=2 * eps, atol=2 * eps, msg=msg)
+    else:
+        assert torch.equal(actual, expected), msg
 
 
 # The conventions as the modules spell them (transformers' LlamaRMSNorm, GemmaRMSNorm, T5LayerNorm).
@@ -74,14 +86,15 @@ def test_conventions_bitwise(dtype, wdtype, shape, h, path):
     x = torch.randn(shape, dtype=dtype) * 2 + 0.3
     w = (torch.randn(h) * 0.5 + 1).to(dtype if wdtype == "same" else torch.float32)
     eps = 1e-6
+    op = path == "op"
     y = FN.rms_norm(x, [h], w, eps, normalized_dtype=x.dtype)
     want = llama(x, w, eps)
     assert y.dtype == want.dtype == torch.promote_types(dtype, w.dtype)
-    assert torch.equal(y, want), "Llama convention"
+    assert_bitwise(y, want, "Llama convention", op)
     y = FN.rms_norm(x, [h], w, eps, weight_offset=1.0)
     want = gemma(x, w, eps)
     assert y.dtype == dtype
-    assert torch.equal(y, want), "Gemma convention"
+    assert_bitwise(y, want, "Gemma convention", op)
     d = w.dtype if w.dtype in HALF else torch.float32
     if dtype == torch.float64 and d == torch.float32:
         d = torch.float64  # T5 on float64 data: rsqrt of a float32 variance times float64 x
@@ -92,7 +105,7 @@ def test_conventions_bitwise(dtype, wdtype, shape, h, path):
     y = FN.rms_norm(x, [h], w, eps, normalized_dtype=d)
     want = t5(x, w, eps)
     assert y.dtype == want.dtype
-    assert torch.equal(y, want), "T5 convention"
+    assert_bitwise(y, want, "T5 convention", op)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -121,7 +134,8 @@ def test_no_weight_and_empty(path):
     x = torch.randn(4, 9, dtype=torch.bfloat16)
     y = FN.rms_norm(x, [9], None, 1e-6, normalized_dtype=torch.bfloat16)
     h = x.float()
-    assert torch.equal(y, (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16())
+    assert_bitwise(y, (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16(),
+                   "no weight", path == "op")
     e = FN.rms_norm(torch.randn(0, 9), [9], torch.ones(9), None, weight_offset=1.0)
     assert e.shape == (0, 9)
     e = FN.rms_norm(torch.randn(3, 0), [0], torch.ones(0), None, normalized_dtype=torch.float32)
@@ -217,6 +231,15 @@ def kimi_gated(x, gate, w, eps):
 @pytest.mark.parametrize("wdtype", ["same", "f32"])
 @pytest.mark.parametrize("shape", [(2, 3, 48), (1, 48), (5, 1, 48), (0, 48)], ids=str)
 def test_gated_bitwise(dtype, wdtype, shape):
+    """The CPU fast path: the ATen composition, spelled as the modules spell it."""
+    was = FN.set_cpu_fast_path(True)
+    try:
+        _gated_bitwise(dtype, wdtype, shape)
+    finally:
+        FN.set_cpu_fast_path(was)
+
+
+def _gated_bitwise(dtype, wdtype, shape):
     torch.manual_seed(2)
     x = torch.randn(shape, dtype=dtype) * 2
     gate = torch.randn(shape, dtype=dtype)
@@ -295,7 +318,7 @@ def test_gated_op_path_matches_the_composition(dtype, norm_before_gate, wdtype):
             finally:
                 FN.set_cpu_fast_path(was)
             want = FN.gated_rms_norm(x, gate, w, 1e-6, **kw)
-            assert y.dtype == want.dtype and torch.equal(y, want), kw
+            assert_bitwise(y, want, str(kw), on_kernels=True)
             params = [x, gate] + ([w] if w is not None else [])
             g = torch.randn_like(y)
             got = torch.autograd.grad(y, params, g)
@@ -334,7 +357,9 @@ def test_gated_compile_on_the_op_path():
 
         eager = fn(x, gate, w)
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, gate, w)
-        assert torch.equal(compiled, eager)
+        # the same op both times; on the emulated kernels (FASTNORM_EMU_OPS) the compiled graph
+        # may meet the reference instead of the routed CPU kernel: within one rounding there
+        assert_bitwise(compiled, eager, "compiled", on_kernels=True)
         g1 = torch.autograd.grad(compiled.sum(), [x, gate, w])
         g2 = torch.autograd.grad(eager.sum(), [x, gate, w])
         for a, b in zip(g1, g2):
