@@ -530,14 +530,8 @@ def _gated_backward(ctx, dy, _drstd):
     if torch.is_grad_enabled():
         # Differentiable ATen ops with rstd recomputed from the inputs, so that second derivatives
         # see its dependence on x and the gate.
-        sd = stat_dtype(x.dtype)
-        m, h = x.numel() // max(x.shape[-1], 1), x.shape[-1]
-        g = h // group_size
-        src = x.to(sd)
-        if not norm_before_gate:
-            src = src * _row_norms.GATE_ACTIVATIONS[activation](gate.to(sd))
-        grouped = src.reshape(m, g, group_size)
-        r = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+        _, r = _row_norms.gated_groups(x, gate, eps, group_size, norm_before_gate, activation)
+        r = r.reshape(-1, r.shape[-2], 1)  # [M, G, 1]
         dx, dg, dw = _row_norms.gated_rms_norm_grads(dy, x, gate, w, r, group_size,
                                                      norm_before_gate, activation)
         dx = dx.to(x.dtype) if needs[0] else None

@@ -44,7 +44,7 @@ from .instance_stats_autograd import AdaINFunction as _AdaINFunction
 from .ops.common import memory_format_of
 from .ops.common import stat_dtype as _stat_dtype
 from .ops.local_response_norm import lrn_check
-from .ops.row_norms import residual_pair_supported
+from .ops.row_norms import gated_rms_composite, residual_pair_supported
 
 __all__ = [
     "batch_norm", "batch_norm_act", "frozen_batch_norm",
@@ -801,8 +801,7 @@ def _rms_norm_convention(input: Tensor, shape: List[int], weight: Optional[Tenso
     return y
 
 
-_GATE_ACTIVATIONS = {"silu": torch.nn.functional.silu, "sigmoid": torch.sigmoid}
-_GATE_CODES = {"silu": 4, "sigmoid": 10}  # fastnorm.activations' codes
+_GATE_CODES = {"silu": 4, "sigmoid": 10}  # fastnorm.activations' codes (ops.row_norms.GATE_ACTIVATIONS)
 # The longest group the fused kernels hold in registers in both passes (csrc/launch/groups.h
 # kGatedMaxGroup); longer groups are computed with ATen operations.
 _GATED_MAX_GROUP = 2048
@@ -839,7 +838,7 @@ def gated_rms_norm(input: Tensor, gate: Optional[Tensor], weight: Optional[Tenso
     if input.dim() < 1:
         raise ValueError(f"{name}: expected an input of at least 1 dimension, but got a 0-dim input")
     h = input.shape[-1]
-    if activation not in _GATE_ACTIVATIONS:
+    if activation not in _GATE_CODES:
         raise ValueError(f"{name}: expected activation 'silu' or 'sigmoid', but got {activation!r}")
     if gate is None and norm_before_gate:
         raise ValueError(f"{name}: norm_before_gate=True multiplies by act(gate): a gate is needed")
@@ -866,22 +865,9 @@ def gated_rms_norm(input: Tensor, gate: Optional[Tensor], weight: Optional[Tenso
         y, _ = apply_gated_rms_norm(input, gate, weight, float(eps), gs, bool(norm_before_gate),
                                     _GATE_CODES[activation], normalized_dtype is not None)
         return y
-    act = _GATE_ACTIVATIONS[activation]
-    sd = _stat_dtype(input.dtype)
-    x = input.to(sd)
-    if gate is not None and not norm_before_gate:
-        x = x * act(gate.to(sd))
-    grouped = x.view(*x.shape[:-1], h // gs, gs)
-    n = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).view(x.shape)
-    if normalized_dtype is not None:
-        n = n.to(normalized_dtype)
-        if weight is not None:
-            n = weight * n
-    elif weight is not None:
-        n = weight.to(sd) * n
-    if norm_before_gate:
-        return (n * act(gate.to(sd))).to(input.dtype)
-    return n if normalized_dtype is not None else n.to(input.dtype)
+    y, _ = gated_rms_composite(input, gate, weight, eps, gs, norm_before_gate,
+                               _GATE_CODES[activation], normalized_dtype)
+    return y
 
 
 def _add_norm_aten(input: Tensor, residual: Tensor, shape: List[int], weight: Optional[Tensor],

@@ -376,28 +376,44 @@ def _gated_out_dtype(input, weight, norm_before_gate, round_normalized):
     return input.dtype
 
 
+def gated_groups(input, gate, eps, group_size, norm_before_gate, activation):
+    """(the rows as groups [..., G, group_size] in the statistics dtype: x, or x * a(gate) when the
+    gate comes first; their rstd [..., G, 1]), spelled as the modules spell them. Differentiable:
+    the autograd's double backward recomputes rstd with it."""
+    sd = stat_dtype(input.dtype)
+    x = input.to(sd)
+    if gate is not None and not norm_before_gate:
+        x = x * GATE_ACTIVATIONS[activation](gate.to(sd))
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    return grouped, torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def gated_rms_composite(input, gate, weight, eps, group_size, norm_before_gate, activation,
+                        normalized_dtype):
+    """functional.gated_rms_norm with ATen ops in the order Hugging Face's gated RMSNorms use
+    (bitwise theirs on CPU): the CPU fast path, the combinations the kernels do not take, and the
+    op's reference (normalized_dtype: the input's dtype or None). Returns (y, rstd [..., G, 1])."""
+    sd = stat_dtype(input.dtype)
+    grouped, rstd = gated_groups(input, gate, eps, group_size, norm_before_gate, activation)
+    n = (grouped * rstd).reshape(input.shape)
+    if normalized_dtype is not None:
+        n = n.to(normalized_dtype)
+        if weight is not None:
+            n = weight * n  # in promote(D, weight)
+    elif weight is not None:
+        n = weight.to(sd) * n
+    if norm_before_gate:
+        return (n * GATE_ACTIVATIONS[activation](gate.to(sd))).to(input.dtype), rstd
+    return (n if normalized_dtype is not None else n.to(input.dtype)), rstd
+
+
 @torch.library.impl(lib, "gated_rms_norm_fwd", "CompositeExplicitAutograd")
 def _gated_rms_norm_fwd_ref(input, gate, weight, eps, group_size, norm_before_gate, activation,
                             round_normalized):
     m, h, g = _gated_shape("gated_rms_norm_fwd", input, gate, group_size, activation)
-    act = GATE_ACTIVATIONS[activation]
+    y, rstd = gated_rms_composite(input, gate, weight, eps, group_size, norm_before_gate,
+                                  activation, input.dtype if round_normalized else None)
     sd = stat_dtype(input.dtype)
-    x = input.to(sd)
-    if not norm_before_gate:
-        x = x * act(gate.to(sd))
-    grouped = x.reshape(m, g, group_size)
-    rstd = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)
-    n = (grouped * rstd).reshape(input.shape)
-    if round_normalized:
-        n = n.to(input.dtype)
-    if weight is not None:
-        n = weight * n
-    if norm_before_gate:
-        if not round_normalized:
-            n = n.to(sd)
-        y = (n * act(gate.to(sd))).to(input.dtype)
-    else:
-        y = n.to(_gated_out_dtype(input, weight, norm_before_gate, round_normalized))
     return y.contiguous(), rstd.reshape(m, g).t().contiguous().reshape(-1).to(sd)
 
 
