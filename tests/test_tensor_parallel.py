@@ -16,24 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import faulthandler
 import inspect
 import json
-import os
-import socket
 import sys
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import fastnorm
 import fastnorm.functional as FN
+import gloo_ranks
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 300  # generous for a loaded CI machine; a hung collective is what waits this long
@@ -465,67 +460,13 @@ def _worker(rank, port, outdir):
     # a hang (a collective the other rank never joins) dumps every thread's stack and exits
     # before the fixture gives up, so the failure says where
     faulthandler.dump_traceback_later(SPAWN_TIMEOUT_S - 60, exit=True)
-    torch.set_num_threads(1)
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     FN.set_cpu_fast_path(False)  # the ops as on GPUs
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    results = {}
-    fatal = False
-    try:
-        for name, fn in CHECKS.items():
-            t0 = time.perf_counter()
-            try:
-                fn(rank)
-                results[name] = {"ok": True}
-            except AssertionError:  # mismatches: the check ran every collective (see _Soft)
-                results[name] = {"ok": False, "error": traceback.format_exc()}
-            except Exception:  # noqa: BLE001 (the ranks may be out of step now: stop here)
-                results[name] = {"ok": False, "error": traceback.format_exc()}
-                fatal = True
-            results[name]["s"] = round(time.perf_counter() - t0, 3)
-            with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-                json.dump(results, f)
-            if fatal:
-                break
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    gloo_ranks.run_checks(rank, port, outdir, CHECKS, WORLD, COLLECTIVE_TIMEOUT_S)
 
 
 def _spawn(outdir):
     """Runs the ranks; returns (per-rank results, error or None)."""
-    ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    error = None
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                error = f"the {WORLD} gloo processes did not finish in {SPAWN_TIMEOUT_S} s"
-                break
-    except Exception as e:  # noqa: BLE001 (a process died: report it with the checks)
-        error = f"{type(e).__name__}: {e}"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = []
-    for r in range(WORLD):
-        try:
-            with open(os.path.join(outdir, f"rank{r}.json")) as f:
-                results.append(json.load(f))
-        except OSError:
-            results.append({})
-    return results, error
+    return gloo_ranks.spawn(_worker, WORLD, SPAWN_TIMEOUT_S, outdir)
 
 
 @pytest.fixture(scope="module")
@@ -551,11 +492,7 @@ def gloo_results(tmp_path_factory, request):
 
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_gloo(gloo_results, check):
-    results, error = gloo_results
-    for r, res in enumerate(results):
-        if check not in res:
-            pytest.fail(f"rank {r} did not report {check!r}: {error}")
-        assert res[check]["ok"], f"rank {r}: {res[check].get('error')}"
+    gloo_ranks.assert_check(*gloo_results, check)
 
 
 # ==============================================================================================
