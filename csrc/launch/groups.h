@@ -172,20 +172,20 @@ void launch_bwd_cached(K kernel, P p, const CachedPlan& c, int max_threads, Oper
   const bool want_dw = dw_out.present(), want_db = db_out.present();
   const int sm = sm_count();
   const at::TensorOptions ao = acc_options(like);
-    // Rows per block. A block keeps one set of column partials however many rows it loops over,
-    // and writes them once: [grid, L] partials in acc type, written and read back by
-    // col_sum_finalize. One row per block of tpr > 32 threads made 4096 x 768 bf16 a grid of
-    // 1056 blocks (the occupancy limit) and 6.5 MB of fp32 partials (+69% over x, dy and dx).
-    // So when tpr > 32 a block holds up to kRowBlockThreads / tpr rows in flight (no more than
-    // give every SM one block), and the grid is one wave of resident blocks: 512-thread blocks at
-    // <= 64 registers are 2 per SM (two, so that one block's barriers never idle the SM), hence
-    // partials [264, L] (4096 x 768 bf16: 0.8 MB, 4% of the 18.9 MB of x, dy and dx).
-    // Bytes in flight per SM stay what the registers allow, whatever the block shape: resident
-    // threads / tpr rows, each loading its whole row of x and dy before the reduction, i.e.
-    // (resident threads) x kBwdElems x (bytes of x + dy) x (fill L / (tpr * kBwdElems) >= 1/2):
-    // 1024 x 8 x 4 B x (1/2 .. 1) = 16-32 KB for half data (4096 x 768 bf16: 8 rows x 3 KB =
-    // 24 KB), 32-64 KB for fp32 -- the ~16-32 KB Little's law asks of an H100 SM (3.35 TB/s /
-    // 132 SMs = 25 B/ns, times ~0.7-1 us of DRAM latency under load).
+  // Rows per block. A block keeps one set of column partials however many rows it loops over,
+  // and writes them once: [grid, L] partials in acc type, written and read back by
+  // col_sum_finalize. One row per block of tpr > 32 threads made 4096 x 768 bf16 a grid of
+  // 1056 blocks (the occupancy limit) and 6.5 MB of fp32 partials (+69% over x, dy and dx).
+  // So when tpr > 32 a block holds up to kRowBlockThreads / tpr rows in flight (no more than
+  // give every SM one block), and the grid is one wave of resident blocks: 512-thread blocks at
+  // <= 64 registers are 2 per SM (two, so that one block's barriers never idle the SM), hence
+  // partials [264, L] (4096 x 768 bf16: 0.8 MB, 4% of the 18.9 MB of x, dy and dx).
+  // Bytes in flight per SM stay what the registers allow, whatever the block shape: resident
+  // threads / tpr rows, each loading its whole row of x and dy before the reduction, i.e.
+  // (resident threads) x kBwdElems x (bytes of x + dy) x (fill L / (tpr * kBwdElems) >= 1/2):
+  // 1024 x 8 x 4 B x (1/2 .. 1) = 16-32 KB for half data (4096 x 768 bf16: 8 rows x 3 KB =
+  // 24 KB), 32-64 KB for fp32 -- the ~16-32 KB Little's law asks of an H100 SM (3.35 TB/s /
+  // 132 SMs = 25 B/ns, times ~0.7-1 us of DRAM latency under load).
   constexpr int kRowBlockThreads = 512;
   const int block_cap = std::min(kRowBlockThreads, max_threads);  // ACT: fewer, see the kernel
   int threads = c.threads;
