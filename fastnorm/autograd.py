@@ -27,6 +27,7 @@ import torch
 
 from . import activations as _acts
 from .ops.common import memory_format_of, stat_dtype
+from .ops import modulated as _modulated
 from .ops import row_norms as _row_norms
 from .ops.local_response_norm import lrn_div, lrn_grad, lrn_window
 
@@ -568,6 +569,91 @@ class GatedRMSNormFunction(torch.autograd.Function):
         return _gated_backward(ctx, dy, drstd)
 
 
+# ----------------------------------------------------------------------------------------------
+# Modulated row norms (AdaLN, AdaLN-Zero's gated residual)
+# ----------------------------------------------------------------------------------------------
+def _modulated_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
+    input, scale, shift, weight, bias, residual, gate, eps, scale_offset, seg_rows, rms = inputs
+    _, res_out, mean, rstd = output
+    has_res = residual is not None
+    # the norm's rows: residual_out, or the input; the input and residual are kept for d_gate and
+    # for second derivatives (recomputed from them)
+    save(ctx, res_out if has_res else input, input, residual, scale, shift, weight, bias, gate,
+         mean, rstd)
+    ctx.modulated = (float(eps), float(scale_offset), int(seg_rows), bool(rms), has_res,
+                     input.dtype)
+
+
+def _modulated_backward(ctx, dy, dres_out, _dmean, _drstd):
+    x, input, residual, scale, shift, weight, bias, gate, mean, rstd = ctx.saved_tensors
+    eps, c, seg, rms, has_res, in_dtype = ctx.modulated
+    ni, ns, nt, nw, nb, nr, ng = ctx.needs_input_grad[:7]
+    if dy is None:
+        dy = torch.zeros_like(x, dtype=in_dtype)
+    if torch.is_grad_enabled():
+        # second derivatives: the forward recomputed with differentiable ATen ops, from the inputs
+        args = [input, scale, shift, weight, bias, residual, gate]
+        wanted = [t for t, n in zip(args, ctx.needs_input_grad[:7]) if n and t is not None]
+        sd = stat_dtype(in_dtype)
+        r = _modulated.residual_rows(input, residual, gate, seg) if has_res else input
+        y, _, _ = _modulated.modulated_rows(r.to(sd), scale, shift, weight, bias, eps, c, seg, rms)
+        outs, gos = [y], [dy.to(sd)]
+        if has_res and dres_out is not None:
+            outs.append(r)
+            gos.append(dres_out.to(r.dtype))
+        got = iter(torch.autograd.grad(outs, wanted, gos, create_graph=True, allow_unused=True))
+        res = []
+        for t, n in zip(args, ctx.needs_input_grad[:7]):
+            g = next(got) if n and t is not None else None
+            res.append(None if g is None else g.to(t.dtype))
+        for i, t in enumerate(args):
+            if res[i] is None and ctx.needs_input_grad[i] and t is not None:
+                res[i] = torch.zeros_like(t)
+        return (*res, None, None, None, None)
+    mod = scale if scale is not None else shift
+    mod_dtype = mod.dtype if mod is not None else in_dtype
+    need_dr = has_res and (nr or (ng and gate is not None))
+    mask = [bool(ni), bool(ns and scale is not None), bool(nt and shift is not None),
+            bool(nw and weight is not None), bool(nb and bias is not None), bool(need_dr)]
+    dx, ds, dt, dw, db, dr = _fn.modulated_norm_bwd(
+        dy, dres_out if has_res else None, x, scale, weight, bias, gate, mean, rstd, c, seg, rms,
+        has_res, in_dtype, mod_dtype, mask)
+    dgate = None
+    if has_res and ng and gate is not None:
+        sd = stat_dtype(in_dtype)
+        dgate = _modulated.segment_sum(dr.to(sd) * input.to(sd), seg).to(gate.dtype)
+    return (dx if mask[0] else None, ds if mask[1] else None,
+            dt.to(shift.dtype) if mask[2] else None, dw if mask[3] else None,
+            db if mask[4] else None, dr if (has_res and nr) else None, dgate,
+            None, None, None, None)
+
+
+torch.library.register_autograd("fastnorm::modulated_norm_fwd", _modulated_backward,
+                                setup_context=_modulated_setup)
+
+
+class ModulatedNormFunction(torch.autograd.Function):
+    """(y, residual_out, mean, rstd) = modulated_norm(...); only y and residual_out are
+    differentiable. No jvp: forward-mode AD and torch.func transforms take the functional's ATen
+    composition instead."""
+
+    @staticmethod
+    def forward(input, scale, shift, weight, bias, residual, gate, eps, scale_offset, seg_rows,
+                rms):
+        return _fn.modulated_norm_fwd(input, scale, shift, weight, bias, residual, gate, eps,
+                                      scale_offset, seg_rows, rms)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[2], output[3])
+        ctx.set_materialize_grads(False)
+        _modulated_setup(ctx, inputs, output, _save)
+
+    @staticmethod
+    def backward(ctx, dy, dres_out, dmean, drstd):
+        return _modulated_backward(ctx, dy, dres_out, dmean, drstd)
+
+
 def _add_norm_setup(ctx, inputs, output, save=lambda ctx, *t: ctx.save_for_backward(*t)):
     input, _, normalized_shape, weight, bias, eps, rms = inputs
     _, r, mean, rstd = output
@@ -806,4 +892,5 @@ apply_layer_norm2d = _applier(LayerNorm2dFunction, _LayerNorm2dFunction, 7)
 apply_rms_norm = _applier(RMSNormFunction, _RMSNormFunction)
 apply_add_norm = _applier(AddNormFunction, _AddNormFunction)
 apply_gated_rms_norm = _applier(GatedRMSNormFunction, GatedRMSNormFunction)
+apply_modulated_norm = _applier(ModulatedNormFunction, ModulatedNormFunction)
 apply_local_response_norm = _applier(LocalResponseNormFunction, _LocalResponseNormFunction)

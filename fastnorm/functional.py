@@ -39,11 +39,12 @@ from torch.autograd import forward_ad as _forward_ad
 from . import activations as _acts
 from .autograd import (apply_add_norm, apply_batch_norm, apply_gated_rms_norm, apply_group_norm,
                        apply_instance_norm_tracked, apply_layer_norm, apply_layer_norm2d,
-                       apply_local_response_norm, apply_rms_norm)
+                       apply_local_response_norm, apply_modulated_norm, apply_rms_norm)
 from .instance_stats_autograd import AdaINFunction as _AdaINFunction
 from .ops.common import memory_format_of
 from .ops.common import stat_dtype as _stat_dtype
 from .ops.local_response_norm import lrn_check
+from .ops.modulated import modulated_rows, residual_rows
 from .ops.row_norms import gated_rms_composite, residual_pair_supported
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "layer_norm", "layer_norm_act", "layer_norm2d", "layer_norm2d_act",
     "group_norm", "group_norm_act", "instance_norm",
     "rms_norm", "add_rms_norm", "add_layer_norm", "gated_rms_norm",
+    "modulated_layer_norm", "modulated_rms_norm", "gated_residual_modulated_norm",
     "adaptive_instance_norm",
     "local_response_norm",
 ]
@@ -928,6 +930,170 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: Union[int,
     """add_rms_norm with LayerNorm: returns (layer_norm(residual_out, normalized_shape, weight,
     bias, eps) in input's dtype, residual_out = input + residual in residual's dtype)."""
     return _add_norm("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modulated norms of diffusion transformers (AdaLN, AdaLN-Zero)
+# ----------------------------------------------------------------------------------------------
+# The longest row the fused kernels take in both passes (csrc/launch/groups.h kModulatedMaxRow);
+# longer rows are LayerNorm / RMSNorm kernels followed by the modulation in ATen operations.
+_MODULATED_MAX_ROW = 4096
+
+
+def _modulation_rows(name: str, what: str, t: Tensor, input: Tensor):
+    """A modulation operand broadcast against input [..., D], as rows: (t2 [Q, D], R) where row m
+    of input's M = Q * R rows takes t2[m // R]. Per sample [B, 1, D] / [B, D] against [B, S, D],
+    per frame [B, F, 1, D] against [B, F, P, D], per token, one for all ([D]) map so with no copy
+    of more than Q * D elements; any other broadcast is expanded to [M, D] (R = 1). Differentiable
+    ops: the gradient comes back to t's own shape through them."""
+    if t.device != input.device:
+        raise RuntimeError(f"{name}: expected {what} on the input's device {input.device}, but "
+                           f"got {what} on {t.device}")
+    if not t.is_floating_point():
+        raise RuntimeError(f"{name}: expected {what} of a floating-point dtype, but got {t.dtype}")
+    shape = list(input.shape)
+    ts = [1] * (len(shape) - t.dim()) + list(t.shape)
+    ok = t.dim() <= len(shape) and all(a in (1, b) for a, b in zip(ts, shape))
+    if not ok:
+        raise RuntimeError(f"{name}: expected {what} broadcastable to the input's shape {shape}, "
+                           f"but got {what} of shape {list(t.shape)}")
+    d = shape[-1]
+    lead, tl = shape[:-1], ts[:-1]
+    j = len(lead)
+    while j > 0 and tl[j - 1] == 1:
+        j -= 1
+    t = t.reshape(ts).expand(ts[:-1] + [d])
+    m = math.prod(lead)
+    if tl[:j] == lead[:j]:
+        q = math.prod(lead[:j])
+        return t.reshape(q, d), m // q if q > 0 else 1
+    return t.expand(shape).reshape(m, d), 1
+
+
+def _modulated(name: str, input: Tensor, residual: Optional[Tensor], gate: Optional[Tensor],
+               scale: Optional[Tensor], shift: Optional[Tensor], weight: Optional[Tensor],
+               bias: Optional[Tensor], eps: float, scale_offset: float, rms: bool, eager: bool):
+    """(y, residual_out or None). eager: the CPU fast path spells the plain form (no residual) as
+    diffusers' modules do: norm in the input's dtype, then `* (scale_offset + scale) + shift`."""
+    _check_floating(name, input)
+    if input.dim() < 1:
+        raise ValueError(f"{name}: expected an input of at least 1 dimension, but got a 0-dim input")
+    d = input.shape[-1]
+    _check_normalized_shape(name, input, [d], (("weight", weight), ("bias", bias)))
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not t.is_floating_point():
+            raise RuntimeError(f"{name}: expected {what} of a floating-point dtype, but got {t.dtype}")
+    if residual is not None:
+        if residual.shape != input.shape:
+            raise RuntimeError(f"{name}: expected residual and branch of the same shape, but got "
+                               f"residual of shape {list(residual.shape)} and branch of shape "
+                               f"{list(input.shape)}")
+        if not residual.is_floating_point():
+            raise NotImplementedError(f"{name}: expected a floating-point residual (float16, "
+                                      f"bfloat16, float32 or float64), but got dtype {residual.dtype}")
+        if residual.device != input.device:
+            raise RuntimeError(f"{name}: expected residual on the branch's device {input.device}, "
+                               f"but got residual on {residual.device}")
+    mods = {w: t for w, t in (("scale", scale), ("shift", shift), ("gate", gate)) if t is not None}
+    rows = {w: _modulation_rows(name, w, t, input) for w, t in mods.items()}
+    scale_offset, eps = float(scale_offset), float(eps)
+    if eager and residual is None and cpu_fast_path(input):
+        y = torch.rms_norm(input, [d], weight, eps) if rms else \
+            torch.layer_norm(input, [d], weight, bias, eps)
+        y = y * (scale_offset + scale) if scale is not None else y * scale_offset
+        if shift is not None:
+            y = y + shift
+        return y.to(input.dtype), None
+    m = input.numel() // d if d > 0 else 0
+    seg = min([r for _, r in rows.values()], default=max(m, 1))
+    args = {}
+    for w, (t2, r) in rows.items():
+        if r != seg:  # a coarser operand against the finest one's segments
+            t2 = t2.unsqueeze(1).expand(t2.shape[0], r // seg, d).reshape(-1, d)
+        args[w] = t2
+    x2 = input.reshape(m, d)
+    r2 = None if residual is None else residual.reshape(m, d)
+    sc, sh, g = args.get("scale"), args.get("shift"), args.get("gate")
+    kernel = (input.numel() > 0 and 0 < d <= _MODULATED_MAX_ROW
+              and _op_dtypes(input, weight, bias, sc, sh, g)
+              and (residual is None or residual_pair_supported(input.dtype, residual.dtype))
+              and not cpu_fast_path(input) and _functorch_level() is None
+              and _forward_ad._current_level < 0)
+    if kernel:
+        y, r_out, _, _ = apply_modulated_norm(x2, sc, sh, weight, bias, r2, g, eps, scale_offset,
+                                              seg, rms)
+    else:  # the same formulas with ATen operations (also the CPU path of the gated residual)
+        sd = _stat_dtype(input.dtype)
+        if residual is not None:
+            sd = torch.promote_types(sd, _stat_dtype(residual.dtype))
+        r_out = residual_rows(x2, r2, g, seg) if residual is not None else None
+        rows_in = r_out if r_out is not None else x2
+        y, _, _ = modulated_rows(rows_in.to(sd), sc, sh, weight, bias, eps, scale_offset, seg, rms)
+        y = y.to(input.dtype)
+    y = y.reshape(input.shape)
+    return y, (None if residual is None else r_out.reshape(input.shape))
+
+
+def modulated_layer_norm(input: Tensor, scale: Optional[Tensor] = None,
+                         shift: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         bias: Optional[Tensor] = None, eps: float = 1e-6,
+                         scale_offset: float = 1.0) -> Tensor:
+    """The adaptive LayerNorm of diffusion transformers (DiT's adaLN, PixArt, SD3, Flux, Wan):
+
+        y = layer_norm(input, (D,), weight, bias, eps) * (scale_offset + scale) + shift
+
+    over the last dim D, with scale and shift (either may be None) broadcastable to input:
+    per sample ([B, D] unsqueezed to [B, 1, D]), per frame ([B, F, 1, D]), per token ([B, S, D]),
+    or any other broadcast. Statistics and the modulation are computed in float32 (float64 for
+    float64) and rounded once to input's dtype; scale, shift, weight and bias may be float32 with a
+    half input. Gradients reach every tensor argument (dscale and dshift are sums over the tokens
+    sharing a modulation row, in a fixed order).
+
+    On CPU (the fast path) it is computed as diffusers' modules spell it, with ATen operations in
+    the input's dtype: bitwise theirs. Otherwise one fused kernel per pass
+    (fastnorm::modulated_norm_fwd / _bwd) for D up to 4096; longer rows, torch.func transforms
+    and forward-mode AD use the ATen composition."""
+    y, _ = _modulated("modulated_layer_norm", input, None, None, scale, shift, weight, bias, eps,
+                      scale_offset, False, True)
+    return y
+
+
+def modulated_rms_norm(input: Tensor, scale: Optional[Tensor] = None,
+                       shift: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                       eps: float = 1e-6, scale_offset: float = 1.0) -> Tensor:
+    """modulated_layer_norm with RMSNorm: y = rms_norm(input, (D,), weight, eps) *
+    (scale_offset + scale) + shift (Lumina's, HunyuanDiT's and Liger's modulated RMSNorm)."""
+    y, _ = _modulated("modulated_rms_norm", input, None, None, scale, shift, weight, None, eps,
+                      scale_offset, True, True)
+    return y
+
+
+def gated_residual_modulated_norm(residual: Tensor, branch: Tensor, gate: Optional[Tensor] = None,
+                                  scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                                  weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                                  eps: float = 1e-6, scale_offset: float = 1.0,
+                                  kind: str = "layer"):
+    """AdaLN-Zero's gated residual step fused with the next modulated norm: returns
+    (out, residual_out) with
+
+        residual_out = residual + gate * branch      (gate None: residual + branch)
+        out = modulated_{kind}_norm(residual_out, scale, shift, weight, bias, eps, scale_offset)
+
+    residual_out is summed in float32 (float64 for float64) and stored once in residual's dtype
+    (a float32 residual stream with half branches works); out is in branch's dtype and is the
+    norm of the stored residual_out. gate, scale and shift broadcast against branch as in
+    modulated_layer_norm. kind: "layer" (LayerNorm) or "rms" (RMSNorm, no bias). Gradients reach
+    every tensor argument from both outputs."""
+    name = "gated_residual_modulated_norm"
+    if kind not in ("layer", "rms"):
+        raise ValueError(f"{name}: expected kind 'layer' or 'rms', but got {kind!r}")
+    if kind == "rms" and bias is not None:
+        raise ValueError(f"{name}: kind='rms' (RMSNorm) takes no bias, but got a bias")
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"{name}: expected residual to be a Tensor, but got {type(residual).__name__}")
+    _check_floating(name, branch)
+    return _modulated(name, branch, residual, gate, scale, shift, weight, bias, eps, scale_offset,
+                      kind == "rms", False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ One module per family, each holding its ops' schemas, references, fakes and batc
     layer_norm2d         layer_norm2d (channels-first LayerNorm)
     instance_stats       the per-(n, c) primitives nc_* (SwitchNorm, AdaIN, IBN)
     local_response_norm  local_response_norm
+    modulated            modulated_norm (AdaLN: LayerNorm or RMSNorm rows times (c + scale) plus shift,
+                         optionally of a gated residual sum)
     common               what they share: the library object, statistics dtype, memory format,
                          reference, fused-activation and batching helpers
 SyncBatchNorm's ops (reference kernels only) are defined with its module,
@@ -25,9 +27,10 @@ from __future__ import annotations
 
 # Importing a family defines its ops; SCHEMAS and OP_NAMES list them in this order.
 from . import row_norms, group_norm, batch_norm, layer_norm2d  # noqa: I001
-from . import instance_stats, local_response_norm  # noqa: I001
+from . import instance_stats, local_response_norm, modulated  # noqa: I001
 
-_FAMILIES = (row_norms, group_norm, batch_norm, layer_norm2d, instance_stats, local_response_norm)
+_FAMILIES = (row_norms, group_norm, batch_norm, layer_norm2d, instance_stats, local_response_norm,
+             modulated)
 # name -> schema of every op the compiled extension implements (tools/cuda_emu defines them too)
 SCHEMAS = {name: schema for family in _FAMILIES for name, schema in family.SCHEMAS.items()}
 OP_NAMES = tuple(f"fastnorm::{n}" for n in SCHEMAS)
