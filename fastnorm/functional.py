@@ -935,9 +935,20 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape: Union[int,
 # ----------------------------------------------------------------------------------------------
 # Modulated norms of diffusion transformers (AdaLN, AdaLN-Zero)
 # ----------------------------------------------------------------------------------------------
-# The longest row the fused kernels take in both passes (csrc/launch/groups.h kModulatedMaxRow);
-# longer rows are LayerNorm / RMSNorm kernels followed by the modulation in ATen operations.
-_MODULATED_MAX_ROW = 4096
+# The longest rows the fused kernels take in both passes (csrc/launch/groups.h kModulatedMaxRow,
+# kModulatedMaxPackedRow: rows of 16-byte packs of half, bfloat16 or float32); longer rows take the
+# ATen composition.
+_MODULATED_MAX_ROW, _MODULATED_MAX_PACKED_ROW = 2048, 4096
+# Segments of fewer rows than this run per token (the operand expanded to every row): the
+# segmented backward gives each segment blocks of its own, idle for most of their rows.
+_MODULATED_MIN_SEGMENT = 8
+
+
+def _modulated_row_fits(input: Tensor, d: int) -> bool:
+    if d <= _MODULATED_MAX_ROW:
+        return True
+    return (d <= _MODULATED_MAX_PACKED_ROW and input.dtype != torch.float64
+            and d % (16 // input.element_size()) == 0)
 
 
 def _modulation_rows(name: str, what: str, t: Tensor, input: Tensor):
@@ -1006,6 +1017,8 @@ def _modulated(name: str, input: Tensor, residual: Optional[Tensor], gate: Optio
         return y.to(input.dtype), None
     m = input.numel() // d if d > 0 else 0
     seg = min([r for _, r in rows.values()], default=max(m, 1))
+    if seg < _MODULATED_MIN_SEGMENT:
+        seg = 1
     args = {}
     for w, (t2, r) in rows.items():
         if r != seg:  # a coarser operand against the finest one's segments
@@ -1014,7 +1027,7 @@ def _modulated(name: str, input: Tensor, residual: Optional[Tensor], gate: Optio
     x2 = input.reshape(m, d)
     r2 = None if residual is None else residual.reshape(m, d)
     sc, sh, g = args.get("scale"), args.get("shift"), args.get("gate")
-    kernel = (input.numel() > 0 and 0 < d <= _MODULATED_MAX_ROW
+    kernel = (input.numel() > 0 and _modulated_row_fits(input, d)
               and _op_dtypes(input, weight, bias, sc, sh, g)
               and (residual is None or residual_pair_supported(input.dtype, residual.dtype))
               and not cpu_fast_path(input) and _functorch_level() is None
@@ -1051,8 +1064,9 @@ def modulated_layer_norm(input: Tensor, scale: Optional[Tensor] = None,
 
     On CPU (the fast path) it is computed as diffusers' modules spell it, with ATen operations in
     the input's dtype: bitwise theirs. Otherwise one fused kernel per pass
-    (fastnorm::modulated_norm_fwd / _bwd) for D up to 4096; longer rows, torch.func transforms
-    and forward-mode AD use the ATen composition."""
+    (fastnorm::modulated_norm_fwd / _bwd) for D up to 2048, and up to 4096 for half, bfloat16 and
+    float32 rows of a multiple of 16 bytes; longer rows, torch.func transforms and forward-mode AD
+    use the ATen composition."""
     y, _ = _modulated("modulated_layer_norm", input, None, None, scale, shift, weight, bias, eps,
                       scale_offset, False, True)
     return y

@@ -71,8 +71,30 @@ struct GatedRowBwd : RowBwd<T> {
   int64_t ld = 0;
   bool gate_silu = true;
 };
-template <typename T, bool ACT, int GATE>
-using row_bwd_params_t = std::conditional_t<GATE != kGateNone, GatedRowBwd<T>, row_bwd_t<T, ACT>>;
+// The modulated rows' backward (MOD; forward in groups_forward.cuh, ModRowFwd), with
+// m = scale_offset + scale[q] and z the norm's output before the modulation:
+//   dz = dy * m; dx by the LayerNorm / RMSNorm formula of dz; with a residual, x is residual_out,
+//   d_r = dx (+ grad_residual_out) is stored as grad_residual (X) and d_r * gate[q] as grad_input.
+// A block handles chunk_rows consecutive rows of one segment of part_rows rows (chunks blocks per
+// segment; block b writes partial row b): the grid and the partials' order depend on the segment's
+// length, the row's length and dtype only, so a sample's sums are the same bits in any batch.
+//   mod_rows == 1 (per token; part_rows = M): dscale = dy * z is stored at load, dy becomes dz, and
+//     the partials are those of dweight, dbias (sum dz * xhat, sum dz);
+//   mod_rows > 1 (part_rows = mod_rows): dy is kept and the weight of dx is w * m, so the partials
+//     are A = sum(dy * xhat), B = sum(dy) per segment, from which the host forms dshift = B,
+//     dscale = w * A + b * B, dweight = sum_q m_q * A_q, dbias = sum_q m_q * B_q (m_q is constant
+//     over a segment).
+template <typename T>
+struct ModRowBwd : RowBwd<T> {
+  Operand<T> scale, b, gate;  // [Q, L] modulation rows; b: the norm's bias (dscale per token)
+  Operand<T> dscale;          // per token: [M, L] in scale's dtype, absent when not wanted
+  acc_of<T> scale_offset = 1;
+  int64_t mod_rows = 1, part_rows = 0, chunk_rows = 0, chunks = 1;
+};
+template <typename T, bool ACT, int GATE, bool MOD = false>
+using row_bwd_params_t =
+    std::conditional_t<MOD, ModRowBwd<T>,
+                       std::conditional_t<GATE != kGateNone, GatedRowBwd<T>, row_bwd_t<T, ACT>>>;
 
 // dy -> dz = dy * act'(z) for the VEC elements of a pack, z = affine_z (the forward's z, so the
 // activation's kinks fall where the forward put them).
@@ -135,6 +157,31 @@ __device__ __forceinline__ void gated_dx(const GatedRowBwd<T>& p, int64_t i, acc
   if (p.dgate != nullptr) store_as<T, VEC>(p.dgate + i, dg);
 }
 
+// MOD: d_r = dx (+ grad_residual_out) -> grad_residual (X), and d_r * gate[q] -> grad_input (qi:
+// the gate's element).
+template <typename T, int VEC, typename X>
+__device__ __forceinline__ void store_mod_dx(const ModRowBwd<T>& p, int64_t i, int64_t qi,
+                                             acc_of<T> (&o)[VEC]) {
+  if (!p.gate.present()) {
+    store_dx<T, VEC, X>(p, i, o);
+    return;
+  }
+  if (p.dres_in != nullptr) {
+    X g[VEC];
+    load_raw<X, VEC>(static_cast<const X*>(p.dres_in) + i, g);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o[k] += static_cast<acc_of<T>>(g[k]);
+  }
+  if (p.dres != nullptr) store_as<X, VEC>(static_cast<X*>(p.dres) + i, o);
+  if (p.dx != nullptr) {
+    acc_of<T> g[VEC];
+    p.gate.load(qi, g);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o[k] *= g[k];
+    store_as<T, VEC>(p.dx + i, o);
+  }
+}
+
 // LayerNorm backward with rows in registers (L <= tpr * kBwdElems, L % VEC == 0).
 //   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w
 // Column partials of dweight / dbias over the rows this block handled -> ws row blockIdx.x.
@@ -148,15 +195,19 @@ __device__ __forceinline__ void ln_weight(const RowBwd<T>& p, int64_t j0, acc_of
   }
 }
 
-// VEC elements of an optional per-column parameter at j0 (absent: `absent`).
-template <typename T, int VEC>
-__device__ __forceinline__ void param_or(const Operand<T>& o, int64_t j0, acc_of<T> absent,
-                                         acc_of<T> (&v)[VEC]) {
-  if (o.present()) {
-    o.load(j0, v);
-  } else {
+// The weight of dx's g = dz * w at j0: w; MOD per segment (dy kept), w * (scale_offset + scale[q])
+// (qoff: the modulation row).
+template <typename T, int VEC, bool MOD, typename P>
+__device__ __forceinline__ void dx_weight(const P& p, int64_t j0, int64_t qoff,
+                                          acc_of<T> (&wv)[VEC]) {
+  ln_weight<T, VEC>(p, j0, wv);
+  if constexpr (MOD) {
+    if (p.mod_rows > 1) {
+      acc_of<T> sv[VEC];
+      param_or<T, VEC>(p.scale, qoff + j0, acc_of<T>(0), sv);
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) v[k] = absent;
+      for (int k = 0; k < VEC; ++k) wv[k] *= p.scale_offset + sv[k];
+    }
   }
 }
 
@@ -175,6 +226,10 @@ inline constexpr int kBwdCachedMaxThreads =
 template <typename T, int VEC>
 inline constexpr int kBwdCachedActMaxThreads =
     (sizeof(acc_of<T>) == 8 && VEC > 1) || (VEC == 1 && sizeof(T) == 2) ? 256 : 512;
+// The modulated rows (MOD) add the scale's loads at every use of the weight and, per token, the
+// dscale store at load: 512 threads (sm_90 ptxas -v: no spills), 256 for fp64 and single elements.
+template <typename T, int VEC>
+inline constexpr int kBwdCachedModMaxThreads = sizeof(acc_of<T>) == 8 || VEC == 1 ? 256 : 512;
 // The gated rows (GATE, kernels/groups_forward.cuh) add the gate's loads and its derivative: at
 // 64 registers (1024 threads) every 16-byte-pack variant spilled (8-44 bytes), at 128 (512) the
 // gate-first single elements (40-92 bytes), every fp64 gate-first one (76-140) and the fp64 packs
@@ -185,10 +240,12 @@ template <typename T, int VEC, int GATE>
 inline constexpr int kBwdCachedGatedMaxThreads =
     (sizeof(acc_of<T>) == 8 && (VEC > 1 || GATE == kGateFirst)) || (GATE == kGateFirst && VEC == 1)
         ? 256 : 512;
-template <typename T, int VEC, typename X, bool ACT, int GATE = kGateNone>
+template <typename T, int VEC, typename X, bool ACT, int GATE = kGateNone, bool MOD = false>
 inline constexpr int kBwdCachedBound =
-    GATE != kGateNone ? kBwdCachedGatedMaxThreads<T, VEC, GATE>
-                      : (ACT ? kBwdCachedActMaxThreads<T, VEC> : kBwdCachedMaxThreads<T, VEC, X>);
+    MOD ? kBwdCachedModMaxThreads<T, VEC>
+        : GATE != kGateNone
+            ? kBwdCachedGatedMaxThreads<T, VEC, GATE>
+            : (ACT ? kBwdCachedActMaxThreads<T, VEC> : kBwdCachedMaxThreads<T, VEC, X>);
 
 // Dynamic shared memory of ln_bwd_cached_kernel for the column partials of a block: the tree over
 // its units (rows in flight that own the same columns: warps when tpr <= 32, groups of tpr threads
@@ -201,14 +258,15 @@ inline size_t ln_bwd_cached_smem(int threads, int tpr, int arrays) {
 
 // blockDim = rows per block x tpr (tpr <= 32: 256 threads); a block loops over row groups and
 // keeps its own column partials of dweight / dbias, combined once at the end (see below).
-template <typename T, int VEC, typename X, bool ACT, int GATE = kGateNone>
-__global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE>)
-    ln_bwd_cached_kernel(row_bwd_params_t<T, ACT, GATE> p, int tpr) {
+template <typename T, int VEC, typename X, bool ACT, int GATE = kGateNone, bool MOD = false>
+__global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE, MOD>)
+    ln_bwd_cached_kernel(row_bwd_params_t<T, ACT, GATE, MOD> p, int tpr) {
   using A = acc_of<T>;
   constexpr int R = kBwdPacks<VEC>;
   static_assert(!ACT || std::is_same_v<X, T>, "activation epilogues: LayerNorm, not add_norm");
   static_assert(GATE != kGateFirst || std::is_same_v<X, A>, "gate first: the row held as h (acc)");
   static_assert(GATE == kGateNone || !ACT, "gates: RMSNorm rows");
+  static_assert(!MOD || (GATE == kGateNone && !ACT), "modulation: LayerNorm / RMSNorm rows");
   __shared__ A red[64];
   extern __shared__ __align__(16) unsigned char col_smem[];  // ln_bwd_cached_smem bytes
 
@@ -226,10 +284,23 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE>)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dwp[r][k] = dbp[r][k] = A(0);
 
-  for (int64_t rb = blockIdx.x; rb * rpb < p.M; rb += gridDim.x) {  // uniform over the block
-    const int64_t row = rb * rpb + grp;
-    const bool valid = row < p.M;
+  // rows [row0, row_end): all, in a grid-stride loop; MOD: block b's chunk of its segment
+  int64_t row0 = 0, row_end = p.M, rb0 = blockIdx.x, rb_step = gridDim.x;
+  if constexpr (MOD) {
+    const int64_t seg = blockIdx.x / p.chunks, ck = blockIdx.x - seg * p.chunks;
+    row0 = seg * p.part_rows + ck * p.chunk_rows;
+    const int64_t chunk_end = row0 + p.chunk_rows, seg_end = (seg + 1) * p.part_rows;
+    row_end = chunk_end < seg_end ? chunk_end : seg_end;
+    if (p.M < row_end) row_end = p.M;
+    rb0 = 0;
+    rb_step = 1;
+  }
+  for (int64_t rb = rb0; row0 + rb * rpb < row_end; rb += rb_step) {  // uniform over the block
+    const int64_t row = row0 + rb * rpb + grp;
+    const bool valid = row < row_end;
     const int64_t off = (valid ? row : 0) * row_pitch<GATE>(p);
+    int64_t qoff = 0;  // MOD: the modulation row's first element
+    if constexpr (MOD) qoff = (valid ? row / p.mod_rows : 0) * p.L;
     X xv[R][VEC];
     A gv[R][VEC];  // dy; the weight is re-read from L1 rather than held (register budget)
 #pragma unroll
@@ -266,6 +337,26 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE>)
         }
       }
     }
+    if constexpr (MOD) {
+      if (p.mod_rows == 1) {  // per token: dscale = dy * z stored; dy -> dz = dy * m
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int pk = r * tpr + t;
+          if (valid && pk < packs) {
+            A wv[VEC], bv[VEC], sv[VEC], ds[VEC];
+            ln_weight<T, VEC>(p, pk * VEC, wv);
+            param_or<T, VEC>(p.b, pk * VEC, A(0), bv);
+            param_or<T, VEC>(p.scale, qoff + pk * VEC, A(0), sv);
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) {
+              ds[k] = gv[r][k] * affine_z(static_cast<A>(xv[r][k]), mean, rstd * wv[k], bv[k]);
+              gv[r][k] *= p.scale_offset + sv[k];
+            }
+            if (p.dscale.present()) p.dscale.store(qoff + pk * VEC, ds);
+          }
+        }
+      }
+    }
     if constexpr (ACT) {  // dy -> dz in place: both passes below read dz
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -286,7 +377,7 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE>)
       const int pk = r * tpr + t;
       if (valid && pk < packs) {
         A wv[VEC];
-        ln_weight<T, VEC>(p, pk * VEC, wv);
+        dx_weight<T, VEC, MOD>(p, pk * VEC, qoff, wv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const A xh = (static_cast<A>(xv[r][k]) - mean) * rstd;
@@ -308,7 +399,7 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE>)
       const int pk = r * tpr + t;
       if (valid && pk < packs) {
         A o[VEC], wv[VEC];
-        ln_weight<T, VEC>(p, pk * VEC, wv);
+        dx_weight<T, VEC, MOD>(p, pk * VEC, qoff, wv);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const A xh = (static_cast<A>(xv[r][k]) - mean) * rstd;
@@ -318,6 +409,8 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE>)
         }
         if constexpr (GATE == kGateFirst) {
           gated_dx<T, VEC>(p, off + pk * VEC, o);
+        } else if constexpr (MOD) {
+          store_mod_dx<T, VEC, X>(p, off + pk * VEC, qoff + pk * VEC, o);
         } else {
           store_dx<T, VEC, X>(p, off + pk * VEC, o);
         }
@@ -656,13 +749,15 @@ __global__ void __launch_bounds__(kBwdSplitBound<T, ACT>)
   }
 }
 
-// out_i[j] = sum_{k < K} in_i[k * ncols + j] in a fixed order, for i = blockIdx.y (0: out1,
-// 1: out2; a null output skips). blockDim 1024 = (1024 / ky) columns x ky row lanes (ky a power of
-// two <= 32: few rows -> wide column tiles); out dtype T or float32.
+// out_i[s, j] = sum_{k < K} in_i[(s * K + k) * ncols + j] in a fixed order, for each of `segments`
+// segments s and i = blockIdx.y (0: out1, 1: out2; a null output skips). blockDim 1024 =
+// (1024 / ky) columns x ky row lanes (ky a power of two <= 32: few rows -> wide column tiles); out
+// dtype T or float32.
 template <typename T>
 __global__ void __launch_bounds__(1024)
     col_sum_finalize_kernel(const acc_of<T>* __restrict__ in1, const acc_of<T>* __restrict__ in2,
-                            int64_t K, int64_t ncols, int ky, Operand<T> out1, Operand<T> out2) {
+                            int64_t K, int64_t ncols, int ky, Operand<T> out1, Operand<T> out2,
+                            int64_t segments) {
   using A = acc_of<T>;
   __shared__ A sh[1024];
   const A* in = blockIdx.y == 0 ? in1 : in2;
@@ -670,11 +765,14 @@ __global__ void __launch_bounds__(1024)
   if (in == nullptr || !out.present()) return;  // uniform over the block
   const int cx = blockDim.x / ky;
   const int tx = threadIdx.x % cx, ty = threadIdx.x / cx;
-  for (int64_t cb = blockIdx.x; cb * cx < ncols; cb += gridDim.x) {  // uniform over the block
+  const int64_t col_blocks = (ncols + cx - 1) / cx;
+  for (int64_t sb = blockIdx.x; sb < segments * col_blocks; sb += gridDim.x) {  // uniform
+    const int64_t seg = sb / col_blocks, cb = sb - seg * col_blocks;
     const int64_t col = cb * cx + tx;
+    const A* sin = in + seg * K * ncols;
     A acc = A(0);
     if (col < ncols)
-      for (int64_t k = ty; k < K; k += ky) acc += in[k * ncols + col];
+      for (int64_t k = ty; k < K; k += ky) acc += sin[k * ncols + col];
     __syncthreads();  // sh may still be read by the previous column block
     sh[threadIdx.x] = acc;
     __syncthreads();
@@ -682,7 +780,7 @@ __global__ void __launch_bounds__(1024)
       if (ty < st) sh[ty * cx + tx] += sh[(ty + st) * cx + tx];
       __syncthreads();
     }
-    if (ty == 0 && col < ncols) out.set(col, sh[tx]);
+    if (ty == 0 && col < ncols) out.set(seg * ncols + col, sh[tx]);
   }
 }
 

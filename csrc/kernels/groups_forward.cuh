@@ -112,6 +112,19 @@ struct GatedRowFwd : RowFwd<T> {
   bool round_n = false;    // kGateAfter: n rounded to T before the gate
 };
 
+// Modulated rows (modulated_norm_fwd, the AdaLN of diffusion transformers), the MOD template flag
+// of the cached LayerNorm / RMSNorm kernels:
+//   y = z * (scale_offset + scale[q]) + shift[q],   q = row / mod_rows,
+// z the row's LayerNorm or RMSNorm with weight and bias; scale and shift are [Q, L] rows (absent:
+// 0) read at the store. With a residual (X non-void), AdaLN-Zero's gated residual:
+// the row is r = round_X(residual + gate[q] * x) (gate absent: 1), stored as residual_out.
+template <typename T>
+struct ModRowFwd : RowFwd<T> {
+  Operand<T> scale, shift, gate;  // [Q, L], T or float32; absent: none
+  acc_of<T> scale_offset = 1;
+  int64_t mod_rows = 1;           // rows per modulation row
+};
+
 // Row pitch: L, or a gated launch's ld.
 template <int GATE, typename P>
 __device__ __forceinline__ int64_t row_pitch(const P& p) {
@@ -129,9 +142,11 @@ struct ActOf : P {
 };
 template <typename P, bool ACT>
 using act_params_t = std::conditional_t<ACT, ActOf<P>, P>;
-template <typename T, bool ACT, int GATE>
+template <typename T, bool ACT, int GATE, bool MOD = false>
 using row_fwd_params_t =
-    std::conditional_t<GATE != kGateNone, GatedRowFwd<T>, act_params_t<RowFwd<T>, ACT>>;
+    std::conditional_t<MOD, ModRowFwd<T>,
+                       std::conditional_t<GATE != kGateNone, GatedRowFwd<T>,
+                                          act_params_t<RowFwd<T>, ACT>>>;
 
 // The ACT epilogue on a pack of z before its store: act(z) when ACT, z untouched otherwise (the
 // plain kernels compile to exactly what they were).
@@ -217,6 +232,36 @@ __device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i,
   }
 }
 
+// VEC elements of an optional operand at j0 (a per-column parameter, a modulation row) (absent: `absent`).
+template <typename T, int VEC>
+__device__ __forceinline__ void param_or(const Operand<T>& o, int64_t j0, acc_of<T> absent,
+                                         acc_of<T> (&v)[VEC]) {
+  if (o.present()) {
+    o.load(j0, v);
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) v[k] = absent;
+  }
+}
+
+// MOD with a residual: r = round_X(residual + gate[q] * x) at i (qi: the gate's element), formed in
+// the accumulation type and stored to residual_out on the way.
+template <typename T, int VEC, typename X>
+__device__ __forceinline__ void load_gated_residual(const ModRowFwd<T>& p, int64_t i, int64_t qi,
+                                                    X (&v)[VEC]) {
+  using A = acc_of<T>;
+  T xt[VEC];
+  X r[VEC];
+  load_raw<T, VEC>(p.x + i, xt);
+  load_raw<X, VEC>(static_cast<const X*>(p.res.ptr) + i, r);
+  A g[VEC];
+  param_or<T, VEC>(p.gate, qi, A(1), g);
+#pragma unroll
+  for (int k = 0; k < VEC; ++k)
+    v[k] = static_cast<X>(static_cast<A>(r[k]) + g[k] * static_cast<A>(xt[k]));
+  store_raw<X, VEC>(static_cast<X*>(p.res_out.ptr) + i, v);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward, rows in registers. tpr threads per row (a power of two): tpr <= 32 -> blockDim/tpr rows
 // per block, combined with butterflies of width tpr; tpr > 32 -> blockDim == tpr, one row per block.
@@ -226,13 +271,15 @@ __device__ __forceinline__ void load_row_source(const RowFwd<T>& p, int64_t i,
 // 512-thread block allows without spills (48-128, ptxas -v, sm_90). The same for
 // row_welford_partial (256, 1): 55-80 registers, no spills.
 // ------------------------------------------------------------------------------------------------
-template <typename T, int VEC, bool GN, bool RMS, typename X, bool ACT, int GATE = kGateNone>
+template <typename T, int VEC, bool GN, bool RMS, typename X, bool ACT, int GATE = kGateNone,
+          bool MOD = false>
 __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1)
-    row_fwd_cached_kernel(row_fwd_params_t<T, ACT, GATE> p, int tpr) {
+    row_fwd_cached_kernel(row_fwd_params_t<T, ACT, GATE, MOD> p, int tpr) {
   using A = acc_of<T>;
   using S = fwd_held_t<T, X, GATE>;
   static_assert(!ACT || (!RMS && std::is_void_v<X>), "activation epilogues: LayerNorm / GroupNorm");
   static_assert(GATE == kGateNone || (RMS && !GN && !ACT && std::is_void_v<X>), "gates: RMSNorm rows");
+  static_assert(!MOD || (!GN && !ACT && GATE == kGateNone), "modulation: LayerNorm / RMSNorm rows");
   constexpr int R = kFwdPacks<T, VEC, S>;
   // raw storage (a __shared__ variable cannot have a constructor); Welford<A> is three A's
   static_assert(sizeof(Welford<A>) == 3 * sizeof(A), "Welford layout");
@@ -247,12 +294,16 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1)
     const int64_t row = rb * rpb + grp;
     const bool valid = row < p.M;
     const int64_t off = (valid ? row : 0) * row_pitch<GATE>(p);
+    int64_t qoff = 0;  // MOD: the modulation row's first element
+    if constexpr (MOD) qoff = (valid ? row / p.mod_rows : 0) * p.L;
     S v[R][VEC];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int pk = r * tpr + t;
       if (valid && pk < packs) {
-        if constexpr (GATE == kGateFirst) {  // h = x * gate(g), in the accumulation type
+        if constexpr (MOD && !std::is_void_v<X>) {
+          load_gated_residual<T, VEC, X>(p, off + pk * VEC, qoff + pk * VEC, v[r]);
+        } else if constexpr (GATE == kGateFirst) {  // h = x * gate(g), in the accumulation type
           T xt[VEC], gt[VEC];
           load_raw<T, VEC>(p.x + off + pk * VEC, xt);
           load_raw<T, VEC>(p.gate + off + pk * VEC, gt);
@@ -343,6 +394,13 @@ __global__ void __launch_bounds__(kFwdCachedMaxThreads, 1)
             const A n = p.round_n ? static_cast<A>(static_cast<T>(o[k])) : o[k];
             o[k] = n * gate_value(p.gate_silu, static_cast<A>(gt[k]));
           }
+        }
+        if constexpr (MOD) {  // y = z * (scale_offset + scale) + shift
+          A sv[VEC], tv[VEC];
+          param_or<T, VEC>(p.scale, qoff + j0, A(0), sv);
+          param_or<T, VEC>(p.shift, qoff + j0, A(0), tv);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) o[k] = o[k] * (p.scale_offset + sv[k]) + tv[k];
         }
         p.y.store(off + j0, o);
       }

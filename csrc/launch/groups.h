@@ -150,14 +150,15 @@ void row_forward(const RowFwd<T>& p, const at::Tensor& like, Activation act = {}
 }
 
 // ---- column sums of partials -> dweight / dbias ---------------------------------------------------
+// segments > 1: [segments, K, ncols] partials -> [segments, ncols] sums.
 template <typename T>
 void launch_col_sums(const acc_of<T>* ws1, const acc_of<T>* ws2, int64_t K, int64_t ncols,
-                     Operand<T> out1, Operand<T> out2) {
+                     Operand<T> out1, Operand<T> out2, int64_t segments = 1) {
   if ((ws1 == nullptr || !out1.present()) && (ws2 == nullptr || !out2.present())) return;
   const int ky = std::min(32, pow2_ceil(K));
-  const dim3 grid(grid_of(ceil_div(ncols, 1024 / ky)), 2);
+  const dim3 grid(grid_of(segments * ceil_div(ncols, 1024 / ky)), 2);
   launch(col_sum_finalize_kernel<T>, grid, 1024, 0, current_stream(),
-      ws1, ws2, K, ncols, ky, out1, out2);
+      ws1, ws2, K, ncols, ky, out1, out2, segments);
 }
 
 // ---- LayerNorm backward ----------------------------------------------------------------------------
@@ -404,6 +405,98 @@ void gated_backward(const GatedRowBwd<T>& p, int64_t G, Operand<T> dw_out, const
                    aligned16(p.w.ptr);
   if (vec) gated_backward_vec<T, V, GATE>(p, G, dw_out, like);
   else gated_backward_vec<T, 1, GATE>(p, G, dw_out, like);
+}
+
+
+// ---- modulated rows (modulated_norm_fwd / _bwd) ----------------------------------------------------
+// LayerNorm / RMSNorm rows of [M, L] with the modulation of [Q, L] rows, Q = M / mod_rows, and with
+// a residual (X non-void) AdaLN-Zero's gated residual sum (kernels/groups_forward.cuh ModRowFwd,
+// groups_backward.cuh ModRowBwd). Rows up to kModulatedMaxRow elements, held in registers by both
+// passes in every dtype and pack width (the backward's smallest block, 256 threads x kBwdElems);
+// fastnorm.functional computes longer rows with the LayerNorm / RMSNorm kernels and ATen.
+inline constexpr int64_t kModulatedMaxRow = 2048;
+// half / bf16 / fp32 rows in 16-byte packs: 512-thread blocks, rows of 4096
+inline constexpr int64_t kModulatedMaxPackedRow = 4096;
+
+template <typename T>
+inline int64_t modulated_max_row(int vec) {
+  return vec > 1 && sizeof(acc_of<T>) == 4 ? kModulatedMaxPackedRow : kModulatedMaxRow;
+}
+
+template <typename T, int VEC, bool RMS, typename X>
+void modulated_forward_vec(const ModRowFwd<T>& p) {
+  using S = held_t<T, X>;
+  ModRowFwd<T> q = p;
+  if constexpr (RMS) q.inv_len = acc_of<T>(1) / static_cast<acc_of<T>>(p.L);
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(S)), kFwdPacks<T, VEC, S>,
+                                   kFwdCachedMaxThreads, 128);
+  TORCH_CHECK(c.ok && p.L <= modulated_max_row<T>(VEC), "modulated_norm_fwd: rows of ", p.L,
+              " elements are longer than the kernels hold");
+  launch(row_fwd_cached_kernel<T, VEC, false, RMS, X, false, kGateNone, true>,
+         grid_of(c.row_blocks), c.threads, 0, current_stream(), q, c.tpr);
+}
+
+template <typename T, bool RMS, typename X>
+void modulated_forward(const ModRowFwd<T>& p) {
+  constexpr int V = kVec16<T>;
+  const bool vec = p.L % V == 0 && aligned16(p.x) && aligned16(p.y.ptr) && aligned16(p.w.ptr) &&
+                   aligned16(p.b.ptr) && aligned16(p.res.ptr) && aligned16(p.res_out.ptr) &&
+                   aligned16(p.scale.ptr) && aligned16(p.shift.ptr) && aligned16(p.gate.ptr);
+  if (vec) modulated_forward_vec<T, V, RMS, X>(p);
+  else modulated_forward_vec<T, 1, RMS, X>(p);
+}
+
+// Rows per block of the modulated backward and the chunk a block takes: functions of the row's
+// length and dtype only (the partials of a segment, hence dscale / dshift of a sample, do not
+// depend on the batch or the GPU). A chunk is about kModChunkBytes of the rows (64 rows of 2 KB,
+// 16 of Flux's 6 KB bf16 rows): partials of 8 bytes per column per chunk, ~4-8% of the bytes of x,
+// dy and dx, and a grid of hundreds of blocks for one 4096-token sample.
+inline constexpr int64_t kModChunkBytes = 128 * 1024;
+
+template <typename T, int VEC, typename X>
+void modulated_backward_vec(ModRowBwd<T> p, Operand<T> dw_out, Operand<T> db_out,
+                            const at::Tensor& like) {
+  using A = acc_of<T>;
+  constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, false, kGateNone, true>;
+  const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256);
+  TORCH_CHECK(c.ok && p.L <= modulated_max_row<T>(VEC), "modulated_norm_bwd: rows of ", p.L,
+              " elements are longer than the kernels hold");
+  const int threads = c.tpr <= 32 ? c.threads : std::max(c.tpr, kMaxThreads);
+  const int rpb = threads / c.tpr;
+  const int64_t rows_bytes = int64_t(rpb) * p.L * int64_t(sizeof(X));
+  int64_t iters = 1;
+  while (iters < 64 && 2 * iters * rows_bytes <= kModChunkBytes) iters *= 2;
+  p.chunk_rows = rpb * iters;
+  p.part_rows = p.mod_rows > 1 ? p.mod_rows : p.M;
+  p.chunks = ceil_div(p.part_rows, p.chunk_rows);
+  const int64_t segments = p.M / p.part_rows;
+  const int64_t grid = segments * p.chunks;
+  TORCH_CHECK(grid <= kMaxGrid, "modulated_norm_bwd: ", grid, " blocks exceed the grid limit");
+  at::Tensor ws_dw, ws_db;
+  const at::TensorOptions ao = acc_options(like);
+  const bool want_dw = dw_out.present(), want_db = db_out.present();
+  if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
+  if (want_db) ws_db = at::empty({grid, p.L}, ao);
+  p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
+  p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
+  const size_t smem = ln_bwd_cached_smem<A>(threads, c.tpr, int(want_dw) + int(want_db));
+  launch(ln_bwd_cached_kernel<T, VEC, X, false, kGateNone, true>, static_cast<unsigned>(grid),
+         threads, smem, current_stream(), p, c.tpr);
+  launch_col_sums<T>(p.ws_dw, p.ws_db, p.chunks, p.L, dw_out, db_out, segments);
+}
+
+// dw_out / db_out: the column sums wanted, per segment ([M / part_rows, L]): per token (mod_rows
+// == 1) dweight and dbias; per segment A = sum(dy * xhat) and B = sum(dy) (ModRowBwd).
+template <typename T, typename X>
+void modulated_backward(const ModRowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out,
+                        const at::Tensor& like) {
+  constexpr int V = kVec16<T>;
+  const bool vec = p.L % V == 0 && aligned16(row_src<X>(p.x, p.x32)) && is_aligned(p.dy.ptr, 16) &&
+                   aligned16(p.dx) && aligned16(p.w.ptr) && aligned16(p.b.ptr) &&
+                   aligned16(p.dres_in) && aligned16(p.dres) && aligned16(p.scale.ptr) &&
+                   aligned16(p.gate.ptr) && aligned16(p.dscale.ptr);
+  if (vec) modulated_backward_vec<T, V, X>(p, dw_out, db_out, like);
+  else modulated_backward_vec<T, 1, X>(p, dw_out, db_out, like);
 }
 
 }  // namespace groups
