@@ -9,7 +9,8 @@ the original class stay true.
 What is swapped: the torch.nn classes fastnorm.modules mirrors (TORCH_TO_FASTNORM), SyncBatchNorm,
 the timm / torchvision classes of fastnorm.third_party when those packages are imported, and the
 norm classes of Hugging Face transformers and diffusers that fastnorm.huggingface recognises by
-probing when either package is imported.
+probing when either package is imported, and diffusers' modulated norm layers
+(fastnorm.diffusers_modulated).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
-from . import huggingface, third_party
+from . import diffusers_modulated, huggingface, third_party
 from .modules import TORCH_TO_FASTNORM
 from .sync_batchnorm import SyncBatchNorm
 
@@ -32,7 +33,8 @@ def _tables() -> Tuple[Dict[type, type], Dict[type, type]]:
     their classes only once they are imported)."""
     to_fastnorm = {**_TORCH_TABLE, **third_party.adapters()}
     # the Hugging Face adapters are made per (class, recipe): several may map to one class
-    return to_fastnorm, {**{v: k for k, v in to_fastnorm.items()}, **huggingface.originals()}
+    return to_fastnorm, {**{v: k for k, v in to_fastnorm.items()}, **huggingface.originals(),
+                         **diffusers_modulated.originals()}
 
 
 def _swap(model: nn.Module, table, probe: bool = False) -> nn.Module:
@@ -41,7 +43,7 @@ def _swap(model: nn.Module, table, probe: bool = False) -> nn.Module:
         new_cls = table.get(type(module))
         if new_cls is None and probe:
             # a transformers / diffusers class: its adapter when probing recognises it
-            new_cls = huggingface.adapter_for(module)
+            new_cls = diffusers_modulated.adapter_for(module) or huggingface.adapter_for(module)
         if new_cls is not None:
             module.__class__ = new_cls
     return model
@@ -68,7 +70,10 @@ def convert(model: nn.Module) -> nn.Module:
       by running their forward on probe copies and comparing with known conventions bit for bit
       (Llama / Gemma / T5-style RMSNorms, gated RMSNorms, OLMo / Cohere / FP32 LayerNorms,
       channels-first LayerNorms, ...), each on an adapter made for its class and convention
-      (docs/huggingface.md).
+      (docs/huggingface.md); diffusers' modulated norm layers (AdaLayerNorm, AdaLayerNormZero,
+      AdaLayerNormContinuous, SanaModulatedNorm, MochiRMSNormZero, ...), their norm and
+      modulation computed by one fastnorm.functional.modulated_layer_norm / modulated_rms_norm
+      call once their adapter is verified on probes (fastnorm.diffusers_modulated).
 
     Each keeps its original semantics, class (isinstance), parameters, buffers, training flag and
     hooks (fastnorm.third_party says how the timm and torchvision ones do).

@@ -2,18 +2,21 @@
 tiny random models (each architecture's own config class with tiny sizes, built on the CPU, no
 downloads), their norm modules, and how many of them convert() swaps.
 
-    python tools/hf_coverage.py [--only NAME ...] [--json FILE] [--no-diffusers] [--classes]
+    python tools/hf_coverage.py [--only NAME ...] [--json FILE] [--no-diffusers]
+                                [--no-transformers] [--classes]
 
 A norm module is a module without child modules whose class name contains "Norm" or that is a
 torch.nn norm class (BatchNorm*, LayerNorm, GroupNorm, InstanceNorm*, RMSNorm, LocalResponseNorm);
-a module with children (Wav2Vec2LayerNormConvLayer, AdaLayerNorm*) is a container, not counted
-(its norm child is). For diffusers, modulated norms (AdaLayerNorm*, AdaGroupNorm, *Zero*,
-*Modulated*, *Continuous*, SpatialNorm: their scale and shift come from a conditioning input) are
-out of scope and reported apart, as are the norm modules inside them. The table lists per model
-the norm modules and how many were swapped, and the classes left as they are with the reason
-fastnorm.huggingface.recognise gives. --classes adds every class with "Norm" in its name of
-both packages, one instance each built from its signature: which convention recognises it, or
-why it is left alone.
+a module with children (Wav2Vec2LayerNormConvLayer) is a container, not counted (its norm child
+is). diffusers' modulated norm layers (AdaLayerNorm*, *Zero*, *Modulated*, *Continuous*,
+AdaLayerNormShift, SpatialNorm, AdaGroupNorm: a norm whose scale and shift come from a
+conditioning input) count as one norm module each, the norm modules inside them not apart;
+AdaLayerNormSingle and HunyuanVideoAdaNorm hold no norm (conditioning projections) and are not
+norm modules. The tables list per model the norm modules (of them, modulated) and how many were
+swapped, the diffusers one per family too, and the classes left as they are with the reason
+fastnorm gives (fastnorm.huggingface.recognise, fastnorm.diffusers_modulated.recognise).
+--classes adds every class with "Norm" in its name of both packages, one instance each built from
+its signature: which convention recognises it, or why it is left alone.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fastnorm  # noqa: E402
-from fastnorm import huggingface  # noqa: E402
+from fastnorm import diffusers_modulated, huggingface  # noqa: E402
 
 _TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
                 nn.LocalResponseNorm)
@@ -127,7 +130,7 @@ def build_transformers(model_type: str, overrides: Optional[dict] = None,
         return transformers.AutoModel.from_config(cfg_cls(**kw))
 
 
-def is_norm_module(m: nn.Module) -> bool:
+def _plain_norm(m: nn.Module) -> bool:
     return not m._modules and ("Norm" in type(m).__name__ or isinstance(m, _TORCH_NORMS))
 
 
@@ -135,45 +138,62 @@ _MODULATED = re.compile(r"Ada|Zero|Modulat|Continuous|SpatialNorm")
 
 
 def is_modulated(m: nn.Module) -> bool:
-    return bool(_MODULATED.search(type(m).__name__))
+    """A diffusers modulated norm layer: a module with children, of a diffusers class named
+    like one, holding a norm module (AdaGroupNorm calls F.group_norm itself)."""
+    cls = diffusers_modulated.originals().get(type(m), type(m))
+    return (bool(m._modules) and cls.__module__.split(".")[0] == "diffusers"
+            and bool(_MODULATED.search(cls.__name__))
+            and (cls.__name__ == "AdaGroupNorm"
+                 or any(_plain_norm(c) for c in m.modules() if c is not m)))
+
+
+def is_norm_module(m: nn.Module) -> bool:
+    """A norm module without children, or a modulated norm layer (the modules convert() may
+    swap)."""
+    return _plain_norm(m) or is_modulated(m)
 
 
 class Counts(NamedTuple):
-    total: int  # norm modules (the modulated ones apart)
+    total: int  # norm modules (a modulated layer counts as one, its norm child not apart)
     swapped: int
     probed: int  # of the swapped: transformers / diffusers classes (the others: torch.nn's)
-    modulated: int  # left out: modulated norms and the norm modules inside them
-    missed: Dict[str, List]  # class name -> [count, the reason recognise() gives]
+    modulated: int  # of the total: modulated norm layers
+    modulated_swapped: int
+    missed: Dict[str, List]  # class name -> [count, the reason fastnorm gives]
 
 
-def count(model: nn.Module, exclude_modulated: bool = False) -> Counts:
+def _reason(m: nn.Module) -> str:
+    if is_modulated(m):
+        return diffusers_modulated.recognise(m).reason
+    if type(m).__module__.split(".")[0] in huggingface.ROOTS:
+        return huggingface.recognise(m).reason
+    return "not probed"
+
+
+def count(model: nn.Module) -> Counts:
     """convert() the model and count its norm modules."""
     fastnorm.convert(model)
     converted = {id(m) for _, m in fastnorm.converted_modules(model)}
-    skip = set()
-    if exclude_modulated:
-        for m in model.modules():
-            if is_modulated(m):
-                skip.update(id(c) for c in m.modules())
-    total = swapped = modulated = probed = 0
+    inside = set()  # the modules inside modulated layers: counted with them
+    for m in model.modules():
+        if id(m) not in inside and is_modulated(m):
+            inside.update(id(c) for c in m.modules() if c is not m)
+    total = swapped = modulated = modulated_swapped = probed = 0
     missed: Dict[str, List] = {}
     for m in model.modules():
-        if not is_norm_module(m):
-            continue
-        if id(m) in skip:
-            modulated += 1
+        if id(m) in inside or not is_norm_module(m):
             continue
         total += 1
+        mod = is_modulated(m)
+        modulated += mod
         if id(m) in converted:
             swapped += 1
-            probed += type(m) in huggingface.originals()
+            modulated_swapped += mod
+            probed += type(m) in huggingface.originals() or mod
         else:
-            name = type(m).__name__
-            entry = missed.setdefault(name, [0, huggingface.recognise(m).reason
-                                             if type(m).__module__.split(".")[0]
-                                             in huggingface.ROOTS else "not probed"])
+            entry = missed.setdefault(type(m).__name__, [0, _reason(m)])
             entry[0] += 1
-    return Counts(total, swapped, probed, modulated, missed)
+    return Counts(total, swapped, probed, modulated, modulated_swapped, missed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,11 +275,131 @@ def _diffusers_models() -> Dict[str, Callable[[], nn.Module]]:
                                         cross_attention_head_dim=8, cross_attention_dim=16,
                                         caption_channels=16, sample_size=8)
 
+    def dit():
+        return D.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                       num_layers=2, sample_size=8, patch_size=2,
+                                       num_embeds_ada_norm=10)
+
+    def mochi():
+        return D.MochiTransformer3DModel(patch_size=2, num_attention_heads=2,
+                                         attention_head_dim=8, num_layers=2,
+                                         pooled_projection_dim=16, in_channels=4,
+                                         text_embed_dim=16, time_embed_dim=8,
+                                         max_sequence_length=8)
+
+    def lumina2():
+        return D.Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4,
+                                           hidden_size=32, num_layers=1, num_refiner_layers=1,
+                                           num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                           axes_dim_rope=(4, 6, 6), axes_lens=(16, 16, 16),
+                                           cap_feat_dim=16)
+
+    def hunyuan_dit():
+        return D.HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                   patch_size=2, sample_size=8, hidden_size=16, num_layers=2,
+                                   cross_attention_dim=16, cross_attention_dim_t5=16,
+                                   pooled_projection_dim=8, text_len=4, text_len_t5=4)
+
+    def allegro():
+        return D.AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=8,
+                                           in_channels=4, out_channels=4, num_layers=1,
+                                           cross_attention_dim=16, sample_height=8,
+                                           sample_width=8, sample_frames=2, caption_channels=16)
+
+    # variants measured by the coverage only (the tests build one model per family)
+    def sd3_0():
+        return D.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                       attention_head_dim=8, num_attention_heads=4,
+                                       joint_attention_dim=32, caption_projection_dim=32,
+                                       pooled_projection_dim=16, out_channels=4)
+
+    def flux_guidance():
+        return D.FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2,
+                                        num_single_layers=2, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16,
+                                        pooled_projection_dim=16, guidance_embeds=True,
+                                        axes_dims_rope=(2, 2, 4))
+
+    def wan_i2v():
+        return D.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2,
+                                       attention_head_dim=8, in_channels=4, out_channels=4,
+                                       text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1,
+                                       image_dim=16, added_kv_proj_dim=16, rope_max_seq_len=32)
+
+    def cogvideox_1_5():
+        return D.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8,
+                                             in_channels=4, out_channels=4, time_embed_dim=8,
+                                             ofs_embed_dim=8, text_embed_dim=16, num_layers=2,
+                                             sample_width=8, sample_height=8, sample_frames=5,
+                                             patch_size=2, patch_size_t=2,
+                                             temporal_compression_ratio=4,
+                                             max_text_seq_length=8,
+                                             use_rotary_positional_embeddings=True)
+
+    def hunyuan_video_i2v():
+        return D.HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4,
+                                                num_attention_heads=2, attention_head_dim=8,
+                                                num_layers=1, num_single_layers=1,
+                                                num_refiner_layers=1, patch_size=1,
+                                                patch_size_t=1, text_embed_dim=16,
+                                                pooled_projection_dim=8, rope_axes_dim=(2, 2, 4),
+                                                image_condition_type="token_replace")
+
+    def pixart_sigma():
+        return D.PixArtTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=8,
+                                          num_attention_heads=2, in_channels=4, out_channels=8,
+                                          cross_attention_dim=16, caption_channels=16,
+                                          use_additional_conditions=True)
+
+    def sana_video():
+        return D.SanaVideoTransformer3DModel(in_channels=4, out_channels=4,
+                                             num_attention_heads=2, attention_head_dim=8,
+                                             num_layers=1, num_cross_attention_heads=2,
+                                             cross_attention_head_dim=8, cross_attention_dim=16,
+                                             caption_channels=16, sample_size=8)
+
+    def sana_guidance():
+        return D.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                        attention_head_dim=8, num_layers=2,
+                                        num_cross_attention_heads=2,
+                                        cross_attention_head_dim=8, cross_attention_dim=16,
+                                        caption_channels=16, sample_size=8, guidance_embeds=True,
+                                        qk_norm="rms_norm_across_heads")
+
     return {"UNet2DModel": unet, "UNet2DConditionModel": unet_cond, "AutoencoderKL": vae,
             "SD3Transformer2DModel": sd3, "FluxTransformer2DModel": flux,
             "WanTransformer3DModel": wan, "CogVideoXTransformer3DModel": cogvideox,
             "PixArtTransformer2DModel": pixart, "LTXVideoTransformer3DModel": ltx,
-            "HunyuanVideoTransformer3DModel": hunyuan_video, "SanaTransformer2DModel": sana}
+            "HunyuanVideoTransformer3DModel": hunyuan_video, "SanaTransformer2DModel": sana,
+            "DiTTransformer2DModel": dit, "MochiTransformer3DModel": mochi,
+            "Lumina2Transformer2DModel": lumina2, "HunyuanDiT2DModel": hunyuan_dit,
+            "AllegroTransformer3DModel": allegro,
+            "SD3Transformer2DModel/sd3.0": sd3_0, "FluxTransformer2DModel/guidance": flux_guidance,
+            "WanTransformer3DModel/i2v": wan_i2v,
+            "CogVideoXTransformer3DModel/1.5": cogvideox_1_5,
+            "HunyuanVideoTransformer3DModel/i2v": hunyuan_video_i2v,
+            "PixArtTransformer2DModel/sigma": pixart_sigma,
+            "SanaVideoTransformer3DModel": sana_video,
+            "SanaTransformer2DModel/guidance": sana_guidance}
+
+
+# diffusers model -> the family its modulated norms are counted under (None: not one of them)
+DIFFUSERS_FAMILIES = {
+    "DiTTransformer2DModel": "DiT", "PixArtTransformer2DModel": "PixArt",
+    "PixArtTransformer2DModel/sigma": "PixArt", "SD3Transformer2DModel": "SD3",
+    "SD3Transformer2DModel/sd3.0": "SD3", "FluxTransformer2DModel": "Flux",
+    "FluxTransformer2DModel/guidance": "Flux", "WanTransformer3DModel": "Wan",
+    "WanTransformer3DModel/i2v": "Wan", "CogVideoXTransformer3DModel": "CogVideoX",
+    "CogVideoXTransformer3DModel/1.5": "CogVideoX",
+    "HunyuanVideoTransformer3DModel": "HunyuanVideo",
+    "HunyuanVideoTransformer3DModel/i2v": "HunyuanVideo",
+    "LTXVideoTransformer3DModel": "LTX-Video", "SanaTransformer2DModel": "Sana",
+    "SanaTransformer2DModel/guidance": "Sana", "SanaVideoTransformer3DModel": "Sana",
+    "MochiTransformer3DModel": "Mochi", "Lumina2Transformer2DModel": "Lumina2",
+    # the twelfth: HunyuanDiT and Allegro
+    "HunyuanDiT2DModel": "HunyuanDiT / Allegro",
+    "AllegroTransformer3DModel": "HunyuanDiT / Allegro",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,50 +486,79 @@ def _report_classes(res: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-def _run(name: str, build: Callable[[], nn.Module], exclude_modulated: bool, rows: list,
-         missed_all: dict, failed: list) -> None:
+def _run(name: str, build: Callable[[], nn.Module], rows: list, missed_all: dict,
+         failed: list) -> None:
     t0 = time.time()
     try:
         model = build()
     except Exception as e:  # noqa: BLE001
         failed.append((name, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
         return
-    c = count(model, exclude_modulated)
+    c = count(model)
     rows.append(dict(model=name, norms=c.total, swapped=c.swapped, probed=c.probed,
-                     modulated=c.modulated, seconds=round(time.time() - t0, 2)))
+                     modulated=c.modulated, modulated_swapped=c.modulated_swapped,
+                     seconds=round(time.time() - t0, 2)))
     for cls, (n, reason) in c.missed.items():
         e = missed_all.setdefault(cls, [0, reason, set()])
         e[0] += n
         e[2].add(name)
 
 
+def _line(label: str, r: dict, modulated: bool) -> str:
+    line = f"{label:36s} {r['norms']:6d} {r['swapped']:8d} {r['probed']:7d}"
+    if modulated:
+        line += f" {r['modulated']:10d} {r['modulated_swapped']:8d}"
+    return line
+
+
+def _sum(rows: list) -> dict:
+    return {k: sum(r[k] for r in rows) for k in
+            ("norms", "swapped", "probed", "modulated", "modulated_swapped")}
+
+
 def _report(title: str, rows: list, missed: dict, failed: list, modulated: bool) -> dict:
     print(f"\n== {title}")
-    head = f"{'model':32s} {'norms':>6s} {'swapped':>8s} {'probed':>7s}" + (
-        f" {'modulated':>10s}" if modulated else "")
-    print(head)
+    print(f"{'model':36s} {'norms':>6s} {'swapped':>8s} {'probed':>7s}"
+          + (f" {'modulated':>10s} {'swapped':>8s}" if modulated else ""))
     for r in rows:
-        line = f"{r['model']:32s} {r['norms']:6d} {r['swapped']:8d} {r['probed']:7d}"
-        if modulated:
-            line += f" {r['modulated']:10d}"
-        print(line)
-    total = sum(r["norms"] for r in rows)
-    swapped = sum(r["swapped"] for r in rows)
-    pct = 100.0 * swapped / max(total, 1)
-    probed = sum(r["probed"] for r in rows)
-    print(f"{'total (' + str(len(rows)) + ' models)':32s} {total:6d} {swapped:8d} {probed:7d}"
-          + (f" {sum(r['modulated'] for r in rows):10d}" if modulated else "")
-          + f"   {pct:.1f}% swapped")
+        print(_line(r["model"], r, modulated))
+    t = _sum(rows)
+    pct = 100.0 * t["swapped"] / max(t["norms"], 1)
+    print(_line(f"total ({len(rows)} models)", t, modulated) + f"   {pct:.1f}% swapped")
     if missed:
         print("not swapped:")
         for cls, (n, reason, where) in sorted(missed.items(), key=lambda kv: -kv[1][0]):
             print(f"  {cls:36s} {n:4d}  {reason}  [{', '.join(sorted(where))}]")
     for name, why in failed:
         print(f"  (not built: {name}: {why})")
-    return dict(models=rows, total=total, swapped=swapped, probed=probed, percent=round(pct, 2),
+    return dict(models=rows, total=t["norms"], swapped=t["swapped"], probed=t["probed"],
+                modulated=t["modulated"], modulated_swapped=t["modulated_swapped"],
+                percent=round(pct, 2),
                 not_swapped={k: dict(count=v[0], reason=v[1], models=sorted(v[2]))
                              for k, v in missed.items()},
                 not_built=dict(failed))
+
+
+def _report_families(rows: list) -> dict:
+    """Per family of DIFFUSERS_FAMILIES: its models' norm modules and modulated layers."""
+    fams: Dict[str, list] = {}
+    for r in rows:
+        f = DIFFUSERS_FAMILIES.get(r["model"])
+        if f is not None:
+            fams.setdefault(f, []).append(r)
+    print(f"\n== the {len(fams)} diffusion transformer families")
+    print(f"{'family':36s} {'norms':>6s} {'swapped':>8s} {'probed':>7s} {'modulated':>10s} "
+          f"{'swapped':>8s}")
+    out = {}
+    for f, rs in fams.items():
+        out[f] = t = _sum(rs)
+        print(_line(f"{f} ({len(rs)} models)", t, True))
+    t = _sum([r for rs in fams.values() for r in rs])
+    pct = 100.0 * t["swapped"] / max(t["norms"], 1)
+    mpct = 100.0 * t["modulated_swapped"] / max(t["modulated"], 1)
+    print(_line(f"total ({len(fams)} families)", t, True)
+          + f"   {pct:.1f}% swapped ({mpct:.1f}% of the modulated)")
+    return dict(families=out, total=t, percent=round(pct, 2), modulated_percent=round(mpct, 2))
 
 
 def main(argv=None) -> int:
@@ -397,6 +566,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="model types / diffusers class names")
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--classes", action="store_true",
                     help="also every norm class of both packages, one instance each")
     args = ap.parse_args(argv)
@@ -404,22 +574,24 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     out = {}
     rows, missed, failed = [], {}, []
-    for mt, ov in TRANSFORMERS_MODELS.items():
-        if args.only and mt not in args.only:
-            continue
-        _run(mt, lambda mt=mt, ov=ov: build_transformers(mt, ov), False, rows, missed, failed)
-    import transformers
-    out["transformers"] = _report(f"transformers {transformers.__version__}", rows, missed,
-                                  failed, False)
+    if not args.no_transformers:
+        for mt, ov in TRANSFORMERS_MODELS.items():
+            if args.only and mt not in args.only:
+                continue
+            _run(mt, lambda mt=mt, ov=ov: build_transformers(mt, ov), rows, missed, failed)
+        import transformers
+        out["transformers"] = _report(f"transformers {transformers.__version__}", rows, missed,
+                                      failed, False)
     if not args.no_diffusers:
         import diffusers
         rows, missed, failed = [], {}, []
         for name, build in _diffusers_models().items():
             if args.only and name not in args.only:
                 continue
-            _run(name, build, True, rows, missed, failed)
-        out["diffusers"] = _report(f"diffusers {diffusers.__version__} (modulated norms apart)",
-                                   rows, missed, failed, True)
+            _run(name, build, rows, missed, failed)
+        out["diffusers"] = _report(f"diffusers {diffusers.__version__}", rows, missed, failed,
+                                   True)
+        out["diffusers_families"] = _report_families(rows)
     if args.classes:
         out["classes"] = scan_classes()
         _report_classes(out["classes"])
