@@ -218,7 +218,8 @@ def test_shapes(rms, dtype, xs, ss, ts, path):
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("dtype", [F32, BF16, F16, F64], ids=str)
 @pytest.mark.parametrize("layout", ["sample", "frame", "token", "shared", "odd-BS1"])
-def test_fast_path_is_diffusers_spelling(rms, dtype, layout):
+@pytest.mark.parametrize("path", ["fast"], indirect=True)
+def test_fast_path_is_diffusers_spelling(rms, dtype, layout, path):
     """CPU fast path: bit for bit `F.layer_norm(x, (D,), w, b, eps) * (1 + scale) + shift` (or
     F.rms_norm), as diffusers' AdaLayerNorm* modules spell it; the op path is the same formula
     in float32, rounded once."""
@@ -247,7 +248,8 @@ def test_fast_path_is_diffusers_spelling(rms, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
-def test_fast_path_mixed_dtypes(dtype):
+@pytest.mark.parametrize("path", ["fast"], indirect=True)
+def test_fast_path_mixed_dtypes(dtype, path):
     """A half input with float32 modulation and weights (a float32 adaLN linear): diffusers'
     spelling promotes to float32; fastnorm rounds that result to the input's dtype."""
     x = _rand((2, 5, 16), dtype, 1.5, 0.3, grad=False)
