@@ -28,7 +28,8 @@ import fastnorm
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "add_rms_norm",
        "layer_norm2d", "frozen_batch_norm", "switch_norm", "adain", "ibn", "local_response_norm",
-       "llama_rms_norm", "gemma_rms_norm", "gated_rms_norm")
+       "llama_rms_norm", "gemma_rms_norm", "gated_rms_norm", "modulated_layer_norm",
+       "gated_residual_modulated_norm")
 
 # The fewest x-sized tensors each pass must read or write once (inputs read once, outputs written
 # once; parameters, statistics and parameter gradients are per row or per channel and left out).
@@ -39,6 +40,10 @@ OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "a
 #   frozen_batch_norm: y = x * scale + shift per channel; bwd reads dy, writes dx (x unused).
 #   adain: fwd reads content and style (the same shape here), writes y; bwd reads content, style
 #     and dy, writes both gradients.
+#   modulated_layer_norm: the default (the per-sample scale and shift are [B, D]: small).
+#   gated_residual_modulated_norm: fwd reads residual and branch, writes out and residual_out; bwd
+#     reads dy, d(residual_out), residual_out (the norm's rows) and branch (d_gate sums
+#     d_r * branch), writes d_residual and d_branch = d_residual * gate (two tensors).
 STREAMS = {
     "default": {"fwd": 2, "bwd": 3, "fwdbwd": 5},
     "add_rms_norm": {"fwd": 4, "bwd": 4, "fwdbwd": 8},
@@ -46,6 +51,7 @@ STREAMS = {
     "adain": {"fwd": 3, "bwd": 5, "fwdbwd": 8},
     # gated_rms_norm: fwd reads x and gate, writes y; bwd reads x, gate and dy, writes dx, dgate
     "gated_rms_norm": {"fwd": 3, "bwd": 5, "fwdbwd": 8},
+    "gated_residual_modulated_norm": {"fwd": 4, "bwd": 6, "fwdbwd": 10},
 }
 
 
@@ -92,6 +98,51 @@ def fuse_add_norms(model: nn.Module) -> int:
             m.__class__ = FusedAddRMSNorm
             n += 1
     return n
+
+
+class AdaLNModulate(nn.Module):
+    """The AdaLN step of diffusion transformers as diffusers spells it (AdaLayerNormZero and the
+    Flux / SD3 / PixArt / Wan blocks): a LayerNorm without affine parameters, eps 1e-6, then
+    `* (1 + scale[:, None]) + shift[:, None]` with a per-sample modulation [B, D] from the adaLN
+    linear. The baseline of modulated_layer_norm (eager and torch.compile)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+
+    def forward(self, x, scale, shift):
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class FusedAdaLNModulate(AdaLNModulate):
+    """AdaLNModulate on fastnorm.functional.modulated_layer_norm (one pass)."""
+
+    def forward(self, x, scale, shift):
+        return fastnorm.functional.modulated_layer_norm(x, scale[:, None], shift[:, None],
+                                                        eps=self.norm.eps)
+
+
+class GatedResidualAdaLN(nn.Module):
+    """AdaLN-Zero's gated residual followed by the next block's AdaLN, unfused, as diffusers'
+    blocks write it: x = x + gate[:, None] * branch; norm(x) * (1 + scale[:, None]) +
+    shift[:, None]; the residual stream x goes on. The baseline of gated_residual_modulated_norm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=eps)
+
+    def forward(self, residual, branch, gate, scale, shift):
+        x = residual + gate[:, None] * branch
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None], x
+
+
+class FusedGatedResidualAdaLN(GatedResidualAdaLN):
+    """GatedResidualAdaLN on fastnorm.functional.gated_residual_modulated_norm (one pass: the gated
+    sum formed at load time, residual_out stored by the same kernel)."""
+
+    def forward(self, residual, branch, gate, scale, shift):
+        return fastnorm.functional.gated_residual_modulated_norm(
+            residual, branch, gate[:, None], scale[:, None], shift[:, None], eps=self.norm.eps)
 
 
 # Hugging Face's RMSNorm conventions: the transformers classes when installed, else stand-ins
@@ -370,18 +421,26 @@ class Case:
     @property
     def channels(self) -> int:
         """The parameters' length: the normalised width (row ops) or C."""
-        return self.shape[-1] if self.op in ROW_OPS else self.shape[1]
+        return self.shape[-1] if self.op in ROW_OPS + MOD_OPS else self.shape[1]
 
     @property
     def n_inputs(self) -> int:
-        """Tensors the layer takes (add_rms_norm: input and residual; adain: content and style,
-        here of one shape)."""
-        return 2 if self.op in ("add_rms_norm", "adain", "gated_rms_norm") else 1
+        """x-sized tensors the layer takes (add_rms_norm: input and residual; adain: content and
+        style, here of one shape; gated_residual_modulated_norm: residual and branch)."""
+        two = ("add_rms_norm", "adain", "gated_rms_norm", "gated_residual_modulated_norm")
+        return 2 if self.op in two else 1
+
+    @property
+    def n_mods(self) -> int:
+        """Per-sample modulation tensors [B, D] the layer takes after the x-sized ones (the adaLN
+        linear's chunks): scale and shift, and the gate of the gated residual."""
+        return {"modulated_layer_norm": 2, "gated_residual_modulated_norm": 3}.get(self.op, 0)
 
     @property
     def n_outputs(self) -> int:
-        """Tensors the layer returns (add_rms_norm: output and residual_out)."""
-        return 2 if self.op == "add_rms_norm" else 1
+        """Tensors the layer returns (add_rms_norm, gated_residual_modulated_norm: output and
+        residual_out)."""
+        return 2 if self.op in ("add_rms_norm", "gated_residual_modulated_norm") else 1
 
     @property
     def drop_in(self) -> bool:
@@ -389,7 +448,8 @@ class Case:
         builds it: the fused residual add, the stand-ins used without timm / torchvision, and
         the source articles' layers SwitchNorm, AdaIN and IBN, whose references have no
         torch.nn class)."""
-        return self.op not in ("add_rms_norm",) + NC_OPS + HF_OPS and type(self._third_party()) not in (
+        fused = ("add_rms_norm",) + NC_OPS + HF_OPS + MOD_OPS
+        return self.op not in fused and type(self._third_party()) not in (
             PermuteLayerNorm2d, FormulaFrozenBatchNorm2d)
 
     def _third_party(self) -> Optional[nn.Module]:
@@ -433,6 +493,9 @@ class Case:
         elif self.op == "local_response_norm":
             # AlexNet's and GoogLeNet's: size 5, torch's alpha / beta / k; no parameters
             return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0).train()
+        elif self.op in MOD_OPS:  # no parameters: the modulation is an input
+            cls = AdaLNModulate if self.op == "modulated_layer_norm" else GatedResidualAdaLN
+            return cls(c).train()
         else:
             raise ValueError(self.op)
         with torch.no_grad():
@@ -466,6 +529,10 @@ class Case:
             return f.train(ref.training)
         if self.op in HF_OPS:
             return ConventionRMSNorm(self.op, ref).train(ref.training)
+        if self.op in MOD_OPS:
+            plain = self.op == "modulated_layer_norm"
+            cls = FusedAdaLNModulate if plain else FusedGatedResidualAdaLN
+            return cls(self.channels, ref.norm.eps).train(ref.training)
         m = copy.deepcopy(ref)
         if self.op == "add_rms_norm":
             assert fuse_add_norms(m) == 1
@@ -492,6 +559,8 @@ ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "llama_rms_norm", "gemma_rm
 HF_OPS = ("llama_rms_norm", "gemma_rms_norm", "gated_rms_norm")
 # the source articles' layers (SwitchNorm, AdaIN, IBN) on the per-(n, c) ops (fastnorm_module builds them from the reference's state)
 NC_OPS = ("switch_norm", "adain", "ibn")
+# diffusion transformers' AdaLN / AdaLN-Zero (shape [B, tokens, D]; per-sample modulation inputs)
+MOD_OPS = ("modulated_layer_norm", "gated_residual_modulated_norm")
 
 
 def _ln(name, rows, width, dtypes, quick=False, op="layer_norm"):
@@ -606,16 +675,31 @@ CASES: List[Case] = [
                                   ("googlenet-lrn1", (128, 64, 56, 56), ("fp32", "bf16")),
                                   ("googlenet-lrn2", (128, 192, 56, 56), ("fp32",)))
       for layout in ("contiguous", "channels_last")],
+    # AdaLN of diffusion transformers, bf16 [B, tokens, D] with a per-sample scale / shift (and
+    # gate) [B, D], the LayerNorm without affine parameters: modulated_layer_norm against
+    # diffusers' `norm(x) * (1 + scale[:, None]) + shift[:, None]`, and AdaLN-Zero's gated residual
+    # fused with the next norm against `x = x + gate[:, None] * b` then that. Flux.1 (hidden 3072;
+    # the single-stream blocks' 4096 image + 512 text tokens, batch 1), SD3-medium (1536; 4096 +
+    # 333 joint tokens, batch 2: CFG), PixArt-alpha at 1024 px (1152; 4096 tokens, batch 2), Wan
+    # 2.1-14B (5120; 81 frames at 480x832: 21 x 30 x 52 = 32760 video tokens, batch 1; rows past
+    # the fused kernels' 4096: the functional's fallback).
+    *[Case(op, name, shape, ("bf16",), quick=(name == "flux-4608"))
+      for op in MOD_OPS
+      for name, shape in (("flux-4608", (1, 4608, 3072)), ("sd3-4429", (2, 4429, 1536)),
+                          ("pixart-4096", (2, 4096, 1152)), ("wan-14b-32760", (1, 32760, 5120)))],
 ]
 
 
 def fit(shape: Sequence[int], max_numel: int, op: str) -> Tuple[int, ...]:
     """Scale a shape down to at most max_numel elements: halve the batch (rows for 2-d), then the
-    spatial dimensions; never the channels or the normalised width."""
+    spatial dimensions (the tokens of [B, tokens, D]); never the channels or the normalised
+    width."""
     s = list(shape)
     while math.prod(s) > max_numel and s[0] > 1:
         s[0] = max(1, s[0] // 2)
     spatial = range(2, len(s)) if len(s) > 2 else range(0)
+    if op in MOD_OPS:  # [B, tokens, D]: the tokens
+        spatial = range(1, len(s) - 1)
     while math.prod(s) > max_numel and any(s[d] > 4 for d in spatial):
         for d in spatial:
             s[d] = max(4, s[d] // 2)

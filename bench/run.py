@@ -1,8 +1,9 @@
 """fastnorm microbenchmarks: forward, backward and forward+backward of every case (bench/cases.py)
 for fastnorm, PyTorch eager and torch.compile (and Apex / Liger when importable); the eager and
 compiled baselines of LayerNorm2d and FrozenBatchNorm2d are timm's and torchvision's layers, that
-of the fused residual add + RMSNorm the unfused add and F.rms_norm, and those of the norm +
-activation cases (batch_norm+silu, group_norm+silu, ...) timm's BatchNormAct2d / GroupNormAct.
+of the fused residual add + RMSNorm the unfused add and F.rms_norm, those of the norm +
+activation cases (batch_norm+silu, group_norm+silu, ...) timm's BatchNormAct2d / GroupNormAct, and
+those of the modulated norms (AdaLN, AdaLN-Zero's gated residual) diffusers' spelling of them.
 
     python bench/run.py [--quick] [--device cpu|cuda] [--ops ...] [--dtype ...]
                         [--providers ...] [--out FILE] [--compare FILE] [--budget SECONDS]
@@ -234,8 +235,9 @@ def make_inputs(case: Case, device: torch.device, seed: int):
     """The layer's inputs and the gradients of its outputs, in the case's layout: x random (mean
     0.3, std 1.5: not centred, not unit), dy ~ N(0, 1); add_rms_norm also takes a residual
     (N(0, 1)) and gets a gradient of residual_out (N(0, 1)); adain takes a style (N(0, 1)) and
-    returns one output. Returns (inputs, grads), tuples of case.n_inputs and case.n_outputs
-    tensors; the inputs require grad."""
+    returns one output; the modulated norms then take case.n_mods per-sample modulations [B, D]
+    (N(0, 0.5^2): an adaLN linear's chunks). Returns (inputs, grads), tuples of case.n_inputs +
+    case.n_mods and case.n_outputs tensors; the inputs require grad."""
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES[case.dtype]
     fmt = case.memory_format()
@@ -246,6 +248,9 @@ def make_inputs(case: Case, device: torch.device, seed: int):
         inputs.append(torch.randn(case.shape, generator=g, device=device, dtype=torch.float32))
     if case.n_outputs == 2:
         grads.append(torch.randn(case.shape, generator=g, device=device, dtype=torch.float32))
+    for _ in range(case.n_mods):
+        inputs.append(torch.randn((case.shape[0], case.shape[-1]), generator=g, device=device,
+                                  dtype=torch.float32) * 0.5)
     inputs = tuple(t.to(dtype).contiguous(memory_format=fmt).requires_grad_(True) for t in inputs)
     grads = tuple(t.to(dtype).contiguous(memory_format=fmt) for t in grads)
     return inputs, grads

@@ -289,3 +289,90 @@ def test_act_memory_fused_layer_saves_the_input_only():
     assert rows and all(r["fastnorm_bytes"] < r["timm_bytes"] for r in rows)
     for r in rows:
         assert r["saved_bytes"] >= r["x_bytes"] * 0.99, r
+
+
+# ----------------------------------------------------------------------------------------------
+# modulated norms of diffusion transformers (AdaLN, AdaLN-Zero's gated residual); the DiT block
+# ----------------------------------------------------------------------------------------------
+def test_modulated_cases_have_the_model_shapes():
+    gpu = cases.select("cuda", False, cases.MOD_OPS)
+    by = {(c.op, c.name): c.shape for c in gpu}
+    for op in cases.MOD_OPS:
+        assert by[(op, "flux-4608")] == (1, 4608, 3072)
+        assert by[(op, "sd3-4429")] == (2, 4429, 1536)
+        assert by[(op, "pixart-4096")] == (2, 4096, 1152)
+        assert by[(op, "wan-14b-32760")] == (1, 32760, 5120)
+    assert all(c.dtype == "bf16" for c in gpu)
+    assert {c.op for c in cases.select("cuda", True, cases.MOD_OPS)} == set(cases.MOD_OPS)
+    # on a CPU the tokens are scaled down, never the hidden size
+    for c in cases.select("cpu", False, cases.MOD_OPS):
+        assert c.shape[-1] in (3072, 1536, 1152, 5120) and c.shape[1] < 4096
+    n, b = 1000, 2
+    assert [run.min_bytes(n, b, p, "modulated_layer_norm") for p in run.PASSES] == [
+        2 * n * b, 3 * n * b, 5 * n * b]
+    # fwd: residual and branch read, out and residual_out written; bwd: dy, d(residual_out),
+    # residual_out and branch read, d_residual and d_branch written
+    assert [run.min_bytes(n, b, p, "gated_residual_modulated_norm") for p in run.PASSES] == [
+        4 * n * b, 6 * n * b, 10 * n * b]
+
+
+def test_modulated_references_are_diffusers_spelling():
+    torch.manual_seed(0)
+    x, res = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    gate, scale, shift = (torch.randn(2, 16) for _ in range(3))
+    ln = torch.nn.functional.layer_norm
+    ref = cases.AdaLNModulate(16)
+    assert torch.equal(ref(x, scale, shift),
+                       ln(x, (16,), None, None, 1e-6) * (1 + scale[:, None]) + shift[:, None])
+    out, r = cases.GatedResidualAdaLN(16)(res, x, gate, scale, shift)
+    r_want = res + gate[:, None] * x
+    assert torch.equal(r, r_want)
+    assert torch.equal(out, ln(r_want, (16,), None, None, 1e-6) * (1 + scale[:, None]) + shift[:, None])
+    for op, fused in (("modulated_layer_norm", cases.FusedAdaLNModulate),
+                      ("gated_residual_modulated_norm", cases.FusedGatedResidualAdaLN)):
+        c = cases.Case(op, "t", (2, 5, 16), ("fp32",))
+        ref = c.module()
+        fast = c.fastnorm_module(ref)
+        assert type(fast) is fused and not c.drop_in and c.channels == 16
+        args = (x, scale, shift) if c.n_mods == 2 else (res, x, gate, scale, shift)
+        for a, e in zip(run._outputs(fast(*args)), run._outputs(ref(*args))):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["modulated_layer_norm", "gated_residual_modulated_norm"])
+def test_modulated_bench_case_runs_on_cpu(op):
+    (c,) = [small(c) for c in cases.select("cpu", False, [op])][:1]
+    assert c.shape[0] == 1 and c.shape[-1] == 3072  # Flux's hidden size kept
+    inputs, grads = run.make_inputs(c, torch.device("cpu"), 0)
+    assert len(inputs) == c.n_inputs + c.n_mods and len(grads) == c.n_outputs
+    assert all(t.shape == (c.shape[0], c.shape[-1]) for t in inputs[c.n_inputs:])
+    timer = run.Timer(torch.device("cpu"), quick=True)
+    timer.target_ms, timer.min_reps, timer.max_reps = 1, 2, 2
+    meta = {k: "" for k in run.COLUMNS[:8]}
+    rows = run.bench_case(c, ["fastnorm", "eager"], timer, meta, 10.0, seed=0)
+    assert len(rows) == 6, [(r["provider"], r["pass"]) for r in rows]
+    for r in rows:
+        assert r["correct"], r
+        assert r["maxdiff_y"] < 1e-4 and r["maxdiff_dx"] < 1e-4
+        want = run.min_bytes(math.prod(c.shape), 4, r["pass"], op)
+        assert r["gbps"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9)
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "op_path"])
+def test_dit_block_fused_matches_eager(fast_path, monkeypatch):
+    import dit_block
+
+    assert dit_block.check(fast_path=fast_path) <= 2e-5
+
+    # the check sees a wrong fusion: the attention's and the MLP's gates swapped
+    def swapped(block, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            block.adaLN_modulation(c).chunk(6, dim=1)
+        h = fastnorm.functional.modulated_layer_norm(x, scale_msa[:, None], shift_msa[:, None])
+        h, x = fastnorm.functional.gated_residual_modulated_norm(
+            x, block.attn(h), gate_mlp[:, None], scale_mlp[:, None], shift_mlp[:, None])
+        return x + gate_msa[:, None] * block.mlp(h)
+
+    monkeypatch.setattr(dit_block.FusedDiTBlock, "forward", swapped)
+    with pytest.raises(AssertionError, match="fused vs eager"):
+        dit_block.check(fast_path=fast_path)
