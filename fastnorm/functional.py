@@ -872,6 +872,19 @@ def gated_rms_norm(input: Tensor, gate: Optional[Tensor], weight: Optional[Tenso
     return y
 
 
+def _check_residual(name: str, input: Tensor, residual: Tensor, what: str = "input") -> None:
+    """A residual added to `input` (named `what`): its shape, a floating dtype, its device."""
+    if input.shape != residual.shape:
+        raise RuntimeError(f"{name}: expected {what} and residual of the same shape, but got {what} "
+                           f"of shape {list(input.shape)} and residual of shape {list(residual.shape)}")
+    if not residual.is_floating_point():
+        raise NotImplementedError(f"{name}: expected a floating-point residual (float16, bfloat16, "
+                                  f"float32 or float64), but got dtype {residual.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(f"{name}: expected residual on the {what}'s device {input.device}, but "
+                           f"got residual on {residual.device}")
+
+
 def _add_norm_aten(input: Tensor, residual: Tensor, shape: List[int], weight: Optional[Tensor],
                    bias: Optional[Tensor], eps: float, rms: bool):
     """add_norm with ATen ops (the same semantics): dtype pairs the op does not take, empty
@@ -889,16 +902,8 @@ def _add_norm_aten(input: Tensor, residual: Tensor, shape: List[int], weight: Op
 def _add_norm(name: str, input: Tensor, residual: Tensor, normalized_shape, weight, bias, eps,
               rms: bool):
     shape: List[int] = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    if input.shape != residual.shape:
-        raise RuntimeError(f"{name}: expected input and residual of the same shape, but got input "
-                           f"of shape {list(input.shape)} and residual of shape {list(residual.shape)}")
+    _check_residual(name, input, residual)
     _check_floating(name, input)
-    if not residual.is_floating_point():
-        raise NotImplementedError(f"{name}: expected a floating-point residual (float16, bfloat16, "
-                                  f"float32 or float64), but got dtype {residual.dtype}")
-    if residual.device != input.device:
-        raise RuntimeError(f"{name}: expected residual on the input's device {input.device}, but "
-                           f"got residual on {residual.device}")
     params = (("weight", weight), ("bias", bias))
     _check_normalized_shape(name, input, shape, params)
     for what, t in params:
@@ -995,16 +1000,7 @@ def _modulated(name: str, input: Tensor, residual: Optional[Tensor], gate: Optio
         if t is not None and not t.is_floating_point():
             raise RuntimeError(f"{name}: expected {what} of a floating-point dtype, but got {t.dtype}")
     if residual is not None:
-        if residual.shape != input.shape:
-            raise RuntimeError(f"{name}: expected residual and branch of the same shape, but got "
-                               f"residual of shape {list(residual.shape)} and branch of shape "
-                               f"{list(input.shape)}")
-        if not residual.is_floating_point():
-            raise NotImplementedError(f"{name}: expected a floating-point residual (float16, "
-                                      f"bfloat16, float32 or float64), but got dtype {residual.dtype}")
-        if residual.device != input.device:
-            raise RuntimeError(f"{name}: expected residual on the branch's device {input.device}, "
-                               f"but got residual on {residual.device}")
+        _check_residual(name, input, residual, "branch")
     mods = {w: t for w, t in (("scale", scale), ("shift", shift), ("gate", gate)) if t is not None}
     rows = {w: _modulation_rows(name, w, t, input) for w, t in mods.items()}
     scale_offset, eps = float(scale_offset), float(eps)

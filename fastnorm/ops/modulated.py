@@ -18,6 +18,7 @@ d_residual_out * input needs the input, which the autograd holds (fastnorm/autog
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -92,7 +93,11 @@ def modulated_rows(r: torch.Tensor, scale, shift, weight, bias, eps: float, scal
         mean = None
         n = r * rstd
     else:
-        var, mu = torch.var_mean(r, -1, correction=0, keepdim=True)
+        if r.numel() == 0:  # no rows, or rows of no elements (mean 0, as layer_norm's)
+            mu = r.new_zeros(r.shape[:-1] + (1,))
+            var = torch.full_like(mu, math.nan)
+        else:
+            var, mu = torch.var_mean(r, -1, correction=0, keepdim=True)
         rstd = torch.rsqrt(var + eps)
         mean = mu
         n = (r - mu) * rstd
@@ -108,8 +113,9 @@ def modulated_rows(r: torch.Tensor, scale, shift, weight, bias, eps: float, scal
 
 
 def residual_rows(input, residual, gate, seg_rows: int):
-    """residual_out = round_X(residual + gate * input), summed in the statistics dtype."""
-    sd = stat_dtype(input.dtype)
+    """residual_out = round_X(residual + gate * input), summed in the statistics dtype (float64
+    when either is float64)."""
+    sd = torch.promote_types(stat_dtype(input.dtype), stat_dtype(residual.dtype))
     b = input.to(sd)
     if gate is not None:
         b = _seg(gate, seg_rows, sd) * b
@@ -126,8 +132,6 @@ def _modulated_norm_fwd_ref(input, scale, shift, weight, bias, residual, gate, e
     r = residual_rows(input, residual, gate, seg_rows) if residual is not None else input
     y, mean, rstd = modulated_rows(r.to(sd), scale, shift, weight, bias, eps, scale_offset,
                                    seg_rows, rms)
-    if m > 0 and input.shape[1] == 0:  # rows of no elements: mean 0 (rstd inf), as layer_norm
-        mean = None if rms else torch.zeros_like(mean)
     mean = input.new_empty((0,), dtype=sd) if rms else mean.reshape(m)
     res_out = r.contiguous() if residual is not None else _empty(input)
     return y.to(input.dtype).contiguous(), res_out, mean, rstd.reshape(m)
@@ -174,8 +178,9 @@ def _modulated_norm_bwd_ref(grad_out, grad_residual_out, x, scale, weight, bias,
     grads = modulated_grads(grad_out, grad_residual_out, x, scale, weight, bias, gate, mean, rstd,
                             scale_offset, seg_rows, rms, residual)
     dtypes = _grad_dtypes(x, weight, bias, input_dtype, mod_dtype)
-    return tuple(t.to(dt).contiguous() if want else _empty(x, dt)
-                 for t, dt, want in zip(grads, dtypes, output_mask))
+    # d_input is d_r itself without a gate: two tensors, never one aliasing the other
+    return tuple(t.to(dt, copy=i == 5).contiguous() if want else _empty(x, dt)
+                 for i, (t, dt, want) in enumerate(zip(grads, dtypes, output_mask)))
 
 
 def _grad_dtypes(x, weight, bias, input_dtype, mod_dtype):
