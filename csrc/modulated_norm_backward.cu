@@ -18,16 +18,18 @@
 namespace fastnorm {
 namespace {
 
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor>;
 
 Grads modulated_norm_bwd(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
-                         const at::Tensor& x_in, const std::optional<at::Tensor>& scale,
+                         const at::Tensor& x_in, const std::optional<at::Tensor>& input,
+                         const std::optional<at::Tensor>& scale,
                          const std::optional<at::Tensor>& weight,
                          const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& gate, const at::Tensor& mean,
                          const at::Tensor& rstd, double scale_offset, int64_t seg_rows, bool rms,
                          bool residual, at::ScalarType input_dtype, at::ScalarType mod_dtype,
-                         std::array<bool, 6> output_mask) {
+                         std::array<bool, 7> output_mask) {
   constexpr const char* op = "fastnorm::modulated_norm_bwd";
   check_kernel_device(x_in, op);
   DeviceGuard guard(x_in.device());
@@ -65,6 +67,15 @@ Grads modulated_norm_bwd(const at::Tensor& grad_out, const std::optional<at::Ten
   const at::Tensor b = row_operand(bias, dev, dt, cols, op, "bias");
   const at::Tensor sc = row_operand(scale, dev, dt, mods, op, "scale");
   const at::Tensor g = row_operand(gate, dev, dt, mods, op, "gate");
+  // dgate = sum over each segment of d_r * input: a gated residual, its input given
+  const bool want_dg = output_mask[6] && residual && g.defined();
+  TORCH_CHECK(!want_dg || has(input), op, ": dgate needs the input (the branch)");
+  if (want_dg) {
+    TORCH_CHECK(input->device() == dev && input->scalar_type() == dt &&
+                    input->sizes() == x_in.sizes(),
+                op, ": expected input of x's shape ", x_in.sizes(), " and dtype ", dt,
+                ", got shape ", input->sizes(), " and dtype ", input->scalar_type());
+  }
   const at::TensorOptions xo = x_in.options();
   const at::TensorOptions mo = xo.dtype(mod_dtype);
   const at::TensorOptions wo = xo.dtype(w.defined() ? w.scalar_type() : dt);
@@ -76,10 +87,10 @@ Grads modulated_norm_bwd(const at::Tensor& grad_out, const std::optional<at::Ten
   const bool empty = s.M == 0 || s.L == 0;
   at::Tensor dx = out(output_mask[0], rows, xo.dtype(dt), false);
   at::Tensor dres = out(output_mask[5] && residual, rows, xo, false);
-  if (!residual && output_mask[5]) dres = at::empty({0}, xo);
   if (empty) {
     return {dx, out(output_mask[1], mods, mo, true), out(output_mask[2], mods, mo, true),
-            out(output_mask[3], cols, wo, true), out(output_mask[4], cols, bo, true), dres};
+            out(output_mask[3], cols, wo, true), out(output_mask[4], cols, bo, true), dres,
+            out(output_mask[6], mods, mo, true)};
   }
   const at::ScalarType sd = stat_dtype(dt);
   TORCH_CHECK(rstd.numel() == s.M && (rms || mean.numel() == s.M), op, ": mean and rstd must have ",
@@ -90,11 +101,13 @@ Grads modulated_norm_bwd(const at::Tensor& grad_out, const std::optional<at::Ten
   const at::Tensor x = packable(x_in);
   const at::Tensor dy = packable(grad_out);
   const at::Tensor gr = has_gr ? packable(*grad_residual_out) : at::Tensor();
+  const at::Tensor xin = want_dg ? packable(*input) : at::Tensor();
   const bool per_token = seg_rows == 1;
   const at::TensorOptions ao = xo.dtype(sd);
   // per token: dscale stored by the kernel, dshift = dy, dweight / dbias its column sums;
   // per segment: the sums A = sum(dy * xhat) and B = sum(dy) of each segment, [Q, L]
   at::Tensor dscale = out(output_mask[1] && per_token, mods, mo, false);
+  at::Tensor dgate = out(output_mask[6], mods, mo, !want_dg);
   at::Tensor dweight = out(output_mask[3] && per_token, cols, wo, false);
   at::Tensor dbias = out(output_mask[4] && per_token, cols, bo, false);
   const bool want_a = !per_token && (output_mask[1] || output_mask[3]);
@@ -103,7 +116,7 @@ Grads modulated_norm_bwd(const at::Tensor& grad_out, const std::optional<at::Ten
   at::Tensor sum_a = want_a ? at::empty(mods, ao) : at::Tensor();
   at::Tensor sum_b = want_b ? at::empty(mods, ao) : at::Tensor();
   const bool run = output_mask[0] || (output_mask[5] && residual) || output_mask[1] ||
-                   output_mask[3] || output_mask[4] || (output_mask[2] && !per_token);
+                   output_mask[3] || output_mask[4] || (output_mask[2] && !per_token) || want_dg;
   if (run) {
     FASTNORM_DISPATCH_FLOATING(dt, "fastnorm::modulated_norm_bwd", [&] {
       using T = scalar_t;
@@ -117,6 +130,9 @@ Grads modulated_norm_bwd(const at::Tensor& grad_out, const std::optional<at::Ten
       p.scale = operand<T>(sc);
       p.gate = operand<T>(g);
       p.dscale = operand<T>(dscale.numel() > 0 ? dscale : at::Tensor());
+      p.input = want_dg ? xin.data_ptr<T>() : nullptr;
+      p.dgate = per_token && want_dg ? operand<T>(dgate) : Operand<T>{};
+      const Operand<T> c3 = !per_token && want_dg ? operand<T>(dgate) : Operand<T>{};
       p.scale_offset = static_cast<A>(scale_offset);
       p.mod_rows = seg_rows;
       p.dx = output_mask[0] ? dx.data_ptr<T>() : nullptr;
@@ -131,18 +147,18 @@ Grads modulated_norm_bwd(const at::Tensor& grad_out, const std::optional<at::Ten
       if constexpr (sizeof(T) == 2) {
         if (xd != dt) {  // an fp32 residual stream with a half input
           p.x32 = x.data_ptr<float>();
-          groups::modulated_backward<T, float>(p, c1, c2, x);
+          groups::modulated_backward<T, float>(p, c1, c2, c3, x);
           return;
         }
       }
       p.x = x.data_ptr<T>();
-      groups::modulated_backward<T, T>(p, c1, c2, x);
+      groups::modulated_backward<T, T>(p, c1, c2, c3, x);
     });
   }
   at::Tensor dshift = at::empty({0}, mo);
   if (per_token) {
     if (output_mask[2]) dshift = grad_out.to(mod_dtype, /*non_blocking=*/false, /*copy=*/true);
-    return {dx, dscale, dshift, dweight, dbias, dres};
+    return {dx, dscale, dshift, dweight, dbias, dres, dgate};
   }
   // per segment: m_q = scale_offset + scale_q is constant over the segment's rows
   if (output_mask[1]) {
@@ -160,7 +176,7 @@ Grads modulated_norm_bwd(const at::Tensor& grad_out, const std::optional<at::Ten
     if (output_mask[3]) dweight = weighted_sum(sum_a, wo);
     if (output_mask[4]) dbias = weighted_sum(sum_b, bo);
   }
-  return {dx, dscale, dshift, dweight, dbias, dres};
+  return {dx, dscale, dshift, dweight, dbias, dres, dgate};
 }
 
 }  // namespace

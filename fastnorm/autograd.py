@@ -610,21 +610,19 @@ def _modulated_backward(ctx, dy, dres_out, _dmean, _drstd):
             if res[i] is None and ctx.needs_input_grad[i] and t is not None:
                 res[i] = torch.zeros_like(t)
         return (*res, None, None, None, None)
-    mod = scale if scale is not None else shift
+    mod = next((t for t in (scale, shift, gate) if t is not None), None)
     mod_dtype = mod.dtype if mod is not None else in_dtype
-    need_dr = has_res and (nr or (ng and gate is not None))
+    want_dg = bool(has_res and ng and gate is not None)
     mask = [bool(ni), bool(ns and scale is not None), bool(nt and shift is not None),
-            bool(nw and weight is not None), bool(nb and bias is not None), bool(need_dr)]
-    dx, ds, dt, dw, db, dr = _fn.modulated_norm_bwd(
-        dy, dres_out if has_res else None, x, scale, weight, bias, gate, mean, rstd, c, seg, rms,
-        has_res, in_dtype, mod_dtype, mask)
-    dgate = None
-    if has_res and ng and gate is not None:
-        sd = stat_dtype(in_dtype)
-        dgate = _modulated.segment_sum(dr.to(sd) * input.to(sd), seg).to(gate.dtype)
-    return (dx if mask[0] else None, ds if mask[1] else None,
-            dt.to(shift.dtype) if mask[2] else None, dw if mask[3] else None,
-            db if mask[4] else None, dr if (has_res and nr) else None, dgate,
+            bool(nw and weight is not None), bool(nb and bias is not None), bool(has_res and nr),
+            want_dg]
+    dx, ds, dt, dw, db, dr, dg = _fn.modulated_norm_bwd(
+        dy, dres_out if has_res else None, x, input if want_dg else None, scale, weight, bias,
+        gate, mean, rstd, c, seg, rms, has_res, in_dtype, mod_dtype, mask)
+    cast = [None if not m else t.to(ref.dtype) for t, m, ref in
+            ((ds, mask[1], scale), (dt, mask[2], shift), (dg, want_dg, gate))]
+    return (dx if mask[0] else None, cast[0], cast[1], dw if mask[3] else None,
+            db if mask[4] else None, dr if mask[5] else None, cast[2],
             None, None, None, None)
 
 

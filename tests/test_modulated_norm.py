@@ -469,12 +469,14 @@ def test_opcheck_bwd(case, mask):
     has_res = res is not None
     mod_dtype = (scale if scale is not None else x).dtype
     mask = [mask[0], mask[1] and scale is not None, mask[2] and shift is not None,
-            mask[3] and w is not None, mask[4] and b is not None, mask[5] and has_res]
+            mask[3] and w is not None, mask[4] and b is not None, mask[5] and has_res,
+            mask[5] and gate is not None]
     args = (torch.randn_like(y), torch.randn_like(r) if has_res else None, r if has_res else x,
-            scale, w, b, gate, mean, rstd, c, seg, rms, has_res, x.dtype, mod_dtype, mask)
+            x if mask[6] else None, scale, w, b, gate, mean, rstd, c, seg, rms, has_res, x.dtype,
+            mod_dtype, mask)
     grads = ops.modulated_norm_bwd(*args)
     q = m // seg
-    shapes = ((m, 8), (q, 8), (q, 8), (8,), (8,), (m, 8))
+    shapes = ((m, 8), (q, 8), (q, 8), (8,), (8,), (m, 8), (q, 8))
     for t, on, s in zip(grads, mask, shapes):
         assert t.shape == (s if on else (0,))
     torch.library.opcheck(ops.modulated_norm_bwd.default, args)

@@ -79,15 +79,17 @@ struct GatedRowBwd : RowBwd<T> {
 // segment; block b writes partial row b): the grid and the partials' order depend on the segment's
 // length, the row's length and dtype only, so a sample's sums are the same bits in any batch.
 //   mod_rows == 1 (per token; part_rows = M): dscale = dy * z is stored at load, dy becomes dz, and
-//     the partials are those of dweight, dbias (sum dz * xhat, sum dz);
+//     the partials are those of dweight, dbias (sum dz * xhat, sum dz); dgate = d_r * input stored;
 //   mod_rows > 1 (part_rows = mod_rows): dy is kept and the weight of dx is w * m, so the partials
 //     are A = sum(dy * xhat), B = sum(dy) per segment, from which the host forms dshift = B,
 //     dscale = w * A + b * B, dweight = sum_q m_q * A_q, dbias = sum_q m_q * B_q (m_q is constant
-//     over a segment).
+//     over a segment), and the third partials, of dgate = sum(d_r * input) per segment.
 template <typename T>
 struct ModRowBwd : RowBwd<T> {
   Operand<T> scale, b, gate;  // [Q, L] modulation rows; b: the norm's bias (dscale per token)
-  Operand<T> dscale;          // per token: [M, L] in scale's dtype, absent when not wanted
+  Operand<T> dscale, dgate;   // per token: [M, L] in the modulation's dtype, absent when not wanted
+  const T* input = nullptr;   // the gated residual's input (the branch): dgate, null when not wanted
+  acc_of<T>* ws_dg = nullptr; // per segment: [K, L] column partials of sum(d_r * input)
   acc_of<T> scale_offset = 1;
   int64_t mod_rows = 1, part_rows = 0, chunk_rows = 0, chunks = 1;
 };
@@ -157,11 +159,11 @@ __device__ __forceinline__ void gated_dx(const GatedRowBwd<T>& p, int64_t i, acc
   if (p.dgate != nullptr) store_as<T, VEC>(p.dgate + i, dg);
 }
 
-// MOD: d_r = dx (+ grad_residual_out) -> grad_residual (X), and d_r * gate[q] -> grad_input (qi:
-// the gate's element).
+// MOD: d_r = dx (+ grad_residual_out) -> grad_residual (X), d_r * gate[q] -> grad_input, and
+// dgate's d_r * input: stored per token, added to dg per segment (qi: the gate's element).
 template <typename T, int VEC, typename X>
 __device__ __forceinline__ void store_mod_dx(const ModRowBwd<T>& p, int64_t i, int64_t qi,
-                                             acc_of<T> (&o)[VEC]) {
+                                             acc_of<T> (&o)[VEC], acc_of<T> (&dg)[VEC]) {
   if (!p.gate.present()) {
     store_dx<T, VEC, X>(p, i, o);
     return;
@@ -173,6 +175,19 @@ __device__ __forceinline__ void store_mod_dx(const ModRowBwd<T>& p, int64_t i, i
     for (int k = 0; k < VEC; ++k) o[k] += static_cast<acc_of<T>>(g[k]);
   }
   if (p.dres != nullptr) store_as<X, VEC>(static_cast<X*>(p.dres) + i, o);
+  if (p.input != nullptr) {
+    T xt[VEC];
+    load_raw<T, VEC>(p.input + i, xt);
+    if (p.mod_rows == 1) {
+      acc_of<T> d[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) d[k] = o[k] * static_cast<acc_of<T>>(xt[k]);
+      if (p.dgate.present()) p.dgate.store(qi, d);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dg[k] += o[k] * static_cast<acc_of<T>>(xt[k]);
+    }
+  }
   if (p.dx != nullptr) {
     acc_of<T> g[VEC];
     p.gate.load(qi, g);
@@ -279,10 +294,19 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE, MOD>)
   const X* xs = row_src<X>(p.x, p.x32);
 
   A dwp[R][VEC], dbp[R][VEC];
+  A dgp[MOD ? R : 1][VEC];  // MOD: the partials of dgate
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) dwp[r][k] = dbp[r][k] = A(0);
+  if constexpr (MOD) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) dgp[r][k] = A(0);
+  }
+  A* ws_dg = nullptr;
+  if constexpr (MOD) ws_dg = p.ws_dg;
 
   // rows [row0, row_end): all, in a grid-stride loop; MOD: block b's chunk of its segment
   int64_t row0 = 0, row_end = p.M, rb0 = blockIdx.x, rb_step = gridDim.x;
@@ -410,14 +434,14 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE, MOD>)
         if constexpr (GATE == kGateFirst) {
           gated_dx<T, VEC>(p, off + pk * VEC, o);
         } else if constexpr (MOD) {
-          store_mod_dx<T, VEC, X>(p, off + pk * VEC, qoff + pk * VEC, o);
+          store_mod_dx<T, VEC, X>(p, off + pk * VEC, qoff + pk * VEC, o, dgp[MOD ? r : 0]);
         } else {
           store_dx<T, VEC, X>(p, off + pk * VEC, o);
         }
       }
     }
   }
-  if (p.ws_dw == nullptr && p.ws_db == nullptr) return;  // uniform
+  if (p.ws_dw == nullptr && p.ws_db == nullptr && ws_dg == nullptr) return;  // uniform
 
   // Column partials of this block, fixed order: lanes of a warp that own the same columns
   // (tpr < 32) by xor-shuffles; then a pairwise tree over the block's units (a warp when
@@ -431,14 +455,16 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE, MOD>)
         for (int o = 16; o >= tpr; o >>= 1) {
           dwp[r][k] += __shfl_xor_sync(0xffffffffu, dwp[r][k], o);
           dbp[r][k] += __shfl_xor_sync(0xffffffffu, dbp[r][k], o);
+          if constexpr (MOD) dgp[r][k] += __shfl_xor_sync(0xffffffffu, dgp[r][k], o);
         }
   }
   const int uw = tpr < 32 ? 32 : tpr;  // threads per unit
   const int units = blockDim.x / uw, u = threadIdx.x / uw, i = threadIdx.x % uw;
   const bool owner = i < tpr;          // thread i of a unit owns packs r * tpr + i
   A* stage = reinterpret_cast<A*>(col_smem);
-  const int na = (p.ws_dw != nullptr) + (p.ws_db != nullptr);
+  const int na = (p.ws_dw != nullptr) + (p.ws_db != nullptr) + (ws_dg != nullptr);
   const int adb = p.ws_dw != nullptr ? 1 : 0;  // staged array of dbias
+  const int adg = adb + (p.ws_db != nullptr ? 1 : 0);  // of dgate (MOD)
   // element e of array a in slot s: ((s * na + a) * kBwdElems + e) * tpr + i (consecutive threads,
   // consecutive words)
   for (int s = units >> 1; s > 0; s >>= 1) {  // uniform over the block
@@ -451,6 +477,9 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE, MOD>)
           const int e = r * VEC + k;
           if (p.ws_dw != nullptr) slot[e * tpr + i] = dwp[r][k];
           if (p.ws_db != nullptr) slot[(adb * kBwdElems + e) * tpr + i] = dbp[r][k];
+          if constexpr (MOD) {
+            if (ws_dg != nullptr) slot[(adg * kBwdElems + e) * tpr + i] = dgp[r][k];
+          }
         }
     }
     __syncthreads();
@@ -463,6 +492,9 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE, MOD>)
           const int e = r * VEC + k;
           if (p.ws_dw != nullptr) dwp[r][k] += slot[e * tpr + i];
           if (p.ws_db != nullptr) dbp[r][k] += slot[(adb * kBwdElems + e) * tpr + i];
+          if constexpr (MOD) {
+            if (ws_dg != nullptr) dgp[r][k] += slot[(adg * kBwdElems + e) * tpr + i];
+          }
         }
     }
     __syncthreads();  // the slots are rewritten by the next level
@@ -470,6 +502,7 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE, MOD>)
   if (u != 0 || !owner) return;
   A* out_dw = p.ws_dw != nullptr ? p.ws_dw + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
   A* out_db = p.ws_db != nullptr ? p.ws_db + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
+  A* out_dg = ws_dg != nullptr ? ws_dg + static_cast<int64_t>(blockIdx.x) * p.L : nullptr;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const int pk = r * tpr + i;
@@ -478,6 +511,9 @@ __global__ void __launch_bounds__(kBwdCachedBound<T, VEC, X, ACT, GATE, MOD>)
       for (int k = 0; k < VEC; ++k) {
         if (out_dw != nullptr) out_dw[pk * VEC + k] = dwp[r][k];
         if (out_db != nullptr) out_db[pk * VEC + k] = dbp[r][k];
+        if constexpr (MOD) {
+          if (out_dg != nullptr) out_dg[pk * VEC + k] = dgp[r][k];
+        }
       }
     }
   }

@@ -455,7 +455,7 @@ inline constexpr int64_t kModChunkBytes = 128 * 1024;
 
 template <typename T, int VEC, typename X>
 void modulated_backward_vec(ModRowBwd<T> p, Operand<T> dw_out, Operand<T> db_out,
-                            const at::Tensor& like) {
+                            Operand<T> dg_out, const at::Tensor& like) {
   using A = acc_of<T>;
   constexpr int kMaxThreads = kBwdCachedBound<T, VEC, X, false, kGateNone, true>;
   const CachedPlan c = plan_cached(p.M, p.L, VEC, int(sizeof(X)), kBwdPacks<VEC>, kMaxThreads, 256);
@@ -472,31 +472,38 @@ void modulated_backward_vec(ModRowBwd<T> p, Operand<T> dw_out, Operand<T> db_out
   const int64_t segments = p.M / p.part_rows;
   const int64_t grid = segments * p.chunks;
   TORCH_CHECK(grid <= kMaxGrid, "modulated_norm_bwd: ", grid, " blocks exceed the grid limit");
-  at::Tensor ws_dw, ws_db;
+  at::Tensor ws_dw, ws_db, ws_dg;
   const at::TensorOptions ao = acc_options(like);
   const bool want_dw = dw_out.present(), want_db = db_out.present();
+  const bool want_dg = dg_out.present() && p.mod_rows > 1 && p.input != nullptr;
   if (want_dw) ws_dw = at::empty({grid, p.L}, ao);
   if (want_db) ws_db = at::empty({grid, p.L}, ao);
+  if (want_dg) ws_dg = at::empty({grid, p.L}, ao);
   p.ws_dw = want_dw ? ws_dw.data_ptr<A>() : nullptr;
   p.ws_db = want_db ? ws_db.data_ptr<A>() : nullptr;
-  const size_t smem = ln_bwd_cached_smem<A>(threads, c.tpr, int(want_dw) + int(want_db));
+  p.ws_dg = want_dg ? ws_dg.data_ptr<A>() : nullptr;
+  const size_t smem =
+      ln_bwd_cached_smem<A>(threads, c.tpr, int(want_dw) + int(want_db) + int(want_dg));
   launch(ln_bwd_cached_kernel<T, VEC, X, false, kGateNone, true>, static_cast<unsigned>(grid),
          threads, smem, current_stream(), p, c.tpr);
   launch_col_sums<T>(p.ws_dw, p.ws_db, p.chunks, p.L, dw_out, db_out, segments);
+  if (want_dg) launch_col_sums<T>(p.ws_dg, nullptr, p.chunks, p.L, dg_out, Operand<T>{}, segments);
 }
 
 // dw_out / db_out: the column sums wanted, per segment ([M / part_rows, L]): per token (mod_rows
-// == 1) dweight and dbias; per segment A = sum(dy * xhat) and B = sum(dy) (ModRowBwd).
+// == 1) dweight and dbias; per segment A = sum(dy * xhat) and B = sum(dy) (ModRowBwd); dg_out:
+// dgate per segment ([Q, L]; per token p.dgate is stored by the kernel).
 template <typename T, typename X>
 void modulated_backward(const ModRowBwd<T>& p, Operand<T> dw_out, Operand<T> db_out,
-                        const at::Tensor& like) {
+                        Operand<T> dg_out, const at::Tensor& like) {
   constexpr int V = kVec16<T>;
   const bool vec = p.L % V == 0 && aligned16(row_src<X>(p.x, p.x32)) && is_aligned(p.dy.ptr, 16) &&
                    aligned16(p.dx) && aligned16(p.w.ptr) && aligned16(p.b.ptr) &&
                    aligned16(p.dres_in) && aligned16(p.dres) && aligned16(p.scale.ptr) &&
-                   aligned16(p.gate.ptr) && aligned16(p.dscale.ptr);
-  if (vec) modulated_backward_vec<T, V, X>(p, dw_out, db_out, like);
-  else modulated_backward_vec<T, 1, X>(p, dw_out, db_out, like);
+                   aligned16(p.gate.ptr) && aligned16(p.dscale.ptr) && aligned16(p.dgate.ptr) &&
+                   aligned16(p.input);
+  if (vec) modulated_backward_vec<T, V, X>(p, dw_out, db_out, dg_out, like);
+  else modulated_backward_vec<T, 1, X>(p, dw_out, db_out, dg_out, like);
 }
 
 }  // namespace groups

@@ -13,8 +13,8 @@ is how a per-sample [B, D], per-frame [B, F, 1, D] or per-token [B, S, D] modula
 [B * S, D] rows (the functional reduces any broadcast to this form). Everything is computed in the
 statistics dtype and rounded once (y to the input's dtype, residual_out to the residual's).
 
-The backward returns every gradient but the gate's: d_gate = sum over each segment of
-d_residual_out * input needs the input, which the autograd holds (fastnorm/autograd.py).
+The backward takes the input (the gated residual's branch) for d_gate = the sum over each segment
+of d_r * input.
 """
 from __future__ import annotations
 
@@ -30,16 +30,16 @@ SCHEMAS = {
     "modulated_norm_fwd": "(Tensor input, Tensor? scale, Tensor? shift, Tensor? weight, Tensor? bias, "
                           "Tensor? residual, Tensor? gate, float eps, float scale_offset, "
                           "int seg_rows, bool rms) -> (Tensor, Tensor, Tensor, Tensor)",
-    "modulated_norm_bwd": "(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? scale, "
-                          "Tensor? weight, Tensor? bias, Tensor? gate, Tensor mean, Tensor rstd, "
-                          "float scale_offset, int seg_rows, bool rms, bool residual, "
-                          "ScalarType input_dtype, ScalarType mod_dtype, bool[6] output_mask) "
-                          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "modulated_norm_bwd": "(Tensor grad_out, Tensor? grad_residual_out, Tensor x, Tensor? input, "
+                          "Tensor? scale, Tensor? weight, Tensor? bias, Tensor? gate, Tensor mean, "
+                          "Tensor rstd, float scale_offset, int seg_rows, bool rms, bool residual, "
+                          "ScalarType input_dtype, ScalarType mod_dtype, bool[7] output_mask) "
+                          "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 }
 define(SCHEMAS)
 
 # the order of modulated_norm_bwd's outputs (and of its output_mask)
-GRADS = ("input", "scale", "shift", "weight", "bias", "residual")
+GRADS = ("input", "scale", "shift", "weight", "bias", "residual", "gate")
 
 
 def check_modulated(op: str, input, scale, shift, weight, bias, residual, gate, seg_rows: int,
@@ -137,11 +137,12 @@ def _modulated_norm_fwd_ref(input, scale, shift, weight, bias, residual, gate, e
     return y.to(input.dtype).contiguous(), res_out, mean, rstd.reshape(m)
 
 
-def modulated_grads(grad_out, grad_residual_out, x, scale, weight, bias, gate, mean, rstd,
+def modulated_grads(grad_out, grad_residual_out, x, input, scale, weight, bias, gate, mean, rstd,
                     scale_offset: float, seg_rows: int, rms: bool, residual: bool):
     """Every gradient of the modulated row norm in the statistics dtype (the reference's
-    formulas, ATen ops): (d_input, dscale, dshift, dweight, dbias, d_residual), where with a
-    residual x is residual_out, d_residual = d_r and d_input = d_r * gate."""
+    formulas, ATen ops): (d_input, dscale, dshift, dweight, dbias, d_residual, dgate), where with
+    a residual x is residual_out, d_residual = d_r, d_input = d_r * gate and dgate the sum over
+    each segment of d_r * input (None without a gate or an input)."""
     sd = rstd.dtype
     xs = x.to(sd)
     rs = rstd.reshape(-1, 1)
@@ -168,15 +169,22 @@ def modulated_grads(grad_out, grad_residual_out, x, scale, weight, bias, gate, m
     dshift = segment_sum(dy, seg_rows)
     dweight = (dz * xhat).sum(0)
     dbias = dz.sum(0)
-    return d_in, dscale, dshift, dweight, dbias, d_r
+    dgate = None
+    if residual and gate is not None and input is not None:
+        dgate = segment_sum(d_r * input.to(sd), seg_rows)
+    return d_in, dscale, dshift, dweight, dbias, d_r, dgate
 
 
 @torch.library.impl(lib, "modulated_norm_bwd", "CompositeExplicitAutograd")
-def _modulated_norm_bwd_ref(grad_out, grad_residual_out, x, scale, weight, bias, gate, mean, rstd,
-                            scale_offset, seg_rows, rms, residual, input_dtype, mod_dtype,
+def _modulated_norm_bwd_ref(grad_out, grad_residual_out, x, input, scale, weight, bias, gate, mean,
+                            rstd, scale_offset, seg_rows, rms, residual, input_dtype, mod_dtype,
                             output_mask):
-    grads = modulated_grads(grad_out, grad_residual_out, x, scale, weight, bias, gate, mean, rstd,
-                            scale_offset, seg_rows, rms, residual)
+    if output_mask[6] and residual and gate is not None and input is None:
+        raise RuntimeError("modulated_norm_bwd: dgate needs the input (the branch)")
+    grads = list(modulated_grads(grad_out, grad_residual_out, x, input, scale, weight, bias, gate,
+                                 mean, rstd, scale_offset, seg_rows, rms, residual))
+    if grads[6] is None:  # no gate: zeros, as the kernels give
+        grads[6] = torch.zeros_like(grads[1])
     dtypes = _grad_dtypes(x, weight, bias, input_dtype, mod_dtype)
     # d_input is d_r itself without a gate: two tensors, never one aliasing the other
     return tuple(t.to(dt, copy=i == 5).contiguous() if want else _empty(x, dt)
@@ -186,7 +194,7 @@ def _modulated_norm_bwd_ref(grad_out, grad_residual_out, x, scale, weight, bias,
 def _grad_dtypes(x, weight, bias, input_dtype, mod_dtype):
     return (input_dtype, mod_dtype, mod_dtype,
             weight.dtype if weight is not None else input_dtype,
-            bias.dtype if bias is not None else input_dtype, x.dtype)
+            bias.dtype if bias is not None else input_dtype, x.dtype, mod_dtype)
 
 
 @torch.library.register_fake("fastnorm::modulated_norm_fwd")
@@ -202,12 +210,12 @@ def _modulated_norm_fwd_fake(input, scale, shift, weight, bias, residual, gate, 
 
 
 @torch.library.register_fake("fastnorm::modulated_norm_bwd")
-def _modulated_norm_bwd_fake(grad_out, grad_residual_out, x, scale, weight, bias, gate, mean, rstd,
-                             scale_offset, seg_rows, rms, residual, input_dtype, mod_dtype,
+def _modulated_norm_bwd_fake(grad_out, grad_residual_out, x, input, scale, weight, bias, gate, mean,
+                             rstd, scale_offset, seg_rows, rms, residual, input_dtype, mod_dtype,
                              output_mask):
     m, d = x.shape
     q = m // seg_rows
-    shapes = ((m, d), (q, d), (q, d), (d,), (d,), (m, d))
+    shapes = ((m, d), (q, d), (q, d), (d,), (d,), (m, d), (q, d))
     dtypes = _grad_dtypes(x, weight, bias, input_dtype, mod_dtype)
     return tuple(x.new_empty(s, dtype=dt) if want else _empty(x, dt)
                  for s, dt, want in zip(shapes, dtypes, output_mask))

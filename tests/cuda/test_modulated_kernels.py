@@ -33,7 +33,7 @@ from fastnorm.ops.modulated import modulated_grads
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
 DTYPES = [F32, F16, BF16, F64]
 EPS = 1e-6
-NAMES = ("input", "scale", "shift", "weight", "bias", "residual")
+NAMES = ("input", "scale", "shift", "weight", "bias", "residual", "gate")
 # (M, D, seg_rows)
 CASES = [(5, 1, 1), (5, 1, 5), (5, 7, 1), (7, 7, 7), (40, 8, 20), (12, 8, 4), (40, 48, 1),
          (12, 48, 4), (7, 48, 7), (5, 1152, 5), (2, 2047, 1), (2, 3072, 1), (4, 3072, 2),
@@ -127,9 +127,10 @@ def _operands(dev, m, d, seg, dtype, mod_dtype=None, rms=False, residual=None, g
 
 
 def _mod_dtype(x, o):
-    """The modulation's dtype, as the autograd passes it: scale's, else shift's, else input's."""
-    t = o["scale"] if o["scale"] is not None else o["shift"]
-    return (t if t is not None else x).dtype
+    """The modulation's dtype, as the autograd passes it: scale's, else shift's, else gate's, else
+    input's."""
+    t = next((o[k] for k in ("scale", "shift", "gate") if o[k] is not None), x)
+    return t.dtype
 
 
 def _grad_dtypes(x, o):
@@ -137,10 +138,10 @@ def _grad_dtypes(x, o):
     modulation's dtype, dweight / dbias in their own, else the input's)."""
     md = _mod_dtype(x, o)
     own = [o[k].dtype if o[k] is not None else x.dtype for k in ("weight", "bias", "residual")]
-    return (x.dtype, md, md, *own)
+    return (x.dtype, md, md, *own, md)
 
 
-def _run(target, mod, x, o, c, seg, rms, mask=(True,) * 6, dres=True):
+def _run(target, mod, x, o, c, seg, rms, mask=(True,) * 7, dres=True):
     """Forward and backward through the target: (fwd outputs, dy, dres, bwd outputs)."""
     fwd, bwd = mod
     y, res_out, mean, rstd = fwd(x, o["scale"], o["shift"], o["weight"], o["bias"], o["residual"],
@@ -151,10 +152,15 @@ def _run(target, mod, x, o, c, seg, rms, mask=(True,) * 6, dres=True):
     mod_dtype = _mod_dtype(x, o)
     mask = [mask[0], mask[1] and o["scale"] is not None, mask[2] and o["shift"] is not None,
             mask[3] and o["weight"] is not None, mask[4] and o["bias"] is not None,
-            mask[5] and has_res]
-    grads = bwd(dy, dr, res_out if has_res else x, o["scale"], o["weight"], o["bias"], o["gate"],
-                mean, rstd, c, seg, rms, has_res, x.dtype, mod_dtype, mask)
+            mask[5] and has_res, mask[6] and o["gate"] is not None]
+    grads = bwd(dy, dr, res_out if has_res else x, _branch(x, o, mask), o["scale"], o["weight"],
+                o["bias"], o["gate"], mean, rstd, c, seg, rms, has_res, x.dtype, mod_dtype, mask)
     return (y, res_out, mean, rstd), dy, dr, grads, mask
+
+
+def _branch(x, o, mask):
+    """The backward's input argument: the branch, when dgate is wanted."""
+    return x if o["gate"] is not None and mask[6] else None
 
 
 def _check_all(x, o, c, seg, rms, outs, dy, dr, grads, mask, dtype, what=""):
@@ -188,7 +194,7 @@ def _check_all(x, o, c, seg, rms, outs, dy, dr, grads, mask, dtype, what=""):
     # of the whole gradient
     whole = max(1.0, max(float(g.abs().max()) for g in rg if g is not None and g.numel()))
     zero_scale = whole if d == 1 and not rms else None
-    want = rg[:5] + [rg[5]]
+    want = rg[:7]
     for i, (t, on, ref) in enumerate(zip(grads, mask, want)):
         if not on:
             assert t.numel() == 0, f"{what} d{NAMES[i]} not wanted but returned"
@@ -215,11 +221,12 @@ def test_forward_backward(target, mod, dtype, m, d, seg, rms):
     # output masks: only d_input; only dscale / dshift; only dweight / dbias: the same bits
     fwd, bwd = mod
     y, res_out, mean, rstd = outs
-    for part in ([True, False, False, False, False, False], [False, True, True, False, False, False],
-                 [False, False, False, True, True, False]):
+    for part in ([True, False, False, False, False, False, False],
+                 [False, True, True, False, False, False, False],
+                 [False, False, False, True, True, False, False]):
         part = [p and on for p, on in zip(part, mask)]  # of the operands present
-        alone = bwd(dy, None, x, o["scale"], o["weight"], o["bias"], None, mean, rstd, 1.0, seg,
-                    rms, False, dtype, dtype, part)
+        alone = bwd(dy, None, x, None, o["scale"], o["weight"], o["bias"], None, mean, rstd, 1.0,
+                    seg, rms, False, dtype, dtype, part)
         for i, (t, full, on) in enumerate(zip(alone, grads, part)):
             if on:
                 assert torch.equal(t, full), f"d{NAMES[i]} alone"
@@ -240,9 +247,9 @@ def test_reference_gradients_are_the_formulas():
         _, mean, rstd, rg = _reference(x, o["scale"], o["shift"], o["weight"], o["bias"],
                                        o["residual"], o["gate"], 1.0, seg, rms, None, dy, dr)
         r = x if not res else (o["residual"] + (x if not gate else _rep(o["gate"], seg) * x))
-        got = modulated_grads(dy, dr, r, o["scale"], o["weight"], o["bias"], o["gate"], mean,
+        got = modulated_grads(dy, dr, r, x, o["scale"], o["weight"], o["bias"], o["gate"], mean,
                               rstd, 1.0, seg, rms, res)
-        for i, (g, e) in enumerate(zip(got, rg[:5] + [rg[5] if res else None])):
+        for i, (g, e) in enumerate(zip(got, rg[:5] + [rg[5] if res else None, rg[6]])):
             if e is None or (i == 4 and o["bias"] is None):
                 continue
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=lambda s: f"{NAMES[i]}: {s}")
@@ -266,8 +273,9 @@ def test_residual(target, mod, xd, rd, m, d, seg, rms, gate):
     _skip_unheld(target, xd, d)
     md = F32 if rd == F32 and xd in (F16, BF16) else xd  # float32 modulation with half inputs
     x, o = _operands(target.device, m, d, seg, xd, md, rms=rms, residual=rd, gate=gate)
-    # every gradient; d_input and d_residual alone without a gradient of residual_out
-    for dres, mask in ((True, (True,) * 6), (False, (True, False, False, False, False, True))):
+    # every gradient; d_input, d_residual and dgate without a gradient of residual_out
+    for dres, mask in ((True, (True,) * 7),
+                       (False, (True, False, False, False, False, True, True))):
         outs, dy, dr, grads, mk = _run(target, mod, x, o, 1.0, seg, rms, mask, dres)
         _check_all(x, o, 1.0, seg, rms, outs, dy, dr, grads, mk, xd,
                    f"dres={dres} mask={''.join('1' if v else '0' for v in mask)}")
@@ -309,9 +317,9 @@ def test_segmented_sums(target, mod, dtype, m, d, seg):
         # the gradients of the modulation alone: the same bits
         fwd, bwd = mod
         y, res_out, mean, rstd = outs
-        alone = bwd(dy, dr, res_out if res else x, o["scale"], o["weight"], o["bias"], o["gate"],
-                    mean, rstd, 1.0, seg, rms, res is not None, dtype, dtype,
-                    [False, True, True, False, False, False])
+        alone = bwd(dy, dr, res_out if res else x, None, o["scale"], o["weight"], o["bias"],
+                    o["gate"], mean, rstd, 1.0, seg, rms, res is not None, dtype, dtype,
+                    [False, True, True, False, False, False, False])
         assert torch.equal(alone[1], grads[1]) and torch.equal(alone[2], grads[2])
 
 
@@ -333,10 +341,12 @@ def test_segments_are_batch_invariant(target, mod, dtype, d, seg):
                                    one["bias"], one["residual"], one["gate"], EPS, 1.0, seg, False)
         assert torch.equal(y1, outs[0][rows]) and torch.equal(r1, outs[1][rows])
         assert torch.equal(mean1, outs[2][rows]) and torch.equal(rstd1, outs[3][rows])
-        g1 = bwd(dy[rows], dr[rows], r1, one["scale"], one["weight"], one["bias"], one["gate"],
-                 mean1, rstd1, 1.0, seg, False, True, dtype, dtype, [True, True, True, False, False, True])
+        g1 = bwd(dy[rows], dr[rows], r1, x[rows], one["scale"], one["weight"], one["bias"],
+                 one["gate"], mean1, rstd1, 1.0, seg, False, True, dtype, dtype,
+                 [True, True, True, False, False, True, True])
         assert torch.equal(g1[0], grads[0][rows]) and torch.equal(g1[5], grads[5][rows])
         assert torch.equal(g1[1], grads[1][i:i + 1]) and torch.equal(g1[2], grads[2][i:i + 1])
+        assert torch.equal(g1[6], grads[6][i:i + 1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,8 +387,8 @@ def test_empty(target, mod):
     w = torch.ones(32, device=dev)
     y, r, mean, rstd = fwd(x, s, s, w, w, x, s, EPS, 1.0, 1, False)
     assert y.shape == r.shape == (0, 32) and mean.shape == rstd.shape == (0,)
-    g = bwd(x, x, r, s, w, w, s, mean, rstd, 1.0, 1, False, True, F32, F32, [True] * 6)
-    assert g[0].shape == g[5].shape == g[1].shape == g[2].shape == (0, 32)
+    g = bwd(x, x, r, x, s, w, w, s, mean, rstd, 1.0, 1, False, True, F32, F32, [True] * 7)
+    assert g[0].shape == g[5].shape == g[1].shape == g[2].shape == g[6].shape == (0, 32)
     assert torch.equal(g[3], torch.zeros_like(w)) and torch.equal(g[4], torch.zeros_like(w))
 
 
