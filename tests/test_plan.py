@@ -385,6 +385,8 @@ def test_mirrors_agree_with_every_benchmark_case(emu):
     bad = []
     ops = set()
     for c in select("cuda", False):
+        if c.op in planner.MOD_OPS and not planner.mod_fused(c.op, c.shape, DTYPES[c.dtype]):
+            continue  # rows past the fused kernels: the functional's ATen composition
         est = case(emu, c.op, c.shape, DTYPES[c.dtype],
                    "channels_last" if c.layout != "contiguous" else "contiguous",
                    32 if c.op == "group_norm" else 1)

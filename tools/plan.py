@@ -40,7 +40,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, 
 SMS = 132  # the emulated H100
 # Ops on rows of the last dimension (the groups family), and every op the planner takes.
 ROW_OPS = ("layer_norm", "rms_norm", "add_rms_norm", "add_layer_norm", "llama_rms_norm",
-           "gemma_rms_norm", "gated_rms_norm")
+           "gemma_rms_norm", "gated_rms_norm", "modulated_layer_norm",
+           "gated_residual_modulated_norm")
+# The AdaLN of diffusion transformers (modulated_norm_fwd / _bwd) as the bench times it: [B, tokens,
+# D] rows, a per-sample scale and shift (and gate) [B, D], a LayerNorm without affine parameters;
+# the gated residual's stream in x's dtype. Rows longer than the fused kernels hold
+# (MOD_MAX_PACKED_ROW: csrc/launch/groups.h kModulatedMaxPackedRow) take the functional's ATen
+# composition: no fastnorm launch to plan.
+MOD_OPS = ("modulated_layer_norm", "gated_residual_modulated_norm")
+MOD_MAX_PACKED_ROW = 4096
 # Hugging Face's conventions: llama_rms_norm (rms_norm_fwd with round_normalized), gemma_rms_norm
 # (a float32 weight: 1 + w formed by functional.rms_norm), gated_rms_norm (Mamba-2's gate first,
 # silu, the Llama rounding, groups of GATED_GROUP elements when they divide the row: one launch per
@@ -143,6 +151,7 @@ K = _kernel_consts()
 #   kBwdCachedGatedMaxThreads<T, VEC, GATE> = (sizeof(acc_of<T>) == 8 && (VEC > 1 || gate first))
 #                                     || (gate first && VEC == 1) ? 256 : 512
 KROW_BLOCK_THREADS = 512  # groups.h ln_backward_vec: kRowBlockThreads (rows per block)
+MOD_CHUNK_BYTES = 128 * 1024  # groups.h kModChunkBytes
 
 
 def fwd_packs(elem: int, vec: int, held: int = 0) -> int:
@@ -211,6 +220,39 @@ def mirror_cached_bwd(M, L, vec, elem, acc, held=0, sm=SMS, gate_first=None):
             rpb *= 2
         threads = tpr * rpb
     return tpr, threads, _cdiv(M, threads // tpr)
+
+
+def bwd_mod_max_threads(acc: int, vec: int) -> int:
+    """groups_backward.cuh kBwdCachedModMaxThreads<T, VEC>."""
+    return 256 if acc == 8 or vec == 1 else 512
+
+
+def mirror_mod_bwd(M, L, vec, elem, acc, seg_rows, held=0):
+    """groups.h modulated_backward_vec -> (tpr, threads, grid): rows per block and the chunk of a
+    segment a block takes from the row's length and dtype alone (kModChunkBytes), one block per
+    chunk of each segment (per token: the segment is all M rows)."""
+    held = held or elem
+    cap = bwd_mod_max_threads(acc, vec)
+    m = mirror_cached(M, L, vec, held, bwd_packs(vec), cap, 256)
+    if m is None:
+        return None
+    tpr, threads, _ = m
+    if tpr > 32:
+        threads = cap
+    rpb = threads // tpr
+    rows_bytes = rpb * L * held
+    iters = 1
+    while iters < 64 and 2 * iters * rows_bytes <= MOD_CHUNK_BYTES:
+        iters *= 2
+    part = seg_rows if seg_rows > 1 else M
+    return tpr, threads, (M // part) * _cdiv(part, rpb * iters)
+
+
+def mod_fused(op: str, shape, dtype) -> bool:
+    """Whether functional's modulated norms take the fused kernels for these rows (else ATen)."""
+    d = shape[-1]
+    elem = torch.empty((), dtype=dtype).element_size()
+    return d <= 2048 or (d <= MOD_MAX_PACKED_ROW and elem < 8 and d % (16 // elem) == 0)
 
 
 def gated_group(h: int) -> int:
@@ -294,7 +336,12 @@ class Call:
         self.occupancy = {}  # kernel (_short) -> the resident blocks its host plan was given
         self.rms = op in RMS_OPS
         self.gated = op == "gated_rms_norm"  # x and gate in, y out; the gradients of both
-        self.add = op.startswith("add_")
+        # modulated rows: scale / shift (and the gated residual's gate) [B, D]; the gated residual
+        # is a fused add whose input gradient is a tensor of its own (d_r * gate) and whose
+        # backward also reads the input (the branch: dgate)
+        self.mod = op in MOD_OPS
+        self.mod_gated = op == "gated_residual_modulated_norm"
+        self.add = op.startswith("add_") or self.mod_gated
         self.rows = op in ROW_OPS or op == "layer_norm2d"
         self.bias = not self.rms            # the op has a bias (and a dbias)
         self.param_grads = not self.frozen  # the backward asks for dweight (and dbias)
@@ -307,7 +354,7 @@ class Call:
         self.res_elem = (torch.empty((), dtype=residual).element_size()
                          if self.add and residual is not None else self.elem)
         self.R = self.numel * self.res_elem
-        self.split_grads = self.add and residual is not None and residual != dtype
+        self.split_grads = (self.add and residual is not None and residual != dtype) or self.mod_gated
         self.held = self.res_elem if self.add else self.elem
         self.launches = 1  # launches per pass that split every tensor (the gated group columns)
         if op in ROW_OPS:
@@ -315,6 +362,10 @@ class Call:
             self.M = self.numel // self.L if self.L else 0
             self.P, self.S = self.L, self.M  # parameter length, statistics length
             self.pbytes = 4 if op == "gemma_rms_norm" else self.elem  # (1 + w) in float32
+            if self.mod:  # no affine parameters; Q = B modulation rows of seg_rows tokens each
+                self.P = 0
+                self.Q = self.shape[0]
+                self.seg_rows = self.M // self.Q if self.Q else 1
             if self.gated:  # rows are the groups; the row held as h in the accumulation type
                 self.group = gated_group(self.L)
                 self.launches = self.L // self.group
@@ -357,6 +408,8 @@ class Call:
         a, p, r = self.acc, self.pbytes, self.rbytes
         nstats = 1 if self.rms else 2  # RMSNorm: rstd only
         grads = (2 if self.bias else 1) if self.param_grads else 0
+        nmod = 3 if getattr(self, "mod_gated", False) else 2  # scale, shift (, gate)
+        qd = getattr(self, "Q", 0) * (self.L if getattr(self, "mod", False) else 0)
         return {
             "w": self.P * p, "b": self.P * p if self.bias else 0, "dwdb": grads * self.P * p,
             "stats": nstats * self.S * a, "mean": self.S * a,
@@ -364,6 +417,10 @@ class Call:
             "coef3": 3 * self.P * a, "coef4": 4 * self.P * a,
             "gn_coef": 2 * self.S * a, "row_sums": 2 * self.M * a,
             "nc_sums": 2 * getattr(self, "N", 0) * getattr(self, "C", 0) * a,
+            # modulated rows: scale, shift (, gate) read; scale (, gate) read by the backward and
+            # dscale, dshift (, dgate) written; the segments' column sums [Q, D] (A, B (, dgate))
+            "mod": nmod * qd * self.elem, "mod_bwd": (nmod - 1) * qd * self.elem,
+            "dmod": nmod * qd * self.elem, "mod_sums": nmod * qd * a,
         }[name]
 
     def minimum(self, pass_: str) -> int:
@@ -376,7 +433,7 @@ class Call:
         if self.lrn:
             return (2 if pass_ == "fwd" else 3) * self.E
         if pass_ == "fwd":
-            small = ["w", "b", "stats"]
+            small = ["w", "b", "stats"] + (["mod"] if self.mod else [])
             if self.op in ("batch_norm", "frozen_batch_norm"):
                 small.append("running" if self.training else "running_r")
             big = 2 * self.E + 2 * self.R if self.add else 2 * self.E
@@ -385,11 +442,14 @@ class Call:
             return big + sum(self._small(s) for s in small)
         if self.add:  # dy; residual_out and its gradient; dresidual (and dinput, two dtypes)
             big = self.E + 3 * self.R + (self.E if self.split_grads else 0)
+            if self.mod_gated:  # the input (the branch), read for dgate
+                big += self.E
         elif self.op in ("adain", "gated_rms_norm"):  # two inputs and dy read; two gradients
             big = 5 * self.E
         else:
             big = (2 if self.frozen else 3) * self.E
-        return big + sum(self._small(s) for s in ("stats", "w", "dwdb"))
+        small = ("stats", "w", "dwdb") + (("mod_bwd", "dmod") if self.mod else ())
+        return big + sum(self._small(s) for s in small)
 
     def nbytes(self, tensor: str, x_is_r: bool = False) -> int:
         """Bytes of one x-sized tensor a kernel streams: the fused add's residual stream (and x
@@ -442,6 +502,11 @@ def _flight_cached_fwd(k: Launch, c: Call):
 
 
 def _flight_cached_bwd(k: Launch, c: Call):
+    if c.mod:
+        m = mirror_mod_bwd(c.M, c.L, k.vec, c.elem, c.acc, c.seg_rows, c.held)
+        ok = m is not None and m[1] == k.threads and k.grid[0] == m[2]
+        tpr = m[0] if m else k.threads
+        return min(bwd_packs(k.vec), _cdiv(c.L // k.vec, tpr)), ok
     m = mirror_cached_bwd(c.M, c.L, k.vec, c.elem, c.acc, c.held,
                           gate_first=True if c.gated else None)
     ok = m is not None and m[1] == k.threads and k.grid[0] <= m[2]
@@ -549,6 +614,8 @@ def _flight_split(k: Launch, c: Call):
 
 
 def _ws_cached_bwd(k, c):  # [grid, L] column partials of dweight and dbias (RMSNorm: dweight)
+    if c.mod:  # per segment: A, B (and dgate's)
+        return (3 if c.mod_gated else 2) * k.grid[0] * c.L * c.acc, True
     return _param_arrays(c) * k.grid[0] * c.L * c.acc, True
 
 
@@ -593,18 +660,20 @@ class Model:
 
     def __init__(self, reads=(), writes=(), small=(), ws_in=False, ws_out=None, flight=None,
                  streams=1, acc_packs=False, add_reads=(), add_writes=(), x_is_r=False,
-                 split_writes=(), gate_reads=(), gate_writes=()):
+                 split_writes=(), gate_reads=(), gate_writes=(), mod_reads=()):
         self.reads, self.writes, self.small = reads, writes, small
         self.ws_in, self.ws_out, self.flight = ws_in, ws_out, flight
         self.streams, self.acc_packs = streams, acc_packs
         self.add_reads, self.add_writes = add_reads, add_writes
         self.x_is_r, self.split_writes = x_is_r, split_writes
         self.gate_reads, self.gate_writes = gate_reads, gate_writes
+        self.mod_reads = mod_reads  # the gated residual's backward: the branch, for dgate
 
     def estimate(self, k: Launch, c: Call, st: PassState) -> Est:
         parts, approx = {}, False
         reads = (self.reads + (self.add_reads if c.add else ())
-                 + (self.gate_reads if c.gated else ()))
+                 + (self.gate_reads if c.gated else ())
+                 + (self.mod_reads if c.mod_gated else ()))
         writes = (self.writes + (self.add_writes if c.add else ())
                   + (self.split_writes if c.split_grads else ())
                   + (self.gate_writes if c.gated else ()))
@@ -722,7 +791,8 @@ MODELS = {
     # (a fused residual add: the cached forward and the partial pass also read the residual and
     # write residual_out; the apply pass reads residual_out in place of x. RMSNorm: one partial
     # per item, the sum of squares)
-    "row_fwd_cached_kernel": Model(reads=("x",), writes=("y",), small=("w", "b", "stats"),
+    "row_fwd_cached_kernel": Model(reads=("x",), writes=("y",),
+                                   small=lambda c: ("w", "b", "stats") + (("mod",) if c.mod else ()),
                                    flight=_flight_cached_fwd, add_reads=("residual",),
                                    add_writes=("residual_out",), gate_reads=("gate",)),
     "row_welford_partial_kernel": Model(reads=("x",), ws_out=_ws_items(lambda c: 1 if c.rms else 3),
@@ -735,11 +805,12 @@ MODELS = {
     # the dx kernels also read the gradient of residual_out and write one input gradient
     # gated rows: the gate read with x (gate first: x and the gate re-read at the store, L1 / L2
     # hits, not counted) and its gradient written
-    "ln_bwd_cached_kernel": Model(reads=("x", "dy"), writes=("dx",), small=("w", "stats"),
+    "ln_bwd_cached_kernel": Model(reads=("x", "dy"), writes=("dx",),
+                                  small=lambda c: ("w", "stats") + (("mod_bwd",) if c.mod else ()),
                                   ws_out=_ws_cached_bwd, flight=_flight_cached_bwd, streams=2,
                                   add_reads=("d_residual_out",), x_is_r=True,
                                   split_writes=("dresidual",), gate_reads=("gate",),
-                                  gate_writes=("dgate",)),
+                                  gate_writes=("dgate",), mod_reads=("branch",)),
     "row_sums_partial_kernel": Model(reads=("x", "dy"),
                                      small=lambda c: ("w", "stats") if c.rows else ("stats",),
                                      ws_out=_ws_items(2), flight=_flight_items, streams=2,
@@ -750,7 +821,9 @@ MODELS = {
                                  ws_out=_ws_split, flight=_flight_split, streams=2,
                                  add_reads=("d_residual_out",), x_is_r=True,
                                  split_writes=("dresidual",)),
-    "col_sum_finalize_kernel": Model(ws_in=True, small=("dwdb",), flight=one(), acc_packs=True),
+    "col_sum_finalize_kernel": Model(ws_in=True,
+                                     small=lambda c: ("mod_sums",) if c.mod else ("dwdb",),
+                                     flight=one(), acc_packs=True),
     "gn_bwd_coef_kernel": Model(small=("nc_sums", "w", "gn_coef"), flight=one(), streams=2,
                                 acc_packs=True),
     "gn_dx_nchw_kernel": Model(reads=("x", "dy"), writes=("dx",), small=("stats", "gn_coef", "w"),
@@ -831,6 +904,11 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
         w = torch.empty(c, dtype=torch.float32)
     gate = torch.empty_like(x)
     gs = gated_group(c) if op == "gated_rms_norm" else 0
+    # modulated rows: [B * tokens, D] with [B, D] scale, shift and gate
+    q = shape[0]
+    x2 = x.reshape(-1, c)
+    mods = torch.empty(q, c, dtype=dtype)
+    seg = x2.shape[0] // q if q else 1
     training = training and not frozen
 
     # SwitchNorm, AdaIN, IBN: [N, C] coefficients in the statistics dtype; adain's style has x's shape
@@ -851,6 +929,10 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
             return ops.rms_norm_fwd(x, [c], w, 1e-6, None, True)
         if op == "gated_rms_norm":  # Mamba-2's: gate first, silu (4), the Llama rounding
             return ops.gated_rms_norm_fwd(x, gate, w, 1e-6, gs, False, 4, True)
+        if op in MOD_OPS:
+            g = op == "gated_residual_modulated_norm"
+            return ops.modulated_norm_fwd(x2, mods, mods, None, None, res.reshape(-1, c) if g else None,
+                                          mods if g else None, 1e-6, 1.0, seg, False)
         if op in ("add_rms_norm", "add_layer_norm"):
             return ops.add_norm_fwd(x, res, [c], w, None if rms else b, 1e-6 if rms else 1e-5, rms)
         if op == "layer_norm2d":
@@ -877,6 +959,12 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
             return ops.rms_norm_bwd(dy, x, out[1], w, [c], [True, True])
         if op == "gated_rms_norm":
             return ops.gated_rms_norm_bwd(dy, x, gate, out[1], w, gs, False, 4, [True, True, True])
+        if op in MOD_OPS:  # the autograd's mask: no affine parameters
+            g = op == "gated_residual_modulated_norm"
+            return ops.modulated_norm_bwd(dy.reshape(-1, c), dres.reshape(-1, c) if g else None,
+                                          out[1] if g else x2, x2 if g else None, mods, None, None,
+                                          mods if g else None, out[2], out[3], 1.0, seg, False, g,
+                                          dtype, dtype, [True, True, True, False, False, g, g])
         if op in ("add_rms_norm", "add_layer_norm"):
             _, r, mean, rstd = out
             two = res.dtype != dtype
