@@ -53,9 +53,11 @@ test: build emu-build
 EMU_TESTS   := tests/cuda
 ASAN_ENV     = LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
                ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-EMU_PLAIN    = FASTNORM_EMU=plain FASTNORM_KERNEL_TARGETS=emu $(PY) -m pytest -q -p no:cacheprovider $(EMU_TESTS)
+# On every core like the CPU suite: the xdist controller judges the kernel coverage of all workers
+# together at session end (tests/conftest.py).
+EMU_PLAIN    = FASTNORM_EMU=plain FASTNORM_KERNEL_TARGETS=emu $(PY) -m pytest -q -p no:cacheprovider $(XDIST) $(EMU_TESTS)
 # --capture=sys: a sanitizer report is written to fd 2 by a dying process; keep fd 2 uncaptured
-EMU_ASAN     = FASTNORM_EMU=asan FASTNORM_KERNEL_TARGETS=emu $(ASAN_ENV) $(PY) -m pytest -q -p no:cacheprovider --capture=sys $(EMU_TESTS)
+EMU_ASAN     = FASTNORM_EMU=asan FASTNORM_KERNEL_TARGETS=emu $(ASAN_ENV) $(PY) -m pytest -q -p no:cacheprovider --capture=sys $(XDIST) $(EMU_TESTS)
 
 emu-build: venv
 	$(PY) tools/cuda_emu/emu.py build plain asan

@@ -340,7 +340,9 @@ def _emu_target():
     if not variant:
         return None, "emulation tier not requested (FASTNORM_EMU=plain|asan, or make test-kernels)"
     if "handle" not in _EMU_CACHE:
-        _EMU_CACHE["handle"] = _emu_module().load(variant)
+        # an xdist worker loads what the controller built (pytest_configure): no concurrent ninja
+        worker = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+        _EMU_CACHE["handle"] = _emu_module().load(variant, build_first=not worker)
     h = _EMU_CACHE["handle"]
     return KernelTarget("emu", torch.device("cpu"), h.ops, emulated=True, emu=h), None
 
@@ -384,7 +386,11 @@ def _poison_uninitialized_memory(request):
 
 
 # ------------------------------------------------------------------------------------------------
-# The coverage test of the emulation tier runs last and only judges a whole-suite run.
+# The coverage check of the emulation tier (every kernel and compiled template instantiation ran)
+# only judges a whole-suite run. In one process, test_every_kernel_ran (ordered last) judges it.
+# Under pytest-xdist coverage is per worker process: each worker sends its emu.coverage() to the
+# controller (workeroutput), which judges the union at session end and fails the run when some
+# kernel or instantiation ran in no worker.
 # ------------------------------------------------------------------------------------------------
 KERNEL_TEST_FILES = {"test_batch_norm_kernels.py", "test_row_kernels.py",
                      "test_layer_norm2d_kernels.py", "test_rms_add_kernels.py",
@@ -394,6 +400,127 @@ KERNEL_TEST_FILES = {"test_batch_norm_kernels.py", "test_row_kernels.py",
 def pytest_configure(config):
     config.addinivalue_line("markers", "emu_coverage: the kernel-coverage check (runs last)")
     _route_ops_to_emulation()
+    variant = os.environ.get("FASTNORM_EMU", "")
+    if (variant and "emu" in TARGETS and not hasattr(config, "workerinput")
+            and config.getoption("dist", "no") != "no"):
+        # the xdist controller runs no test: it builds here, before the workers load the library
+        emu = _emu_module()
+        if variant != "asan" and not emu._asan_preloaded():  # as emu.load: make builds asan
+            emu.build(variant)
+
+
+_EMU_WORKERS: list = []  # xdist controller: (worker id, its coverage report or None)
+
+
+def _instantiation_args(sig: str, count: int) -> tuple:
+    """'... [with T = c10::Half; int VEC = 8; bool GN = true; acc_of<T> = float]' -> the first
+    `count` values: ('c10::Half', '8', 'true')."""
+    m = re.search(r"\[with (.*)\]$", sig)
+    if not m:
+        return ()
+    return tuple(part.split(" = ", 1)[1] for part in m.group(1).split("; ")[:count])
+
+
+def _template_args(sym: str) -> tuple:
+    """'void ns::k<c10::Half, 8, true>(...)' -> ('c10::Half', '8', 'true')."""
+    head = sym.split("(", 1)[0]
+    if "<" not in head:
+        return ()
+    inner = head[head.index("<") + 1:head.rindex(">")]
+    args, depth, cur = [], 0, ""
+    for ch in inner:
+        if ch == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+            continue
+        depth += ch == "<"
+        depth -= ch == ">"
+        cur += ch
+    args.append(cur.strip())
+    return tuple(args)
+
+
+def emu_coverage_check(ran: dict, library: str) -> tuple[list[str], list[str]]:
+    """The kernels defined in csrc/kernels and the template instantiations compiled into the
+    emulation library (nm) against those that ran ({signature: launches}, emu.coverage()).
+    Returns (report lines, failures); no failures: everything ran."""
+    import subprocess
+
+    emu_mod = _emu_module()
+    ran_names = {emu_mod.kernel_base_name(s) for s in ran}
+    defined = emu_mod.defined_kernels()
+    missing = [k for k in defined if k not in ran_names]
+    nm = subprocess.run(["nm", "-C", "--defined-only", library], capture_output=True, text=True)
+    compiled = set()
+    for line in nm.stdout.splitlines():
+        sym = line.split(" ", 2)[-1]
+        m = re.search(r"(\w+)\s*$", sym.split("(", 1)[0].split("<", 1)[0])
+        name = m.group(1) if m else ""
+        if name in defined:
+            compiled.add((name, _template_args(sym)))
+    arity = {name: len(args) for name, args in compiled}
+    ran_inst = set()
+    for sig in ran:
+        name = emu_mod.kernel_base_name(sig)
+        ran_inst.add((name, _instantiation_args(sig, arity.get(name, 0))))
+    not_run = sorted(compiled - ran_inst)
+    report = [f"emulation coverage: {len(ran_names & set(defined))}/{len(defined)} kernels, "
+              f"{len(compiled) - len(not_run)}/{len(compiled)} template instantiations"]
+    report += [f"  kernel not run: {k}" for k in missing]
+    report += [f"  instantiation not run: {name}<{', '.join(args)}>" for name, args in not_run]
+    failures = []
+    if missing:
+        failures.append(f"kernels defined in csrc/kernels that no test ran: {missing}")
+    if not compiled:
+        failures.append(f"no kernel instantiations found in {library} (nm)")
+    if not_run:
+        failures.append(f"{len(not_run)} kernel instantiations compiled but never run (listed above)")
+    return report, failures
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: a worker finished (or crashed: error, and no coverage from it)."""
+    out = getattr(node, "workeroutput", None) or {}
+    _EMU_WORKERS.append((node.gateway.id, out.get("fastnorm_emu_coverage")))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    if hasattr(config, "workerinput"):
+        h = _EMU_CACHE.get("handle")
+        if h is not None:
+            config.workeroutput["fastnorm_emu_coverage"] = {
+                "full_suite": bool(getattr(config, "_fastnorm_full_kernel_suite", False)),
+                "library": h.path, "ran": h.coverage()}
+        return
+    reports = [r for _, r in _EMU_WORKERS if r is not None]
+    if not reports or not all(r["full_suite"] for r in reports):
+        return  # not the emulation tier, or not the whole kernel suite
+    if session.exitstatus == pytest.ExitCode.INTERRUPTED:
+        return
+    ran: dict = {}
+    for r in reports:
+        for sig, n in r["ran"].items():
+            ran[sig] = ran.get(sig, 0) + n
+    report, failures = emu_coverage_check(ran, reports[0]["library"])
+    lost = [w for w, r in _EMU_WORKERS if r is None]
+    head = ("union of the pytest-xdist workers (kernel signatures that ran: "
+            + ", ".join(f"{w} {len(r['ran'])}" for w, r in _EMU_WORKERS if r is not None) + ")"
+            + (f"; no coverage from {', '.join(lost)} (crashed or ran no kernel test)" if lost else ""))
+    config._fastnorm_emu_verdict = ([head] + report, failures)
+    if failures and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    verdict = getattr(config, "_fastnorm_emu_verdict", None)
+    if verdict is None:
+        return
+    report, failures = verdict
+    terminalreporter.section("emulation kernel coverage", red=bool(failures), green=not failures)
+    for line in report + [f"FAILED: {f}" for f in failures]:
+        terminalreporter.write_line(line)
 
 
 # ------------------------------------------------------------------------------------------------
