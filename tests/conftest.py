@@ -394,7 +394,7 @@ def _poison_uninitialized_memory(request):
 # ------------------------------------------------------------------------------------------------
 KERNEL_TEST_FILES = {"test_batch_norm_kernels.py", "test_row_kernels.py",
                      "test_layer_norm2d_kernels.py", "test_rms_add_kernels.py",
-                     "test_nc_kernels.py", "test_lrn_kernels.py"}
+                     "test_nc_kernels.py", "test_lrn_kernels.py", "test_modulated_kernels.py"}
 
 
 def pytest_configure(config):
