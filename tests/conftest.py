@@ -397,6 +397,27 @@ KERNEL_TEST_FILES = {"test_batch_norm_kernels.py", "test_row_kernels.py",
                      "test_nc_kernels.py", "test_lrn_kernels.py", "test_modulated_kernels.py"}
 
 
+# ------------------------------------------------------------------------------------------------
+# fixtures the test files share
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fast_path():
+    """The CPU fast path on for one test (whatever FASTNORM_CPU_FAST_PATH or the emulation switch
+    set)."""
+    was = fastnorm.functional.set_cpu_fast_path(True)
+    yield
+    fastnorm.functional.set_cpu_fast_path(was)
+
+
+@pytest.fixture
+def no_vmap_fallback():
+    """torch.func.vmap without its slow fallback: an op without a batching rule raises."""
+    was = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(was)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "emu_coverage: the kernel-coverage check (runs last)")
     _route_ops_to_emulation()

@@ -275,14 +275,6 @@ def test_compile_fullgraph(rms):
             assert_close_scaled(a.grad, e.grad, BF16)
 
 
-@pytest.fixture
-def no_vmap_fallback():
-    was = torch._C._functorch._is_vmap_fallback_enabled()
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    yield
-    torch._C._functorch._set_vmap_fallback_enabled(was)
-
-
 @pytest.mark.parametrize("rms", [True, False], ids=["rms", "ln"])
 @pytest.mark.parametrize("xb,rb,pb", [(True, True, False), (True, False, False), (False, True, True),
                                       (True, True, True)], ids=str)

@@ -26,6 +26,23 @@ def small(case):
     return replace(case, shape=cases.fit(case.shape, 1 << 14, case.op))
 
 
+
+def _bench_rows(c, op):
+    """bench_case's rows of case c on the CPU, fastnorm and eager, two repetitions: all correct,
+    their GB/s the op's minimum bytes over the median time."""
+    timer = run.Timer(torch.device("cpu"), quick=True)
+    timer.target_ms, timer.min_reps, timer.max_reps = 1, 2, 2
+    meta = {k: "" for k in run.COLUMNS[:8]}
+    rows = run.bench_case(c, ["fastnorm", "eager"], timer, meta, 10.0, seed=0)
+    assert len(rows) == 6, [(r["provider"], r["pass"]) for r in rows]
+    for r in rows:
+        assert r["correct"], r
+        assert r["maxdiff_y"] < 1e-4 and r["maxdiff_dx"] < 1e-4
+        want = run.min_bytes(math.prod(c.shape), 4, r["pass"], op)
+        assert r["gbps"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9)
+    return rows
+
+
 def test_every_new_op_has_gpu_and_quick_cases():
     gpu = cases.select("cuda", False, NEW_OPS)
     assert {c.op for c in gpu} == set(NEW_OPS)
@@ -128,16 +145,7 @@ def test_bench_case_runs_on_cpu(op):
                if op in ("layer_norm2d", "frozen_batch_norm", "local_response_norm") else ("contiguous",))
     for layout in layouts:
         (c,) = [small(c) for c in cases.select("cpu", False, [op]) if c.layout == layout][:1]
-        timer = run.Timer(torch.device("cpu"), quick=True)
-        timer.target_ms, timer.min_reps, timer.max_reps = 1, 2, 2
-        meta = {k: "" for k in run.COLUMNS[:8]}
-        rows = run.bench_case(c, ["fastnorm", "eager"], timer, meta, 10.0, seed=0)
-        assert len(rows) == 6, [(r["provider"], r["pass"]) for r in rows]
-        for r in rows:
-            assert r["correct"], r
-            assert r["maxdiff_y"] < 1e-4 and r["maxdiff_dx"] < 1e-4
-            want = run.min_bytes(math.prod(c.shape), 4, r["pass"], op)
-            assert r["gbps"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9)
+        for r in _bench_rows(c, op):
             assert r["shape"] == "x".join(map(str, c.shape)) and r["layout"] == layout
 
 
@@ -346,16 +354,7 @@ def test_modulated_bench_case_runs_on_cpu(op):
     inputs, grads = run.make_inputs(c, torch.device("cpu"), 0)
     assert len(inputs) == c.n_inputs + c.n_mods and len(grads) == c.n_outputs
     assert all(t.shape == (c.shape[0], c.shape[-1]) for t in inputs[c.n_inputs:])
-    timer = run.Timer(torch.device("cpu"), quick=True)
-    timer.target_ms, timer.min_reps, timer.max_reps = 1, 2, 2
-    meta = {k: "" for k in run.COLUMNS[:8]}
-    rows = run.bench_case(c, ["fastnorm", "eager"], timer, meta, 10.0, seed=0)
-    assert len(rows) == 6, [(r["provider"], r["pass"]) for r in rows]
-    for r in rows:
-        assert r["correct"], r
-        assert r["maxdiff_y"] < 1e-4 and r["maxdiff_dx"] < 1e-4
-        want = run.min_bytes(math.prod(c.shape), 4, r["pass"], op)
-        assert r["gbps"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9)
+    _bench_rows(c, op)
 
 
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast_path", "op_path"])

@@ -52,13 +52,6 @@ def _one_thread():
 
 
 @pytest.fixture
-def fast_path():
-    was = FN.set_cpu_fast_path(True)
-    yield
-    FN.set_cpu_fast_path(was)
-
-
-@pytest.fixture
 def calls(monkeypatch):
     """Counts of fastnorm's modulated norm calls (the adapters look them up at call time)."""
     n = {"layer": 0, "rms": 0}

@@ -30,14 +30,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def fast_path():
-    """The fast path on for one test (whatever FASTNORM_CPU_FAST_PATH says)."""
-    was = FN.set_cpu_fast_path(True)
-    yield
-    FN.set_cpu_fast_path(was)
-
-
-@pytest.fixture
 def op_path():
     """The fastnorm:: ops on CPU tensors too (the fast path switched off) for one test."""
     was = FN.set_cpu_fast_path(False)

@@ -440,14 +440,6 @@ def test_compile_counts_one_graph():
 # ----------------------------------------------------------------------------------------------
 # torch.func (as tests/test_func_transforms.py: no vmap fallback, float64 against timm's)
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_vmap_fallback():
-    was = torch._C._functorch._is_vmap_fallback_enabled()
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    yield
-    torch._C._functorch._set_vmap_fallback_enabled(was)
-
-
 def _twins(device, c=4):
     torch.manual_seed(1)
     timm = TimmLayerNorm2d(c).to(device, torch.float64)

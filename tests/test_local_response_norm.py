@@ -254,14 +254,6 @@ def test_direct_op_call_is_differentiable():
     torch.testing.assert_close(dx, reference_grad(x, torch.ones_like(x), 3, **ARGS))
 
 
-@pytest.fixture
-def no_vmap_fallback():
-    was = torch._C._functorch._is_vmap_fallback_enabled()
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    yield
-    torch._C._functorch._set_vmap_fallback_enabled(was)
-
-
 @pytest.mark.parametrize("fmt", [None, CL], ids=["nchw", "nhwc"])
 @pytest.mark.filterwarnings("error:There is a performance drop:UserWarning")
 def test_func_transforms(fmt, no_vmap_fallback):

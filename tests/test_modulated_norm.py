@@ -529,14 +529,6 @@ def test_compile_fullgraph(op_path):
         assert_close_scaled(a.grad, e.grad, BF16, msg="grad")
 
 
-@pytest.fixture
-def no_vmap_fallback():
-    was = torch._C._functorch._is_vmap_fallback_enabled()
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    yield
-    torch._C._functorch._set_vmap_fallback_enabled(was)
-
-
 def test_vmap_grad_jacrev(no_vmap_fallback):
     B = 3
     x = torch.randn(B, 4, 6, dtype=F64)

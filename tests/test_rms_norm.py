@@ -314,14 +314,6 @@ def test_compile_inductor_keeps_op():
     assert_close_scaled(fn(x, w), F.rms_norm(x, [8], w) * 2, torch.float32)
 
 
-@pytest.fixture
-def no_vmap_fallback():
-    was = torch._C._functorch._is_vmap_fallback_enabled()
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    yield
-    torch._C._functorch._set_vmap_fallback_enabled(was)
-
-
 @pytest.mark.parametrize("xb,wb", [(True, False), (True, True), (False, True)], ids=str)
 def test_vmap(xb, wb, no_vmap_fallback):
     torch.manual_seed(0)
