@@ -26,6 +26,8 @@
 #   bench-full bench/run.py, every case (71; over 10 minutes: run it in parts with or a part of it with
 #              BENCH_ARGS="--ops layer_norm", say; cases past its budget are listed as skipped)
 #   e2e-full   bench/e2e.py, full batches, 50 steps
+#   dit        bench/dit_block.py --quick: a DiT block (AdaLN-Zero) forward + backward, eager vs
+#              fastnorm's modulated norms, and torch.compile of each -> OUTDIR/dit_block.txt
 # tests, memcheck, racecheck, bench and e2e build first when the extension does not load yet
 # (a fresh machine), so `bash bench/gpu_check.sh OUT bench e2e` works on its own.
 #
@@ -44,7 +46,7 @@
 # options), TORCH_CUDA_ARCH_LIST, MAX_JOBS.
 set -u
 
-OUTDIR=${1:?usage: bash bench/gpu_check.sh OUTDIR [build info plan tests memcheck racecheck bench e2e bench-full e2e-full]}
+OUTDIR=${1:?usage: bash bench/gpu_check.sh OUTDIR [build info plan tests memcheck racecheck bench e2e bench-full e2e-full dit]}
 shift
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(build info plan tests memcheck racecheck bench e2e)
@@ -57,7 +59,7 @@ BUDGET=${GPU_CHECK_BUDGET:-570}
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 declare -A CAP=([build]=240 [info]=30 [plan]=90 [tests]=180 [memcheck]=90 [racecheck]=90 [bench]=180
-                [e2e]=150 [bench-full]=560 [e2e-full]=300)
+                [e2e]=150 [bench-full]=560 [e2e-full]=300 [dit]=150)
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null \
             || echo compute-sanitizer)
 START=$SECONDS
@@ -181,9 +183,16 @@ step_e2e_full() {
     "$PY" bench/e2e.py --out "$OUTDIR/e2e.csv" ${E2E_ARGS:-}
 }
 
+step_dit() {
+    "$PY" bench/dit_block.py --quick > "$OUTDIR/dit_block.txt"
+    local status=$?
+    cat "$OUTDIR/dit_block.txt"
+    return $status
+}
+
 export PY OUTDIR SANITIZER
 export -f sanitize bench_budget plan_join step_build step_info step_plan step_tests step_memcheck step_racecheck step_bench \
-    step_e2e step_bench_full step_e2e_full
+    step_e2e step_bench_full step_e2e_full step_dit
 
 echo "gpu_check: steps ${STEPS[*]}; budget ${BUDGET}s; python $PY; out $OUTDIR"
 built=0
