@@ -452,6 +452,29 @@ class KernelResources:
         return self.spills and self.registers >= (self.register_cap or 255)
 
 
+# What cuobjdump reads from one binary (tens of seconds for the ~700 kernels of a build), kept per
+# (file, modification time, size): a second collect() of the same build, with another ptxas
+# record, costs nothing.
+_BINARY_FACTS: dict = {}
+
+
+def _binary_facts(cuobjdump: str, so: str, arch: str, mtime_ns: int, size: int):
+    """(resource usage of `arch`'s kernels, their ELF attributes, demangled names) of `so`."""
+    key = (cuobjdump, os.path.abspath(so), arch, mtime_ns, size)
+    if key not in _BINARY_FACTS:
+        usage = parse_resource_usage(_run([cuobjdump, "--dump-resource-usage", so]))
+        if not usage:
+            raise Unavailable(f"{os.path.basename(so)} holds no CUDA kernels (built without CUDA?)")
+        usage = [u for u in usage if u["arch"] == arch]
+        if not usage:
+            raise Unavailable(f"{os.path.basename(so)} holds no {arch} code")
+        attrs = _elf_attributes(cuobjdump, so)
+        names = demangle(sorted({u["name"] for u in usage}))
+        _BINARY_FACTS.clear()  # one build at a time
+        _BINARY_FACTS[key] = (usage, attrs, names)
+    return _BINARY_FACTS[key]
+
+
 def collect(so: Optional[str] = None, arch: str = ARCH, ptxas_record: Optional[dict] = None,
             cuobjdump: Optional[str] = None) -> list[KernelResources]:
     """Every kernel of `arch` in the extension, with its resources. Raises Unavailable with the
@@ -463,15 +486,9 @@ def collect(so: Optional[str] = None, arch: str = ARCH, ptxas_record: Optional[d
     cuobjdump = cuobjdump or find_tool("cuobjdump")
     if not cuobjdump:
         raise Unavailable("cuobjdump not found (CUDA toolkit bin/, PATH, or triton's copy)")
-    usage = parse_resource_usage(_run([cuobjdump, "--dump-resource-usage", so]))
-    if not usage:
-        raise Unavailable(f"{os.path.basename(so)} holds no CUDA kernels (built without CUDA?)")
-    usage = [u for u in usage if u["arch"] == arch]
-    if not usage:
-        raise Unavailable(f"{os.path.basename(so)} holds no {arch} code")
-    attrs = _elf_attributes(cuobjdump, so)
+    st = os.stat(so)
+    usage, attrs, names = _binary_facts(cuobjdump, so, arch, st.st_mtime_ns, st.st_size)
     ptxas = (load_ptxas_record() if ptxas_record is None else ptxas_record).get(arch, {})
-    names = demangle(sorted({u["name"] for u in usage}))
 
     out = []
     for u in usage:
