@@ -273,16 +273,7 @@ def test_nc_references_and_fastnorm_modules():
 def test_nc_bench_case_runs_on_cpu(op):
     for layout in ("contiguous", "channels_last"):
         (c,) = [small(c) for c in cases.select("cpu", False, [op]) if c.layout == layout][:1]
-        timer = run.Timer(torch.device("cpu"), quick=True)
-        timer.target_ms, timer.min_reps, timer.max_reps = 1, 2, 2
-        meta = {k: "" for k in run.COLUMNS[:8]}
-        rows = run.bench_case(c, ["fastnorm", "eager"], timer, meta, 10.0, seed=0)
-        assert len(rows) == 6, [(r["provider"], r["pass"]) for r in rows]
-        for r in rows:
-            assert r["correct"], r
-            assert r["maxdiff_y"] < 1e-4 and r["maxdiff_dx"] < 1e-4
-            want = run.min_bytes(math.prod(c.shape), 4, r["pass"], op)
-            assert r["gbps"] == pytest.approx(want / (r["median_ms"] * 1e-3) / 1e9)
+        for r in _bench_rows(c, op):
             assert r["layout"] == layout
 
 
