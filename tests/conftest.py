@@ -63,6 +63,21 @@ def assert_close_scaled(actual, expected, dtype=None, factor=1.0, msg=""):
                                msg=lambda m: f"{msg}\n{m}")
 
 
+def assert_compiled_matches_eager(step, tensors, dtype, msg=""):
+    """torch.compile(step, fullgraph=True) (aot_eager) against step run eagerly, each on fresh
+    leaf copies of `tensors`: the scalar it returns, then every leaf's gradient from its
+    backward(), with assert_close_scaled's tolerances of `dtype`."""
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    ref_leaves = [t.clone().requires_grad_() for t in tensors]
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves)
+    want = step(*ref_leaves)
+    assert_close_scaled(got, want, dtype, msg=msg)
+    got.backward()
+    want.backward()
+    for a, e in zip(leaves, ref_leaves):
+        assert_close_scaled(a.grad, e.grad, dtype, msg=f"{msg} grad")
+
+
 def grad_scale(*grads) -> float:
     """The largest |value| over the given gradients (None and empty ones skipped); 0 for none."""
     return max((float(g.detach().abs().max()) for g in grads

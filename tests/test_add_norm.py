@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
 
 import fastnorm.functional as FN
-from conftest import assert_close_scaled, mentions_shape
+from conftest import assert_close_scaled, assert_compiled_matches_eager, mentions_shape
 
 ops = torch.ops.fastnorm
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -261,18 +261,7 @@ def test_compile_fullgraph(rms):
         out, r = FN.add_rms_norm(x, res, [8], w) if rms else FN.add_layer_norm(x, res, [8], w, b)
         return out.float().sum() + r.sum()
 
-    leaves = [t.clone().requires_grad_() for t in (x, res, w, b)]
-    ref_leaves = [t.clone().requires_grad_() for t in (x, res, w, b)]
-    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves)
-    want = step(*ref_leaves)
-    assert_close_scaled(got, want, BF16)
-    got.backward()
-    want.backward()
-    for a, e in zip(leaves, ref_leaves):
-        if e.grad is None:
-            assert a.grad is None
-        else:
-            assert_close_scaled(a.grad, e.grad, BF16)
+    assert_compiled_matches_eager(step, (x, res, w, b), BF16)
 
 
 @pytest.mark.parametrize("rms", [True, False], ids=["rms", "ln"])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.func import grad, jacrev, vmap
 
 import fastnorm.functional as FN
-from conftest import assert_close_scaled, mentions_shape
+from conftest import assert_close_scaled, assert_compiled_matches_eager, mentions_shape
 
 ops = torch.ops.fastnorm
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -518,15 +518,7 @@ def test_compile_fullgraph(op_path):
         z = FN.modulated_rms_norm(out, s2, None, w)
         return z.float().sum() + (r * r).sum()
 
-    leaves = [t.clone().requires_grad_() for t in (x, res, *mods, w, b)]
-    ref_leaves = [t.clone().requires_grad_() for t in (x, res, *mods, w, b)]
-    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves)
-    want = step(*ref_leaves)
-    assert_close_scaled(got, want, BF16)
-    got.backward()
-    want.backward()
-    for a, e in zip(leaves, ref_leaves):
-        assert_close_scaled(a.grad, e.grad, BF16, msg="grad")
+    assert_compiled_matches_eager(step, (x, res, *mods, w, b), BF16)
 
 
 def test_vmap_grad_jacrev(no_vmap_fallback):
