@@ -35,9 +35,9 @@ void cl_forward_vec(channels::cl_fwd_t<T, ACT> p, const Dims& d, acc_of<T> eps, 
   const channels::ClShape s = channels::plan_cl_sums(d.N, d.HW, d.C, d.G, VEC);
   at::Tensor ws = at::empty({2 * s.N * s.K * s.C}, acc_options(like));
   launch(channels::cl_welford_partial_kernel<T, VEC>, grid_of(s.N * s.K * s.CT), s.bx * s.by, 0,
-      stream, p.x, s, ws.data_ptr<A>());
+      stream, p.x, s, ws.data_ptr<A>(), Validity{});
   launch(channels::cl_welford_finalize_kernel<A>, grid_of(ceil_div(s.N * s.G, 8)), 256, 0, stream,
-      ws.data_ptr<A>(), s, eps, mean, rstd, false);
+      ws.data_ptr<A>(), s, eps, mean, rstd, false, static_cast<const A*>(nullptr));
   p.mean = mean;
   p.rstd = rstd;
   p.s = channels::plan_cl(d.N, d.HW, d.C, d.G, VEC, sm_count(),

@@ -558,6 +558,7 @@ struct ClBwd {
   const A* mean = nullptr;  // [N, G]
   const A* rstd = nullptr;
   ClShape s;
+  Validity valid;  // the MASKED kernel only (nc_grad_sums with lengths or a mask)
 };
 
 // The ACT kernel's params (a struct of its own: the plain kernel keeps its parameter block and
@@ -585,10 +586,13 @@ inline constexpr int kClSumsActBlocks =
 template <typename T, int VEC>
 inline constexpr int kClDxActBlocks = sizeof(acc_of<T>) == 8 ? 2 : kClDxBlocks<T, VEC>;
 
-template <typename T, int VEC, bool ACT>
+// MASKED (nc_grad_sums with a validity, G = C; never with ACT): the valid rows (positions) only,
+// skipped before their loads.
+template <typename T, int VEC, bool ACT, bool MASKED = false>
 __global__ void __launch_bounds__(kClThreads, ACT ? kClSumsActBlocks<T, VEC> : kClSumsBlocks<T, VEC>)
     cl_bwd_sums_kernel(cl_bwd_t<T, ACT> p, acc_of<T>* __restrict__ ws) {
   using A = acc_of<T>;
+  static_assert(!MASKED || !ACT, "MASKED: the per-(n, c) sums");
   constexpr int kU = kClSumsPacks<T, VEC>;  // packs of x and of dy in flight per thread
   __shared__ A sm_a[kClThreads * VEC];
   __shared__ A sm_b[kClThreads * VEC];
@@ -625,20 +629,24 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClSumsActBlocks<T, VEC> : k
       const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
       const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
       int64_t off = (n * s.HW + h0 + ty) * s.C + cp * VEC;
+      Validity::Sample vs{};
+      if constexpr (MASKED) vs = p.valid.sample(n);
       #pragma unroll 1  // kU packs are the unroll: nothing more in flight
       for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kU, off += kU * step) {
         T xv[kU][VEC];
         A gv[kU][VEC];
+        bool live[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          if (h + u * s.by < h1) {
+          live[u] = h + u * s.by < h1 && (!MASKED || p.valid.ok(vs, h + u * s.by));
+          if (live[u]) {
             load_raw<T, VEC>(p.x + off + u * step, xv[u]);
             p.dy.load(off + u * step, gv[u]);
           }
         }
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          if (h + u * s.by < h1) {
+          if (live[u]) {
 #pragma unroll
             for (int v = 0; v < VEC; ++v) {
               if constexpr (ACT) {
@@ -693,9 +701,11 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClSumsActBlocks<T, VEC> : k
 // z = (x - mean) * (rstd * w) + b recomputed. NC (nc_affine_grad, G = C): the coefficients per
 // (n, c) as in groups::GnDx (w = a, c1 = c, c2 = b: rstd = 1, k1 = -c, k2 = -b), dy possibly
 // absent; a compile-time flag, so GroupNorm's instantiations keep their code. Never with ACT.
-template <typename T, int VEC, bool ACT, bool NC = false>
+// MASKED (NC with a validity): the invalid rows (positions) store 0 without reading x or dy.
+template <typename T, int VEC, bool ACT, bool NC = false, bool MASKED = false>
 __global__ void __launch_bounds__(kClThreads, ACT ? kClDxActBlocks<T, VEC> : kClDxBlocks<T, VEC>) cl_dx_kernel(groups::gn_dx_t<T, ACT> p, ClShape s) {
   using A = acc_of<T>;
+  static_assert(!MASKED || (NC && !ACT), "MASKED: the per-(n, c) affine gradient");
   constexpr int kU = kClDxPacks<T, VEC>;  // packs of x and of dy in flight per thread
   const int tx = threadIdx.x % s.bx, ty = threadIdx.x / s.bx;
   const int64_t Cp = s.C / VEC;
@@ -726,13 +736,17 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClDxActBlocks<T, VEC> : kCl
     const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
     const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
     int64_t off = (n * s.HW + h0 + ty) * s.C + cp * VEC;
+    Validity::Sample vs{};
+    if constexpr (MASKED) vs = p.valid.sample(n);
     #pragma unroll 1  // kU packs are the unroll: nothing more in flight
     for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kU, off += kU * step) {
       T xv[kU][VEC];
       A gv[kU][VEC];
+      bool live[kU];
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
-        if (h + u * s.by < h1) {
+        live[u] = !MASKED || (h + u * s.by < h1 && p.valid.ok(vs, h + u * s.by));
+        if (h + u * s.by < h1 && live[u]) {
           load_raw<T, VEC>(p.x + off + u * step, xv[u]);
           if (has_dy) {
             p.dy.load(off + u * step, gv[u]);
@@ -755,6 +769,7 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClDxActBlocks<T, VEC> : kCl
             } else {
               o[v] = wr[v] * gv[u][v] - k1[v] - (static_cast<A>(xv[u][v]) - mu[v]) * k2[v];
             }
+            if constexpr (MASKED) o[v] = live[u] ? o[v] : A(0);
           }
           store_as<T, VEC, A>(p.dx + off + u * step, o);
         }

@@ -13,6 +13,7 @@
 
 #include "kernels/activation.cuh"
 #include "kernels/pack.cuh"
+#include "kernels/validity.cuh"
 #include "kernels/welford.cuh"
 
 namespace fastnorm {

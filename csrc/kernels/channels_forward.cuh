@@ -454,9 +454,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // Per-(n, chunk, channel) Welford states: ws[0][(n*K + k)*C + c] = mean, ws[1][...] = m2
 // (the count is the chunk's row count, recomputed by the finalize).
-template <typename T, int VEC>
+// MASKED (nc_moments with a validity, G = C): the valid rows (positions) only, skipped before
+// their loads; the chunk's count, the same for every channel, goes to ws[2][n*K + k].
+template <typename T, int VEC, bool MASKED = false>
 __global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>)
-    cl_welford_partial_kernel(const T* __restrict__ x, ClShape s, acc_of<T>* __restrict__ ws) {
+    cl_welford_partial_kernel(const T* __restrict__ x, ClShape s, acc_of<T>* __restrict__ ws,
+                              Validity valid) {
   using A = acc_of<T>;
   constexpr int kU = kClPartialPacks<T, VEC>;  // packs in flight per thread
   __shared__ A sm_mean[kClThreads * VEC];
@@ -483,15 +486,20 @@ __global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>)
     if (cv) {
       const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
       const T* xp = x + (n * s.HW + h0 + ty) * s.C + cp * VEC;
+      Validity::Sample vs{};
+      if constexpr (MASKED) vs = valid.sample(n);
       #pragma unroll 1  // kU packs are the unroll: nothing more in flight
       for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kU, xp += kU * step) {
         T xv[kU][VEC];
-#pragma unroll
-        for (int u = 0; u < kU; ++u)
-          if (h + u * s.by < h1) load_raw<T, VEC>(xp + u * step, xv[u]);
+        bool live[kU];
 #pragma unroll
         for (int u = 0; u < kU; ++u) {
-          if (h + u * s.by < h1) {
+          live[u] = h + u * s.by < h1 && (!MASKED || valid.ok(vs, h + u * s.by));
+          if (live[u]) load_raw<T, VEC>(xp + u * step, xv[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+          if (live[u]) {
             ++cnt;
             const A inv = A(1) / static_cast<A>(cnt);
 #pragma unroll
@@ -535,17 +543,19 @@ __global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>)
         ws[base + v] = mean[v];
         ws[plane + base + v] = m2[v];
       }
+      if (MASKED && cp == 0) ws[2 * plane + nk] = c;
     }
   }
 }
 
 // A warp per (n, g) merges the Cg channels x K chunks of states in a fixed order -> mean, rstd.
 // var_out (nc_moments, G = C): the biased variance m2 / count goes to `rstd` instead (a run-time
-// flag of the epilogue: the merge is the same).
+// flag of the epilogue: the merge is the same). counts (the MASKED partials' [N, K] valid counts)
+// null: a chunk counts its rows.
 template <typename A>
 __global__ void __launch_bounds__(256)
     cl_welford_finalize_kernel(const A* __restrict__ ws, ClShape s, A eps, A* __restrict__ mean,
-                               A* __restrict__ rstd, bool var_out) {
+                               A* __restrict__ rstd, bool var_out, const A* __restrict__ counts) {
   const int lane = threadIdx.x & 31;
   const int wpb = blockDim.x >> 5;
   const int64_t plane = s.N * s.K * s.C;
@@ -559,7 +569,8 @@ __global__ void __launch_bounds__(256)
       const int64_t h0 = k * s.rpc;
       const int64_t rows = (h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW) - h0;
       const int64_t i = (n * s.K + k) * s.C + g * s.Cg + ci;
-      w.merge(Welford<A>(ws[i], ws[plane + i], static_cast<A>(rows)));
+      const A cnt = counts != nullptr ? counts[n * s.K + k] : static_cast<A>(rows);
+      w.merge(Welford<A>(ws[i], ws[plane + i], cnt));
     }
     w = warp_merge(w);
     if (lane == 0) {
@@ -578,6 +589,7 @@ struct ClFwd {
   const A* mean = nullptr;  // [N, G]
   const A* rstd = nullptr;
   ClShape s;
+  Validity valid;  // the MASKED kernel only (nc_affine with lengths or a mask)
 };
 
 // The ACT kernel's params: ClFwd and the activation (kernels/activation.cuh), a struct of its own
@@ -601,10 +613,12 @@ inline constexpr int kClApplyActBlocks =
 // NC (nc_affine, G = C): y = x * scale[n, c] + shift[n, c] with rstd = scale and b = shift, both
 // per (n, c) (index n * C + c), mean and w unused. A compile-time flag: GroupNorm's instantiations
 // keep their code (registers and speed); only the per-item prologue differs. Never with ACT.
-template <typename T, int VEC, bool ACT, bool NC = false>
+// MASKED (NC with a validity): the invalid rows (positions) store 0 without reading x.
+template <typename T, int VEC, bool ACT, bool NC = false, bool MASKED = false>
 __global__ void __launch_bounds__(kClThreads, ACT ? kClApplyActBlocks<T, VEC> : kClStreamBlocks<T, VEC>)
     cl_apply_kernel(cl_fwd_t<T, ACT> p) {
   using A = acc_of<T>;
+  static_assert(!MASKED || (NC && !ACT), "MASKED: the per-(n, c) affine");
   constexpr int kU = kClApplyPacks<T, VEC>;  // packs in flight per thread
   const ClShape& s = p.s;
   const int tx = threadIdx.x % s.bx, ty = threadIdx.x / s.bx;
@@ -630,18 +644,24 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClApplyActBlocks<T, VEC> : 
     const int64_t h1 = h0 + s.rpc < s.HW ? h0 + s.rpc : s.HW;
     const int64_t step = static_cast<int64_t>(s.by) * s.C;  // elements between a thread's rows
     int64_t off = (n * s.HW + h0 + ty) * s.C + cp * VEC;
+    Validity::Sample vs{};
+    if constexpr (MASKED) vs = p.valid.sample(n);
     #pragma unroll 1  // kU packs are the unroll: nothing more in flight
     for (int64_t h = h0 + ty; h < h1; h += static_cast<int64_t>(s.by) * kU, off += kU * step) {
       T xv[kU][VEC];
+      bool live[kU];
 #pragma unroll
-      for (int u = 0; u < kU; ++u)
-        if (h + u * s.by < h1) load_raw<T, VEC>(p.x + off + u * step, xv[u]);
+      for (int u = 0; u < kU; ++u) {
+        live[u] = !MASKED || (h + u * s.by < h1 && p.valid.ok(vs, h + u * s.by));
+        if (h + u * s.by < h1 && live[u]) load_raw<T, VEC>(p.x + off + u * step, xv[u]);
+      }
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         if (h + u * s.by < h1) {
           A o[VEC];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v) o[v] = affine_z(static_cast<A>(xv[u][v]), mu[v], sc[v], bb[v]);
+          for (int v = 0; v < VEC; ++v)
+            o[v] = live[u] ? affine_z(static_cast<A>(xv[u][v]), mu[v], sc[v], bb[v]) : A(0);
           if constexpr (ACT) {
 #pragma unroll
             for (int v = 0; v < VEC; ++v) o[v] = activate(p.act, o[v]);

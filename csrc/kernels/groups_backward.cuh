@@ -540,6 +540,7 @@ struct RowSums {
   int64_t stat_div = 1;
   A* ws = nullptr;
   const float* x32 = nullptr;  // add_norm with an fp32 residual stream (X = float): the rows
+  Validity valid;              // the MASKED kernel only (nc_grad_sums with lengths or a mask)
 };
 
 // The ACT kernel's params: z = xhat * w + b. LayerNorm (chan_mod == 0): w and b per column, and the
@@ -556,10 +557,13 @@ template <typename T, bool ACT>
 using row_sums_t = std::conditional_t<ACT, RowSumsAct<T>, RowSums<T>>;
 
 // mean null: RMSNorm (xhat = x * rstd). X: the rows' dtype (T, or float32: add_norm's x32).
-template <typename T, int VEC, typename X, bool ACT>
+// MASKED (nc_grad_sums with a validity; never with ACT): the valid elements only, and a row with
+// lengths on one line stops at its length (Validity::reduce_end).
+template <typename T, int VEC, typename X, bool ACT, bool MASKED = false>
 __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(row_sums_t<T, ACT> p, Items it) {
   using A = acc_of<T>;
   static_assert(!ACT || std::is_same_v<X, T>, "activation epilogues: LayerNorm / GroupNorm");
+  static_assert(!MASKED || (!ACT && std::is_same_v<X, T>), "MASKED: the per-(n, c) sums");
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
@@ -570,7 +574,12 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(row_sums
     if (item < items) {
       const int64_t row = item / it.S, s = item - row * it.S;
       const int64_t e0 = s * it.chunk;
-      const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
+      int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
+      Validity::Sample vs{};
+      if constexpr (MASKED) {
+        vs = p.valid.sample(row / p.valid.C);
+        e1 = p.valid.reduce_end(vs, e1, VEC);
+      }
       const int64_t srow = p.stat_div == 1 ? row : row / p.stat_div;
       const A mean = p.mean != nullptr ? p.mean[srow] : A(0);
       const A rstd = p.rstd != nullptr ? p.rstd[srow] : A(1);
@@ -629,6 +638,7 @@ __global__ void __launch_bounds__(kItemThreads) row_sums_partial_kernel(row_sums
 #pragma unroll
             for (int k = 0; k < VEC; ++k) {
               const A g = gv[u][k] * wv[k];
+              if (MASKED && !p.valid.ok(vs, q * VEC + k)) continue;  // padding: anything, inf too
               s1 += g;
               s2 += g * ((static_cast<A>(xv[u][k]) - mean) * rstd);
             }
@@ -867,6 +877,7 @@ struct GnDx {
   Operand<T> w;  // absent, T or float32
   T* dx = nullptr;
   GnMap gn;
+  Validity valid;  // the MASKED kernels only (nc_affine_grad with lengths or a mask)
 };
 
 // The ACT kernels' params (gn_dx_nchw, cl_dx): the bias of z = xhat * w + b and the activation.
@@ -878,10 +889,12 @@ struct GnDxAct : GnDx<T> {
 template <typename T, bool ACT>
 using gn_dx_t = std::conditional_t<ACT, GnDxAct<T>, GnDx<T>>;
 
-// NC (nc_affine_grad): see GnDx; never together with ACT.
-template <typename T, int VEC, bool ACT, bool NC = false>
+// NC (nc_affine_grad): see GnDx; never together with ACT. MASKED (NC with a validity): 0 at the
+// invalid positions.
+template <typename T, int VEC, bool ACT, bool NC = false, bool MASKED = false>
 __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(gn_dx_t<T, ACT> p, Items it) {
   using A = acc_of<T>;
+  static_assert(!MASKED || (NC && !ACT), "MASKED: the per-(n, c) affine gradient");
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
@@ -899,6 +912,8 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(gn_dx_t<T, ACT
     const int64_t cbase = NC ? 0 : p.gn.chan_base(row);
     const A a_row = NC ? p.w.get_or(row, A(0)) : A(0);  // NC: a of the row (0 without dy)
     const bool has_dy = !NC || p.dy.present();
+    Validity::Sample vs{};
+    if constexpr (MASKED) vs = p.valid.sample(row / p.valid.C);
     const int64_t p1 = e1 / VEC;
     for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
       T xv[kUnroll][VEC];
@@ -958,6 +973,7 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(gn_dx_t<T, ACT
           for (int k = 0; k < VEC; ++k) {
             const A xh = (static_cast<A>(xv[u][k]) - mean) * rstd;
             o[k] = rstd * (wv[k] * gv[u][k] - k1 - xh * k2);
+            if constexpr (MASKED) o[k] = p.valid.ok(vs, j0 + k) ? o[k] : A(0);
           }
           store_as<T, VEC, A>(p.dx + off + j0, o);
         }

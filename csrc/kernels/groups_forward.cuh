@@ -28,6 +28,7 @@
 
 #include "kernels/activation.cuh"
 #include "kernels/pack.cuh"
+#include "kernels/validity.cuh"
 #include "kernels/welford.cuh"
 
 namespace fastnorm {
@@ -82,6 +83,7 @@ struct RowFwd {
                   // ATen's mean computes it)
   bool round_xhat = false;  // RMSNorm only: rms_z's Llama convention
   GnMap gn;
+  Validity valid;  // the MASKED kernels only (the per-(n, c) ops with lengths or a mask)
 };
 
 // RMSNorm's output element before its store. Plain: x * (rstd * w), rounded once at the store.
@@ -447,13 +449,61 @@ __device__ __forceinline__ void welford_add_packs(Welford<A>& w, const T (&v)[kU
   w.merge(Welford<A>(lmean, m2, cnt));
 }
 
+// The same over the elements ok[u][k] of the packs only (MASKED): the shift is the first valid
+// element (a padded one may hold anything, inf included), and a chunk with none adds nothing.
+template <typename A, typename T, int VEC>
+__device__ __forceinline__ void welford_add_valid(Welford<A>& w, const T (&v)[kUnroll][VEC],
+                                                  const bool (&ok)[kUnroll][VEC], int valid_packs) {
+  A shift = A(0);
+  bool found = false;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (!found && u < valid_packs && ok[u][k]) {
+        shift = static_cast<A>(v[u][k]);
+        found = true;
+      }
+    }
+  }
+  if (!found) return;
+  A s = A(0), cnt = A(0);
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (u < valid_packs && ok[u][k]) {
+        s += static_cast<A>(v[u][k]) - shift;
+        cnt += A(1);
+      }
+    }
+  }
+  const A lmean = shift + s / cnt;
+  A m2 = A(0);
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (u < valid_packs && ok[u][k]) {
+        const A d = static_cast<A>(v[u][k]) - lmean;
+        m2 += d * d;
+      }
+    }
+  }
+  w.merge(Welford<A>(lmean, m2, cnt));
+}
+
 // Partial statistics per item: LayerNorm / GroupNorm: the Welford state, ws[0][item] = mean,
 // ws[1][item] = m2, ws[2][item] = count; RMSNorm: ws[0][item] = sum of squares. With a residual
 // (add_norm) the item's r = round_X(x + residual) is stored to residual_out here, so the apply
 // pass reads r once instead of x and the residual.
-template <typename T, int VEC, bool RMS, typename X>
+// MASKED (nc_moments with a validity; never with RMS or X): the valid elements only
+// (welford_add_valid), the count stored is theirs, and a row with lengths on one line stops at
+// its length (Validity::reduce_end).
+template <typename T, int VEC, bool RMS, typename X, bool MASKED = false>
 __global__ void __launch_bounds__(kItemThreads, 1)
     row_welford_partial_kernel(RowFwd<T> p, Items it, acc_of<T>* __restrict__ ws) {
+  static_assert(!MASKED || (!RMS && std::is_void_v<X>), "MASKED: the per-(n, c) moments");
   using A = acc_of<T>;
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
@@ -466,7 +516,12 @@ __global__ void __launch_bounds__(kItemThreads, 1)
     if (item < items) {
       const int64_t row = item / it.S, s = item - row * it.S;
       const int64_t e0 = s * it.chunk;
-      const int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
+      int64_t e1 = e0 + it.chunk < it.L ? e0 + it.chunk : it.L;
+      Validity::Sample vs{};
+      if constexpr (MASKED) {
+        vs = p.valid.sample(row / p.valid.C);
+        e1 = p.valid.reduce_end(vs, e1, VEC);
+      }
       const int64_t off = row * it.L;
       const int64_t p1 = e1 / VEC;
       for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
@@ -480,7 +535,16 @@ __global__ void __launch_bounds__(kItemThreads, 1)
             nv = u + 1;
           }
         }
-        if constexpr (RMS) {
+        if constexpr (MASKED) {
+          bool ok[kUnroll][VEC];
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) {
+            const int64_t q = pk + static_cast<int64_t>(u) * tpr;
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) ok[u][k] = u < nv && p.valid.ok(vs, q * VEC + k);
+          }
+          welford_add_valid<A, held_t<T, X>, VEC>(w, v, ok, nv);
+        } else if constexpr (RMS) {
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
             if (u < nv) {
@@ -546,11 +610,13 @@ __global__ void __launch_bounds__(256)
 // Normalise with the saved mean/rstd, item by item in the reverse order. The source is x (X void),
 // or with a residual (add_norm) residual_out of dtype X, which the partial pass wrote.
 // RMSNorm: p.mean is null (mean 0, no bias).
-template <typename T, int VEC, bool GN, typename X, bool ACT>
+// MASKED (nc_affine with a validity; GN, never with ACT or X): 0 at the invalid positions.
+template <typename T, int VEC, bool GN, typename X, bool ACT, bool MASKED = false>
 __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(act_params_t<RowFwd<T>, ACT> p, Items it) {
   using A = acc_of<T>;
   using S = held_t<T, X>;
   static_assert(!ACT || std::is_void_v<X>, "activation epilogues: LayerNorm / GroupNorm");
+  static_assert(!MASKED || (GN && !ACT && std::is_void_v<X>), "MASKED: the per-(n, c) affine");
   const int tpr = it.tpr;
   const int ipb = blockDim.x / tpr;
   const int grp = threadIdx.x / tpr, t = threadIdx.x % tpr;
@@ -568,6 +634,8 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(act_params_t<Ro
     const S* xr = src + row * it.L;
     const A mean = p.mean != nullptr ? p.mean[row] : A(0), rstd = p.rstd[row];
     const int64_t cbase = GN ? p.gn.chan_base(row) : 0;
+    Validity::Sample vs{};
+    if constexpr (MASKED) vs = p.valid.sample(row / p.valid.C);
     const int64_t p1 = e1 / VEC;
     for (int64_t pk = e0 / VEC + t; pk < p1; pk += static_cast<int64_t>(tpr) * kUnroll) {
       S v[kUnroll][VEC];
@@ -592,6 +660,10 @@ __global__ void __launch_bounds__(kItemThreads) row_apply_kernel(act_params_t<Ro
               o[k] = affine_z(static_cast<A>(v[u][k]), mean, rstd * wv[k], bv[k]);
           }
           if constexpr (ACT) act_epilogue<ACT>(p.act, o);
+          if constexpr (MASKED) {
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) o[k] = p.valid.ok(vs, j0 + k) ? o[k] : A(0);
+          }
           p.y.store(row * it.L + j0, o);
         }
       }

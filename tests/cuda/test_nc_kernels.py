@@ -297,6 +297,153 @@ def test_bad_inputs(target):
 
 
 # ------------------------------------------------------------------------------------------------
+# validity (the masked norms): lengths or a mask; statistics and sums over the valid positions,
+# 0 written at the invalid ones, which hold NaN here (padding may hold anything)
+# ------------------------------------------------------------------------------------------------
+def _validity(x, form, gen):
+    """(lengths, mask, valid64): lengths int64 [N] (0, 1, full, past the end, random; negative
+    for N > 4) or mask bool [N, *spatial] (a random pattern, one sample all invalid), and the
+    float64 [N, 1, *spatial] validity of the reference."""
+    n, w = x.shape[0], x.shape[-1]
+    spatial = tuple(x.shape[2:])
+    if form == "lengths":
+        pick = [0, 1, w, w + 3, -2]
+        lengths = torch.tensor([pick[i] if i < len(pick) else int(torch.randint(0, w + 1, (1,),
+                                                                               generator=gen))
+                                for i in range(n)], dtype=torch.int64)
+        if n >= 2:
+            lengths[1] = max(1, w // 2)
+        col = torch.arange(w)
+        valid = (col < lengths.reshape(-1, *([1] * len(spatial)))).expand(n, *spatial)
+        return lengths.to(x.device), None, valid.unsqueeze(1).double()
+    mask = torch.rand((n, *spatial), generator=gen) < 0.6
+    mask[0] = False
+    return None, mask.to(x.device), mask.unsqueeze(1).double()
+
+
+def _masked_ref(x, dy, valid, a, b, c):
+    dims = tuple(range(2, x.dim()))
+    x64 = torch.where(valid.bool(), x.detach().to("cpu", torch.float64), 0)
+    cnt = valid.sum(dims)
+    mean = (x64 * valid).sum(dims) / cnt.clamp_min(1)
+    var = (((x64 - _bcast(mean, x)) * valid) ** 2).sum(dims) / cnt.clamp_min(1)
+    dy64 = torch.where(valid.bool(), dy.detach().to("cpu", torch.float64), 0)
+    s_dy = (dy64 * valid).sum(dims)
+    s_xc = (dy64 * (x64 - _bcast(mean, x)) * valid).sum(dims)
+    y = (x64 * _bcast(a, x) + _bcast(b, x)) * valid
+    dx = (_bcast(a, x) * dy64 + _bcast(b, x) * (x64 - _bcast(mean, x)) + _bcast(c, x)) * valid
+    return mean, var, s_dy, s_xc, y, dx
+
+
+def _poison(t, valid):
+    """NaN at the invalid positions of t, in place (its layout and alignment kept)."""
+    return t.masked_fill_((~valid.bool()).to(t.device).expand_as(t), float("nan"))
+
+
+@pytest.mark.parametrize("form", ["lengths", "mask"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("case", [c for c in CASES if c != "transposed"])
+def test_nc_ops_masked(target, case, dtype, form):
+    shape, fmt, misalign = CASES[case]
+    dev = target.device
+    ops = target.ops
+    sd = _stat(dtype)
+    gen = torch.Generator().manual_seed(hash((case, form)) % 2**31)
+    x = _make(dev, shape, fmt, dtype, misalign)
+    dy = _make(dev, shape, fmt, dtype, misalign, scale=1.0, shift=0.0)
+    lengths, mask, valid = _validity(x, form, gen)
+    n, c = x.shape[:2]
+    a = (torch.rand(n, c, dtype=torch.float64) + 0.5).to(sd).to(dev)
+    b, cc = (torch.randn(n, c, dtype=torch.float64).to(sd).to(dev) for _ in range(2))
+    rmean, rvar, r_dy, r_xc, ry, rdx = _masked_ref(x, dy, valid, a, b, cc)
+    xp = _poison(x, valid)
+    dyp = _poison(dy, valid)
+    assert _layout(xp) == _layout(x)
+    vk = dict(lengths=lengths, mask=mask)
+
+    mean, var = ops.nc_moments(xp, **vk)
+    assert mean.dtype == var.dtype == sd and mean.shape == var.shape == (n, c)
+    _check(mean, rmean, STAT_TOL[sd], "mean")
+    _check(var, rvar, STAT_TOL[sd], "var")
+    y = ops.nc_affine(xp, a, b, **vk)
+    assert y.dtype == dtype and _layout(y) == _expected_layout(x)
+    _check(y, ry, TOL[dtype], "y")
+    # the sums around the reference mean (the kernels' own is checked above)
+    m_in = rmean.to(sd).to(dev)
+    sum_dy, sum_dy_xc = ops.nc_grad_sums(dyp, xp, m_in, **vk)
+    _check(sum_dy, r_dy, STAT_TOL[sd], "sum_dy")
+    _check(sum_dy_xc, r_xc, STAT_TOL[sd], "sum_dy_xc")
+    dx = ops.nc_affine_grad(dyp, xp, m_in, a, b, cc, **vk)
+    assert dx.dtype == dtype and _layout(dx) == _expected_layout(x)
+    _check(dx, rdx, TOL[dtype], "dx")
+    dx0 = ops.nc_affine_grad(None, xp, m_in, a, b, cc, **vk)
+    _check(dx0, _masked_ref(x, torch.zeros_like(dy), valid, a, b, cc)[5], TOL[dtype], "dx without dy")
+
+
+@pytest.mark.parametrize("case", ["rows-vec", "rows-L7", "cl-vec", "cl-C5"])
+def test_masked_lengths_equal_mask_bitwise(target, case):
+    """lengths and the mask it stands for give the same bits (the same reduction order: a
+    reduction bounded at its length adds the same elements in the same order)."""
+    shape, fmt, misalign = CASES[case]
+    dev = target.device
+    ops = target.ops
+    x = _make(dev, shape, fmt, torch.float32, misalign)
+    dy = _make(dev, shape, fmt, torch.float32, misalign, scale=1.0, shift=0.0)
+    n, c, w = x.shape[0], x.shape[1], x.shape[-1]
+    lengths = torch.randint(0, w + 1, (n,), generator=torch.Generator().manual_seed(3))
+    mask = (torch.arange(w) < lengths.reshape(-1, *([1] * (x.dim() - 2)))).expand(n, *x.shape[2:])
+    st = torch.rand(n, c).to(dev)
+    for op, args in (("nc_moments", (x,)), ("nc_affine", (x, st, st)),
+                     ("nc_grad_sums", (dy, x, st)), ("nc_affine_grad", (dy, x, st, st, st, st))):
+        fn = getattr(ops, op)
+        by_len = fn(*args, lengths=lengths.to(dev))
+        by_mask = fn(*args, mask=mask.contiguous().to(dev))
+        for u, v in zip(*(t if isinstance(t, tuple) else (t,) for t in (by_len, by_mask))):
+            assert torch.equal(u.cpu(), v.cpu()), op
+
+
+@pytest.mark.parametrize("fmt", [None, CL])
+def test_masked_empty_and_no_valid(target, fmt):
+    """No positions (L = 0) or no valid one: statistics 0 (not NaN), sums 0, outputs 0."""
+    dev = target.device
+    ops = target.ops
+    x = torch.empty(2, 3, 0, 4, device=dev)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    mean, var = ops.nc_moments(x, lengths=torch.tensor([0, 3], device=dev))
+    assert (mean == 0).all() and (var == 0).all()
+    x = torch.randn(2, 3, 4, 4, device=dev)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    none = torch.zeros(2, 4, 4, dtype=torch.bool, device=dev)
+    mean, var = ops.nc_moments(x, mask=none)
+    assert (mean == 0).all() and (var == 0).all()
+    st = torch.ones(2, 3, device=dev)
+    assert (ops.nc_affine(x, st, st, mask=none) == 0).all()
+    s1, s2 = ops.nc_grad_sums(x, x, st, mask=none)
+    assert (s1 == 0).all() and (s2 == 0).all()
+    assert (ops.nc_affine_grad(x, x, st, st, st, st, mask=none) == 0).all()
+
+
+def test_masked_bad_inputs(target):
+    """RuntimeError naming the expected and actual shape / dtype."""
+    dev = target.device
+    ops = target.ops
+    x = torch.randn(2, 3, 4, 5, device=dev)
+    with pytest.raises(RuntimeError, match=r"at most one of lengths and mask"):
+        ops.nc_moments(x, lengths=torch.tensor([1, 2], device=dev),
+                       mask=torch.ones(2, 4, 5, dtype=torch.bool, device=dev))
+    with pytest.raises(RuntimeError, match=r"lengths.*\[2\].*\[3\]"):
+        ops.nc_moments(x, lengths=torch.tensor([1, 2, 3], device=dev))
+    with pytest.raises(RuntimeError, match=r"lengths.*(int64|Long).*(int32|Int)"):
+        ops.nc_moments(x, lengths=torch.tensor([1, 2], dtype=torch.int32, device=dev))
+    with pytest.raises(RuntimeError, match=r"mask.*\[2, 4, 5\].*\[2, 5, 4\]"):
+        ops.nc_moments(x, mask=torch.ones(2, 5, 4, dtype=torch.bool, device=dev))
+    with pytest.raises(RuntimeError, match=r"mask.*bool.*(uint8|Byte)"):
+        ops.nc_moments(x, mask=torch.ones(2, 4, 5, dtype=torch.uint8, device=dev))
+
+
+# ------------------------------------------------------------------------------------------------
 # the plan decisions the cases claim (emulated target: launches recorded, not executed)
 # ------------------------------------------------------------------------------------------------
 SMS = 132
