@@ -19,6 +19,8 @@ from .modules import __all__ as _modules_all  # noqa: E402
 from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 from .instance_stats_modules import *  # noqa: E402,F401,F403  (SwitchNorm, AdaIN, IBN)
 from .instance_stats_modules import __all__ as _instance_stats_all  # noqa: E402
+from .masked_modules import *  # noqa: E402,F401,F403  (masked BatchNorm, InstanceNorm, GroupNorm)
+from .masked_modules import __all__ as _masked_all  # noqa: E402
 
 __all__ = ["functional", "convert", "revert", "converted_modules", *_modules_all, "SyncBatchNorm",
-           *_instance_stats_all]
+           *_instance_stats_all, *_masked_all]

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
 from . import activations as _acts
+from . import masked as _masked
 from .autograd import (apply_add_norm, apply_batch_norm, apply_gated_rms_norm, apply_group_norm,
                        apply_instance_norm_tracked, apply_layer_norm, apply_layer_norm2d,
                        apply_local_response_norm, apply_modulated_norm, apply_rms_norm)
@@ -650,6 +651,74 @@ def _instance_norm(input: Tensor, running_mean: Optional[Tensor], running_var: O
     y, _, _ = apply_instance_norm_tracked(input, weight, bias, running_mean, running_var,
                                           momentum, eps, update_running_stats)
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked (variable-length) BatchNorm, InstanceNorm and GroupNorm (fastnorm/masked.py)
+# ----------------------------------------------------------------------------------------------
+__all__ += ["masked_batch_norm", "masked_instance_norm", "masked_group_norm"]
+
+_VALIDITY_DOC = """
+    Validity (at most one; neither: exactly the plain function):
+      lengths: an integer tensor [N] (any integer dtype and device): positions [0, lengths[n])
+        of the last dimension are valid (for (N, C, H, W): columns w < lengths[n] of every row),
+        values clamped to [0, W]. Not for an (N, C) input (it has no length dimension).
+      mask: a bool tensor broadcastable to (N, *spatial) (for an (N, C) input: (N,), which
+        samples count); True = valid.
+    Statistics cover the valid positions only; outputs and input gradients are 0 at the invalid
+    ones (the padding stays inert for the layers after), with no NaN for a sample with no valid
+    position. Output in the input's dtype and memory format."""
+
+
+def masked_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                      weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                      training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
+                      lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """batch_norm with per-channel statistics over every valid (n, position) of the batch: in
+    training T valid positions per channel (T <= 1: ValueError; one host read of T, skipped
+    while torch.compile traces) and running_var updated with the unbiased batch variance
+    (T / (T - 1)); in eval the running statistics."""
+    if lengths is None and mask is None:
+        return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if momentum is None:
+        raise TypeError("masked_batch_norm(): argument 'momentum' must be float, not NoneType "
+                        "(the cumulative average, momentum=None, is the BatchNorm modules' option)")
+    return _masked.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                              eps, lengths, mask)
+
+
+def masked_instance_norm(input: Tensor, running_mean: Optional[Tensor] = None,
+                         running_var: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                         bias: Optional[Tensor] = None, use_input_stats: bool = True,
+                         momentum: float = 0.1, eps: float = 1e-5, *,
+                         lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """instance_norm with per-(n, c) statistics over sample n's valid positions. Running
+    statistics (use_input_stats and buffers given) are updated with the average, over the samples
+    with at least 2 valid positions, of the per-(n, c) mean and unbiased variance (none: left
+    unchanged); use_input_stats=False normalises with them."""
+    if lengths is None and mask is None:
+        return instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                             momentum, eps)
+    if momentum is None:
+        raise TypeError("masked_instance_norm(): argument 'momentum' must be float, not NoneType")
+    return _masked.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats,
+                                 momentum, eps, lengths, mask)
+
+
+def masked_group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+                      bias: Optional[Tensor] = None, eps: float = 1e-5, *,
+                      lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """group_norm with per-(n, group) statistics over the group's channels x sample n's valid
+    positions."""
+    if lengths is None and mask is None:
+        return group_norm(input, num_groups, weight, bias, eps)
+    return _masked.group_norm(input, num_groups, weight, bias, eps, lengths, mask)
+
+
+for _f in (masked_batch_norm, masked_instance_norm, masked_group_norm):
+    if _f.__doc__:  # None under python -OO
+        _f.__doc__ += _VALIDITY_DOC
+del _f
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ torch.nn.SyncBatchNorm's conditions. Unlike torch's, it runs on CPU tensors (glo
 A recomputation under torch.utils.checkpoint runs the collective again (every rank recomputes)
 but does not update the running statistics a second time.
 
+With a validity (forward(input, mask=None, lengths=None), fastnorm/masked.py's conventions) the
+statistics cover the valid positions only: step 1 becomes nc_moments over each sample's valid
+positions merged into this rank's (count, mean, M2) with count = this rank's valid positions
+(a different count on every rank), steps 2-4 are the same, and step 5 is nc_affine (0 at the
+invalid positions). The backward's local sums run over the valid positions (nc_grad_sums), are
+all-reduced the same way, and nc_affine_grad writes dx (0 at the invalid positions).
+
 The ops have reference implementations (ATen ops, every device); no compiled CUDA kernels exist
 for them yet, so on CUDA they run the reference path too.
 """
@@ -35,6 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from . import functional as FN
+from . import masked as _masked
 from .modules import _BatchNormForward
 from .ops.common import lib, memory_format_of, stat_dtype
 
@@ -219,50 +227,82 @@ def _update_running_stats(running_mean: Tensor, running_var: Tensor,
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """y = batch_norm(x) with statistics over every rank of `process_group`."""
+    """y = batch_norm(x) with statistics over every rank of `process_group`; over the valid
+    positions only when a validity is given (lengths or mask and the per-sample valid counts,
+    as fastnorm.masked.prepare_validity makes them; input of rank >= 3)."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, process_group, world_size, update_running_stats):
-        count, mean, m2 = _fn.batch_norm_stats(input)
+                momentum, eps, process_group, world_size, update_running_stats, lengths=None,
+                mask=None, counts=None):
+        masked = counts is not None
+        if masked:
+            m, v = _fn.nc_moments(input, lengths=lengths, mask=mask)
+            total, mean, m2 = _masked.batch_moments(m, v, counts)
+            count = total.expand(mean.shape)
+        else:
+            m = None
+            count, mean, m2 = _fn.batch_norm_stats(input)
         gathered = _all_gather_stats(torch.stack([count, mean, m2]), process_group, world_size)
         count, mean, m2 = _fn.batch_norm_merge_stats(gathered)
         rstd = torch.rsqrt(m2 / count.clamp_min(1.0) + eps)
         if update_running_stats and running_mean is not None:
             _update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
                                   count, mean, m2)
-        y = _fn.batch_norm_elemt(input, mean, rstd, weight, bias)
-        ctx.save_for_backward(input, weight, mean, rstd, count)
+        if masked:
+            scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
+            shift = -mean * scale if bias is None else bias.to(rstd.dtype) - mean * scale
+            n = input.shape[0]
+            y = _fn.nc_affine(input, _masked._per_nc(scale, n), _masked._per_nc(shift, n),
+                              lengths=lengths, mask=mask)
+        else:
+            y = _fn.batch_norm_elemt(input, mean, rstd, weight, bias)
+        ctx.save_for_backward(input, weight, mean, rstd, count, m, lengths, mask)
         ctx.process_group = process_group
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.masked = masked
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, w, mean, rstd, count = ctx.saved_tensors
+        x, w, mean, rstd, count, m, lengths, mask = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         dx = dw = db = None
-        sum_dy, sum_dy_xhat = _fn.batch_norm_bwd_reduce(dy, x, mean, rstd)
+        if ctx.masked:  # sums over the valid positions only
+            sum_dy, sum_dy_xmu = _masked.batch_grad_sums(dy, x, m, mean, lengths, mask)
+            sum_dy_xhat = sum_dy_xmu * rstd
+            reduced = sum_dy_xmu  # what batch_norm_input_grad takes
+        else:
+            sum_dy, sum_dy_xhat = _fn.batch_norm_bwd_reduce(dy, x, mean, rstd)
+            reduced = sum_dy_xhat
         if w is not None and need_dw:
             dw = sum_dy_xhat.to(w.dtype)  # local, as torch.nn.SyncBatchNorm (DDP reduces it)
         if need_db:
             db = sum_dy.to(ctx.bias_dtype or x.dtype)
         if need_dx:
             # every rank that needs dx takes part, an empty one included (with zero sums)
-            sums = torch.stack([sum_dy, sum_dy_xhat])
+            sums = torch.stack([sum_dy, reduced])
             _dist().all_reduce(sums, _dist().ReduceOp.SUM, group=ctx.process_group)
-            dx = _fn.batch_norm_bwd_elemt(dy, x, mean, rstd, w, sums[0], sums[1], count)
-        return dx, dw, db, None, None, None, None, None, None, None, None
+            if ctx.masked:
+                dx = _masked.batch_norm_input_grad(
+                    dy, x, mean, rstd, None if w is None else w.to(mean.dtype), sums[0],
+                    sums[1], count, lengths, mask)
+            else:
+                dx = _fn.batch_norm_bwd_elemt(dy, x, mean, rstd, w, sums[0], sums[1], count)
+        return dx, dw, db, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      weight: Optional[Tensor], bias: Optional[Tensor],
                      num_batches_tracked: Optional[Tensor], momentum: Optional[float], eps: float,
-                     process_group, world_size: int, update_running_stats: bool = True) -> Tensor:
-    """Training-mode batch norm synchronised over `process_group`. Every check runs before the
-    collective and before any buffer changes."""
+                     process_group, world_size: int, update_running_stats: bool = True,
+                     lengths: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """Training-mode batch norm synchronised over `process_group`, over the valid positions
+    when lengths or mask is given. Every check runs before the collective and before any buffer
+    changes."""
     name = "sync_batch_norm"
+    _masked.check_one_validity(name, lengths, mask)
     FN._check_floating(name, input, NotImplementedError)
     FN._check_min_dim(name, input)
     c = input.shape[1]
@@ -273,9 +313,15 @@ def _sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var:
         raise RuntimeError(f"{name}: running_mean and running_var must be given together")
     if momentum is None and num_batches_tracked is None and running_mean is not None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
-    return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                       num_batches_tracked, momentum, eps, process_group,
-                                       world_size, update_running_stats)
+    validity = ()
+    x = input
+    if lengths is not None or mask is not None:
+        validity = _masked.prepare_validity(name, input, lengths, mask)
+        x = _masked._with_length_dim(input)  # an (N, C) input runs as (N, C, 1)
+    y = SyncBatchNormFunction.apply(x, weight, bias, running_mean, running_var,
+                                    num_batches_tracked, momentum, eps, process_group,
+                                    world_size, update_running_stats, *validity)
+    return _masked._like_input(y, input) if validity else y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +330,12 @@ def _sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var:
 class SyncBatchNorm(nn.SyncBatchNorm):
     __doc__ = nn.SyncBatchNorm.__doc__
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tensor:
+        """forward(input) as torch.nn.SyncBatchNorm's; with mask or lengths (at most one;
+        fastnorm.functional.masked_batch_norm's conventions) the statistics of every rank's
+        valid positions, 0 at the invalid ones."""
+        masked = mask is not None or lengths is not None
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -299,6 +350,8 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         if not need_sync:
             # torch falls back to F.batch_norm here; fastnorm's BatchNorm does the same job
             # (num_batches_tracked on the device, checkpoint-safe running statistics)
+            if masked:
+                return _masked.batch_norm_module_forward(self, input, lengths, mask)
             return _BatchNormForward.forward(self, input)
         tracking = self.track_running_stats
         return _sync_batch_norm(
@@ -309,7 +362,8 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             self.num_batches_tracked if tracking else None,
             self.momentum if tracking else 0.0,
             self.eps, process_group, world_size,
-            update_running_stats=not (tracking and FN.in_checkpoint_recomputation()))
+            update_running_stats=not (tracking and FN.in_checkpoint_recomputation()),
+            lengths=lengths, mask=mask)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
