@@ -29,7 +29,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 OPS = ("layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "add_rms_norm",
        "layer_norm2d", "frozen_batch_norm", "switch_norm", "adain", "ibn", "local_response_norm",
        "llama_rms_norm", "gemma_rms_norm", "gated_rms_norm", "modulated_layer_norm",
-       "gated_residual_modulated_norm")
+       "gated_residual_modulated_norm", "masked_batch_norm", "masked_group_norm")
 
 # The fewest x-sized tensors each pass must read or write once (inputs read once, outputs written
 # once; parameters, statistics and parameter gradients are per row or per channel and left out).
@@ -349,6 +349,117 @@ class ReferenceIBN(nn.Module):
         return torch.cat((self.IN(a.contiguous()), self.BN(b.contiguous())), 1)
 
 
+# Masked (variable-length) norms: the validity of a case, as a function of its shape (the CPU
+# suite scales the shapes down; the validity scales with them).
+MASKED_LENGTH_SPREAD = (0.4, 1.0)  # Conformer: the utterances' lengths, 40% to 100% of the padded T
+MASKED_IMAGE_VALID = (100 / 128, 150 / 160)  # padded images: the valid 100 x 150 of 128 x 160
+
+
+def masked_lengths(shape: Sequence[int]) -> torch.Tensor:
+    """int64 [N]: lengths spread evenly over MASKED_LENGTH_SPREAD of the last dimension, the
+    longest first (a length-sorted batch, as speech data loaders bucket them)."""
+    n, t = shape[0], shape[-1]
+    lo, hi = MASKED_LENGTH_SPREAD
+    frac = torch.linspace(hi, lo, n, dtype=torch.float64) if n > 1 else torch.tensor([hi])
+    return (frac * t).round().long().clamp(1, t)
+
+
+def masked_image_mask(shape: Sequence[int]) -> torch.Tensor:
+    """bool (N, H, W): the top-left MASKED_IMAGE_VALID fraction of every image valid (images
+    padded to a common size at the bottom and the right)."""
+    n, h, w = shape[0], shape[-2], shape[-1]
+    vh = max(1, round(h * MASKED_IMAGE_VALID[0]))
+    vw = max(1, round(w * MASKED_IMAGE_VALID[1]))
+    mask = torch.zeros(n, h, w, dtype=torch.bool)
+    mask[:, :vh, :vw] = True
+    return mask
+
+
+class MaskedBatchNormComposition(nn.BatchNorm1d):
+    """BatchNorm1d over the valid frames of (N, C, T) written as models do today without a masked
+    layer (e.g. a Conformer convolution module's BatchNorm over padded utterances): sums of the
+    masked values divided by the valid count, in float32 (float64 for float64 input), the running
+    statistics updated as BatchNorm's (unbiased variance), output 0 at the padded frames (the
+    padding must be finite: it is multiplied by the mask). The lengths ([N], a non-persistent
+    buffer) are part of the layer here: run.py calls module(x)."""
+
+    def __init__(self, num_features: int, lengths: torch.Tensor, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.register_buffer("lengths", lengths.clone(), persistent=False)
+
+    def forward(self, x):
+        stat = torch.promote_types(x.dtype, torch.float32)
+        valid = torch.arange(x.shape[-1], device=x.device) < self.lengths[:, None]  # (N, T)
+        m = valid[:, None, :].to(stat)
+        xf = x.to(stat)
+        count = m.sum()
+        if self.training:
+            mean = (xf * m).sum((0, 2)) / count
+            var = ((xf - mean[:, None]).square() * m).sum((0, 2)) / count
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype),
+                                       self.momentum)
+        else:
+            mean, var = self.running_mean.to(stat), self.running_var.to(stat)
+        y = (xf - mean[:, None]) * torch.rsqrt(var + self.eps)[:, None]
+        y = y * self.weight.to(stat)[:, None] + self.bias.to(stat)[:, None]
+        return (y * m).to(x.dtype)
+
+
+class MaskedGroupNormComposition(nn.GroupNorm):
+    """GroupNorm over the valid region of padded images (N, C, H, W), written as models do today:
+    per (sample, group) sums of the masked values over Cg x the valid positions, in float32
+    (float64 for float64 input), output 0 in the padding. The mask ((N, H, W) bool) is a
+    non-persistent buffer of the layer."""
+
+    def __init__(self, num_groups: int, num_channels: int, mask: torch.Tensor, **kwargs):
+        super().__init__(num_groups, num_channels, **kwargs)
+        self.register_buffer("valid_mask", mask.clone(), persistent=False)
+
+    def forward(self, x):
+        stat = torch.promote_types(x.dtype, torch.float32)
+        n, c = x.shape[:2]
+        g = self.num_groups
+        m = self.valid_mask[:, None].to(stat)  # (N, 1, H, W)
+        xg = x.to(stat).reshape(n, g, c // g, *x.shape[2:])
+        mg = m.unsqueeze(1)  # (N, 1, 1, H, W)
+        dims = tuple(range(2, xg.dim()))
+        count = (mg.sum(dims) * (c // g)).clamp_min(1)  # (N, 1)
+        mean = (xg * mg).sum(dims) / count
+        centred = xg - mean.reshape(n, g, *([1] * (xg.dim() - 2)))
+        var = (centred.square() * mg).sum(dims) / count
+        y = centred * torch.rsqrt(var + self.eps).reshape(n, g, *([1] * (xg.dim() - 2)))
+        y = y.reshape(x.shape)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = y * self.weight.to(stat).reshape(shape) + self.bias.to(stat).reshape(shape)
+        return (y * m).to(x.dtype)
+
+
+class FastnormMaskedBatchNorm1d(fastnorm.MaskedBatchNorm1d):
+    """fastnorm.MaskedBatchNorm1d with the case's lengths held by the layer (forward(x)), the same
+    state_dict as MaskedBatchNormComposition."""
+
+    def __init__(self, num_features: int, lengths: torch.Tensor, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.register_buffer("lengths", lengths.clone(), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x, lengths=self.lengths)
+
+
+class FastnormMaskedGroupNorm(fastnorm.MaskedGroupNorm):
+    """fastnorm.MaskedGroupNorm with the case's mask held by the layer (forward(x))."""
+
+    def __init__(self, num_groups: int, num_channels: int, mask: torch.Tensor, **kwargs):
+        super().__init__(num_groups, num_channels, **kwargs)
+        self.register_buffer("valid_mask", mask.clone(), persistent=False)
+
+    def forward(self, x):
+        return super().forward(x, mask=self.valid_mask)
+
+
 def layer_norm2d_reference(c: int) -> nn.Module:
     """timm's LayerNorm2d (what ConvNeXt runs) when timm imports, else PermuteLayerNorm2d."""
     try:
@@ -448,7 +559,7 @@ class Case:
         builds it: the fused residual add, the stand-ins used without timm / torchvision, and
         the source articles' layers SwitchNorm, AdaIN and IBN, whose references have no
         torch.nn class)."""
-        fused = ("add_rms_norm",) + NC_OPS + HF_OPS + MOD_OPS
+        fused = ("add_rms_norm",) + NC_OPS + HF_OPS + MOD_OPS + MASKED_OPS
         return self.op not in fused and type(self._third_party()) not in (
             PermuteLayerNorm2d, FormulaFrozenBatchNorm2d)
 
@@ -493,6 +604,10 @@ class Case:
         elif self.op == "local_response_norm":
             # AlexNet's and GoogLeNet's: size 5, torch's alpha / beta / k; no parameters
             return nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0).train()
+        elif self.op == "masked_batch_norm":
+            m = MaskedBatchNormComposition(c, masked_lengths(self.shape))
+        elif self.op == "masked_group_norm":
+            m = MaskedGroupNormComposition(32, c, masked_image_mask(self.shape))
         elif self.op in MOD_OPS:  # no parameters: the modulation is an input
             cls = AdaLNModulate if self.op == "modulated_layer_norm" else GatedResidualAdaLN
             return cls(c).train()
@@ -510,7 +625,7 @@ class Case:
                 m.mean_weight.normal_(0.0, 0.5)
                 m.var_weight.normal_(0.0, 0.5)
         # IBN's BatchNorm half keeps float32 parameters as batch_norm's cases (AMP)
-        if self.op not in ("batch_norm", "ibn"):
+        if self.op not in ("batch_norm", "ibn", "masked_batch_norm"):
             m = m.to(DTYPES[self.dtype])
         return m.train()
 
@@ -529,6 +644,16 @@ class Case:
             return f.train(ref.training)
         if self.op in HF_OPS:
             return ConventionRMSNorm(self.op, ref).train(ref.training)
+        if self.op in MASKED_OPS:  # fastnorm's masked layer, the same validity and state
+            if self.op == "masked_batch_norm":
+                f = FastnormMaskedBatchNorm1d(ref.num_features, ref.lengths, eps=ref.eps,
+                                              momentum=ref.momentum)
+            else:
+                f = FastnormMaskedGroupNorm(ref.num_groups, ref.num_channels, ref.valid_mask,
+                                            eps=ref.eps)
+            f = f.to(ref.weight.device, ref.weight.dtype)
+            f.load_state_dict(ref.state_dict())
+            return f.train(ref.training)
         if self.op in MOD_OPS:
             plain = self.op == "modulated_layer_norm"
             cls = FusedAdaLNModulate if plain else FusedGatedResidualAdaLN
@@ -561,6 +686,9 @@ HF_OPS = ("llama_rms_norm", "gemma_rms_norm", "gated_rms_norm")
 NC_OPS = ("switch_norm", "adain", "ibn")
 # diffusion transformers' AdaLN / AdaLN-Zero (shape [B, tokens, D]; per-sample modulation inputs)
 MOD_OPS = ("modulated_layer_norm", "gated_residual_modulated_norm")
+# the masked (variable-length) norms: the validity is the layer's (masked_lengths /
+# masked_image_mask of the case's shape); fastnorm_module: fastnorm.Masked* with it
+MASKED_OPS = ("masked_batch_norm", "masked_group_norm")
 
 
 def _ln(name, rows, width, dtypes, quick=False, op="layer_norm"):
@@ -687,6 +815,20 @@ CASES: List[Case] = [
       for op in MOD_OPS
       for name, shape in (("flux-4608", (1, 4608, 3072)), ("sd3-4429", (2, 4429, 1536)),
                           ("pixart-4096", (2, 4096, 1152)), ("wan-14b-32760", (1, 32760, 5120)))],
+    # Masked norms, bf16: a Conformer convolution module's BatchNorm1d over padded utterances (16
+    # utterances padded to 1500 frames, lengths spread 40-100%; 256 and 512 channels: Conformer-M
+    # / -L widths) and GroupNorm(32) over padded images (8 x 256 x 128 x 160, a valid 100 x 150
+    # region given as an (N, H, W) mask). masked_*: fastnorm.MaskedBatchNorm1d / MaskedGroupNorm
+    # against the masked composition written in Python today (MaskedBatchNormComposition,
+    # MaskedGroupNormComposition: masked sums / counts), eager and torch.compile; the same
+    # shapes as plain batch_norm / group_norm cases (the same case names): the unmasked layers'
+    # time, fastnorm's and torch's, next to the masked ones.
+    *[Case(op, f"conformer-{c}-16x1500", (16, c, 1500), ("bf16",),
+           quick=(op == "masked_batch_norm" and c == 256))
+      for op in ("masked_batch_norm", "batch_norm") for c in (256, 512)],
+    *[Case(op, "padded-images-128x160", (8, 256, 128, 160), ("bf16",),
+           quick=(op == "masked_group_norm"))
+      for op in ("masked_group_norm", "group_norm")],
 ]
 
 

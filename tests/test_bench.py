@@ -366,3 +366,103 @@ def test_dit_block_fused_matches_eager(fast_path, monkeypatch):
     monkeypatch.setattr(dit_block.FusedDiTBlock, "forward", swapped)
     with pytest.raises(AssertionError, match="fused vs eager"):
         dit_block.check(fast_path=fast_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# masked norms (fastnorm.MaskedBatchNorm1d / MaskedGroupNorm against the Python composition)
+# ----------------------------------------------------------------------------------------------
+def test_masked_cases_have_the_shapes_and_validity():
+    gpu = cases.select("cuda", False, cases.MASKED_OPS + ("batch_norm", "group_norm"))
+    by = {(c.op, c.name): c for c in gpu}
+    # each masked case has a plain twin of the same name and shape: the unmasked layer's time
+    for op in ("masked_batch_norm", "batch_norm"):
+        for ch in (256, 512):
+            c = by[(op, f"conformer-{ch}-16x1500")]
+            assert (c.shape, c.dtype, c.layout) == ((16, ch, 1500), "bf16", "contiguous")
+    for op in ("masked_group_norm", "group_norm"):
+        c = by[(op, "padded-images-128x160")]
+        assert (c.shape, c.dtype, c.layout) == ((8, 256, 128, 160), "bf16", "contiguous")
+    assert {c.op for c in cases.select("cuda", True, cases.MASKED_OPS)} == set(cases.MASKED_OPS)
+    assert not any(c.drop_in for c in gpu if c.op in cases.MASKED_OPS)
+    lens = cases.masked_lengths((16, 256, 1500))
+    assert lens.dtype == torch.int64 and lens.shape == (16,)
+    assert int(lens.max()) == 1500 and int(lens.min()) == 600 and len(set(lens.tolist())) == 16
+    mask = cases.masked_image_mask((8, 256, 128, 160))
+    assert mask.shape == (8, 128, 160) and mask.dtype == torch.bool
+    assert bool(mask[:, :100, :150].all()) and int(mask.sum()) == 8 * 100 * 150
+    # scaled down with the shape (the CPU suite)
+    assert cases.masked_lengths((2, 8, 10)).tolist() == [10, 4]
+    assert int(cases.masked_image_mask((1, 8, 4, 5)).sum()) == 3 * 5
+
+
+def test_masked_references_and_fastnorm_modules():
+    want = {"masked_batch_norm": (cases.MaskedBatchNormComposition, fastnorm.MaskedBatchNorm1d),
+            "masked_group_norm": (cases.MaskedGroupNormComposition, fastnorm.MaskedGroupNorm)}
+    for c in cases.select("cuda", True, cases.MASKED_OPS):
+        c = replace(c, shape=cases.fit(c.shape, 1 << 16, c.op))
+        ref = c.module()
+        fast = c.fastnorm_module(ref)
+        assert type(ref) is want[c.op][0] and isinstance(fast, want[c.op][1]) and fast.training
+        # BatchNorm keeps float32 parameters (AMP); GroupNorm takes the input's dtype
+        pdtype = torch.float32 if c.op == "masked_batch_norm" else torch.bfloat16
+        assert ref.weight.dtype == fast.weight.dtype == pdtype
+        assert list(ref.state_dict()) == list(fast.state_dict())
+        for k, v in ref.state_dict().items():
+            assert torch.equal(v, fast.state_dict()[k]), k
+        if c.op == "masked_batch_norm":
+            assert torch.equal(ref.lengths, cases.masked_lengths(c.shape))
+            assert torch.equal(fast.lengths, ref.lengths)
+        else:
+            assert ref.num_groups == fast.num_groups == 32
+            assert torch.equal(fast.valid_mask, cases.masked_image_mask(c.shape))
+
+
+@pytest.mark.parametrize("op", ["masked_batch_norm", "masked_group_norm"])
+def test_masked_composition_is_fastnorms_computation(op):
+    """The baseline computes what fastnorm's masked layer computes: float64, two training steps
+    (running statistics) and an eval step, outputs and every gradient; the padding holds large
+    finite garbage (the composition multiplies by the mask, as models write it: NaN * 0 would
+    leak, fastnorm's layer would not)."""
+    torch.manual_seed(0)
+    shape = (3, 64, 20) if op == "masked_batch_norm" else (2, 64, 6, 8)
+    c = cases.Case(op, "t", shape, ("fp32",))
+    ref = c.module().double()
+    fast = c.fastnorm_module(ref)
+    valid = (torch.arange(20) < ref.lengths[:, None]).unsqueeze(1) if op == "masked_batch_norm" \
+        else ref.valid_mask.unsqueeze(1)
+    assert not bool(valid.all())  # some padding
+    for step in range(3):
+        for m in (ref, fast):
+            m.train(step < 2)
+        x = torch.randn(shape, dtype=torch.float64) * 2 + step
+        x = torch.where(valid, x, torch.full_like(x, 1e4))
+        g = torch.randn(shape, dtype=torch.float64)
+        outs = []
+        for m in (ref, fast):
+            xa = x.clone().requires_grad_()
+            y = m(xa)
+            grads = torch.autograd.grad(y, (xa, m.weight, m.bias), g)
+            outs.append((y, *grads))
+        for a, e, what in zip(outs[1], outs[0], ("y", "dx", "dweight", "dbias")):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9, msg=f"step {step} {what}")
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(fast.state_dict()[k], v, rtol=1e-12, atol=1e-12,
+                                       msg=f"step {step} {k}")
+
+
+@pytest.mark.parametrize("op", ["masked_batch_norm", "masked_group_norm"])
+def test_masked_bench_case_runs_on_cpu(op):
+    (c,) = [small(c) for c in cases.select("cpu", False, [op])][:1]
+    _bench_rows(c, op)
+    # the check sees the validity: fastnorm's layer with other lengths / another mask fails it
+    ref = c.module()
+    inputs, grads = run.make_inputs(c, torch.device("cpu"), 0)
+    ref_out = run.reference(ref, inputs, grads)
+    fast = c.fastnorm_module(ref)
+    assert run.check(c, fast, ref_out, inputs, grads)[2]
+    with torch.no_grad():
+        if op == "masked_batch_norm":
+            fast.lengths.sub_(1)
+        else:
+            fast.valid_mask[:, -1, :] = ~fast.valid_mask[:, -1, :]
+    assert not run.check(c, fast, ref_out, inputs, grads)[2]

@@ -381,6 +381,129 @@ def _check_errors_leave_buffers(rank):
         assert torch.equal(v, before[k]), k
 
 
+# ----------------------------------------------------------------------------------------------
+# masked: forward(input, mask=..., lengths=...) on every rank against the single-process masked
+# BatchNorm (fastnorm.MaskedBatchNorm1d/2d, tested against a float64 reference in
+# test_masked_norm.py) over the union of the ranks' batches, padded to the widest rank
+# ----------------------------------------------------------------------------------------------
+def _masked_case(rank, group, sizes, widths, vkind, rows=(), momentum=0.1, channels_last=False,
+                 c=3, steps=2, empty_rank=None):
+    """Each rank holds sizes[r] samples padded to widths[r] positions (its own padding) with its
+    own lengths or mask; `rows`: the leading spatial sizes ((H,) for images). The reference sees
+    every rank's samples padded to max(widths) (the extra columns invalid). Training steps compare
+    outputs, input grads (0 at the invalid positions), weight/bias grads summed over ranks,
+    running statistics and num_batches_tracked (bitwise the same on every rank); then an eval
+    step (no collective). empty_rank: that rank's positions are all invalid (count 0)."""
+    ws = dist.get_world_size(group)
+    grank = dist.get_group_rank(group, rank) if group is not None else rank
+    assert ws == len(sizes) == len(widths)
+    gen = torch.Generator().manual_seed(4321)
+    cls = fastnorm.MaskedBatchNorm2d if rows else fastnorm.MaskedBatchNorm1d
+    ref = cls(c, momentum=momentum)
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+        ref.bias.copy_(torch.randn(c, generator=gen))
+        ref.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+        ref.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    sbn = fastnorm.SyncBatchNorm(c, momentum=momentum, process_group=group)
+    sbn.load_state_dict(ref.state_dict())
+    soft = _Soft()
+    offs = _offsets(sizes)
+    lo, hi, w = offs[grank], offs[grank + 1], widths[grank]
+    wmax, total = max(widths), offs[-1]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    owner = torch.cat([torch.full((n,), r) for r, n in enumerate(sizes)])  # the rank of each sample
+
+    def draw():
+        x_full = torch.randn((total, c, *rows, wmax), generator=gen) * 1.5 + 2.0
+        g_full = torch.randn((total, c, *rows, wmax), generator=gen)
+        limit = torch.tensor(widths)[owner]  # each sample's own padded width
+        if vkind == "lengths":
+            lens = (torch.rand(total, generator=gen) * (limit + 1).float()).long().clamp(max=limit)
+            if total:
+                lens[0] = 1
+                lens[-1] = limit[-1]
+            if empty_rank is not None:
+                lens[owner == empty_rank] = 0
+            full, local = dict(lengths=lens), dict(lengths=lens[lo:hi])
+            valid = torch.arange(wmax) < lens.view(-1, *([1] * len(rows)), 1)
+            valid = valid.expand(total, *rows, wmax)
+        else:
+            valid = torch.rand((total, *rows, wmax), generator=gen) < 0.6
+            valid &= torch.arange(wmax) < limit.view(-1, *([1] * len(rows)), 1)
+            if empty_rank is not None:
+                valid[owner == empty_rank] = False
+            full, local = dict(mask=valid), dict(mask=valid[lo:hi, ..., :w].contiguous())
+        # the padding holds garbage: it must not leak into anything
+        x_full = torch.where(valid.unsqueeze(1), x_full, torch.full_like(x_full, float("nan")))
+        return x_full, g_full, full, local, valid
+
+    for step in range(steps):
+        x_full, g_full, full, local, valid = draw()
+        ref.train()
+        x_ref = x_full.clone().requires_grad_()
+        y_ref = ref(x_ref, **full)
+        (y_ref * g_full).sum().backward()
+        x = x_full[lo:hi, ..., :w].contiguous(memory_format=fmt).requires_grad_()
+        y = sbn(x, **local)
+        (y * g_full[lo:hi, ..., :w]).sum().backward()
+        msg = f"step {step} rank {rank} sizes {sizes} widths {widths} {vkind}"
+        soft.true(y.shape == x.shape and y.dtype == x.dtype, f"{msg}: output shape/dtype")
+        if channels_last and x.shape[0] > 1:
+            soft.true(y.is_contiguous(memory_format=fmt), f"{msg}: output lost channels_last")
+        soft.true(bool(torch.isfinite(y).all() and torch.isfinite(x.grad).all()),
+                  f"{msg}: non-finite output or grad (the NaN padding leaked)")
+        soft.close(y.detach(), y_ref.detach()[lo:hi, ..., :w], f"{msg}: output")
+        soft.close(x.grad, x_ref.grad[lo:hi, ..., :w], f"{msg}: input grad")
+        inv = ~valid[lo:hi, ..., :w].unsqueeze(1).expand_as(x)
+        soft.true(bool((y.detach()[inv] == 0).all() and (x.grad[inv] == 0).all()),
+                  f"{msg}: output / input grad not 0 at the invalid positions")
+        for p, pr, what in ((sbn.weight, ref.weight, "weight"), (sbn.bias, ref.bias, "bias")):
+            tot = p.grad.clone()
+            dist.all_reduce(tot, group=group)
+            soft.close(tot, pr.grad, f"{msg}: {what} grad summed over ranks")
+            p.grad = None
+            pr.grad = None
+        soft.close(sbn.running_mean, ref.running_mean, f"{msg}: running_mean")
+        soft.close(sbn.running_var, ref.running_var, f"{msg}: running_var")
+        soft.true(torch.equal(sbn.num_batches_tracked, ref.num_batches_tracked),
+                  f"{msg}: num_batches_tracked {sbn.num_batches_tracked} vs {ref.num_batches_tracked}")
+        for name, b in sbn.named_buffers():
+            _assert_same_on_all_ranks(b, f"{msg}: {name}", group, soft)
+    # eval: the running statistics, per rank, no collective
+    sbn.eval()
+    ref.eval()
+    x_full, _, full, local, _ = draw()
+    if hi > lo:
+        soft.close(sbn(x_full[lo:hi, ..., :w].contiguous(memory_format=fmt), **local),
+                   ref(x_full, **full)[lo:hi, ..., :w], "eval")
+    soft.done()
+
+
+def _check_masked_w2_lengths_different_widths(rank):
+    # the brief's case: 2 ranks, each padded to its own width, different lengths
+    group = _subgroup(rank)
+    if rank < 2:
+        _masked_case(rank, group, [3, 4], [9, 14], "lengths")
+
+
+def _check_masked_w2_lengths_momentum_none(rank):
+    group = _subgroup(rank)
+    if rank < 2:
+        _masked_case(rank, group, [2, 3], [11, 6], "lengths", momentum=None, steps=3)
+
+
+def _check_masked_w3_mask_images_channels_last_empty_rank(rank):
+    # 2-d images with a mask, an empty batch on rank 1 (count 0 in the merge)
+    _masked_case(rank, None, [3, 0, 2], [7, 7, 5], "mask", rows=(4,), channels_last=True)
+
+
+def _check_masked_w3_mask_rank_without_valid_positions(rank):
+    # rank 2 holds samples, none of its positions valid: it adds count 0, its output and input
+    # gradient are all 0
+    _masked_case(rank, None, [2, 3, 2], [6, 8, 8], "mask", rows=(3,), empty_rank=2)
+
+
 CHECKS = {name[len("_check_"):]: fn for name, fn in sorted(globals().items())
           if name.startswith("_check_") and callable(fn)}
 
