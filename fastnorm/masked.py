@@ -368,6 +368,14 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     updates = training and running_mean is not None and update_running_stats
     if updates and momentum is None and num_batches_tracked is None:
         raise ValueError(f"{name}: momentum=None (cumulative average) needs num_batches_tracked")
+    if input.numel() == 0:
+        # nothing to normalise, valid or not: the plain layer's answer (torch's: an empty output,
+        # num_batches_tracked counted, the running statistics kept)
+        if not update_running_stats:
+            running_mean = None if running_mean is None else running_mean.clone()
+            running_var = None if running_var is None else running_var.clone()
+        return FN._batch_norm(input, running_mean, running_var, weight, bias, training,
+                              momentum, eps, num_batches_tracked)
     x = _with_length_dim(input)
     if not training:
         return _like_input(MaskedFrozenNormFunction.apply(

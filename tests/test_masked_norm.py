@@ -924,14 +924,21 @@ def test_bn_training_needs_two_valid_values(momentum, device):
     assert_zero_at_invalid(y, one, "eval")
 
 
-def test_bn_training_empty_batch_is_refused(device):
-    """N = 0 in training: T = 0 valid positions, the contract's T <= 1 -> ValueError."""
-    m = fastnorm.MaskedBatchNorm1d(3).to(device)
-    before = _snapshot(m)
-    with pytest.raises(ValueError, match="more than 1 valid value per channel"):
-        m(torch.randn(0, 3, 5, device=device),
-          lengths=torch.zeros(0, dtype=torch.long, device=device))
-    _assert_untouched(m, before, "N = 0")
+@pytest.mark.parametrize("vkind", ["lengths", "mask"])
+def test_bn_training_empty_batch_is_the_plain_layer(vkind, device):
+    """N = 0 in training: nothing to normalise, valid or not; the plain layer's (and torch's)
+    answer: an empty output, num_batches_tracked counted, the running statistics kept."""
+    x = torch.randn(0, 3, 5, device=device)
+    kw = (dict(lengths=torch.zeros(0, dtype=torch.long, device=device)) if vkind == "lengths"
+          else dict(mask=torch.zeros(0, 5, dtype=torch.bool, device=device)))
+    m = _randomize(fastnorm.MaskedBatchNorm1d(3)).to(device)
+    ref = _randomize(torch.nn.BatchNorm1d(3)).to(device)
+    ref.load_state_dict(m.state_dict())
+    y = m(x, **kw)
+    assert y.shape == x.shape
+    ref(x)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k
 
 
 def _bad_inputs(device):

@@ -12,6 +12,8 @@ runs in the emulation build (tools/cuda_emu) with launches recorded instead of e
     python tools/plan.py adain 8x512x64x64 fp32      # content and style of one shape
     python tools/plan.py ibn 64x64x56x56 fp32
     python tools/plan.py local_response_norm 128x96x55x55 fp32       # size 5 (AlexNet's)
+    python tools/plan.py masked_batch_norm 16x256x1500 bf16          # with lengths (all valid)
+    python tools/plan.py masked_group_norm 8x256x128x160 bf16        # with a mask (all valid)
 
 For each launch: kernel, grid, block, dynamic shared memory, blocks, and (when the CUDA build's
 resource report build/kernel_resources.json exists) resident blocks per SM and waves.
@@ -58,8 +60,13 @@ GATED_GROUP = 1024
 # the source articles' layers (SwitchNorm, AdaIN, IBN) on the per-(n, c) ops (nc_moments, nc_affine,
 # nc_grad_sums, nc_affine_grad)
 NC_OPS = ("switch_norm", "adain", "ibn")
+# the masked norms, on the same ops with a validity: masked_batch_norm with lengths (planned all
+# valid: a sequence's reductions stop at its length, so fewer bytes where it is padded),
+# masked_group_norm with a bool mask of the positions (planned all valid; its N x HW bytes are
+# left out of the minimum)
+MASKED_OPS = ("masked_batch_norm", "masked_group_norm")
 OPS = ROW_OPS + ("group_norm", "instance_norm", "batch_norm", "layer_norm2d",
-                 "frozen_batch_norm", "local_response_norm") + NC_OPS
+                 "frozen_batch_norm", "local_response_norm") + NC_OPS + MASKED_OPS
 LRN_SIZE = 5  # local_response_norm's window in the planned calls (AlexNet's and GoogLeNet's)
 
 
@@ -372,7 +379,7 @@ class Call:
                 self.P, self.S = self.L, self.M * self.launches
                 self.L = self.group
                 self.held = self.acc
-        elif op in NC_OPS:  # per (n, c) over the HW positions; [N, C] statistics
+        elif op in NC_OPS + MASKED_OPS:  # per (n, c) over the HW positions; [N, C] statistics
             self.N, self.C = self.shape[0], self.shape[1]
             self.HW = math.prod(self.shape[2:])
             self.G, self.Cg = self.C, 1
@@ -915,7 +922,17 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
     nc = torch.empty(tuple(shape[:2]), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     style = torch.empty_like(x)
 
+    # the masked norms' validity (all valid)
+    validity = {}
+    if op == "masked_batch_norm":
+        validity["lengths"] = torch.full((shape[0],), shape[-1], dtype=torch.int64)
+    elif op == "masked_group_norm":
+        validity["mask"] = torch.ones((shape[0], *shape[2:]), dtype=torch.bool)
+
     def fwd(ops):
+        if op in MASKED_OPS:
+            mean, _ = ops.nc_moments(x, **validity)
+            return ops.nc_affine(x, nc, nc, **validity), mean
         if op in NC_OPS:  # moments of x (and of the style), [N, C] math, one apply pass
             mean, _ = ops.nc_moments(x)
             if op == "adain":
@@ -947,6 +964,9 @@ def calls(op: str, shape, dtype, layout: str, groups: int, training: bool, resid
 
     def bwd(ops, out):
         mask = [True, True, True]
+        if op in MASKED_OPS:
+            ops.nc_grad_sums(dy, x, out[1], **validity)
+            return ops.nc_affine_grad(dy, x, out[1], nc, nc, nc, **validity)
         if op in NC_OPS:  # the sums, then dx in one pass (adain: the style's through its moments)
             ops.nc_grad_sums(dy, x, out[1])
             dx = ops.nc_affine_grad(dy, x, out[1], nc, nc, nc)

@@ -589,7 +589,8 @@ inline constexpr int kClDxActBlocks = sizeof(acc_of<T>) == 8 ? 2 : kClDxBlocks<T
 // MASKED (nc_grad_sums with a validity, G = C; never with ACT): the valid rows (positions) only,
 // skipped before their loads.
 template <typename T, int VEC, bool ACT, bool MASKED = false>
-__global__ void __launch_bounds__(kClThreads, ACT ? kClSumsActBlocks<T, VEC> : kClSumsBlocks<T, VEC>)
+__global__ void __launch_bounds__(kClThreads, ACT ? kClSumsActBlocks<T, VEC>
+                                                  : kMaskedBlocks<MASKED, kClSumsBlocks<T, VEC>>)
     cl_bwd_sums_kernel(cl_bwd_t<T, ACT> p, acc_of<T>* __restrict__ ws) {
   using A = acc_of<T>;
   static_assert(!MASKED || !ACT, "MASKED: the per-(n, c) sums");
@@ -703,7 +704,9 @@ __global__ void __launch_bounds__(kClThreads, ACT ? kClSumsActBlocks<T, VEC> : k
 // absent; a compile-time flag, so GroupNorm's instantiations keep their code. Never with ACT.
 // MASKED (NC with a validity): the invalid rows (positions) store 0 without reading x or dy.
 template <typename T, int VEC, bool ACT, bool NC = false, bool MASKED = false>
-__global__ void __launch_bounds__(kClThreads, ACT ? kClDxActBlocks<T, VEC> : kClDxBlocks<T, VEC>) cl_dx_kernel(groups::gn_dx_t<T, ACT> p, ClShape s) {
+__global__ void __launch_bounds__(kClThreads, ACT ? kClDxActBlocks<T, VEC>
+                                                  : kMaskedBlocks<MASKED, kClDxBlocks<T, VEC>>)
+    cl_dx_kernel(groups::gn_dx_t<T, ACT> p, ClShape s) {
   using A = acc_of<T>;
   static_assert(!MASKED || (NC && !ACT), "MASKED: the per-(n, c) affine gradient");
   constexpr int kU = kClDxPacks<T, VEC>;  // packs of x and of dy in flight per thread

@@ -58,6 +58,12 @@ constexpr int kClThreads = 256;  // bx * by never exceeds this
 // (plan_cl) size grids from the resident blocks the runtime reports, not from these numbers.
 template <typename T, int VEC>
 inline constexpr int kClStreamBlocks = VEC > 1 ? 4 : 5;  // cl_welford_partial, cl_apply
+// The MASKED instantiations (the per-(n, c) ops with a validity) also hold the sample's validity
+// (its mask row or length) and a live flag per pack in flight: at the plain caps they spilled
+// 4-28 bytes (ptxas -v, sm_90); one block fewer per SM (16 more registers each) holds them. The
+// masked norms are the only callers, so the plain kernels keep their caps.
+template <bool MASKED, int BLOCKS>
+inline constexpr int kMaskedBlocks = MASKED && BLOCKS > 1 ? BLOCKS - 1 : BLOCKS;
 template <typename T, int VEC>
 inline constexpr int kClSumsBlocks = VEC > 1 ? 3 : 4;
 template <typename T, int VEC>

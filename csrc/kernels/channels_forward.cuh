@@ -457,7 +457,7 @@ __global__ void __launch_bounds__(kThreads)
 // MASKED (nc_moments with a validity, G = C): the valid rows (positions) only, skipped before
 // their loads; the chunk's count, the same for every channel, goes to ws[2][n*K + k].
 template <typename T, int VEC, bool MASKED = false>
-__global__ void __launch_bounds__(kClThreads, kClStreamBlocks<T, VEC>)
+__global__ void __launch_bounds__(kClThreads, kMaskedBlocks<MASKED, kClStreamBlocks<T, VEC>>)
     cl_welford_partial_kernel(const T* __restrict__ x, ClShape s, acc_of<T>* __restrict__ ws,
                               Validity valid) {
   using A = acc_of<T>;
@@ -615,7 +615,8 @@ inline constexpr int kClApplyActBlocks =
 // keep their code (registers and speed); only the per-item prologue differs. Never with ACT.
 // MASKED (NC with a validity): the invalid rows (positions) store 0 without reading x.
 template <typename T, int VEC, bool ACT, bool NC = false, bool MASKED = false>
-__global__ void __launch_bounds__(kClThreads, ACT ? kClApplyActBlocks<T, VEC> : kClStreamBlocks<T, VEC>)
+__global__ void __launch_bounds__(kClThreads, ACT ? kClApplyActBlocks<T, VEC>
+                                                  : kMaskedBlocks<MASKED, kClStreamBlocks<T, VEC>>)
     cl_apply_kernel(cl_fwd_t<T, ACT> p) {
   using A = acc_of<T>;
   static_assert(!MASKED || (NC && !ACT), "MASKED: the per-(n, c) affine");
