@@ -23,7 +23,7 @@
 #   bench      bench/run.py --quick: the quick cases, no new case within 45 s of the step's limit
 #              -> OUTDIR/results.csv + PNGs
 #   e2e        bench/e2e.py --quick: six models, 10 steps each        -> OUTDIR/e2e.csv
-#   bench-full bench/run.py, every case (71; over 10 minutes: run it in parts with or a part of it with
+#   bench-full bench/run.py, every case (over 10 minutes: run it in parts with or a part of it with
 #              BENCH_ARGS="--ops layer_norm", say; cases past its budget are listed as skipped)
 #   e2e-full   bench/e2e.py, full batches, 50 steps
 #   dit        bench/dit_block.py --quick: a DiT block (AdaLN-Zero) forward + backward, eager vs

@@ -99,6 +99,24 @@ def _assert_same_on_all_ranks(t, what, group=None, soft=None):
             assert ok, msg
 
 
+def _check_step_state(sbn, ref, group, soft, msg):
+    """After a training step: the rank-summed weight / bias gradients equal the single-process
+    reference's (then cleared on both), the running statistics and num_batches_tracked equal its,
+    and every buffer is the same on all ranks."""
+    for p, pr, what in ((sbn.weight, ref.weight, "weight"), (sbn.bias, ref.bias, "bias")):
+        total = p.grad.clone()
+        dist.all_reduce(total, group=group)
+        soft.close(total, pr.grad, f"{msg}: {what} grad summed over ranks")
+        p.grad = None
+        pr.grad = None
+    soft.close(sbn.running_mean, ref.running_mean, f"{msg}: running_mean")
+    soft.close(sbn.running_var, ref.running_var, f"{msg}: running_var")
+    soft.true(torch.equal(sbn.num_batches_tracked, ref.num_batches_tracked),
+              f"{msg}: num_batches_tracked {sbn.num_batches_tracked} vs {ref.num_batches_tracked}")
+    for name, b in sbn.named_buffers():
+        _assert_same_on_all_ranks(b, f"{msg}: {name}", group, soft)
+
+
 def _bn_case(rank, group, sizes, spatial, momentum, channels_last=False, dtype=torch.float32,
              c=3, steps=2, ckpt=None, in_dtype=None):
     """A fastnorm.SyncBatchNorm on this rank's slice vs torch.nn.BatchNorm on the whole batch,
@@ -154,18 +172,7 @@ def _bn_case(rank, group, sizes, spatial, momentum, channels_last=False, dtype=t
         gl = g_full[lo:hi].to(torch.float64)
         soft.close(sbn.bias.grad, gl.sum(dims).to(dtype), f"{msg}: local bias grad")
         soft.close(sbn.weight.grad, (gl * xhat[lo:hi]).sum(dims).to(dtype), f"{msg}: local weight grad")
-        for p, pr, what in ((sbn.weight, ref.weight, "weight"), (sbn.bias, ref.bias, "bias")):
-            total = p.grad.clone()
-            dist.all_reduce(total, group=group)
-            soft.close(total, pr.grad, f"{msg}: {what} grad summed over ranks")
-            p.grad = None
-            pr.grad = None
-        soft.close(sbn.running_mean, ref.running_mean, f"{msg}: running_mean")
-        soft.close(sbn.running_var, ref.running_var, f"{msg}: running_var")
-        soft.true(torch.equal(sbn.num_batches_tracked, ref.num_batches_tracked),
-                  f"{msg}: num_batches_tracked {sbn.num_batches_tracked} vs {ref.num_batches_tracked}")
-        for name, b in sbn.named_buffers():
-            _assert_same_on_all_ranks(b, f"{msg}: {name}", group, soft)
+        _check_step_state(sbn, ref, group, soft, msg)
     # eval: running statistics, no collective (only this rank does it)
     sbn.eval()
     ref.eval()
@@ -458,18 +465,7 @@ def _masked_case(rank, group, sizes, widths, vkind, rows=(), momentum=0.1, chann
         inv = ~valid[lo:hi, ..., :w].unsqueeze(1).expand_as(x)
         soft.true(bool((y.detach()[inv] == 0).all() and (x.grad[inv] == 0).all()),
                   f"{msg}: output / input grad not 0 at the invalid positions")
-        for p, pr, what in ((sbn.weight, ref.weight, "weight"), (sbn.bias, ref.bias, "bias")):
-            tot = p.grad.clone()
-            dist.all_reduce(tot, group=group)
-            soft.close(tot, pr.grad, f"{msg}: {what} grad summed over ranks")
-            p.grad = None
-            pr.grad = None
-        soft.close(sbn.running_mean, ref.running_mean, f"{msg}: running_mean")
-        soft.close(sbn.running_var, ref.running_var, f"{msg}: running_var")
-        soft.true(torch.equal(sbn.num_batches_tracked, ref.num_batches_tracked),
-                  f"{msg}: num_batches_tracked {sbn.num_batches_tracked} vs {ref.num_batches_tracked}")
-        for name, b in sbn.named_buffers():
-            _assert_same_on_all_ranks(b, f"{msg}: {name}", group, soft)
+        _check_step_state(sbn, ref, group, soft, msg)
     # eval: the running statistics, per rank, no collective
     sbn.eval()
     ref.eval()
