@@ -99,7 +99,7 @@ def _assert_same_on_all_ranks(t, what, group=None, soft=None):
             assert ok, msg
 
 
-def _check_step_state(sbn, ref, group, soft, msg):
+def _compare_step_state(sbn, ref, group, soft, msg):
     """After a training step: the rank-summed weight / bias gradients equal the single-process
     reference's (then cleared on both), the running statistics and num_batches_tracked equal its,
     and every buffer is the same on all ranks."""
@@ -172,7 +172,7 @@ def _bn_case(rank, group, sizes, spatial, momentum, channels_last=False, dtype=t
         gl = g_full[lo:hi].to(torch.float64)
         soft.close(sbn.bias.grad, gl.sum(dims).to(dtype), f"{msg}: local bias grad")
         soft.close(sbn.weight.grad, (gl * xhat[lo:hi]).sum(dims).to(dtype), f"{msg}: local weight grad")
-        _check_step_state(sbn, ref, group, soft, msg)
+        _compare_step_state(sbn, ref, group, soft, msg)
     # eval: running statistics, no collective (only this rank does it)
     sbn.eval()
     ref.eval()
@@ -465,7 +465,7 @@ def _masked_case(rank, group, sizes, widths, vkind, rows=(), momentum=0.1, chann
         inv = ~valid[lo:hi, ..., :w].unsqueeze(1).expand_as(x)
         soft.true(bool((y.detach()[inv] == 0).all() and (x.grad[inv] == 0).all()),
                   f"{msg}: output / input grad not 0 at the invalid positions")
-        _check_step_state(sbn, ref, group, soft, msg)
+        _compare_step_state(sbn, ref, group, soft, msg)
     # eval: the running statistics, per rank, no collective
     sbn.eval()
     ref.eval()
