@@ -382,10 +382,14 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             x, weight, bias, running_mean, running_var, eps, validity.lengths, validity.mask),
             input)
     total = validity.counts.sum()
-    # torch's "more than 1 value per channel" check, on the valid values: one host read of T;
-    # a compiled graph skips it (no sync; T <= 1 then gives finite values, never NaN)
+    # torch's "more than 1 value per channel" check, on the valid values: T from lengths given
+    # on the CPU (a data loader's) costs no sync; otherwise one host read of T. A compiled graph
+    # skips it (no sync; T <= 1 then gives finite values, never NaN)
     if not torch.compiler.is_compiling():
-        t = int(total.item())
+        if lengths is not None and lengths.device.type == "cpu" and input.device.type != "cpu":
+            t = int(lengths.clamp(0, input.shape[-1]).sum()) * math.prod(input.shape[2:-1])
+        else:
+            t = int(total.item())
         if t <= 1:
             raise ValueError(f"Expected more than 1 valid value per channel when training, got "
                              f"input of size {list(input.shape)} with {t} valid positions")
