@@ -68,42 +68,21 @@ __device__ __forceinline__ void nchw_thread_sums(const Pack<D, V>* __restrict__ 
                                                  NchwCursor cur, acc_t m, acc_t& sdy,
                                                  acc_t& sdxm, const Activation& act, acc_t gs,
                                                  acc_t shift) {
-  using P = Pack<scalar_t, V>;
-  using PD = Pack<D, V>;  // dy's packs
+  using L = XDy<Pack<scalar_t, V>, Pack<D, V>>;
   sdy = sdxm = acc_t(0);
-  while (cur.remaining >= kUnroll) {
-    PD pd[kUnroll];
-    P px[kUnroll];
+  stream_packs(cur, [&](int64_t off) { return L{xv[off], dyv[off]}; },
+               [&](const auto& v, const auto&) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      pd[u] = dyv[cur.off];
-      px[u] = xv[cur.off];
-      cur.next();
-    }
-    cur.remaining -= kUnroll;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
+    for (int u = 0; u < group_size_v<decltype(v)>; ++u)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        acc_t d = static_cast<acc_t>(pd[u].v[k]);
-        if constexpr (ACT) d = act_grad<ACT>(act, static_cast<acc_t>(px[u].v[k]), m, gs, shift, d);
+        const acc_t xf = static_cast<acc_t>(v[u].x.v[k]);
+        acc_t d = static_cast<acc_t>(v[u].dy.v[k]);
+        if constexpr (ACT) d = act_grad<ACT>(act, xf, m, gs, shift, d);
         sdy += d;
-        sdxm += d * (static_cast<acc_t>(px[u].v[k]) - m);
+        sdxm += d * (xf - m);
       }
-  }
-  while (cur.remaining > 0) {
-    const PD pd = dyv[cur.off];
-    const P px = xv[cur.off];
-    cur.next();
-    cur.remaining -= 1;
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      acc_t d = static_cast<acc_t>(pd.v[k]);
-      if constexpr (ACT) d = act_grad<ACT>(act, static_cast<acc_t>(px.v[k]), m, gs, shift, d);
-      sdy += d;
-      sdxm += d * (static_cast<acc_t>(px.v[k]) - m);
-    }
-  }
+  });
 }
 
 // NHWC: the same two sums for V channels over rows r0, r0 + step, ... < R (ACT: gs[], shift[]
@@ -116,49 +95,22 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<D, V>* __restrict__ 
                                                  acc_t (&sdy)[V], acc_t (&sdxm)[V],
                                                  const Activation& act, const acc_t (&gs)[V],
                                                  const acc_t (&shift)[V]) {
-  using P = Pack<scalar_t, V>;
-  using PD = Pack<D, V>;  // dy's packs
+  using L = XDy<Pack<scalar_t, V>, Pack<D, V>>;
 #pragma unroll
   for (int j = 0; j < V; ++j) sdy[j] = sdxm[j] = acc_t(0);
-  if (r0 >= R) return;
-  int64_t rows = (R - 1 - r0) / step + 1;
-  int64_t off = r0 * Cv + cv;
-  const int64_t doff = step * Cv;
-  while (rows >= kUnroll) {
-    PD pd[kUnroll];
-    P px[kUnroll];
+  stream_packs(NhwcCursor(Cv, cv, R, r0, step), [&](int64_t off) { return L{xv[off], dyv[off]}; },
+               [&](const auto& v, const auto&) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      pd[u] = dyv[off + u * doff];
-      px[u] = xv[off + u * doff];
-    }
-    off += kUnroll * doff;
-    rows -= kUnroll;
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
+    for (int u = 0; u < group_size_v<decltype(v)>; ++u)
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        acc_t d = static_cast<acc_t>(pd[u].v[j]);
-        if constexpr (ACT)
-          d = act_grad<ACT>(act, static_cast<acc_t>(px[u].v[j]), m[j], gs[j], shift[j], d);
+        const acc_t xf = static_cast<acc_t>(v[u].x.v[j]);
+        acc_t d = static_cast<acc_t>(v[u].dy.v[j]);
+        if constexpr (ACT) d = act_grad<ACT>(act, xf, m[j], gs[j], shift[j], d);
         sdy[j] += d;
-        sdxm[j] += d * (static_cast<acc_t>(px[u].v[j]) - m[j]);
+        sdxm[j] += d * (xf - m[j]);
       }
-  }
-  while (rows > 0) {
-    const PD pd = dyv[off];
-    const P px = xv[off];
-    off += doff;
-    rows -= 1;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      acc_t d = static_cast<acc_t>(pd.v[j]);
-      if constexpr (ACT)
-        d = act_grad<ACT>(act, static_cast<acc_t>(px.v[j]), m[j], gs[j], shift[j], d);
-      sdy[j] += d;
-      sdxm[j] += d * (static_cast<acc_t>(px.v[j]) - m[j]);
-    }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,85 +265,41 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (!a.need_dx) continue;
 
+    const auto load = [&](int64_t off) { return XDy<P, PD>{xv[off], dyv[off]}; };
+    const auto load_eval = [&](int64_t off) {  // x with ACT only (z)
+      XDy<P, PD> l;
+      if constexpr (ACT) l.x = xv[off];
+      l.dy = dyv[off];
+      return l;
+    };
     if (a.training) {
-      while (cur.remaining >= kUnroll) {
-        PD pd[kUnroll];
-        P px[kUnroll];
-        int64_t offs[kUnroll];
+      stream_packs(cur, load, [&](const auto& v, const auto& offs) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          offs[u] = cur.off;
-          pd[u] = dyv[cur.off];
-          px[u] = xv[cur.off];
-          cur.next();
-        }
-        cur.remaining -= kUnroll;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < group_size_v<decltype(v)>; ++u) {
           P o;
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            const acc_t xf = static_cast<acc_t>(px[u].v[j]);
-            const acc_t d = act_grad<ACT>(a.act, xf, zm, zg, zb, static_cast<acc_t>(pd[u].v[j]));
+            const acc_t xf = static_cast<acc_t>(v[u].x.v[j]);
+            const acc_t d = act_grad<ACT>(a.act, xf, zm, zg, zb, static_cast<acc_t>(v[u].dy.v[j]));
             o.v[j] = static_cast<scalar_t>((d - k.mdy - (xf - k.mean) * k.proj) * k.gs);
           }
           dxv[offs[u]] = o;
         }
-      }
-      while (cur.remaining > 0) {
-        const PD pd = dyv[cur.off];
-        const P px = xv[cur.off];
-        P o;
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const acc_t xf = static_cast<acc_t>(px.v[j]);
-          const acc_t d = act_grad<ACT>(a.act, xf, zm, zg, zb, static_cast<acc_t>(pd.v[j]));
-          o.v[j] = static_cast<scalar_t>((d - k.mdy - (xf - k.mean) * k.proj) * k.gs);
-        }
-        dxv[cur.off] = o;
-        cur.next();
-        cur.remaining -= 1;
-      }
+      });
     } else {
-      while (cur.remaining >= kUnroll) {
-        PD pd[kUnroll];
-        P px[kUnroll];  // read with ACT only (z)
-        int64_t offs[kUnroll];
+      stream_packs(cur, load_eval, [&](const auto& v, const auto& offs) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          offs[u] = cur.off;
-          pd[u] = dyv[cur.off];
-          if constexpr (ACT) px[u] = xv[cur.off];
-          cur.next();
-        }
-        cur.remaining -= kUnroll;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
+        for (int u = 0; u < group_size_v<decltype(v)>; ++u) {
           P o;
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            acc_t d = static_cast<acc_t>(pd[u].v[j]);
-            if constexpr (ACT) d = act_grad<ACT>(a.act, static_cast<acc_t>(px[u].v[j]), zm, zg, zb, d);
+            acc_t d = static_cast<acc_t>(v[u].dy.v[j]);
+            if constexpr (ACT) d = act_grad<ACT>(a.act, static_cast<acc_t>(v[u].x.v[j]), zm, zg, zb, d);
             o.v[j] = static_cast<scalar_t>(d * k.gs);
           }
           dxv[offs[u]] = o;
         }
-      }
-      while (cur.remaining > 0) {
-        const PD pd = dyv[cur.off];
-        P px;  // read with ACT only (z)
-        if constexpr (ACT) px = xv[cur.off];
-        P o;
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          acc_t d = static_cast<acc_t>(pd.v[j]);
-          if constexpr (ACT) d = act_grad<ACT>(a.act, static_cast<acc_t>(px.v[j]), zm, zg, zb, d);
-          o.v[j] = static_cast<scalar_t>(d * k.gs);
-        }
-        dxv[cur.off] = o;
-        cur.next();
-        cur.remaining -= 1;
-      }
+      });
     }
   }
 }
@@ -464,89 +372,45 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
-  if (!a.need_dx || !active || r0 >= R) return;  // after the last barrier
-
-  int64_t rows = (R - 1 - r0) / step + 1;
-  int64_t off = r0 * Cv + cv;
-  const int64_t doff = step * Cv;
+  if (!a.need_dx || !active) return;  // after the last barrier
+  const auto load = [&](int64_t off) { return XDy<P, PD>{xv[off], dyv[off]}; };
+  const auto load_eval = [&](int64_t off) {  // x with ACT only (z)
+    XDy<P, PD> l;
+    if constexpr (ACT) l.x = xv[off];
+    l.dy = dyv[off];
+    return l;
+  };
+  const NhwcCursor cur(Cv, cv, R, r0, step);
   if (a.training) {
-    while (rows >= kUnroll) {
-      PD pd[kUnroll];
-      P px[kUnroll];
+    stream_packs(cur, load, [&](const auto& v, const auto& offs) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        pd[u] = dyv[off + u * doff];
-        px[u] = xv[off + u * doff];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < group_size_v<decltype(v)>; ++u) {
         P o;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const acc_t xf = static_cast<acc_t>(px[u].v[j]);
+          const acc_t xf = static_cast<acc_t>(v[u].x.v[j]);
           const acc_t d =
-              act_grad<ACT>(a.act, xf, zm[j], zg[j], zb[j], static_cast<acc_t>(pd[u].v[j]));
+              act_grad<ACT>(a.act, xf, zm[j], zg[j], zb[j], static_cast<acc_t>(v[u].dy.v[j]));
           o.v[j] = static_cast<scalar_t>((d - mdy[j] - (xf - mean[j]) * proj[j]) * gs[j]);
         }
-        dxv[off + u * doff] = o;
+        dxv[offs[u]] = o;
       }
-      off += kUnroll * doff;
-      rows -= kUnroll;
-    }
-    while (rows > 0) {
-      const PD pd = dyv[off];
-      const P px = xv[off];
-      P o;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const acc_t xf = static_cast<acc_t>(px.v[j]);
-        const acc_t d = act_grad<ACT>(a.act, xf, zm[j], zg[j], zb[j], static_cast<acc_t>(pd.v[j]));
-        o.v[j] = static_cast<scalar_t>((d - mdy[j] - (xf - mean[j]) * proj[j]) * gs[j]);
-      }
-      dxv[off] = o;
-      off += doff;
-      rows -= 1;
-    }
+    });
   } else {
-    while (rows >= kUnroll) {
-      PD pd[kUnroll];
-      P px[kUnroll];  // read with ACT only (z)
+    stream_packs(cur, load_eval, [&](const auto& v, const auto& offs) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        pd[u] = dyv[off + u * doff];
-        if constexpr (ACT) px[u] = xv[off + u * doff];
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < group_size_v<decltype(v)>; ++u) {
         P o;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          acc_t d = static_cast<acc_t>(pd[u].v[j]);
+          acc_t d = static_cast<acc_t>(v[u].dy.v[j]);
           if constexpr (ACT)
-            d = act_grad<ACT>(a.act, static_cast<acc_t>(px[u].v[j]), zm[j], zg[j], zb[j], d);
+            d = act_grad<ACT>(a.act, static_cast<acc_t>(v[u].x.v[j]), zm[j], zg[j], zb[j], d);
           o.v[j] = static_cast<scalar_t>(d * gs[j]);
         }
-        dxv[off + u * doff] = o;
+        dxv[offs[u]] = o;
       }
-      off += kUnroll * doff;
-      rows -= kUnroll;
-    }
-    while (rows > 0) {
-      const PD pd = dyv[off];
-      P px;  // read with ACT only (z)
-      if constexpr (ACT) px = xv[off];
-      P o;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        acc_t d = static_cast<acc_t>(pd.v[j]);
-        if constexpr (ACT)
-          d = act_grad<ACT>(a.act, static_cast<acc_t>(px.v[j]), zm[j], zg[j], zb[j], d);
-        o.v[j] = static_cast<scalar_t>(d * gs[j]);
-      }
-      dxv[off] = o;
-      off += doff;
-      rows -= 1;
-    }
+    });
   }
 }
 

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/activation.cuh"
 #include "kernels/pack.cuh"
@@ -213,6 +214,57 @@ struct NchwCursor {
       off += wrap;
     }
   }
+};
+
+// NHWC: a thread's rows r0, r0 + step, ... < R of the [R, Cv] pack view, at pack column cv.
+struct NhwcCursor {
+  int64_t off;        // pack offset of the current row
+  int64_t doff;       // between the thread's rows
+  int64_t remaining;  // rows left for this thread
+  __device__ __forceinline__ NhwcCursor(int64_t Cv, int64_t cv, int64_t R, int64_t r0,
+                                        int64_t step)
+      : off(r0 * Cv + cv), doff(step * Cv), remaining(r0 < R ? (R - 1 - r0) / step + 1 : 0) {}
+  __device__ __forceinline__ void next() { off += doff; }
+};
+
+// The element loop of the BatchNorm kernels, over the packs a cursor (NchwCursor, NhwcCursor)
+// visits: groups of kUnroll packs whose loads are all issued before the first use (the bytes in
+// flight), then the rest one at a time. load(off) reads what one pack needs (x, dy or both);
+// use(v, offs) takes a group in visiting order: v and offs are arrays of kUnroll, or of 1 for the
+// rest (a statistics pass merges a group as one chunk).
+template <typename Cursor, typename Load, typename Use>
+__device__ __forceinline__ void stream_packs(Cursor cur, const Load& load, const Use& use) {
+  using L = decltype(load(int64_t{0}));
+  while (cur.remaining >= kUnroll) {
+    L v[kUnroll];
+    int64_t offs[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      offs[u] = cur.off;
+      v[u] = load(cur.off);
+      cur.next();
+    }
+    cur.remaining -= kUnroll;
+    use(v, offs);
+  }
+  while (cur.remaining > 0) {
+    const L v[1] = {load(cur.off)};
+    const int64_t offs[1] = {cur.off};
+    cur.next();
+    cur.remaining -= 1;
+    use(v, offs);
+  }
+}
+
+// The number of packs of a group stream_packs hands to `use` (kUnroll or 1).
+template <typename A>
+inline constexpr int group_size_v = static_cast<int>(std::extent_v<std::remove_reference_t<A>>);
+
+// x and dy packs read together (the backward's loops).
+template <typename P, typename PD>
+struct XDy {
+  P x;
+  PD dy;
 };
 
 // ---------------------------------------------------------------------------------------------

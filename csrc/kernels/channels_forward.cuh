@@ -127,37 +127,20 @@ __device__ __forceinline__ void maybe_bump_nbt(const FwdArgs<scalar_t>& a) {
 template <typename scalar_t, typename acc_t, int V>
 __device__ __forceinline__ Welford<acc_t> nchw_thread_welford(const Pack<scalar_t, V>* __restrict__ xv,
                                                               NchwCursor cur) {
-  using P = Pack<scalar_t, V>;
   acc_t mean[1] = {acc_t(0)}, m2[1] = {acc_t(0)};
   acc_t count = acc_t(0);
-  while (cur.remaining >= kUnroll) {
-    P pk[kUnroll];
+  // a group of U packs is one chunk of U * V values, merged with one division
+  stream_packs(cur, [&](int64_t off) { return xv[off]; }, [&](const auto& pk, const auto&) {
+    constexpr int U = group_size_v<decltype(pk)>;
+    acc_t d[U * V];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      pk[u] = xv[cur.off];
-      cur.next();
-    }
-    cur.remaining -= kUnroll;
-    acc_t d[kUnroll * V];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int k = 0; k < V; ++k) d[u * V + k] = static_cast<acc_t>(pk[u].v[k]) - mean[0];
     acc_t dm[1], cm2[1];
-    chunk_stats<acc_t, kUnroll * V>(d, dm[0], cm2[0]);
-    merge_chunk<acc_t, 1>(mean, m2, count, dm, cm2, acc_t(kUnroll * V));
-  }
-  while (cur.remaining > 0) {
-    const P pk = xv[cur.off];
-    cur.next();
-    cur.remaining -= 1;
-    acc_t d[V];
-#pragma unroll
-    for (int k = 0; k < V; ++k) d[k] = static_cast<acc_t>(pk.v[k]) - mean[0];
-    acc_t dm[1], cm2[1];
-    chunk_stats<acc_t, V>(d, dm[0], cm2[0]);
-    merge_chunk<acc_t, 1>(mean, m2, count, dm, cm2, acc_t(V));
-  }
+    chunk_stats<acc_t, U * V>(d, dm[0], cm2[0]);
+    merge_chunk<acc_t, 1>(mean, m2, count, dm, cm2, acc_t(U * V));
+  });
   return Welford<acc_t>(mean[0], m2[0], count);
 }
 
@@ -168,43 +151,23 @@ __device__ __forceinline__ void nhwc_thread_welford(const Pack<scalar_t, V>* __r
                                                     int64_t Cv, int64_t cv, int64_t R, int64_t r0,
                                                     int64_t step, acc_t (&mean)[V],
                                                     acc_t (&m2)[V], acc_t (&cnt)[V]) {
-  using P = Pack<scalar_t, V>;
   acc_t count = acc_t(0);
 #pragma unroll
   for (int j = 0; j < V; ++j) mean[j] = m2[j] = acc_t(0);
-  if (r0 < R) {
-    int64_t rows = (R - 1 - r0) / step + 1;
-    int64_t off = r0 * Cv + cv;
-    const int64_t doff = step * Cv;
-    while (rows >= kUnroll) {
-      P pk[kUnroll];
+  // a group of U rows is one chunk of U values per channel
+  stream_packs(NhwcCursor(Cv, cv, R, r0, step), [&](int64_t off) { return xv[off]; },
+               [&](const auto& pk, const auto&) {
+    constexpr int U = group_size_v<decltype(pk)>;
+    acc_t dm[V], cm2[V];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) pk[u] = xv[off + u * doff];
-      off += kUnroll * doff;
-      rows -= kUnroll;
-      acc_t dm[V], cm2[V];
+    for (int j = 0; j < V; ++j) {
+      acc_t d[U];
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        acc_t d[kUnroll];
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) d[u] = static_cast<acc_t>(pk[u].v[j]) - mean[j];
-        chunk_stats<acc_t, kUnroll>(d, dm[j], cm2[j]);
-      }
-      merge_chunk<acc_t, V>(mean, m2, count, dm, cm2, acc_t(kUnroll));
+      for (int u = 0; u < U; ++u) d[u] = static_cast<acc_t>(pk[u].v[j]) - mean[j];
+      chunk_stats<acc_t, U>(d, dm[j], cm2[j]);
     }
-    while (rows > 0) {
-      const P pk = xv[off];
-      off += doff;
-      rows -= 1;
-      acc_t dm[V], cm2[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        dm[j] = static_cast<acc_t>(pk.v[j]) - mean[j];
-        cm2[j] = acc_t(0);
-      }
-      merge_chunk<acc_t, V>(mean, m2, count, dm, cm2, acc_t(1));
-    }
-  }
+    merge_chunk<acc_t, V>(mean, m2, count, dm, cm2, acc_t(U));
+  });
 #pragma unroll
   for (int j = 0; j < V; ++j) cnt[j] = count;
 }
@@ -335,18 +298,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       fwd_finalize(a, c, w, blockIdx.x == 0 && threadIdx.x == 0, mean, scale, shift);
     }
-    while (cur.remaining >= kUnroll) {
-      P pk[kUnroll];
-      int64_t offs[kUnroll];
+    stream_packs(cur, [&](int64_t off) { return xv[off]; }, [&](const auto& pk, const auto& offs) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        offs[u] = cur.off;
-        pk[u] = xv[cur.off];
-        cur.next();
-      }
-      cur.remaining -= kUnroll;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < group_size_v<decltype(pk)>; ++u) {
         P o;
 #pragma unroll
         for (int k = 0; k < V; ++k)
@@ -354,18 +308,7 @@ __global__ void __launch_bounds__(kThreads)
               act_out<ACT>(a.act, affine_z(static_cast<acc_t>(pk[u].v[k]), mean, scale, shift)));
         yv[offs[u]] = o;
       }
-    }
-    while (cur.remaining > 0) {
-      const P pk = xv[cur.off];
-      P o;
-#pragma unroll
-      for (int k = 0; k < V; ++k)
-        o.v[k] = static_cast<scalar_t>(
-            act_out<ACT>(a.act, affine_z(static_cast<acc_t>(pk.v[k]), mean, scale, shift)));
-      yv[cur.off] = o;
-      cur.next();
-      cur.remaining -= 1;
-    }
+    });
   }
   maybe_bump_nbt(a);
 }
@@ -417,37 +360,19 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  if (active && r0 < R) {
-    int64_t rows = (R - 1 - r0) / step + 1;
-    int64_t off = r0 * Cv + cv;
-    const int64_t doff = step * Cv;
-    while (rows >= kUnroll) {
-      P pk[kUnroll];
+  if (active) {
+    stream_packs(NhwcCursor(Cv, cv, R, r0, step), [&](int64_t off) { return xv[off]; },
+                 [&](const auto& pk, const auto& offs) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) pk[u] = xv[off + u * doff];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < group_size_v<decltype(pk)>; ++u) {
         P o;
 #pragma unroll
         for (int j = 0; j < V; ++j)
           o.v[j] = static_cast<scalar_t>(act_out<ACT>(
               a.act, affine_z(static_cast<acc_t>(pk[u].v[j]), mean[j], scale[j], shift[j])));
-        yv[off + u * doff] = o;
+        yv[offs[u]] = o;
       }
-      off += kUnroll * doff;
-      rows -= kUnroll;
-    }
-    while (rows > 0) {
-      const P pk = xv[off];
-      P o;
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-        o.v[j] = static_cast<scalar_t>(
-            act_out<ACT>(a.act, affine_z(static_cast<acc_t>(pk.v[j]), mean[j], scale[j], shift[j])));
-      yv[off] = o;
-      off += doff;
-      rows -= 1;
-    }
+    });
   }
   maybe_bump_nbt(a);
 }

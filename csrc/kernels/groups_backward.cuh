@@ -936,35 +936,17 @@ __global__ void __launch_bounds__(kItemThreads) gn_dx_nchw_kernel(gn_dx_t<T, ACT
         const int64_t q = pk + static_cast<int64_t>(u) * tpr;
         if (q < p1) {
           const int64_t j0 = q * VEC;
-          A wv[VEC], o[VEC];
+          A wv[VEC], bv[VEC], o[VEC];  // bv: ACT only (the bias of z)
           if constexpr (NC) {
 #pragma unroll
             for (int k = 0; k < VEC; ++k) wv[k] = a_row;
-          } else if (!p.w.present()) {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) wv[k] = A(1);
-          } else if (p.gn.pack_in_channel) {
-            const A wc = p.w.get(cbase + p.gn.chan_in_row(j0));
-#pragma unroll
-            for (int k = 0; k < VEC; ++k) wv[k] = wc;
+          } else if constexpr (ACT) {
+            gn_channel_affine<T, VEC>(p.w, p.b, p.gn, cbase, j0, wv, bv);
           } else {
-#pragma unroll
-            for (int k = 0; k < VEC; ++k)
-              wv[k] = p.w.get(cbase + p.gn.chan_in_row(j0 + k));
+            gn_channel_affine<T, VEC>(p.w, Operand<T>{}, p.gn, cbase, j0, wv, bv);
           }
           if constexpr (ACT) {
-            A bv[VEC], xa[VEC];
-            if (!p.b.present()) {
-#pragma unroll
-              for (int k = 0; k < VEC; ++k) bv[k] = A(0);
-            } else if (p.gn.pack_in_channel) {
-              const A bc = p.b.get(cbase + p.gn.chan_in_row(j0));
-#pragma unroll
-              for (int k = 0; k < VEC; ++k) bv[k] = bc;
-            } else {
-#pragma unroll
-              for (int k = 0; k < VEC; ++k) bv[k] = p.b.get(cbase + p.gn.chan_in_row(j0 + k));
-            }
+            A xa[VEC];
 #pragma unroll
             for (int k = 0; k < VEC; ++k) xa[k] = static_cast<A>(xv[u][k]);
             act_grad_pack<A, VEC>(p.act, xa, mean, rstd, wv, bv, gv[u]);

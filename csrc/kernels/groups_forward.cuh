@@ -160,6 +160,34 @@ __device__ __forceinline__ void act_epilogue(const Activation& a, A (&o)[VEC]) {
   }
 }
 
+// GroupNorm's per-channel weight and bias (absent: 1 and 0) of the VEC elements at j0 of row
+// (n, g), whose first channel is cbase: one channel lookup per pack when the pack lies in one
+// channel (HW % VEC == 0), one per element otherwise. The forward's apply and the NCHW dx read them
+// through here.
+template <typename T, int VEC>
+__device__ __forceinline__ void gn_channel_affine(const Operand<T>& w, const Operand<T>& b,
+                                                  const GnMap& gn, int64_t cbase, int64_t j0,
+                                                  acc_of<T> (&wv)[VEC], acc_of<T> (&bv)[VEC]) {
+  using A = acc_of<T>;
+  if (gn.pack_in_channel) {
+    const int64_t c = cbase + gn.chan_in_row(j0);
+    const A wc = w.get_or(c, A(1));
+    const A bc = b.get_or(c, A(0));
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      wv[k] = wc;
+      bv[k] = bc;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int64_t c = cbase + gn.chan_in_row(j0 + k);
+      wv[k] = w.get_or(c, A(1));
+      bv[k] = b.get_or(c, A(0));
+    }
+  }
+}
+
 // Weight and bias of the VEC elements starting at column j0 of a row.
 template <typename T, int VEC, bool GN>
 __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, int64_t j0,
@@ -179,23 +207,7 @@ __device__ __forceinline__ void row_affine(const RowFwd<T>& p, int64_t cbase, in
       for (int k = 0; k < VEC; ++k) bv[k] = A(0);
     }
   } else {
-    if (p.gn.pack_in_channel) {
-      const int64_t c = cbase + p.gn.chan_in_row(j0);
-      const A wc = p.w.get_or(c, A(1));
-      const A bc = p.b.get_or(c, A(0));
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        wv[k] = wc;
-        bv[k] = bc;
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const int64_t c = cbase + p.gn.chan_in_row(j0 + k);
-        wv[k] = p.w.get_or(c, A(1));
-        bv[k] = p.b.get_or(c, A(0));
-      }
-    }
+    gn_channel_affine<T, VEC>(p.w, p.b, p.gn, cbase, j0, wv, bv);
   }
 }
 
