@@ -68,9 +68,8 @@ __device__ __forceinline__ void nchw_thread_sums(const Pack<D, V>* __restrict__ 
                                                  NchwCursor cur, acc_t m, acc_t& sdy,
                                                  acc_t& sdxm, const Activation& act, acc_t gs,
                                                  acc_t shift) {
-  using L = XDy<Pack<scalar_t, V>, Pack<D, V>>;
   sdy = sdxm = acc_t(0);
-  stream_packs(cur, [&](int64_t off) { return L{xv[off], dyv[off]}; },
+  stream_packs(cur, LoadXDy<true, Pack<scalar_t, V>, Pack<D, V>>{xv, dyv},
                [&](const auto& v, const auto&) {
 #pragma unroll
     for (int u = 0; u < group_size_v<decltype(v)>; ++u)
@@ -95,10 +94,9 @@ __device__ __forceinline__ void nhwc_thread_sums(const Pack<D, V>* __restrict__ 
                                                  acc_t (&sdy)[V], acc_t (&sdxm)[V],
                                                  const Activation& act, const acc_t (&gs)[V],
                                                  const acc_t (&shift)[V]) {
-  using L = XDy<Pack<scalar_t, V>, Pack<D, V>>;
 #pragma unroll
   for (int j = 0; j < V; ++j) sdy[j] = sdxm[j] = acc_t(0);
-  stream_packs(NhwcCursor(Cv, cv, R, r0, step), [&](int64_t off) { return L{xv[off], dyv[off]}; },
+  stream_packs(NhwcCursor(Cv, cv, R, r0, step), LoadXDy<true, Pack<scalar_t, V>, Pack<D, V>>{xv, dyv},
                [&](const auto& v, const auto&) {
 #pragma unroll
     for (int u = 0; u < group_size_v<decltype(v)>; ++u)
@@ -265,13 +263,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (!a.need_dx) continue;
 
-    const auto load = [&](int64_t off) { return XDy<P, PD>{xv[off], dyv[off]}; };
-    const auto load_eval = [&](int64_t off) {  // x with ACT only (z)
-      XDy<P, PD> l;
-      if constexpr (ACT) l.x = xv[off];
-      l.dy = dyv[off];
-      return l;
-    };
+    const LoadXDy<true, P, PD> load{xv, dyv};
+    const LoadXDy<ACT, P, PD> load_eval{xv, dyv};  // x with ACT only (z)
     if (a.training) {
       stream_packs(cur, load, [&](const auto& v, const auto& offs) {
 #pragma unroll
@@ -373,13 +366,8 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (!a.need_dx || !active) return;  // after the last barrier
-  const auto load = [&](int64_t off) { return XDy<P, PD>{xv[off], dyv[off]}; };
-  const auto load_eval = [&](int64_t off) {  // x with ACT only (z)
-    XDy<P, PD> l;
-    if constexpr (ACT) l.x = xv[off];
-    l.dy = dyv[off];
-    return l;
-  };
+  const LoadXDy<true, P, PD> load{xv, dyv};
+  const LoadXDy<ACT, P, PD> load_eval{xv, dyv};  // x with ACT only (z)
   const NhwcCursor cur(Cv, cv, R, r0, step);
   if (a.training) {
     stream_packs(cur, load, [&](const auto& v, const auto& offs) {

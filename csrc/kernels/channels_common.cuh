@@ -267,6 +267,20 @@ struct XDy {
   PD dy;
 };
 
+// stream_packs' load for the backward's loops: dy at off, and x unless WITH_X is false (the
+// eval dx without an activation needs no x).
+template <bool WITH_X, typename P, typename PD>
+struct LoadXDy {
+  const P* __restrict__ xv;
+  const PD* __restrict__ dyv;
+  __device__ __forceinline__ XDy<P, PD> operator()(int64_t off) const {
+    XDy<P, PD> l;
+    if constexpr (WITH_X) l.x = xv[off];
+    l.dy = dyv[off];
+    return l;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Block-level reductions with a fixed order.
 
