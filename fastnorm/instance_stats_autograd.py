@@ -132,13 +132,21 @@ def switch_norm_mix(m, v, count, mean_weight, var_weight, running_mean, running_
     return mean, var, mean_bn, var_bn, (k, vu, mean_ln, var_ln, pm, pv)
 
 
-def _switch_norm_scale_shift(mean, var, weight, bias, eps):
-    r = torch.rsqrt(var + eps)
+def affine_coefficients(mean, r, weight, bias):
+    """(scale, shift) with y = (x - mean) * r * weight + bias = x * scale + shift (weight, bias
+    optional), for nc_affine."""
     scale = r if weight is None else r * weight
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
-    return r, scale, shift
+    return scale, shift
+
+
+def norm_scale_shift(mean, var, weight, bias, eps):
+    """(r, scale, shift) of a norm with statistics (mean, var): r = rsqrt(var + eps) and
+    affine_coefficients'. SwitchNorm's, and the masked norms' (fastnorm/masked.py)."""
+    r = torch.rsqrt(var + eps)
+    return (r, *affine_coefficients(mean, r, weight, bias))
 
 
 def _switch_norm_differentiable(x, weight, bias, mean_weight, var_weight, running_mean,
@@ -149,7 +157,7 @@ def _switch_norm_differentiable(x, weight, bias, mean_weight, var_weight, runnin
     mean, var, _, _, _ = switch_norm_mix(
         m, v, _spatial_count(x), mean_weight.to(sd), var_weight.to(sd),
         _param(running_mean, sd), _param(running_var, sd), bn_batch, using_bn)
-    _, scale, shift = _switch_norm_scale_shift(mean, var, _param(weight, sd), _param(bias, sd), eps)
+    _, scale, shift = norm_scale_shift(mean, var, _param(weight, sd), _param(bias, sd), eps)
     return _apply_differentiable(x, scale, shift)
 
 
@@ -168,7 +176,7 @@ class SwitchNormFunction(torch.autograd.Function):
             m, v, _spatial_count(x), mean_weight.to(sd), var_weight.to(sd), rm, rv, bn_batch,
             using_bn)
         w, b = _param(weight, sd), _param(bias, sd)
-        r, scale, shift = _switch_norm_scale_shift(mean, var, w, b, eps)
+        r, scale, shift = norm_scale_shift(mean, var, w, b, eps)
         y = _fn.nc_affine(x, scale, shift)
         # with frozen BN statistics (eval) mean_bn / var_bn are the running buffers in the stat
         # dtype; in training the module updates the buffers in place after this call, which is
@@ -270,7 +278,7 @@ def _switch_norm1d_differentiable(x, weight, bias, mean_weight, var_weight, runn
     sd = stat_dtype(x.dtype)
     mean, var, _ = switch_norm1d_mix(x.to(sd), mean_weight.to(sd), var_weight.to(sd),
                                      _param(running_mean, sd), _param(running_var, sd), bn_batch)
-    _, scale, shift = _switch_norm_scale_shift(mean, var, _param(weight, sd), _param(bias, sd), eps)
+    _, scale, shift = norm_scale_shift(mean, var, _param(weight, sd), _param(bias, sd), eps)
     return (x.to(sd) * scale + shift).to(x.dtype)
 
 
@@ -288,7 +296,7 @@ class SwitchNorm1dFunction(torch.autograd.Function):
         mean, var, parts = switch_norm1d_mix(xs, mean_weight.to(sd), var_weight.to(sd),
                                              _param(running_mean, sd), _param(running_var, sd),
                                              bn_batch)
-        r, scale, shift = _switch_norm_scale_shift(mean, var, _param(weight, sd),
+        r, scale, shift = norm_scale_shift(mean, var, _param(weight, sd),
                                                    _param(bias, sd), eps)
         y = _fn.nc_affine(x.unsqueeze(-1), scale, shift).squeeze(-1)
         ctx.save_for_backward(x, weight, bias, mean_weight, var_weight,  # buffers: see SwitchNorm

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from . import functional as FN
-from .instance_stats_autograd import _double_backward, _grad_as, _nc, _param
+from .instance_stats_autograd import (_double_backward, _grad_as, _nc, _param,
+                                      norm_scale_shift)
 from .ops.common import stat_dtype
 from .ops.instance_stats import _nc_valid
 from .sync_batchnorm import _update_running_stats
@@ -59,8 +60,8 @@ def check_one_validity(name: str, lengths, mask) -> None:
 
 def prepare_validity(name: str, input: Tensor, lengths, mask) -> Validity:
     """The public validity arguments as the ops take them, with the per-sample valid counts
-    (torch ops on the device: no host sync)."""
-    check_one_validity(name, lengths, mask)
+    (torch ops on the device: no host sync). The caller has run check_one_validity first (its
+    error comes before the other argument checks)."""
     n, sd = input.shape[0], stat_dtype(input.dtype)
     spatial = list(input.shape[2:])
     for what, t in (("lengths", lengths), ("mask", mask)):
@@ -117,14 +118,6 @@ def _vec(t: Optional[Tensor], sd: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(sd).reshape(-1)
 
 
-def _channel_scale_shift(mean, var, w, b, eps):
-    """(rstd, scale, shift) of y = (x - mean) * rstd * w + b, per channel."""
-    r = torch.rsqrt(var + eps)
-    scale = r if w is None else r * w
-    shift = -mean * scale if b is None else b - mean * scale
-    return r, scale, shift
-
-
 def _group_sum(t: Tensor, groups: int) -> Tensor:
     """[N, C] -> each channel holds the sum over its group's channels."""
     n, c = t.shape
@@ -139,7 +132,7 @@ def _group_scale_shift(m, v, groups, w, b, eps):
     cg = c // groups
     mean = _group_sum(m, groups) / cg
     var = _group_sum(v + (m - mean).square(), groups) / cg
-    r, scale, shift = _channel_scale_shift(mean, var, w, b, eps)
+    r, scale, shift = norm_scale_shift(mean, var, w, b, eps)
     return mean, r, scale, shift
 
 
@@ -200,14 +193,14 @@ def _batch_norm_differentiable(x, weight, bias, eps, lengths, mask, counts):
     valid = _nc_valid(x, lengths, mask)
     m, v = _moments_differentiable(x, valid, counts, sd)
     total, mean, m2 = batch_moments(m, v, counts)
-    _, scale, shift = _channel_scale_shift(mean, m2 / total.clamp_min(1), _vec(weight, sd),
+    _, scale, shift = norm_scale_shift(mean, m2 / total.clamp_min(1), _vec(weight, sd),
                                            _vec(bias, sd), eps)
     return _affine_differentiable(x, scale.reshape(1, -1), shift.reshape(1, -1), valid)
 
 
 def _frozen_differentiable(x, weight, bias, running_mean, running_var, eps, lengths, mask):
     sd = stat_dtype(x.dtype)
-    _, scale, shift = _channel_scale_shift(_vec(running_mean, sd), _vec(running_var, sd),
+    _, scale, shift = norm_scale_shift(_vec(running_mean, sd), _vec(running_var, sd),
                                            _vec(weight, sd), _vec(bias, sd), eps)
     return _affine_differentiable(x, scale.reshape(1, -1), shift.reshape(1, -1),
                                   _nc_valid(x, lengths, mask))
@@ -269,7 +262,7 @@ class MaskedBatchNormFunction(torch.autograd.Function):
         m, v = _fn.nc_moments(x, lengths=lengths, mask=mask)
         total, mean, m2 = batch_moments(m, v, counts)
         var = m2 / total.clamp_min(1)
-        r, scale, shift = _channel_scale_shift(mean, var, _vec(weight, sd), _vec(bias, sd), eps)
+        r, scale, shift = norm_scale_shift(mean, var, _vec(weight, sd), _vec(bias, sd), eps)
         n = x.shape[0]
         y = _fn.nc_affine(x, _per_nc(scale, n), _per_nc(shift, n), lengths=lengths, mask=mask)
         ctx.save_for_backward(x, weight, bias, lengths, mask, counts, m, mean, r)
@@ -304,7 +297,7 @@ class MaskedFrozenNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps: float, lengths, mask):
         sd = stat_dtype(x.dtype)
         mean = _vec(running_mean, sd)
-        r, scale, shift = _channel_scale_shift(mean, _vec(running_var, sd), _vec(weight, sd),
+        r, scale, shift = norm_scale_shift(mean, _vec(running_var, sd), _vec(weight, sd),
                                                _vec(bias, sd), eps)
         n = x.shape[0]
         y = _fn.nc_affine(x, _per_nc(scale, n), _per_nc(shift, n), lengths=lengths, mask=mask)

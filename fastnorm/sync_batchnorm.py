@@ -43,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as FN
 from . import masked as _masked
+from .instance_stats_autograd import affine_coefficients
 from .modules import _BatchNormForward
 from .ops.common import lib, memory_format_of, stat_dtype
 
@@ -250,8 +251,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             _update_running_stats(running_mean, running_var, num_batches_tracked, momentum,
                                   count, mean, m2)
         if masked:
-            scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-            shift = -mean * scale if bias is None else bias.to(rstd.dtype) - mean * scale
+            sd = rstd.dtype
+            scale, shift = affine_coefficients(mean, rstd, _masked._vec(weight, sd),
+                                               _masked._vec(bias, sd))
             n = input.shape[0]
             y = _fn.nc_affine(input, _masked._per_nc(scale, n), _masked._per_nc(shift, n),
                               lengths=lengths, mask=mask)
